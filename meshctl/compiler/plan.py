@@ -1,0 +1,224 @@
+"""The Plan: what a mesh.yaml compiles to, and the only thing the runtime reads.
+
+A Plan is frozen, fully resolved (every reference is an id, every shape is known)
+and deterministic: the same mesh.yaml gives the same TOML bytes. It is written as
+`mesh.plan.toml` with tomli-w so that it can be reviewed in git, and its content
+hash (sha256 of the TOML without the hash line) pins what the runtime executes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field
+
+PLAN_FORMAT = 1
+"""Version of the plan file layout."""
+
+PiiKind = Literal["none", "direct", "indirect"]
+Effect = Literal["allow", "deny", "warn"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PlanHeader(_Frozen):
+    """Versions and hashes that pin what the runtime executes."""
+
+    format: int = PLAN_FORMAT
+    mesh: str
+    """The mesh's name."""
+    meshctl_version: str
+    protocol_version: int
+    spec_hash: str
+    """sha256 of the mesh.yaml bytes the plan was compiled from."""
+    hash: str = ""
+    """sha256 of this plan's TOML with this field empty; set by `with_hash()`."""
+
+
+class PlanCoordinator(_Frozen):
+    address: str
+    """tcp://host:port the coordinator's ROUTER binds."""
+    jurisdiction: str = ""
+    public_key: str = ""
+    """Z85 Curve public key; empty means `meshctl up` makes an ephemeral one."""
+
+
+class PlanDomain(_Frozen):
+    name: str
+    owner: str = ""
+    jurisdiction: str = ""
+    address: str = "local"
+    """`local` (spawned by `meshctl up`) or tcp://host:port of a remote daemon."""
+    public_key: str = ""
+    """Z85 Curve public key; empty for local domains means an ephemeral key per run."""
+
+
+class PlanColumn(_Frozen):
+    name: str
+    type: str
+    """string | int | float | bool | date | timestamp | category"""
+    pii: PiiKind = "none"
+    values: list[str] = Field(default_factory=list)
+    """Allowed values of a category column, as strings, in declared order."""
+
+
+class PlanProduct(_Frozen):
+    id: str
+    """`<domain>.<name>`"""
+    domain: str
+    name: str
+    source: str
+    """Path relative to the mesh.yaml directory, or a URI."""
+    format: Literal["csv", "parquet"]
+    classification: str = "internal"
+    contract: str = ""
+    """`name@version` of the contract the product is published under."""
+    columns: list[PlanColumn]
+
+
+class PlanTensor(_Frozen):
+    name: str
+    shape: list[int]
+    dtype: Literal["float32"] = "float32"
+
+
+class PlanArchitecture(_Frozen):
+    kind: Literal["mlp"] = "mlp"
+    input_dim: int
+    hidden: list[int]
+    output_dim: int
+    activation: Literal["relu"] = "relu"
+
+
+class PlanTraining(_Frozen):
+    rounds: int
+    local_epochs: int = 1
+    batch_size: int = 32
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    standardize: bool = False
+    """Standardize features in each domain with that domain's own training statistics."""
+
+
+class PlanEvaluation(_Frozen):
+    holdout: float = 0.2
+    """Share of each domain's rows held out for evaluation (seeded, per domain)."""
+    holdout_column: str = ""
+    """If set, rows whose value in this column equals `holdout_value` are the holdout."""
+    holdout_value: str = "test"
+    metrics: list[str] = Field(default_factory=lambda: ["loss", "accuracy"])
+
+
+class PlanAggregation(_Frozen):
+    strategy: Literal["fedavg"] = "fedavg"
+
+
+class PlanRead(_Frozen):
+    """One product a job reads in one domain."""
+
+    domain: str
+    product: str
+    """Product id `<domain>.<name>`."""
+    client_id: int
+    """Position of the domain among the job's participants (seeds local shuffling)."""
+
+
+class PlanJob(_Frozen):
+    name: str
+    kind: Literal["train"] = "train"
+    purpose: str = ""
+    participants: list[str]
+    reads: list[PlanRead]
+    features: list[str]
+    target: str
+    classes: list[str]
+    """Target values in class-index order."""
+    architecture: PlanArchitecture
+    tensors: list[PlanTensor]
+    """The model's state, name by name, in the order the wire carries it."""
+    parameters: int
+    training: PlanTraining
+    aggregation: PlanAggregation = PlanAggregation()
+    evaluation: PlanEvaluation = PlanEvaluation()
+    quorum: int
+    """Participants an update round needs; fewer and the round waits, then fails."""
+    round_timeout_s: float = 300.0
+    """Per-round deadline for every participant's reply."""
+
+
+class PlanDecision(_Frozen):
+    """One policy decision made at compile time."""
+
+    policy: str
+    scope: str
+    subject: str
+    """What was decided on, e.g. `model.malignancy`."""
+    effect: Effect
+    reason: str
+    at: str = ""
+    """`mesh.yaml:LINE:COL` of the policy."""
+
+
+class Plan(_Frozen):
+    plan: PlanHeader
+    coordinator: PlanCoordinator
+    domains: list[PlanDomain]
+    products: list[PlanProduct]
+    jobs: list[PlanJob]
+    decisions: list[PlanDecision] = Field(default_factory=list)
+
+    # -- lookups ---------------------------------------------------------------
+    def domain(self, name: str) -> PlanDomain:
+        return next(d for d in self.domains if d.name == name)
+
+    def product(self, product_id: str) -> PlanProduct:
+        return next(p for p in self.products if p.id == product_id)
+
+    def job(self, name: str) -> PlanJob:
+        return next(j for j in self.jobs if j.name == name)
+
+    # -- bytes -----------------------------------------------------------------
+    def to_toml(self) -> str:
+        """The plan as TOML text; deterministic for equal plans."""
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    def with_hash(self) -> Plan:
+        """This plan with `plan.hash` set to the sha256 of its TOML (hash empty)."""
+        unhashed = self.model_copy(update={"plan": self.plan.model_copy(update={"hash": ""})})
+        digest = hashlib.sha256(unhashed.to_toml().encode()).hexdigest()
+        return self.model_copy(update={"plan": self.plan.model_copy(update={"hash": f"sha256:{digest}"})})
+
+    @classmethod
+    def from_toml(cls, text: str) -> Plan:
+        return cls.model_validate(tomllib.loads(text))
+
+    @classmethod
+    def read(cls, path: str | Path) -> Plan:
+        return cls.from_toml(Path(path).read_text(encoding="utf-8"))
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml(), encoding="utf-8")
+
+
+def mlp_tensors(input_dim: int, hidden: list[int], output_dim: int) -> list[PlanTensor]:
+    """State tensors of `kernels.models.mlp` (an nn.Sequential of Linear/ReLU), in order.
+
+    Kept here so the compiler knows shapes and parameter counts without torch;
+    tests/kernels check it against the real module.
+    """
+    dims = [input_dim, *hidden, output_dim]
+    out: list[PlanTensor] = []
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+        layer = 2 * i  # Linear, ReLU, Linear, ...
+        out.append(PlanTensor(name=f"{layer}.weight", shape=[d_out, d_in]))
+        out.append(PlanTensor(name=f"{layer}.bias", shape=[d_out]))
+    return out

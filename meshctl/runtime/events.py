@@ -1,0 +1,250 @@
+"""Run-time events: past-tense facts, the one stream every consumer reads.
+
+The coordinator publishes each event on its XPUB socket and appends it to
+`events.jsonl`; the headless printer, the dashboard, `meshctl status` and the
+metrics file are all consumers of the same stream. An event is a frozen pydantic
+model with a `type` tag, a sequence number and a timestamp; `message()` renders it
+as one human line.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Event(BaseModel):
+    """Base of every event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: ClassVar[str] = "event"
+    level: ClassVar[str] = "info"
+    seq: int = 0
+    """Position in the run's stream, from 1."""
+    ts: float = 0.0
+    """Unix time when the event happened."""
+
+    def message(self) -> str:
+        return self.type
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.model_dump(mode="json")}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=False)
+
+
+class RunStarted(Event):
+    type: ClassVar[str] = "run_started"
+    run: str
+    mesh: str
+    plan_hash: str
+    run_dir: str
+    jobs: list[str]
+    domains: list[str]
+
+    def message(self) -> str:
+        return f"run {self.run} started: mesh {self.mesh}, {len(self.domains)} domains, jobs {', '.join(self.jobs)}"
+
+
+class PolicyDecided(Event):
+    type: ClassVar[str] = "policy_decided"
+    policy: str
+    scope: str
+    subject: str
+    effect: str
+    reason: str
+    at: str = ""
+    stage: str = "compile"
+    """`compile` or `run`."""
+
+    @property
+    def level(self) -> str:  # type: ignore[override]
+        return {"deny": "error", "warn": "warning"}.get(self.effect, "info")
+
+    def message(self) -> str:
+        return f"policy {self.policy} {self.effect}s {self.subject}: {self.reason}"
+
+
+class DomainJoined(Event):
+    type: ClassVar[str] = "domain_joined"
+    domain: str
+    products: list[str] = Field(default_factory=list)
+    rows: dict[str, int] = Field(default_factory=dict)
+    """Row count per product (a count, never a row)."""
+
+    def message(self) -> str:
+        return f"domain {self.domain} joined with {', '.join(self.products) or 'no products'}"
+
+
+class DomainRefused(Event):
+    type: ClassVar[str] = "domain_refused"
+    level: ClassVar[str] = "error"
+    domain: str
+    reason: str
+
+    def message(self) -> str:
+        return f"domain {self.domain} refused: {self.reason}"
+
+
+class DomainLost(Event):
+    type: ClassVar[str] = "domain_lost"
+    level: ClassVar[str] = "error"
+    domain: str
+    reason: str
+
+    def message(self) -> str:
+        return f"domain {self.domain} lost: {self.reason}"
+
+
+class MessageRejected(Event):
+    type: ClassVar[str] = "message_rejected"
+    level: ClassVar[str] = "warning"
+    sender: str
+    reason: str
+
+    def message(self) -> str:
+        return f"message from {self.sender} rejected: {self.reason}"
+
+
+class JobStarted(Event):
+    type: ClassVar[str] = "job_started"
+    job: str
+    participants: list[str]
+    rounds: int
+    parameters: int
+    quorum: int
+
+    def message(self) -> str:
+        return (f"job {self.job} started: {len(self.participants)} participants, "
+                f"{self.rounds} rounds, {self.parameters:,} parameters")
+
+
+class JobWaiting(Event):
+    type: ClassVar[str] = "job_waiting"
+    job: str
+    have: list[str]
+    need: int
+
+    def message(self) -> str:
+        return f"job {self.job} waiting for quorum: {len(self.have)}/{self.need} domains connected"
+
+
+class RoundStarted(Event):
+    type: ClassVar[str] = "round_started"
+    job: str
+    round: int
+    participants: list[str]
+
+    def message(self) -> str:
+        return f"job {self.job} round {self.round} started with {len(self.participants)} participants"
+
+
+class UpdateReceived(Event):
+    type: ClassVar[str] = "update_received"
+    job: str
+    round: int
+    domain: str
+    examples: int
+    loss: float
+    seconds: float
+    """Local training time reported by the domain."""
+    bytes: int
+    update_norm: float = 0.0
+
+    def message(self) -> str:
+        return (f"job {self.job} round {self.round}: update from {self.domain} "
+                f"({self.examples} examples, loss {self.loss:.4f}, {self.seconds:.3f}s)")
+
+
+class RoundCompleted(Event):
+    type: ClassVar[str] = "round_completed"
+    job: str
+    round: int
+    rounds: int
+    participants: list[str]
+    train_loss: float
+    metrics: dict[str, float]
+    """Evaluation of the aggregated model on the domains' holdouts (example-weighted)."""
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+    def message(self) -> str:
+        ms = " ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())
+        return (f"job {self.job} round {self.round}/{self.rounds}: "
+                f"train_loss={self.train_loss:.4f} {ms} ({self.seconds:.3f}s)")
+
+
+class CheckpointWritten(Event):
+    type: ClassVar[str] = "checkpoint_written"
+    job: str
+    round: int
+    path: str
+
+    def message(self) -> str:
+        return f"job {self.job} round {self.round} checkpoint {self.path}"
+
+
+class JobCompleted(Event):
+    type: ClassVar[str] = "job_completed"
+    job: str
+    rounds: int
+    metrics: dict[str, float]
+    model_path: str
+    seconds: float
+
+    def message(self) -> str:
+        ms = " ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())
+        return f"job {self.job} completed after {self.rounds} rounds: {ms}; model {self.model_path}"
+
+
+class JobFailed(Event):
+    type: ClassVar[str] = "job_failed"
+    level: ClassVar[str] = "error"
+    job: str
+    round: int
+    reason: str
+
+    def message(self) -> str:
+        return f"job {self.job} failed in round {self.round}: {self.reason}"
+
+
+class RunCompleted(Event):
+    type: ClassVar[str] = "run_completed"
+    run: str
+    ok: bool
+    seconds: float
+    reason: str = ""
+
+    def message(self) -> str:
+        state = "completed" if self.ok else f"failed: {self.reason}"
+        return f"run {self.run} {state} in {self.seconds:.2f}s"
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls
+    for cls in (RunStarted, PolicyDecided, DomainJoined, DomainRefused, DomainLost,
+                MessageRejected, JobStarted, JobWaiting, RoundStarted, UpdateReceived,
+                RoundCompleted, CheckpointWritten, JobCompleted, JobFailed, RunCompleted)
+}
+
+
+def parse_event(data: dict[str, Any] | str | bytes) -> Event:
+    """An Event from its JSON form (a dict or the JSON text). Raises ValueError."""
+    obj = json.loads(data) if isinstance(data, (str, bytes)) else dict(data)
+    if not isinstance(obj, dict):
+        raise ValueError("event is not a JSON object")
+    kind = obj.pop("type", None)
+    cls = EVENT_TYPES.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"unknown event type {kind!r}")
+    return cls.model_validate(obj)
+
+
+def read_events(path: str) -> list[Event]:
+    """Every event of an `events.jsonl` file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [parse_event(line) for line in f if line.strip()]
