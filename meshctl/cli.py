@@ -55,3 +55,75 @@ def main() -> None:
 # runtime commands: up, daemon, coordinator  (meshctl.runtime)
 # ---------------------------------------------------------------------------
 # (filled in by the runtime work)
+
+
+def _compiled_plan(file: Path):  # noqa: ANN202 - returns meshctl.compiler.plan.Plan
+    """Compile FILE or exit 1 with every diagnostic."""
+    from meshctl.compiler.compile import compile_mesh
+    from meshctl.compiler.diagnostics import render_all
+
+    result = compile_mesh(file)
+    if result.plan is None:
+        click.echo(render_all(result.diagnostics), err=True)
+        errors = sum(1 for d in result.diagnostics if d.severity == "error")
+        click.echo(f"{errors} error{'s' if errors != 1 else ''}; nothing started", err=True)
+        sys.exit(1)
+    return result.plan
+
+
+@main.command()
+@MESH_FILE
+@click.option("--headless", is_flag=True, help="Print one line per round instead of the dashboard.")
+@click.option("--address", metavar="tcp://HOST:PORT",
+              help="Coordinator address instead of mesh.yaml's; port 0 picks free ports.")
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="torch threads per daemon.")
+@reports_errors
+def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
+    """Compile FILE, start a coordinator and one daemon per local domain, and train."""
+    from meshctl.runtime.launcher import run_headless, start_run
+
+    plan = _compiled_plan(file)
+    run = start_run(file, plan, address=address, threads=threads)
+    if headless or not sys.stdout.isatty():
+        result = run_headless(run, click.echo)
+    else:
+        from meshctl.tui.run import run_dashboard
+
+        result = run_dashboard(run)
+    if not result.ok:
+        raise MeshctlError(result.reason or "run failed", where=str(result.run_dir)) from None
+
+
+@main.command(hidden=True)
+@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False))
+def coordinator(run_dir: str) -> None:
+    """Internal: the coordinator process of a run prepared by `meshctl up`."""
+    from meshctl.runtime.coordinator import main as coordinator_main
+
+    sys.exit(coordinator_main(run_dir))
+
+
+@main.command()
+@click.option("--plan", "plan_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The mesh.plan.toml both sides share.")
+@click.option("--domain", required=True, help="Which domain of the plan this daemon serves.")
+@click.option("--coordinator", "endpoint", required=True, metavar="tcp://HOST:PORT")
+@click.option("--server-key", required=True, help="The coordinator's Z85 Curve public key.")
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="This domain's Curve secret key file.")
+@click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory product sources are relative to (default: the plan's).")
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
+@reports_errors
+def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str, key_file: Path,
+           base_dir: Path | None, threads: int) -> None:
+    """Run one domain's daemon on this host and connect it to a coordinator."""
+    from meshctl.compiler.plan import Plan
+    from meshctl.runtime.daemon import Daemon, DaemonConfig
+    from meshctl.runtime.keys import KeyPair, check_public_key
+
+    cfg = DaemonConfig(domain=domain, plan=Plan.read(plan_file), base_dir=base_dir or plan_file.parent,
+                       coordinator=endpoint, server_key=check_public_key(server_key, where="--server-key"),
+                       keys=KeyPair.load(key_file), threads=threads)
+    sys.exit(Daemon(cfg).run())

@@ -1,0 +1,113 @@
+"""CurveZMQ keys: make, store, load; and the authenticator that admits only plan keys.
+
+Keys are Z85 text. A key pair on disk is two files, `NAME.key` (public) and
+`NAME.key_secret` (secret, mode 0600), in the zmq certificate format so that
+`zmq.auth.load_certificate` reads them. The coordinator's authenticator admits a
+client only if its public key is one the run lists for that ZAP domain
+(`mesh` for daemons, `events` for observers); the Curve-authenticated User-Id
+(the client's Z85 public key) is how the coordinator knows who sent a message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from meshctl.errors import UserError
+
+MESH_ZAP_DOMAIN = "mesh"
+EVENTS_ZAP_DOMAIN = "events"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    public: bytes
+    """Z85, 40 bytes."""
+    secret: bytes
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+    def save(self, directory: Path, name: str) -> Path:
+        """Write NAME.key and NAME.key_secret (0600); return the secret file's path."""
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{name}.key").write_text(_cert(self.public, None))
+        secret = directory / f"{name}.key_secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_cert(self.public, self.secret))
+        return secret
+
+    @classmethod
+    def load(cls, path: str | Path) -> KeyPair:
+        """Read a secret key file; a missing or malformed one is a UserError."""
+        try:
+            public, secret = zmq.auth.load_certificate(str(path))
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read key file: {err}", where=str(path)) from None
+        if not public or not secret or len(public) != 40 or len(secret) != 40:
+            raise UserError("not a Curve secret key file (need public-key and secret-key)",
+                            where=str(path))
+        return cls(public, secret)
+
+
+def check_public_key(key: str | bytes, *, where: str) -> bytes:
+    """A Z85 Curve public key as bytes, or a UserError saying what is wrong."""
+    raw = key.encode() if isinstance(key, str) else key
+    try:
+        if len(raw) != 40:
+            raise ValueError(f"{len(raw)} characters, need 40")
+        zmq.utils.z85.decode(raw)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"bad Curve public key: {err}", where=where) from None
+    return raw
+
+
+def _cert(public: bytes, secret: bytes | None) -> str:
+    lines = ["#   meshctl CurveZMQ certificate", "metadata", "curve",
+             f'    public-key = "{public.decode()}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    return "\n".join(lines) + "\n"
+
+
+class _AllowList:
+    """ZAP credentials provider: a fixed set of Z85 public keys per ZAP domain."""
+
+    def __init__(self, allowed: dict[str, set[bytes]]):
+        self.allowed = allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.allowed.get(domain, set())
+
+
+def start_authenticator(ctx: zmq.Context, allowed: dict[str, set[bytes]]) -> ThreadAuthenticator:
+    """Start a ZAP handler admitting exactly `allowed[zap_domain]` keys."""
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    provider = _AllowList(allowed)
+    for zap_domain in allowed:
+        auth.configure_curve_callback(domain=zap_domain, credentials_provider=provider)
+    return auth
+
+
+def curve_server(sock: zmq.Socket, keys: KeyPair, zap_domain: str) -> None:
+    """Make `sock` a Curve server; call before bind."""
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_server = True
+    sock.zap_domain = zap_domain.encode()
+
+
+def curve_client(sock: zmq.Socket, keys: KeyPair, server_public: bytes) -> None:
+    """Make `sock` a Curve client of `server_public`; call before connect."""
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_serverkey = server_public

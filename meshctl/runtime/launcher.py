@@ -1,0 +1,242 @@
+"""`meshctl up`: prepare a run, spawn the coordinator (which forks the local daemons),
+follow its events, and stop every process it started — also on Ctrl-C.
+
+This module does not import torch: the coordinator process does, once, and its
+forked daemons share those pages.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import zmq
+
+from meshctl.compiler.plan import Plan
+from meshctl.errors import UserError
+from meshctl.runtime import events as ev
+from meshctl.runtime.keys import KeyPair, check_public_key, curve_client
+from meshctl.runtime.run import RunManifest, new_run_id
+
+
+@dataclass(frozen=True)
+class RunResult:
+    ok: bool
+    run_dir: Path
+    reason: str = ""
+    events: tuple[ev.Event, ...] = ()
+
+
+def state_dir(mesh_file: Path) -> Path:
+    """`.meshctl/` beside mesh.yaml."""
+    return mesh_file.resolve().parent / ".meshctl"
+
+
+def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1,
+                wait_for_observer_s: float = 10.0) -> tuple[RunManifest, KeyPair]:
+    """Make the run directory, its ephemeral keys and manifest; return it and the observer's keys."""
+    run = new_run_id()
+    run_dir = state_dir(mesh_file) / "runs" / run
+    (run_dir / "logs").mkdir(parents=True)
+    keys_dir = run_dir / "keys"
+    plan.write(run_dir / "plan.toml")
+    router, events = _endpoints(address or plan.coordinator.address)
+    coordinator = KeyPair.generate()
+    coordinator_file = coordinator.save(keys_dir, "coordinator")
+    domain_keys: dict[str, str] = {}
+    local: dict[str, str] = {}
+    for d in plan.domains:
+        if d.address == "local":
+            pair = KeyPair.generate()
+            local[d.name] = str(pair.save(keys_dir, d.name))
+            domain_keys[d.name] = pair.public.decode()
+        else:
+            if not d.public_key:
+                raise UserError(f"domain {d.name} runs at {d.address} but mesh.yaml gives no public_key for it",
+                                hint="run `meshctl keys generate` on that host and add its public key")
+            domain_keys[d.name] = check_public_key(d.public_key, where=f"domain {d.name}").decode()
+    observer = KeyPair.generate()
+    manifest = RunManifest(
+        run=run, run_dir=str(run_dir), base_dir=str(mesh_file.resolve().parent), router=router, events=events,
+        coordinator_key=str(coordinator_file), coordinator_public=coordinator.public.decode(),
+        domain_keys=domain_keys, observer_keys=[observer.public.decode()], local_domains=local,
+        threads=threads, wait_for_observer_s=wait_for_observer_s)
+    manifest.write()
+    return manifest, observer
+
+
+def _endpoints(address: str) -> tuple[str, str]:
+    """(router, events) endpoints: the events socket takes the next port; port 0 picks free ones."""
+    parts = urlsplit(address)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise UserError(f"coordinator address {address!r} is not tcp://HOST:PORT")
+    host = parts.hostname
+    if parts.port == 0:
+        return f"tcp://{host}:{_free_port(host)}", f"tcp://{host}:{_free_port(host)}"
+    for port in (parts.port, parts.port + 1):
+        if not _port_free(host, port):
+            raise UserError(f"port {port} on {host} is in use (another `meshctl up`?)",
+                            where=address, hint="stop it, or pass --address tcp://127.0.0.1:0 for free ports")
+    return f"tcp://{host}:{parts.port}", f"tcp://{host}:{parts.port + 1}"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class LocalRun:
+    """A started run: the coordinator process and a Curve SUB socket on its events."""
+
+    def __init__(self, manifest: RunManifest, observer: KeyPair):
+        self.m = manifest
+        self.observer = observer
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.events: list[ev.Event] = []
+        self.result: ev.RunCompleted | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.m.path / "logs" / "coordinator.log"
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "meshctl", "coordinator", "--run-dir", self.m.run_dir],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)  # Ctrl-C reaches `up` only; `up` stops the rest in order
+
+    def follow(self, poll_ms: int = 200) -> Iterator[ev.Event]:
+        """Events as they happen, until RunCompleted or the coordinator dies."""
+        ctx = zmq.Context.instance()
+        sub = ctx.socket(zmq.SUB)
+        sub.linger = 0
+        curve_client(sub, self.observer, self.m.coordinator_public.encode())
+        sub.subscribe(b"")
+        sub.connect(self.m.events)
+        try:
+            while True:
+                if sub.poll(poll_ms, zmq.POLLIN):
+                    try:
+                        event = ev.parse_event(sub.recv())
+                    except ValueError:
+                        continue
+                    self.events.append(event)
+                    yield event
+                    if isinstance(event, ev.RunCompleted):
+                        self.result = event
+                        return
+                elif self.proc is not None and self.proc.poll() is not None:
+                    return
+        finally:
+            sub.close()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return self.proc.wait()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the coordinator (it shuts its daemons down), SIGKILL the group after `grace_s`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def finish(self) -> RunResult:
+        """Wait for the coordinator, remove secret keys, and say how the run ended."""
+        code = self.wait()
+        for f in (self.m.path / "keys").glob("*.key_secret"):
+            f.unlink()
+        if self.result is None:
+            last = _last_line(self.log)
+            return RunResult(False, self.m.path, f"coordinator exited with code {code}: {last} (log: {self.log})",
+                             tuple(self.events))
+        return RunResult(self.result.ok, self.m.path, self.result.reason, tuple(self.events))
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1].strip() if lines else "no output"
+
+
+def start_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1) -> LocalRun:
+    manifest, observer = prepare_run(mesh_file, plan, address=address, threads=threads)
+    run = LocalRun(manifest, observer)
+    run.start()
+    return run
+
+
+# -- the headless printer ------------------------------------------------------------
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def render_event(event: ev.Event) -> str | None:
+    """The headless line for an event, or None for events it does not print."""
+    if isinstance(event, ev.RoundCompleted):
+        ms = "  ".join(f"{k} {v:.4f}" for k, v in event.metrics.items())
+        return (f"{event.job}  round {event.round:>3}/{event.rounds}  participants {len(event.participants)}  "
+                f"train_loss {event.train_loss:.4f}  {ms}  in {human_bytes(event.bytes_in)}  "
+                f"out {human_bytes(event.bytes_out)}  {event.seconds:.3f}s")
+    if isinstance(event, (ev.UpdateReceived, ev.RoundStarted, ev.CheckpointWritten, ev.RunCompleted)):
+        return None
+    if isinstance(event, ev.PolicyDecided) and event.effect == "allow":
+        return None
+    return event.message()
+
+
+def run_headless(run: LocalRun, echo) -> RunResult:  # noqa: ANN001 - click.echo-like
+    """Print one line per round (and notable events) until the run ends."""
+    started = time.time()
+    try:
+        for event in run.follow():
+            line = render_event(event)
+            if line:
+                echo(line)
+    except KeyboardInterrupt:
+        echo("stopping the run (Ctrl-C)...")
+        run.stop()
+        result = run.finish()
+        return RunResult(False, result.run_dir, "interrupted", result.events)
+    result = run.finish()
+    for e in result.events:
+        if isinstance(e, ev.JobCompleted):
+            ms = "  ".join(f"{k} {v:.4f}" for k, v in e.metrics.items())
+            echo(f"job {e.job}: {e.rounds} rounds in {e.seconds:.2f}s  {ms}  model {result.run_dir / e.model_path}")
+    echo(f"run {'completed' if result.ok else 'failed'} in {time.time() - started:.2f}s: {result.run_dir}")
+    return result
