@@ -8,6 +8,7 @@ Heavy imports (torch, textual) happen inside the commands that need them.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,12 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback only on request
+            if os.environ.get("MESHCTL_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(err).__name__}: {err} (set MESHCTL_DEBUG=1 for the traceback)",
+                       err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -48,27 +55,68 @@ def main() -> None:
 # ---------------------------------------------------------------------------
 # compiler commands: validate, plan  (meshctl.compiler)
 # ---------------------------------------------------------------------------
-# (filled in by the compiler work)
+
+
+def _compile_or_exit(file: Path):  # noqa: ANN202 - returns meshctl.compiler.compile.CompileResult
+    """Compile FILE; on errors print every diagnostic and `N errors`, then exit 1."""
+    from meshctl.compiler.compile import compile_mesh
+    from meshctl.errors import UserError
+
+    if not file.is_file():
+        raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
+    result = compile_mesh(file)
+    if result.diagnostics:
+        click.echo(result.render_diagnostics(), err=True)
+    if result.plan is None:
+        n = len(result.errors)
+        click.echo(f"{n} error{'s' if n != 1 else ''}", err=True)
+        sys.exit(1)
+    return result
+
+
+@main.command()
+@MESH_FILE
+@reports_errors
+def validate(file: Path) -> None:
+    """Check FILE (default mesh.yaml) and report every problem with its position."""
+    from meshctl.compiler.summary import describe_counts
+
+    result = _compile_or_exit(file)
+    n = len(result.warnings)
+    tail = f" ({n} warning{'s' if n != 1 else ''})" if n else ""
+    click.echo(f"{file}: ok \u2014 {describe_counts(result.spec)}{tail}")
+
+
+@main.command("plan")
+@MESH_FILE
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the plan [default: mesh.plan.toml beside FILE].")
+@reports_errors
+def plan_command(file: Path, output: Path | None) -> None:
+    """Compile FILE into mesh.plan.toml, the reviewable plan the runtime executes."""
+    from meshctl.compiler.summary import render_plan_summary
+
+    plan = _compile_or_exit(file).plan
+    out = output or file.with_name("mesh.plan.toml")
+    plan.write(out)
+    click.echo(render_plan_summary(plan))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of mesh.yaml, for editor completion."""
+    import json
+
+    from meshctl.compiler.spec import MeshSpec
+
+    click.echo(json.dumps(MeshSpec.model_json_schema(by_alias=True), indent=2))
 
 
 # ---------------------------------------------------------------------------
 # runtime commands: up, daemon, coordinator  (meshctl.runtime)
 # ---------------------------------------------------------------------------
 # (filled in by the runtime work)
-
-
-def _compiled_plan(file: Path):  # noqa: ANN202 - returns meshctl.compiler.plan.Plan
-    """Compile FILE or exit 1 with every diagnostic."""
-    from meshctl.compiler.compile import compile_mesh
-    from meshctl.compiler.diagnostics import render_all
-
-    result = compile_mesh(file)
-    if result.plan is None:
-        click.echo(render_all(result.diagnostics), err=True)
-        errors = sum(1 for d in result.diagnostics if d.severity == "error")
-        click.echo(f"{errors} error{'s' if errors != 1 else ''}; nothing started", err=True)
-        sys.exit(1)
-    return result.plan
 
 
 @main.command()
@@ -83,7 +131,7 @@ def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
     """Compile FILE, start a coordinator and one daemon per local domain, and train."""
     from meshctl.runtime.launcher import run_headless, start_run
 
-    plan = _compiled_plan(file)
+    plan = _compile_or_exit(file).plan
     run = start_run(file, plan, address=address, threads=threads)
     if headless or not sys.stdout.isatty():
         result = run_headless(run, click.echo)

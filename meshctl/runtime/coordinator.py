@@ -15,6 +15,7 @@ dropped.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import queue
@@ -32,6 +33,7 @@ from meshctl.compiler.plan import Plan, PlanJob
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.keys import EVENTS_ZAP_DOMAIN, MESH_ZAP_DOMAIN, KeyPair, curve_server, start_authenticator
+from meshctl.runtime.data import pooled_mean_std
 from meshctl.runtime.kernels import fedavg, mlp
 from meshctl.runtime.run import RunManifest
 
@@ -74,6 +76,7 @@ class _Peer:
     domain: str
     identity: bytes
     rows: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, wire.FeatureStats] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     """Weights version each job's daemon holds."""
 
@@ -195,9 +198,10 @@ class Coordinator:
         started = time.time()
         version = 0
         metrics: dict[str, float] = {}
+        norm = self._standardization(job, participants)
         round_start = {1: time.time()}
         self.sink.emit(ev.RoundStarted(job=job.name, round=1, participants=participants))
-        self._broadcast(job, participants, wire.TrainIns(job=job.name, round=1, version=0), weights, 1)
+        self._broadcast(job, participants, wire.TrainIns(job=job.name, round=1, version=0, **norm), weights, 1)
         for r in range(1, job.training.rounds + 1):
             results = self._collect(job, "train_res", r, participants)
             total = sum(msg.examples for msg, _ in results.values())
@@ -227,11 +231,28 @@ class Coordinator:
                 self.checkpoints.put((path, weights, self._model_meta(job, r)))
                 self.sink.emit(ev.CheckpointWritten(job=job.name, round=r, path=str(path.relative_to(self.run_dir))))
         model_path = self.run_dir / "models" / f"{job.name}.safetensors"
-        self.checkpoints.put((model_path, weights, self._model_meta(job, version)))
+        self.checkpoints.put((model_path, weights, self._model_meta(job, version, norm)))
         self.sink.emit(ev.JobCompleted(job=job.name, rounds=version, metrics=metrics,
                                        model_path=str(model_path.relative_to(self.run_dir)),
                                        seconds=time.time() - started))
         self.current = None
+
+    def _standardization(self, job: PlanJob, participants: list[str]) -> dict[str, list[float]]:
+        """Mesh-wide mean/std pooled exactly from the participants' sums; {} if not standardizing."""
+        if not job.training.standardize:
+            return {}
+        d = len(job.features)
+        stats = []
+        for name in participants:
+            s = self.peers[name].stats.get(job.name)
+            if s is None or len(s.sum) != d or len(s.sumsq) != d:
+                raise JobAborted(f"job {job.name}: domain {name} sent no usable feature sums to standardize with")
+            stats.append((s.count, s.sum, s.sumsq))
+        try:
+            mean, std = pooled_mean_std(stats)
+        except ValueError as err:
+            raise JobAborted(f"job {job.name}: {err}") from None
+        return {"mean": mean, "std": std}
 
     def _await_quorum(self, job: PlanJob) -> None:
         deadline = time.monotonic() + self.m.join_timeout_s
@@ -334,9 +355,9 @@ class Coordinator:
             self._reply(identity, wire.Refused(reason=reason))
             self.sink.emit(ev.DomainRefused(domain=domain, reason=reason))
             return
-        self.peers[domain] = _Peer(domain, identity, dict(msg.rows))
+        self.peers[domain] = _Peer(domain, identity, dict(msg.rows), dict(msg.stats))
         self._send(self.peers[domain], wire.Welcome())
-        self.sink.emit(ev.DomainJoined(domain=domain, products=sorted(msg.rows), rows=dict(msg.rows)))
+        self.sink.emit(ev.DomainJoined(domain=domain, products=sorted(msg.rows), rows=dict(msg.rows), pid=msg.pid))
 
     def _check_result(self, domain: str, msg: Any, tensors: wire.Tensors) -> str:
         job = self.current
@@ -402,10 +423,13 @@ class Coordinator:
             pass
 
     # -- outputs -------------------------------------------------------------------
-    def _model_meta(self, job: PlanJob, rnd: int) -> dict[str, str]:
-        return {"job": job.name, "round": str(rnd), "plan_hash": self.plan.plan.hash,
+    def _model_meta(self, job: PlanJob, rnd: int, norm: dict[str, list[float]] | None = None) -> dict[str, str]:
+        meta = {"job": job.name, "round": str(rnd), "plan_hash": self.plan.plan.hash,
                 "features": ",".join(job.features), "classes": ",".join(job.classes),
                 "architecture": job.architecture.model_dump_json()}
+        if norm:
+            meta["standardize"] = json.dumps(norm)
+        return meta
 
     def _append_metrics(self, job: PlanJob, rnd: int, participants: int, loss: float, metrics: dict[str, float]) -> None:
         path = self.run_dir / "metrics.csv"

@@ -16,15 +16,17 @@ from pathlib import Path
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from meshctl.compiler.plan import Plan, PlanJob
 from meshctl.errors import MeshctlError, UserError
 from meshctl.runtime import wire
-from meshctl.runtime.data import JobData, count_rows, load_job_data
+from meshctl.runtime.data import JobData, count_rows, feature_sums, load_job_data
 from meshctl.runtime.keys import KeyPair, curve_client
 from meshctl.runtime.kernels import evaluate, mlp, train_local
 
 POLL_MS = 500
+SEND_TIMEOUT_MS = 120_000
 
 
 @dataclass
@@ -53,6 +55,7 @@ class _JobState:
     version: int = -1
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     """The global weights of `version`, as received."""
+    standardized: bool = False
 
 
 class Daemon:
@@ -62,6 +65,9 @@ class Daemon:
         self.cfg = cfg
         self.jobs: dict[str, _JobState] = {}
         self.rows: dict[str, int] = {}
+        tap = os.environ.get("MESHCTL_WIRE_TAP")
+        self.tap = open(Path(tap) / f"{cfg.domain}.tap", "ab") if tap else None  # noqa: SIM115
+        """Audit tap: every frame this daemon sends, appended as (u64 length, bytes)."""
 
     # -- start-up ----------------------------------------------------------------
     def load(self) -> None:
@@ -87,6 +93,7 @@ class Daemon:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 1000
+        sock.sndtimeo = SEND_TIMEOUT_MS
         sock.maxmsgsize = wire.CHUNK_BYTES + wire.MAX_HEADER_BYTES
         curve_client(sock, self.cfg.keys, self.cfg.server_key)
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -96,9 +103,8 @@ class Daemon:
             try:
                 self.load()
             except MeshctlError as err:
-                self._send(sock, wire.ErrorReply(code="data", reason=err.render()))
+                self._send(sock, wire.ErrorReply(code="data", reason=err.render()), block=False)
                 raise
-            self._send(sock, wire.Hello(plan_hash=self.cfg.plan.plan.hash, pid=os.getpid(), rows=self.rows))
             return self._serve(sock, monitor)
         finally:
             sock.disable_monitor()
@@ -110,12 +116,16 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
-        joined = False
+        joined = hello_sent = False
         started = time.monotonic()
         while True:
+            if not hello_sent:  # no peer until the handshake succeeds: never block on it
+                hello = wire.Hello(plan_hash=self.cfg.plan.plan.hash, pid=os.getpid(), rows=self.rows,
+                                   stats=self._stats())
+                hello_sent = self._send(sock, hello, block=False)
             ready = dict(poller.poll(POLL_MS))
             if monitor in ready:
-                evt = zmq.utils.monitor.recv_monitor_message(monitor)
+                evt = recv_monitor_message(monitor)
                 if evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     raise UserError(f"coordinator at {self.cfg.coordinator} refused domain "
                                     f"{self.cfg.domain!r}: its Curve key is not the one in the plan")
@@ -126,6 +136,8 @@ class Daemon:
                 try:
                     msg, tensors = wire.decode(frames)
                 except wire.WireError as err:
+                    if "protocol version" in str(err):
+                        raise UserError(f"coordinator speaks another protocol: {err}") from None
                     print(f"dropped malformed message from coordinator: {err}", file=sys.stderr)
                     continue
                 if isinstance(msg, wire.Welcome):
@@ -161,10 +173,36 @@ class Daemon:
         st.model.load_state_dict(st.weights)
         return st
 
+    def _stats(self) -> dict[str, wire.FeatureStats]:
+        """Feature sums of jobs that standardize (aggregates; the coordinator pools them)."""
+        out = {}
+        for name, st in self.jobs.items():
+            if st.job.training.standardize:
+                n, s, q = feature_sums(st.data.x_train)
+                out[name] = wire.FeatureStats(count=n, sum=s, sumsq=q)
+        return out
+
+    def _standardize(self, st: _JobState, ins: wire.TrainIns) -> wire.ErrorReply | None:
+        if not st.job.training.standardize or st.standardized:
+            return None
+        d = len(st.job.features)
+        if ins.mean is None or ins.std is None or len(ins.mean) != d or len(ins.std) != d \
+                or any(not (v > 0) for v in ins.std):
+            return wire.ErrorReply(code="bad-standardization", reason="missing or malformed mean/std", job=ins.job)
+        mean, std = torch.tensor(ins.mean), torch.tensor(ins.std)
+        data = st.data
+        st.data = JobData((data.x_train - mean) / std, data.y_train, (data.x_test - mean) / std, data.y_test,
+                          data.rows, data.skipped)
+        st.standardized = True
+        return None
+
     def _train(self, ins: wire.TrainIns, tensors: wire.Tensors) -> tuple[object, dict[str, torch.Tensor] | None]:
         st = self._state(ins.job, ins.version, tensors)
         if isinstance(st, wire.ErrorReply):
             return st.model_copy(update={"round": ins.round}), None
+        problem = self._standardize(st, ins)
+        if problem is not None:
+            return problem.model_copy(update={"round": ins.round}), None
         t = st.job.training
         start = time.perf_counter()
         read = next(r for r in st.job.reads if r.domain == self.cfg.domain)
@@ -184,6 +222,24 @@ class Daemon:
         loss_sum, correct, n = evaluate(st.model, st.data.x_test, st.data.y_test)
         return wire.EvalRes(job=ins.job, round=ins.round, examples=n, loss_sum=loss_sum, correct=correct)
 
-    def _send(self, sock: zmq.Socket, msg: object, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    def _send(self, sock: zmq.Socket, msg: object, tensors: dict[str, torch.Tensor] | None = None,
+              *, block: bool = True) -> bool:
+        """Send `msg`; with `block` off, False when the coordinator is not connected (yet)."""
         msg = msg.model_copy(update={"sender": self.cfg.domain, "run": self.cfg.run})  # type: ignore[attr-defined]
-        sock.send_multipart(wire.encode(msg, tensors), copy=False)
+        frames = wire.encode(msg, tensors)
+        try:
+            sock.send_multipart(frames, flags=0 if block else zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if not block:
+                return False
+            raise UserError(f"coordinator at {self.cfg.coordinator} stopped taking messages "
+                            f"for {SEND_TIMEOUT_MS // 1000}s") from None
+        self._tap_frames(frames)
+        return True
+
+    def _tap_frames(self, frames: list) -> None:
+        if self.tap is not None:
+            for f in frames:
+                self.tap.write(len(f).to_bytes(8, "little"))
+                self.tap.write(f)
+            self.tap.flush()

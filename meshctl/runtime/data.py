@@ -102,11 +102,6 @@ def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id:
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     mask = torch.from_numpy(test)
     x_train, x_test = xt[~mask], xt[mask]
-    if job.training.standardize and len(x_train):
-        mean = x_train.mean(0)
-        std = x_train.std(0, unbiased=False)
-        std[std == 0] = 1.0
-        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     return JobData(x_train.contiguous(), yt[~mask], x_test.contiguous(), yt[mask], n, total - n)
 
 
@@ -131,3 +126,22 @@ def _existing(product: PlanProduct, base_dir: Path) -> Path:
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def feature_sums(x: torch.Tensor) -> tuple[int, list[float], list[float]]:
+    """(count, per-feature sum, per-feature sum of squares) of a feature matrix, in float64."""
+    xd = x.double()
+    return len(x), xd.sum(0).tolist(), xd.pow(2).sum(0).tolist()
+
+
+def pooled_mean_std(stats: list[tuple[int, list[float], list[float]]]) -> tuple[list[float], list[float]]:
+    """Mesh-wide mean and population standard deviation from per-domain sums (exact)."""
+    n = sum(c for c, _, _ in stats)
+    if n == 0:
+        raise ValueError("no training rows to standardize with")
+    s = torch.tensor([x for _, x, _ in stats], dtype=torch.float64).sum(0)
+    q = torch.tensor([x for _, _, x in stats], dtype=torch.float64).sum(0)
+    mean = s / n
+    std = (q / n - mean.pow(2)).clamp_min(0).sqrt()
+    std[std < 1e-12] = 1.0
+    return mean.tolist(), std.tolist()

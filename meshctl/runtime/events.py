@@ -74,6 +74,8 @@ class DomainJoined(Event):
     products: list[str] = Field(default_factory=list)
     rows: dict[str, int] = Field(default_factory=dict)
     """Row count per product (a count, never a row)."""
+    pid: int = 0
+    """The daemon's process id, as it reported it."""
 
     def message(self) -> str:
         return f"domain {self.domain} joined with {', '.join(self.products) or 'no products'}"

@@ -174,11 +174,21 @@ class LocalRun:
         code = self.wait()
         for f in (self.m.path / "keys").glob("*.key_secret"):
             f.unlink()
+        if self.result is None:  # not followed here (the dashboard was): the audit log says
+            done = [e for e in _read_log(self.m.path / "events.jsonl") if isinstance(e, ev.RunCompleted)]
+            self.result = done[-1] if done else None
         if self.result is None:
             last = _last_line(self.log)
             return RunResult(False, self.m.path, f"coordinator exited with code {code}: {last} (log: {self.log})",
                              tuple(self.events))
         return RunResult(self.result.ok, self.m.path, self.result.reason, tuple(self.events))
+
+
+def _read_log(path: Path) -> list[ev.Event]:
+    try:
+        return ev.read_events(str(path))
+    except (OSError, ValueError):
+        return []
 
 
 def _last_line(path: Path) -> str:

@@ -63,13 +63,27 @@ class _Msg(BaseModel):
     tensors: list[TensorSpec] = Field(default_factory=list, max_length=4096)
 
 
+class FeatureStats(BaseModel):
+    """Per-feature sums over one domain's training rows: aggregates, never rows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    count: int = Field(ge=0)
+    sum: list[float] = Field(max_length=100_000)
+    sumsq: list[float] = Field(max_length=100_000)
+
+
 class Hello(_Msg):
-    """Daemon -> coordinator: I am up, these are my products and row counts."""
+    """Daemon -> coordinator: I am up, these are my products and row counts.
+
+    For jobs that standardize features, `stats` carries the sums the coordinator
+    pools into the mesh-wide mean and standard deviation.
+    """
 
     type: Literal["hello"] = "hello"
     plan_hash: str
     pid: int = 0
     rows: dict[str, int] = Field(default_factory=dict)
+    stats: dict[str, FeatureStats] = Field(default_factory=dict)
 
 
 class Welcome(_Msg):
@@ -95,6 +109,9 @@ class TrainIns(_Msg):
     job: str
     round: int = Field(ge=1)
     version: int = Field(ge=0)
+    mean: list[float] | None = None
+    """Mesh-wide feature means to standardize with (jobs with `standardize`)."""
+    std: list[float] | None = None
 
 
 class TrainRes(_Msg):

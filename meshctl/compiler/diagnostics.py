@@ -1,0 +1,168 @@
+"""Diagnostics: every problem the compiler finds, with a code, a position and a hint.
+
+Codes come in ranges by stage: MESH1xx syntax, 2xx schema, 3xx references and
+contracts, 4xx policy, 5xx plan. `CODES` maps each code to its help text; a test
+checks that every code the compiler uses is listed there.
+
+A diagnostic renders as
+
+    mesh.yaml:12:5: error[MESH302]: product 'biopsies' names unknown domain 'charit'
+       12 |     domain: charit
+          |             ^
+      hint: did you mean 'charite'?
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Severity = Literal["error", "warning"]
+
+CODES: dict[str, str] = {
+    # 1xx: reading and YAML syntax
+    "MESH101": "The file is not valid YAML; fix the syntax at the position shown.",
+    "MESH102": "A mapping has the same key twice; YAML would silently keep only the last one.",
+    "MESH103": "A tab character is used for indentation; YAML indentation must use spaces.",
+    "MESH104": "The file cannot be read: it does not exist, is a directory, or is not UTF-8 text.",
+    "MESH105": "The file is empty; a mesh.yaml needs at least apiVersion and mesh.",
+    "MESH106": "An alias points back into itself, or expands to an unreasonably large document.",
+    # 2xx: schema
+    "MESH201": "The top level of a mesh.yaml must be a mapping of sections.",
+    "MESH202": "A key is not part of the mesh.yaml language; unknown keys are errors, not ignored.",
+    "MESH203": "A required key is missing.",
+    "MESH204": "A value has the wrong type or is out of range.",
+    "MESH205": "apiVersion must be `meshctl/v1`.",
+    "MESH206": "A value is not one of the allowed choices.",
+    "MESH207": "`pii` must be `direct`, `indirect` or `none`; `pii: true` does not say which.",
+    # 3xx: references and contracts
+    "MESH301": "Two items of the same kind have the same name (or id).",
+    "MESH302": "A reference names a domain that is not declared.",
+    "MESH303": "A reference names a contract that is not declared.",
+    "MESH304": "A contract is declared, but not with the referenced major version.",
+    "MESH305": "A model's feature or target is not a column of its contract.",
+    "MESH306": "A feature glob pattern matches no column of the contract.",
+    "MESH307": "A product's source file does not exist (paths are relative to the mesh.yaml).",
+    "MESH308": "A participant domain publishes no product (or more than one) under the model's contract.",
+    "MESH309": "A column or feature is listed twice, or the target is also a feature.",
+    "MESH310": "A quality rule or evaluation setting names a column the contract does not have.",
+    "MESH321": "A product lacks a column its contract requires.",
+    "MESH322": "A product column's type differs from the contract's.",
+    "MESH323": "A product's category values are not allowed by its contract.",
+    "MESH324": "A product under a contract does not name a contract version.",
+    # 4xx: policy
+    "MESH401": "A PII column (direct or indirect) is used as a model feature; PII never trains a model.",
+    "MESH402": "A PII column (direct or indirect) is used as a model target.",
+    "MESH410": "A policy with effect deny does not hold for a model.",
+    "MESH411": "A policy with effect warn does not hold for a model.",
+    "MESH412": "A policy's CEL expression has a syntax error.",
+    "MESH413": "A policy's CEL expression failed to evaluate (unknown field, wrong types, ...).",
+    "MESH414": "A policy's `when` or `require` did not evaluate to a bool.",
+    # 5xx: plan
+    "MESH501": "A product's source format is not supported by the plan (csv and parquet are).",
+    "MESH502": "A model's target must be a category column with declared values.",
+    "MESH503": "A model's feature must be numeric (int, float or bool) to feed an MLP.",
+    "MESH504": "A model declares a quorum larger than its number of participants.",
+    "MESH505": "A model's architecture or aggregation is not supported by this meshctl yet.",
+    "MESH506": "A model has no participants.",
+}
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One problem found in a mesh.yaml, at a 1-based line and column (0 = whole file)."""
+
+    code: str
+    severity: Severity
+    message: str
+    file: str
+    line: int = 0
+    col: int = 0
+    hint: str | None = None
+
+    @property
+    def where(self) -> str:
+        """`file:line:col`, or just `file` when the position is unknown."""
+        return f"{self.file}:{self.line}:{self.col}" if self.line else self.file
+
+    def render(self, source: str | None = None) -> str:
+        """Head line, a numbered excerpt with a caret (given the source), then the hint."""
+        out = [f"{self.where}: {self.severity}[{self.code}]: {self.message}"]
+        lines = source.splitlines() if source is not None else []
+        if 0 < self.line <= len(lines):
+            text = lines[self.line - 1]
+            gutter = f"{self.line:>5} | "
+            pad = "".join("\t" if ch == "\t" else " " for ch in text[: max(self.col - 1, 0)])
+            out += [gutter + text, " " * (len(gutter) - 2) + "| " + pad + "^"]
+        if self.hint:
+            out.append(f"  hint: {self.hint}")
+        return "\n".join(out)
+
+
+def render_all(diagnostics: Iterable[Diagnostic], source: str | None = None) -> str:
+    """Every diagnostic rendered, separated by newlines."""
+    return "\n".join(d.render(source) for d in diagnostics)
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str | None:
+    """`did you mean 'x'?` for the closest choice, or None when nothing is close."""
+    if not isinstance(name, str):
+        return None
+    close = difflib.get_close_matches(name, sorted(set(choices)), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def quoted(names: Sequence[str], limit: int = 8) -> str:
+    """`'a', 'b', 'c'` (at most `limit`, then `...`)."""
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (", ..." if len(names) > limit else "")
+
+
+class Reporter:
+    """Collects diagnostics for one file, placing each by its YAML path.
+
+    `locate(path, key=False)` maps a path such as ("models", 0, "inputs") to a
+    1-based (line, col); with `key=True` it gives the position of the key itself.
+    """
+
+    def __init__(self, file: str, locate: Locate, source: str = "") -> None:
+        self.file = file
+        self.locate = locate
+        self.source = source
+        self.diagnostics: list[Diagnostic] = []
+
+    def error(self, code: str, message: str, path: YamlPath | None = None, *,
+              hint: str | None = None, key: bool = False, pos: tuple[int, int] | None = None,
+              ) -> None:
+        """Add an error at `path` (its key when `key`), or at an explicit `pos`."""
+        self._add(code, "error", message, path, hint, key, pos)
+
+    def warning(self, code: str, message: str, path: YamlPath | None = None, *,
+                hint: str | None = None, key: bool = False, pos: tuple[int, int] | None = None,
+                ) -> None:
+        """Add a warning at `path` (its key when `key`), or at an explicit `pos`."""
+        self._add(code, "warning", message, path, hint, key, pos)
+
+    def _add(self, code: str, severity: Severity, message: str, path: YamlPath | None,
+             hint: str | None, key: bool, pos: tuple[int, int] | None) -> None:
+        if pos is None:
+            pos = self.locate(path, key) if path is not None else (0, 0)
+        line, col = pos
+        self.diagnostics.append(Diagnostic(code, severity, message, self.file, line, col, hint))
+
+    @property
+    def has_errors(self) -> bool:
+        """Whether any error (not just warnings) was reported."""
+        return any(d.severity == "error" for d in self.diagnostics)
+
+
+YamlPath = tuple[str | int, ...]
+"""A position in the YAML document: keys and list indices from the root."""
+
+
+class Locate(Protocol):
+    """Maps a YAML path to a 1-based (line, col)."""
+
+    def __call__(self, path: YamlPath, key: bool = False) -> tuple[int, int]: ...

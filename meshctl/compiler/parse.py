@@ -1,0 +1,200 @@
+"""Plain data -> MeshSpec, with pydantic errors turned into positioned diagnostics.
+
+Each item of each section is validated on its own, so one broken product does
+not hide the problems of the others: the result is a (possibly partial) spec of
+the items that are valid, plus the names of the items that are not, so that
+later stages do not report references to them as unknown.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean
+from meshctl.compiler.spec import SECTIONS, MeshHeader, MeshSpec
+
+
+@dataclass
+class Parsed:
+    """The valid part of a spec, and the names of the invalid items by section."""
+
+    spec: MeshSpec
+    broken: dict[str, set[str]] = field(default_factory=dict)
+    header_ok: bool = True
+
+
+def parse_spec(data: Any, report: Reporter) -> Parsed | None:
+    """Validate the loaded data; None when the top level is not a mapping."""
+    if not isinstance(data, dict):
+        kind = _kind(data)
+        report.error("MESH201", f"the top level must be a mapping of sections, not {kind}", (),
+                     hint="start with `apiVersion: meshctl/v1` and `mesh: {name: ...}`")
+        return None
+    header = {k: v for k, v in data.items() if k not in SECTIONS}
+    header_ok = _validate(MeshSpec, header, (), data, report) is not None
+    parsed = Parsed(spec=MeshSpec.model_construct(
+        api_version=header.get("apiVersion"),
+        mesh=_safe_header(header.get("mesh")),
+    ), header_ok=header_ok)
+    for section, item_type in SECTIONS.items():
+        items = data.get(section, [])
+        if not isinstance(items, list):
+            report.error("MESH204", f"'{section}' must be a list, not {_kind(items)}",
+                         (section,), hint=f"write each {section[:-1]} as `- name: ...`")
+            continue
+        valid = []
+        for i, raw in enumerate(items):
+            item = _validate(item_type, raw, (section, i), data, report)
+            if item is None:
+                if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+                    parsed.broken.setdefault(section, set()).add(raw["name"])
+                continue
+            item._path = (section, i)
+            for j, policy in enumerate(getattr(item, "policies", [])):
+                policy._path = (section, i, "policies", j)
+            valid.append(item)
+        setattr(parsed.spec, section, valid)
+    return parsed
+
+
+def _safe_header(raw: Any) -> MeshHeader | None:
+    try:
+        return MeshHeader.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+def _validate(cls: type[BaseModel], raw: Any, prefix: YamlPath, root: Any,
+              report: Reporter) -> Any:
+    """`cls.model_validate(raw)`, reporting every error at its position."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        errors = _collapse_unions(err.errors(), prefix, root)
+        for error, path, missing in errors:
+            _report_error(cls, error, prefix, path, missing, report)
+        return None
+
+
+def _collapse_unions(errors: list[Any], prefix: YamlPath, root: Any) -> list[tuple]:
+    """(error, data path, missing key) per error; of a union's branches keep the deepest."""
+    chosen: dict[YamlPath, tuple] = {}
+    plain = []
+    for error in errors:
+        path, missing, tagged_at = _data_path(error, prefix, root)
+        entry = (error, path, missing)
+        if tagged_at is None:
+            plain.append(entry)
+        elif tagged_at not in chosen or len(error["loc"]) > len(chosen[tagged_at][0]["loc"]):
+            chosen[tagged_at] = entry
+    return plain + list(chosen.values())
+
+
+def _data_path(error: Any, prefix: YamlPath, root: Any) -> tuple[YamlPath, Any, YamlPath | None]:
+    """Split a pydantic loc into the path in the data, a missing key, and a union tag's place."""
+    node, path, tagged_at = root, list(prefix), None
+    for p in prefix:
+        node = node[p]
+    loc = error["loc"]
+    for n, el in enumerate(loc):
+        if isinstance(node, dict) and el in node:
+            node, path = node[el], [*path, el]
+        elif isinstance(node, list) and isinstance(el, int) and 0 <= el < len(node):
+            node, path = node[el], [*path, el]
+        elif n == len(loc) - 1 and error["type"] == "missing":
+            return tuple(path), el, tagged_at
+        elif tagged_at is None:
+            tagged_at = tuple(path)
+    return tuple(path), None, tagged_at
+
+
+def _report_error(cls: type[BaseModel], error: Any, prefix: YamlPath, path: YamlPath,
+                  missing: Any, report: Reporter) -> None:
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    where = _dotted(path) or "the top level"
+    if kind == "missing":
+        report.error("MESH203", f"missing required key '{missing}' in {where}", path)
+    elif kind == "extra_forbidden":
+        allowed = _fields_at(cls, path[len(prefix):-1])
+        report.error("MESH202", f"unknown key '{path[-1]}' in {where.rsplit('.', 1)[0]}"
+                     if len(path) > 1 else f"unknown key '{path[-1]}' at the top level",
+                     path, key=True, hint=did_you_mean(path[-1], allowed) or
+                     (f"allowed keys: {', '.join(allowed)}" if allowed else None))
+    elif path == ("apiVersion",):
+        report.error("MESH205", f"apiVersion must be 'meshctl/v1', not {_yaml(value)}", path,
+                     hint="write `apiVersion: meshctl/v1`")
+    elif path and path[-1] == "pii" and kind == "literal_error":
+        report.error("MESH207", f"pii must be 'direct', 'indirect' or 'none', not {_yaml(value)}",
+                     path, hint="direct: identifies a person by itself (a name, an MRN); "
+                                "indirect: together with other data (a birth date)")
+    elif kind == "literal_error":
+        allowed = re.findall(r"'([^']*)'", ctx.get("expected", ""))
+        report.error("MESH206", f"{_yaml(value)} is not a valid value for {where}: expected "
+                     f"{ctx.get('expected', '')}", path, hint=did_you_mean(value, allowed))
+    elif kind in ("model_type", "dict_type", "model_attributes_type"):
+        report.error("MESH204", f"{where} must be a mapping, not {_kind(value)}", path)
+    else:
+        message = error["msg"][0].lower() + error["msg"][1:]
+        got = f" (got {_kind(value)} {_yaml(value)})" if _short(value) else ""
+        report.error("MESH204", f"{where}: {message}{got}", path,
+                     hint="quote it to make it a string" if kind == "string_type"
+                     and _short(value) else None)
+
+
+def _fields_at(cls: type[BaseModel], rel: YamlPath) -> list[str]:
+    """The keys allowed at `rel` below `cls` (by alias), or [] when unknown."""
+    current: Any = cls
+    for el in rel:
+        current = _unwrap(current)
+        if isinstance(el, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        fields = {f.alias or name: f for name, f in current.model_fields.items()}
+        if el not in fields:
+            return []
+        current = fields[el].annotation
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [f.alias or name for name, f in current.model_fields.items()]
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    """The BaseModel inside list[X], X | None and similar, else tp itself."""
+    for arg in typing.get_args(tp) if typing.get_origin(tp) in (list, typing.Union,
+                                                                 types.UnionType) else ():
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return tp
+
+
+def _dotted(path: YamlPath) -> str:
+    out = ""
+    for el in path:
+        out += f"[{el}]" if isinstance(el, int) else (f".{el}" if out else str(el))
+    return out
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a bool",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _yaml(value: Any) -> str:
+    """A scalar as YAML would show it: true, null, 'text', 3."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value)
+
+
+def _short(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool) and len(repr(value)) <= 40

@@ -1,0 +1,318 @@
+"""Cross-references: unique names, and every name a spec uses resolves.
+
+Each reference that does not resolve is an error at the referencing value with
+a did-you-mean hint. A model resolves to its contract, its participants in
+declared domain order, one product per participant, and its features with
+globs expanded; PII columns can never be features or targets.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean, quoted
+from meshctl.compiler.parse import Parsed
+from meshctl.compiler.spec import Column, Contract, Model, Product
+
+NUMERIC = ("int", "float", "bool")
+"""Column types an MLP can take as features."""
+
+
+@dataclass
+class ResolvedModel:
+    """A model whose references all resolved."""
+
+    model: Model
+    contract: Contract
+    participants: list[str]
+    products: list[Product]
+    """One product per participant, in participant order."""
+    features: list[str]
+    target: Column
+
+
+@dataclass
+class Resolution:
+    """What the references resolved to."""
+
+    contracts: dict[int, Contract] = field(default_factory=dict)
+    """Resolved contract of each product, by id() of the product."""
+    models: list[ResolvedModel] = field(default_factory=list)
+
+
+class Resolver:
+    """Checks the references of a parsed spec, reporting into `report`."""
+
+    def __init__(self, parsed: Parsed, report: Reporter) -> None:
+        self.spec = parsed.spec
+        self.broken = parsed.broken
+        self.report = report
+        self.domains = [d.name for d in self.spec.domains]
+        self.result = Resolution()
+        self.incomplete = bool(parsed.broken.get("products") or parsed.broken.get("domains"))
+        """Some products or domains are invalid: do not report them as absent."""
+
+    def run(self) -> Resolution:
+        """Check everything; returns what resolved."""
+        self._unique()
+        for product in self.spec.products:
+            self._product(product)
+        for model in self.spec.models:
+            resolved = self._model(model)
+            if resolved is not None:
+                self.result.models.append(resolved)
+        return self.result
+
+    # -- names -------------------------------------------------------------------
+    def _unique(self) -> None:
+        spec = self.spec
+        self._no_duplicates("domain", [(d.name, d.path) for d in spec.domains])
+        self._no_duplicates("product", [(f"{p.domain}.{p.name}", p.path) for p in spec.products])
+        self._no_duplicates("contract", [(f"{c.name}@{c.version}", c.path)
+                                         for c in spec.contracts])
+        self._no_duplicates("policy", [(p.name, p.path) for p in spec.policies])
+        for d in spec.domains:
+            self._no_duplicates(f"policy of domain '{d.name}'",
+                                [(p.name, p.path) for p in d.policies])
+        self._no_duplicates("model", [(m.name, m.path) for m in spec.models])
+
+    def _no_duplicates(self, kind: str, items: list[tuple[str, YamlPath]]) -> None:
+        first: dict[str, YamlPath] = {}
+        for name, path in items:
+            if name in first:
+                line = self.report.locate((*first[name], "name"))[0]
+                self.report.error("MESH301", f"duplicate {kind} '{name}'", (*path, "name"),
+                                  hint=f"first declared at line {line}")
+            else:
+                first[name] = path
+
+    def _domain(self, name: str, path: YamlPath, what: str) -> bool:
+        if name in self.domains:
+            return True
+        if name not in self.broken.get("domains", set()):
+            self.report.error("MESH302", f"{what} names unknown domain '{name}'", path,
+                              hint=did_you_mean(name, self.domains)
+                              or _declared("domains", self.domains))
+        return False
+
+    def contract(self, ref: str, path: YamlPath, what: str) -> Contract | None:
+        """The contract `name`, `name@major` or `name@x.y.z` refers to (highest match)."""
+        name, _, version = ref.partition("@")
+        versions = sorted((c for c in self.spec.contracts if c.name == name),
+                          key=lambda c: tuple(int(x) for x in c.version.split(".")))
+        if not versions:
+            if name not in self.broken.get("contracts", set()):
+                names = [c.name for c in self.spec.contracts]
+                self.report.error("MESH303", f"{what} names unknown contract '{name}'", path,
+                                  hint=did_you_mean(name, names) or _declared("contracts", names))
+            return None
+        matching = [c for c in versions if _version_matches(c.version, version)]
+        if not matching:
+            have = ", ".join(c.version for c in versions)
+            self.report.error("MESH304", f"{what} wants contract '{ref}', but '{name}' is "
+                              f"declared only as version {have}", path,
+                              hint=f"write '{name}@{versions[-1].major}'")
+            return None
+        return matching[-1]
+
+    # -- products ----------------------------------------------------------------
+    def _product(self, product: Product) -> None:
+        what = f"product '{product.name}'"
+        self._domain(product.domain, (*product.path, "domain"), what)
+        if product.contract is not None:
+            contract = self.contract(product.contract, (*product.path, "contract"), what)
+            if contract is not None:
+                self.result.contracts[id(product)] = contract
+
+    # -- models ------------------------------------------------------------------
+    def _model(self, model: Model) -> ResolvedModel | None:
+        path = model.path
+        inputs = (*path, "inputs")
+        contract = self.contract(model.inputs.contract, (*inputs, "contract"),
+                                 f"model '{model.name}'")
+        if contract is None:
+            return None
+        publishers = self._publishers(contract)
+        participants = self._participants(model, publishers)
+        products = [publishers[d][0] for d in participants if len(publishers.get(d, [])) == 1]
+        pool = [p for found in publishers.values() for p in found]
+        before = len(self.report.diagnostics)
+        target = self._target(model, contract, pool)
+        features = self._features(model, contract, pool)
+        if len(self.report.diagnostics) > before or target is None or not participants \
+                or len(products) != len(participants):
+            return None
+        return ResolvedModel(model, contract, participants, products, features, target)
+
+    def _publishers(self, contract: Contract) -> dict[str, list[Product]]:
+        """Products under (the major version of) `contract`, by domain."""
+        out: dict[str, list[Product]] = {}
+        for product in self.spec.products:
+            c = self.result.contracts.get(id(product))
+            if c is not None and c.name == contract.name and c.major == contract.major:
+                out.setdefault(product.domain, []).append(product)
+        return out
+
+    def _participants(self, model: Model, publishers: dict[str, list[Product]]) -> list[str]:
+        path = (*model.path, "participants")
+        ref = f"{model.inputs.contract}"
+        if model.participants == "all":
+            names = [d for d in self.domains if d in publishers]
+            if not names and not self.incomplete:
+                self.report.error("MESH506", f"no domain publishes a product under contract "
+                                  f"'{ref}', so model '{model.name}' has no participants", path)
+            return [d for d in names if self._one_product(d, publishers, path, ref)]
+        seen: list[str] = []
+        for j, name in enumerate(model.participants):
+            at = (*path, j)
+            if name in seen:
+                self.report.error("MESH309", f"participant '{name}' is listed twice", at)
+            elif self._domain(name, at, f"model '{model.name}'"):
+                seen.append(name)
+                if name not in publishers and not self.incomplete:
+                    self.report.error("MESH308", f"domain '{name}' publishes no product under "
+                                      f"contract '{ref}'", at,
+                                      hint=_declared("publishers", sorted(publishers)))
+                elif name in publishers:
+                    self._one_product(name, publishers, at, ref)
+        if not model.participants:
+            self.report.error("MESH506", f"model '{model.name}' has no participants", path,
+                              hint="write `participants: all` or list domains")
+        return [d for d in self.domains if d in seen]
+
+    def _one_product(self, domain: str, publishers: dict[str, list[Product]],
+                     at: YamlPath, ref: str) -> bool:
+        found = publishers.get(domain, [])
+        if len(found) > 1:
+            names = [f"{p.domain}.{p.name}" for p in found]
+            self.report.error("MESH308", f"domain '{domain}' publishes {len(found)} products "
+                              f"under contract '{ref}' ({quoted(names)}); a model reads one", at)
+        return len(found) == 1
+
+    def _target(self, model: Model, contract: Contract, products: list[Product]) -> Column | None:
+        at = (*model.path, "inputs", "target")
+        name = model.inputs.target
+        pii = _pii(name, contract, products)
+        if pii:
+            self.report.error("MESH402", f"target '{name}' is a PII column ({pii})", at,
+                              hint="PII can never be a target; choose another column")
+            return None
+        column = _column(contract, name)
+        if column is None:
+            self._unknown_column(name, contract, at, "target")
+        elif column.type != "category" or not column.values:
+            self.report.error("MESH502", f"target '{name}' is a {column.type} column; a target "
+                              f"must be a category with values", at,
+                              hint="declare it as `type: category, values: [...]`")
+            return None
+        return column
+
+    def _features(self, model: Model, contract: Contract, products: list[Product]) -> list[str]:
+        base = (*model.path, "inputs", "features")
+        excluded = {model.inputs.target: "target"}
+        if model.evaluation.holdout_column:
+            excluded[model.evaluation.holdout_column] = "holdout column"
+        self._holdout(model, contract)
+        out: list[str] = []
+        for j, pattern in enumerate(model.inputs.features):
+            at = (*base, j)
+            if any(ch in pattern for ch in "*?["):
+                names = self._glob(pattern, contract, products, excluded, at)
+            else:
+                names = self._feature(pattern, contract, products, at, excluded)
+            for name in names:
+                if name in out:
+                    self.report.error("MESH309", f"feature '{name}' is listed twice", at)
+                else:
+                    out.append(name)
+        return out
+
+    def _feature(self, name: str, contract: Contract, products: list[Product], at: YamlPath,
+                 excluded: dict[str, str]) -> list[str]:
+        pii = _pii(name, contract, products)
+        if pii:
+            self.report.error("MESH401", f"feature '{name}' is a PII column ({pii})", at,
+                              hint="PII can never be a feature; remove it")
+            return []
+        column = _column(contract, name)
+        if column is None:
+            self._unknown_column(name, contract, at, "feature")
+            return []
+        if name in excluded:
+            self.report.error("MESH309", f"feature '{name}' is also the model's {excluded[name]}",
+                              at)
+            return []
+        if column.type not in NUMERIC:
+            self.report.error("MESH503", f"feature '{name}' is a {column.type} column; an MLP "
+                              f"feature must be int, float or bool", at)
+            return []
+        return [name]
+
+    def _glob(self, pattern: str, contract: Contract, products: list[Product],
+              excluded: dict[str, str], at: YamlPath) -> list[str]:
+        every = [c.name for c in contract.columns] + [c.name for p in products for c in p.columns]
+        hits = [n for n in dict.fromkeys(every) if fnmatch.fnmatchcase(n, pattern)]
+        bad = [f"{n} ({_pii(n, contract, products)})" for n in hits
+               if _pii(n, contract, products)]
+        if bad:
+            self.report.error("MESH401", f"feature pattern '{pattern}' matches PII "
+                              f"column{'s' if len(bad) > 1 else ''} {', '.join(bad)}", at,
+                              hint="narrow the pattern so it matches no PII column")
+            return []
+        names = [n for n in hits if _column(contract, n) is not None and n not in excluded]
+        if not names:
+            self.report.error("MESH306", f"feature pattern '{pattern}' matches no column of "
+                              f"contract '{contract.name}'", at,
+                              hint=_declared("columns", [c.name for c in contract.columns]))
+        out = []
+        for name in names:
+            out += self._feature(name, contract, products, at, excluded)
+        return out
+
+    def _holdout(self, model: Model, contract: Contract) -> None:
+        column = model.evaluation.holdout_column
+        if column is not None and _column(contract, column) is None:
+            self.report.error("MESH310", f"holdout_column '{column}' is not a column of "
+                              f"contract '{contract.name}'",
+                              (*model.path, "evaluation", "holdout_column"),
+                              hint=did_you_mean(column, [c.name for c in contract.columns]))
+
+    def _unknown_column(self, name: str, contract: Contract, at: YamlPath, what: str) -> None:
+        names = [c.name for c in contract.columns]
+        self.report.error("MESH305", f"{what} '{name}' is not a column of contract "
+                          f"'{contract.name}@{contract.version}'", at,
+                          hint=did_you_mean(name, names) or _declared("columns", names))
+
+
+def resolve(parsed: Parsed, report: Reporter) -> Resolution:
+    """Check every reference of `parsed`; returns the resolved products and models."""
+    return Resolver(parsed, report).run()
+
+
+def _version_matches(version: str, wanted: str) -> bool:
+    if not wanted:
+        return True
+    parts = wanted.split(".")
+    return version.split(".")[: len(parts)] == parts
+
+
+def _column(contract: Contract, name: str) -> Column | None:
+    return next((c for c in contract.columns if c.name == name), None)
+
+
+def _pii(name: str, contract: Contract, products: Iterable[Product]) -> str | None:
+    """`direct`/`indirect` (and where) if any declaration of column `name` is PII."""
+    for c in contract.columns:
+        if c.name == name and c.pii != "none":
+            return f"{c.pii}, in contract '{contract.name}'"
+    for p in products:
+        for c in p.columns:
+            if c.name == name and c.pii != "none":
+                return f"{c.pii}, in {p.domain}.{p.name}"
+    return None
+
+
+def _declared(what: str, names: list[str]) -> str:
+    return f"declared {what}: {quoted(names)}" if names else f"no {what} are declared"

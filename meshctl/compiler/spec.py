@@ -1,0 +1,387 @@
+"""MeshSpec: the mesh.yaml language as pydantic models.
+
+Every model forbids unknown keys and documents its fields with attribute
+docstrings, which become descriptions in `meshctl schema`. Cross-references
+(a product's domain, a model's contract) are plain strings here; resolve.py
+checks them. Each top-level item remembers its YAML path in `path`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+ColumnType = Literal["string", "int", "float", "bool", "date", "timestamp", "category"]
+PiiKind = Literal["none", "direct", "indirect"]
+Classification = Literal["public", "internal", "restricted"]
+QualityMetric = Literal[
+    "nullValues", "missingValues", "invalidValues", "duplicateValues", "rowCount"
+]
+OPERATORS = (
+    "mustBe", "mustNotBe", "mustBeGreaterThan", "mustBeGreaterOrEqualTo",
+    "mustBeLessThan", "mustBeLessOrEqualTo", "mustBeBetween", "mustNotBeBetween",
+)
+"""ODCS v3 comparison operators of a quality rule."""
+
+Name = str
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
+                              populate_by_name=True)
+
+
+class _Item(_Spec):
+    """A named item of a top-level section; remembers where it is in the YAML."""
+
+    _path: tuple[str | int, ...] = PrivateAttr(default=())
+
+    @property
+    def path(self) -> tuple[str | int, ...]:
+        """YAML path of this item, e.g. ("products", 2)."""
+        return self._path
+
+
+def _scalars_to_str(values: Any) -> Any:
+    """Category values may be written as numbers or bools; the plan keeps strings."""
+    if not isinstance(values, list):
+        return values
+    out = []
+    for v in values:
+        if isinstance(v, bool):
+            out.append("true" if v else "false")
+        elif isinstance(v, int | float):
+            out.append(str(v))
+        else:
+            out.append(v)
+    return out
+
+
+class Coordinator(_Spec):
+    """Where the coordinator listens."""
+
+    address: str = "tcp://127.0.0.1:7700"
+    """tcp://host:port the coordinator binds."""
+    jurisdiction: str = ""
+    """Legal jurisdiction the coordinator runs in (e.g. eu)."""
+    public_key: str = ""
+    """Z85 CurveZMQ public key; empty means `meshctl up` makes an ephemeral one."""
+
+
+class MeshHeader(_Spec):
+    """The mesh's identity."""
+
+    name: Name
+    """Name of the mesh."""
+    description: str = ""
+    """What the mesh is for."""
+    coordinator: Coordinator = Coordinator()
+    """Where the coordinator listens."""
+
+
+class Column(_Spec):
+    """One column of a product or contract."""
+
+    name: Name
+    """Column name as in the data."""
+    type: ColumnType
+    """string | int | float | bool | date | timestamp | category"""
+    pii: PiiKind = "none"
+    """Whether the column identifies a person: direct, indirect or none."""
+    values: list[str] = Field(default_factory=list)
+    """Allowed values of a category column, in class order."""
+    description: str = ""
+    """What the column holds."""
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _values_as_strings(cls, values: Any) -> Any:
+        return _scalars_to_str(values)
+
+
+class QualityRule(_Spec):
+    """An ODCS v3 data quality rule (checked at run time, validated here)."""
+
+    name: str = ""
+    """Optional name of the rule."""
+    description: str = ""
+    """What the rule guards."""
+    type: Literal["library", "sql", "text", "custom"] = "library"
+    """library (a metric below), sql (a query), text (prose) or custom."""
+    column: str | None = None
+    """Column the metric applies to; absent for table-level metrics like rowCount."""
+    metric: QualityMetric | None = None
+    """ODCS library metric."""
+    query: str | None = None
+    """SQL query of a `type: sql` rule; its single value is compared."""
+    unit: Literal["rows", "percent"] = "rows"
+    """Whether the metric counts rows or a percentage."""
+    validValues: list[str | int | float] | None = None
+    """Values an invalidValues check accepts."""
+    validRange: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    """[low, high] an invalidValues check accepts."""
+    missingValues: list[str | int | float | None] | None = None
+    """Values that count as missing."""
+    pattern: str | None = None
+    """Regular expression an invalidValues check accepts."""
+    mustBe: float | None = None
+    mustNotBe: float | None = None
+    mustBeGreaterThan: float | None = None
+    mustBeGreaterOrEqualTo: float | None = None
+    mustBeLessThan: float | None = None
+    mustBeLessOrEqualTo: float | None = None
+    mustBeBetween: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    mustNotBeBetween: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    severity: Literal["info", "warning", "error"] = "error"
+    """How a failed check is reported."""
+    dimension: str = ""
+    """ODCS quality dimension (accuracy, completeness, ...)."""
+
+    def operators(self) -> list[str]:
+        """The comparison operators this rule sets."""
+        return [op for op in OPERATORS if getattr(self, op) is not None]
+
+
+class Sla(_Spec):
+    """Service levels a contract promises."""
+
+    freshness: str | None = None
+    """Maximum data age, e.g. 7d."""
+    retention: str | None = None
+    """How long data is kept, e.g. 5y."""
+    availability: str | None = None
+    """Availability of the product's daemon, e.g. 99%."""
+
+
+class Policy(_Item):
+    """A governance rule written in CEL."""
+
+    name: Name
+    """Policy name, unique in its scope."""
+    description: str = ""
+    """Why the policy exists."""
+    scope: Literal["model", "analysis", "product", "round"] = "model"
+    """What the policy decides on; model policies are decided at compile time."""
+    when: str | None = None
+    """CEL condition; the policy applies only where it is true."""
+    require: str
+    """CEL condition that must hold."""
+    effect: Literal["deny", "warn"] = "deny"
+    """What a failed `require` does: deny (an error) or warn."""
+    message: str = ""
+    """Shown when the policy does not hold."""
+
+
+class Domain(_Item):
+    """Who owns data, and where its daemon runs."""
+
+    name: Name
+    """Domain name, e.g. a hospital."""
+    description: str = ""
+    """Who the domain is."""
+    owner: str = ""
+    """Contact of the data owner."""
+    jurisdiction: str = ""
+    """Legal jurisdiction of the data (e.g. eu)."""
+    address: str = "local"
+    """`local` (spawned by `meshctl up`) or tcp://host:port of a remote daemon."""
+    public_key: str = ""
+    """Z85 CurveZMQ public key, reviewed in git."""
+    policies: list[Policy] = Field(default_factory=list)
+    """Domain-local policies, applied where this domain participates."""
+
+
+class Product(_Item):
+    """A data product: a domain's data, published under a contract."""
+
+    name: Name
+    """Product name, addressed as <domain>.<name>."""
+    domain: Name
+    """Owning domain."""
+    source: str
+    """Data file (csv or parquet), relative to the mesh.yaml."""
+    description: str = ""
+    """What the product holds."""
+    classification: Classification = "internal"
+    """public | internal | restricted"""
+    contract: str | None = None
+    """`name@major` of the contract the product is published under."""
+    columns: list[Column] = Field(default_factory=list)
+    """The product's columns."""
+
+
+class Contract(_Item):
+    """The interface consumers rely on: columns, quality, purposes."""
+
+    name: Name
+    """Contract name."""
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    """Semantic version, e.g. 1.2.0."""
+    description: str = ""
+    """What the contract describes."""
+    purposes: list[str] = Field(default_factory=list)
+    """Purposes a consumer may use the data for."""
+    columns: list[Column] = Field(default_factory=list)
+    """Required columns and their types."""
+    quality: list[QualityRule] = Field(default_factory=list)
+    """ODCS v3 quality rules."""
+    sla: Sla | None = None
+    """Service levels."""
+
+    @property
+    def major(self) -> int:
+        """The major version."""
+        return int(self.version.split(".")[0])
+
+
+class Inputs(_Spec):
+    """What a model reads."""
+
+    contract: str
+    """Contract name, optionally `name@major`."""
+    features: list[str]
+    """Feature columns, or fnmatch globs such as px*."""
+    target: str
+    """Target column (a category)."""
+
+
+class Architecture(_Spec):
+    """The network trained in every domain."""
+
+    kind: Literal["mlp"] = "mlp"
+    """Model family."""
+    hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    """Hidden layer widths."""
+    activation: Literal["relu"] = "relu"
+    """Activation between layers."""
+    entrypoint: str | None = None
+    """`pkg.module:factory` of a custom model (not supported by the plan yet)."""
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, hidden: list[int]) -> list[int]:
+        if any(h <= 0 for h in hidden):
+            raise ValueError("hidden layer widths must be positive")
+        return hidden
+
+
+class Training(_Spec):
+    """Local training in each domain, and the number of rounds."""
+
+    rounds: int = Field(default=10, ge=1)
+    """Federated rounds."""
+    local_epochs: int = Field(default=1, ge=1)
+    """Epochs over local data per round."""
+    batch_size: int = Field(default=32, ge=1)
+    """Local mini-batch size."""
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    """Local optimizer."""
+    lr: float = Field(default=0.05, gt=0)
+    """Learning rate."""
+    momentum: float = Field(default=0.0, ge=0)
+    """SGD momentum."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """L2 weight decay."""
+    seed: int = 0
+    """Seed of initialisation and shuffling."""
+    standardize: bool = False
+    """Standardize features with each domain's own statistics."""
+
+
+class Aggregation(_Spec):
+    """How updates are combined."""
+
+    strategy: Literal[
+        "fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean", "krum"
+    ] = "fedavg"
+    """Aggregation strategy (this meshctl plans fedavg)."""
+
+
+class DifferentialPrivacy(_Spec):
+    """Differential privacy of updates."""
+
+    epsilon: float = Field(gt=0)
+    """Privacy budget per run."""
+    delta: float = Field(default=1e-5, ge=0, lt=1)
+    """Failure probability."""
+    clip: float = Field(default=1.0, gt=0)
+    """L2 norm bound of each update."""
+
+
+class Privacy(_Spec):
+    """Privacy protections of a model's updates."""
+
+    secure_aggregation: bool = False
+    """Mask updates so the coordinator sees only their sum."""
+    dp: DifferentialPrivacy | None = None
+    """Differential privacy, if any."""
+
+
+class Evaluation(_Spec):
+    """How each domain evaluates the global model."""
+
+    holdout: float = Field(default=0.2, gt=0, lt=1)
+    """Share of rows held out (seeded, per domain)."""
+    holdout_column: str | None = None
+    """If set, rows where this column equals holdout_value are the holdout."""
+    holdout_value: str = "test"
+    """Value of holdout_column that marks holdout rows."""
+    metrics: list[Literal["loss", "accuracy", "auroc", "f1"]] = Field(
+        default_factory=lambda: ["loss", "accuracy"])
+    """Metrics reported each round."""
+
+
+class Model(_Item):
+    """A federated training job."""
+
+    name: Name
+    """Model name."""
+    description: str = ""
+    """What the model predicts."""
+    purpose: str = ""
+    """Purpose the model serves; checked against contract purposes by policies."""
+    inputs: Inputs
+    """Contract, features and target."""
+    participants: Literal["all"] | list[str] = "all"
+    """`all` domains that publish under the contract, or a list of domain names."""
+    architecture: Architecture = Architecture()
+    """The network."""
+    training: Training = Training()
+    """Local training and rounds."""
+    aggregation: Aggregation = Aggregation()
+    """How updates are combined."""
+    privacy: Privacy = Privacy()
+    """Protections of updates."""
+    evaluation: Evaluation = Evaluation()
+    """Evaluation of the global model."""
+    quorum: int | None = Field(default=None, ge=1)
+    """Participants a round needs; default all participants."""
+    round_timeout_s: float = Field(default=300.0, gt=0)
+    """Per-round deadline in seconds."""
+
+
+SECTIONS: dict[str, type[_Item]] = {
+    "domains": Domain, "products": Product, "contracts": Contract,
+    "policies": Policy, "models": Model,
+}
+"""Top-level list sections and their item types, in checking order."""
+
+
+class MeshSpec(_Spec):
+    """A whole mesh.yaml."""
+
+    api_version: Literal["meshctl/v1"] = Field(alias="apiVersion")
+    """Language version: meshctl/v1."""
+    mesh: MeshHeader
+    """The mesh's name and coordinator."""
+    domains: list[Domain] = Field(default_factory=list)
+    """Who owns data."""
+    products: list[Product] = Field(default_factory=list)
+    """Data products."""
+    contracts: list[Contract] = Field(default_factory=list)
+    """Data contracts."""
+    policies: list[Policy] = Field(default_factory=list)
+    """Global policies."""
+    models: list[Model] = Field(default_factory=list)
+    """Federated models."""

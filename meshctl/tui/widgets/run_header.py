@@ -1,0 +1,65 @@
+"""The top bar: which mesh, which run, which plan, and how the run stands."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.widgets import Static
+
+from meshctl.tui.state import MeshState
+from meshctl.tui.widgets._format import fmt_seconds
+
+_STATES = ("starting", "running", "completed", "failed")
+
+
+class RunHeader(Horizontal):
+    """Mesh name, run id and plan hash on the left; the run's state on the right."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="run-info")
+        yield Static(id="run-state")
+
+    def show(self, state: MeshState) -> None:
+        """Render `state` into the bar."""
+        info = Text()
+        info.append(state.mesh or "(waiting for run)", style="bold")
+        if state.run_id:
+            info.append("  run ").append(state.run_id, style="bold")
+        if state.plan_hash:
+            info.append("  plan ").append(state.plan_hash[:12])
+        info.append("\n")
+        info.append(self._jobs_line(state))
+        self.query_one("#run-info", Static).update(info)
+
+        label = state.state.upper()
+        if state.state == "failed" and state.reason:
+            label += f": {state.reason}"
+        if state.seconds is not None:
+            label += f" ({fmt_seconds(state.seconds)})"
+        badge = self.query_one("#run-state", Static)
+        badge.update(Text(label))
+        for name in _STATES:
+            badge.set_class(state.state == name, f"-{name}")
+
+    @staticmethod
+    def _jobs_line(state: MeshState) -> str:
+        parts = [f"{job.name} {job.current_round}/{job.rounds_total or '?'} {job.state}"
+                 for job in state.jobs.values()]
+        extra = []
+        if state.rejected:
+            extra.append(f"{state.rejected} rejected")
+        if state.skipped:
+            extra.append(f"{state.skipped} skipped")
+        return "  ".join(parts or ["no jobs yet"]) + ("  · " + ", ".join(extra) if extra else "")
+
+    @property
+    def text(self) -> str:
+        """The bar's plain text (both parts), for tests and screen readers."""
+        info = self.query_one("#run-info", Static).render()
+        badge = self.query_one("#run-state", Static).render()
+        return f"{_plain(info)} {_plain(badge)}"
+
+
+def _plain(renderable: object) -> str:
+    return renderable.plain if hasattr(renderable, "plain") else str(renderable)
