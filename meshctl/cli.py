@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from meshctl import __version__
-from meshctl.errors import MeshctlError
+from meshctl.errors import MeshctlError, UserError
 
 MESH_FILE = click.argument(
     "file", type=click.Path(dir_okay=False, path_type=Path), default="mesh.yaml", required=False
@@ -140,7 +140,7 @@ def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
 
         result = run_dashboard(run)
     if not result.ok:
-        raise MeshctlError(result.reason or "run failed", where=str(result.run_dir)) from None
+        raise UserError(result.reason or "run failed") from None
 
 
 @main.command(hidden=True)

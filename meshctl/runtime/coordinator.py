@@ -172,6 +172,10 @@ class Coordinator:
         self.closing = True
         for peer in self.peers.values():
             self._send(peer, wire.Shutdown(reason=reason))
+        joined = set(self.peers)
+        for pid, domain in list(self.children.items()):
+            if domain not in joined:  # never in the conversation: nothing to finish
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5.0
         while self.children and time.monotonic() < deadline:
             self._reap()
@@ -334,7 +338,7 @@ class Coordinator:
         if isinstance(msg, wire.Hello):
             self._hello(domain, identity, msg)
         elif isinstance(msg, wire.ErrorReply):
-            self._fail(domain, f"reported {msg.code}: {msg.reason}")
+            self._fail(domain, msg.reason)
         elif isinstance(msg, (wire.TrainRes, wire.EvalRes)):
             problem = self._check_result(domain, msg, tensors)
             if problem:
@@ -385,6 +389,8 @@ class Coordinator:
     def _fail(self, domain: str, reason: str) -> None:
         if domain in self.failed or self.closing:
             return
+        if domain in self.m.local_domains and "(log: " not in reason:
+            reason += f" (log: {self.run_dir / 'logs' / f'{domain}.log'})"
         self.failed[domain] = reason
         self.peers.pop(domain, None)
         self.sink.emit(ev.DomainLost(domain=domain, reason=reason))
@@ -404,7 +410,7 @@ class Coordinator:
             code = os.waitstatus_to_exitcode(status)
             if domain in self.peers or self.current is not None or code != 0:
                 log = self.run_dir / "logs" / f"{domain}.log"
-                self._fail(domain, f"daemon exited with code {code}: {_last_line(log)} (log: {log})")
+                self._fail(domain, f"daemon exited with code {code}: {_last_line(log)}")
 
     def _send(self, peer: _Peer, msg: Any, tensors: wire.Tensors | None = None) -> int:
         frames = wire.encode(msg.model_copy(update={"run": self.m.run, "sender": "coordinator"}), tensors)

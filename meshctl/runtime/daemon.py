@@ -103,7 +103,7 @@ class Daemon:
             try:
                 self.load()
             except MeshctlError as err:
-                self._send(sock, wire.ErrorReply(code="data", reason=err.render()), block=False)
+                self._send(sock, wire.ErrorReply(code="data", reason=err.message), block=False)
                 raise
             return self._serve(sock, monitor)
         finally:

@@ -1,0 +1,130 @@
+"""`meshctl up --headless` on the example mesh: real processes, sockets, files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from meshctl.runtime import wire
+
+FREE = ["--address", "tcp://127.0.0.1:0"]
+
+
+def _run_dir(stdout: str) -> Path:
+    return Path(stdout.strip().splitlines()[-1].rsplit(": ", 1)[-1])
+
+
+def test_up_trains_the_hospitals_model_and_leaves_the_run(hospitals, meshctl):
+    out = meshctl("up", "--headless", *FREE, cwd=hospitals.parent)
+    assert out.returncode == 0, out.stderr + out.stdout
+    rounds = [ln for ln in out.stdout.splitlines() if re.match(r"malignancy +round", ln)]
+    assert len(rounds) == 15
+    assert all(re.search(r"participants 3 .*train_loss [\d.]+ .*accuracy [\d.]+ .*in .* out .* [\d.]+s$", ln)
+               for ln in rounds)
+    run = _run_dir(out.stdout)
+    assert run.parent == hospitals.parent / ".meshctl" / "runs"
+    metrics = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(metrics) == 15 and float(metrics[-1]["test_accuracy"]) >= 0.90
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_completed" and events[-1]["ok"]
+    assert kinds.count("domain_joined") == 3 and kinds.count("round_completed") == 15
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    decisions = {e["policy"]: e["effect"] for e in events if e["type"] == "policy_decided"}
+    assert decisions == {"minimum-cohort": "allow", "purpose-limitation": "allow", "restricted-needs-privacy": "warn"}
+    assert len(list((run / "checkpoints" / "malignancy").glob("round-*.safetensors"))) == 15
+    from safetensors import safe_open
+
+    with safe_open(run / "models" / "malignancy.safetensors", "pt") as f:
+        assert f.metadata()["classes"] == "benign,malignant"
+        assert len(json.loads(f.metadata()["standardize"])["mean"]) == 10
+    assert (run / "plan.toml").read_text().startswith("[plan]")
+    assert "warning[MESH411]" in out.stderr  # the warn decision is shown, not hidden
+
+
+def _tap_frames(path: Path) -> list[bytes]:
+    raw, frames, i = path.read_bytes(), [], 0
+    while i < len(raw):
+        n = int.from_bytes(raw[i:i + 8], "little")
+        frames.append(raw[i + 8:i + 8 + n])
+        i += 8 + n
+    return frames
+
+
+def test_no_pii_and_no_raw_row_leaves_a_domain(hospitals, meshctl, tmp_path):
+    tap = tmp_path / "tap"
+    tap.mkdir()
+    out = meshctl("up", "--headless", *FREE, cwd=hospitals.parent, env={"MESHCTL_WIRE_TAP": str(tap)})
+    assert out.returncode == 0, out.stderr
+    data = hospitals.parent / "examples" / "hospitals" / "data"
+    for domain, src in [("charite", "charite.parquet"), ("karolinska", "karolinska.parquet"),
+                        ("amsterdam-umc", "amsterdam-umc.csv")]:
+        frames = _tap_frames(tap / f"{domain}.tap")
+        assert frames, f"{domain} sent nothing?"
+        blob = b"\0".join(frames)
+        rows = duckdb.sql(f"SELECT * FROM '{data / src}'").fetchall()
+        cols = [c[0] for c in duckdb.sql(f"DESCRIBE SELECT * FROM '{data / src}'").fetchall()]
+        # no PII value, in any encoding a row could take
+        for row in rows:
+            rec = dict(zip(cols, row))
+            for pii in ("patient_name", "mrn", "date_of_birth"):
+                value = str(rec[pii]).encode()
+                assert value not in blob, f"{pii} {value!r} of {domain} crossed the wire"
+        # no raw row: no row's feature vector as float32 or float64 bytes, nor as text
+        feats = [c for c in cols if c.endswith("_mean")]
+        for row in rows[:50]:
+            rec = dict(zip(cols, row))
+            vec = np.array([rec[f] for f in feats])
+            assert vec.astype(np.float32).tobytes() not in blob
+            assert vec.astype(np.float64).tobytes() not in blob
+            assert repr(rec["radius_mean"]).encode() + b"," not in blob
+        # and every message is a known header plus exactly the plan's model tensors
+        i = 0
+        while i < len(frames):
+            head = json.loads(frames[i])
+            assert head["type"] in {"hello", "train_res", "eval_res"}, head["type"]
+            names = [t["name"] for t in head["tensors"]]
+            assert names in ([], ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"])
+            if head["type"] == "hello":
+                assert set(head["rows"]) == {f"{domain}.biopsies"}
+                assert set(head["stats"]["malignancy"]) == {"count", "sum", "sumsq"}
+            i += 1 + sum(t["chunks"] for t in head["tensors"])
+            wire.decode([frames[i - 1 - sum(t["chunks"] for t in head["tensors"])], *frames[i - sum(
+                t["chunks"] for t in head["tensors"]):i]])
+
+
+def test_a_broken_data_file_fails_up_with_one_line(hospitals, meshctl):
+    (hospitals.parent / "examples" / "hospitals" / "data" / "karolinska.parquet").write_bytes(b"PAR1 not parquet")
+    out = meshctl("up", "--headless", *FREE, cwd=hospitals.parent)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr + out.stdout
+    last = out.stderr.strip().splitlines()[-1]
+    assert "karolinska" in last and "cannot read product karolinska.biopsies" in last and "karolinska.log" in last
+
+
+def test_a_bad_mesh_yaml_starts_nothing(hospitals, meshctl):
+    text = hospitals.read_text().replace("target: diagnosis", "target: patient_name")
+    hospitals.write_text(text)
+    out = meshctl("up", "--headless", *FREE, cwd=hospitals.parent)
+    assert out.returncode == 1
+    assert "error[MESH402]" in out.stderr and "Traceback" not in out.stderr
+    assert not (hospitals.parent / ".meshctl").exists()
+
+
+def test_a_missing_mesh_file_and_a_busy_port_are_one_line_errors(hospitals, meshctl, tmp_path):
+    out = meshctl("up", "--headless", "nope.yaml", cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.strip() == "nope.yaml: error: no such file"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = meshctl("up", "--headless", "--address", f"tcp://127.0.0.1:{port}", cwd=hospitals.parent)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"port {port} on 127.0.0.1 is in use" in out.stderr.strip().splitlines()[-1]
