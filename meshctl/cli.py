@@ -139,6 +139,7 @@ def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
         from meshctl.tui.run import run_dashboard
 
         result = run_dashboard(run)
+        click.echo(f"run {'completed' if result.ok else 'failed'}: {result.run_dir}")
     if not result.ok:
         raise UserError(result.reason or "run failed") from None
 
@@ -171,7 +172,11 @@ def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str, key_fil
     from meshctl.runtime.daemon import Daemon, DaemonConfig
     from meshctl.runtime.keys import KeyPair, check_public_key
 
-    cfg = DaemonConfig(domain=domain, plan=Plan.read(plan_file), base_dir=base_dir or plan_file.parent,
+    try:
+        plan = Plan.read(plan_file)
+    except (ValueError, OSError) as err:  # tomllib and pydantic errors are ValueErrors
+        raise UserError(f"not a meshctl plan: {str(err).splitlines()[0]}", where=str(plan_file)) from None
+    cfg = DaemonConfig(domain=domain, plan=plan, base_dir=base_dir or plan_file.parent,
                        coordinator=endpoint, server_key=check_public_key(server_key, where="--server-key"),
                        keys=KeyPair.load(key_file), threads=threads)
     sys.exit(Daemon(cfg).run())

@@ -36,9 +36,9 @@ class DomainTable(DataTable[str | Text]):
             update = last_update(domain)
             products = ", ".join(domain.products) or "–"
             if name in self.rows:
-                self.update_cell(name, "state", badge)
-                self.update_cell(name, "products", products)
-                self.update_cell(name, "update", update)
+                self.update_cell(name, "state", badge, update_width=True)
+                self.update_cell(name, "products", products, update_width=True)
+                self.update_cell(name, "update", update, update_width=True)
             else:
                 self.add_row(name, badge, products, update, key=name)
 
