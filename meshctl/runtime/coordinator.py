@@ -35,7 +35,7 @@ from meshctl.runtime import wire
 from meshctl.runtime.keys import EVENTS_ZAP_DOMAIN, MESH_ZAP_DOMAIN, KeyPair, curve_server, start_authenticator
 from meshctl.runtime.data import pooled_mean_std
 from meshctl.runtime.kernels import fedavg, mlp
-from meshctl.runtime.run import RunManifest
+from meshctl.runtime.run import RunManifest, last_line
 
 POLL_MS = 250
 
@@ -101,6 +101,7 @@ class Coordinator:
         self.stop_reason = ""
         self.closing = False
         self.checkpoints: queue.Queue[tuple[Path, dict[str, torch.Tensor], dict[str, str]] | None] = queue.Queue()
+        self.written: queue.Queue[tuple[str, int, Path]] = queue.Queue()
 
     # -- lifecycle -----------------------------------------------------------------
     def run(self) -> int:
@@ -149,6 +150,7 @@ class Coordinator:
         finally:
             self.checkpoints.put(None)
             writer.join()
+            self._report_checkpoints()
             self.sink.emit(ev.RunCompleted(run=self.m.run, ok=ok, seconds=time.time() - started, reason=reason))
             self._shutdown_daemons(reason or "run completed")
             self.sink.close()
@@ -209,9 +211,8 @@ class Coordinator:
         for r in range(1, job.training.rounds + 1):
             results = self._collect(job, "train_res", r, participants)
             total = sum(msg.examples for msg, _ in results.values())
-            order = [d for d in participants]
-            new = fedavg([[results[d][1][t.name] for t in job.tensors] for d in order],
-                         [results[d][0].examples for d in order])
+            new = fedavg([[results[d][1][t.name] for t in job.tensors] for d in participants],
+                         [results[d][0].examples for d in participants])
             weights = {t.name: w for t, w in zip(job.tensors, new)}
             version = r
             train_loss = sum(m.loss * m.examples for m, _ in results.values()) / max(total, 1)
@@ -232,8 +233,8 @@ class Coordinator:
             self._append_metrics(job, r, len(participants), train_loss, metrics)
             if self.m.checkpoint:
                 path = self.run_dir / "checkpoints" / job.name / f"round-{r:04d}.safetensors"
-                self.checkpoints.put((path, weights, self._model_meta(job, r)))
-                self.sink.emit(ev.CheckpointWritten(job=job.name, round=r, path=str(path.relative_to(self.run_dir))))
+                self.checkpoints.put((path, weights, self._model_meta(job, r, norm)))
+            self._report_checkpoints()
         model_path = self.run_dir / "models" / f"{job.name}.safetensors"
         self.checkpoints.put((model_path, weights, self._model_meta(job, version, norm)))
         self.sink.emit(ev.JobCompleted(job=job.name, rounds=version, metrics=metrics,
@@ -410,7 +411,7 @@ class Coordinator:
             code = os.waitstatus_to_exitcode(status)
             if domain in self.peers or self.current is not None or code != 0:
                 log = self.run_dir / "logs" / f"{domain}.log"
-                self._fail(domain, f"daemon exited with code {code}: {_last_line(log)}")
+                self._fail(domain, f"daemon exited with code {code}: {last_line(log)}")
 
     def _send(self, peer: _Peer, msg: Any, tensors: wire.Tensors | None = None) -> int:
         frames = wire.encode(msg.model_copy(update={"run": self.m.run, "sender": "coordinator"}), tensors)
@@ -448,6 +449,7 @@ class Coordinator:
                         f"{metrics['accuracy']:.6f}"])
 
     def _write_checkpoints(self) -> None:
+        """Writer thread: safetensors files (weights only), atomically; reports what it wrote."""
         from safetensors.torch import save_file
 
         while (item := self.checkpoints.get()) is not None:
@@ -456,14 +458,17 @@ class Coordinator:
             tmp = path.with_suffix(".tmp")
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=meta)
             tmp.replace(path)
+            self.written.put((meta["job"], int(meta["round"]), path))
 
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    return lines[-1].strip() if lines else "no output"
+    def _report_checkpoints(self) -> None:
+        """Emit CheckpointWritten for every per-round file the writer has finished (main thread only)."""
+        while True:
+            try:
+                job, rnd, path = self.written.get_nowait()
+            except queue.Empty:
+                return
+            if path.parent.name == job:  # per-round checkpoints; the final model has its own event
+                self.sink.emit(ev.CheckpointWritten(job=job, round=rnd, path=str(path.relative_to(self.run_dir))))
 
 
 def main(run_dir: str | Path) -> int:

@@ -24,7 +24,7 @@ from meshctl.compiler.plan import Plan
 from meshctl.errors import UserError
 from meshctl.runtime import events as ev
 from meshctl.runtime.keys import KeyPair, check_public_key, curve_client
-from meshctl.runtime.run import RunManifest, new_run_id
+from meshctl.runtime.run import RunManifest, last_line, new_run_id
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class LocalRun:
             done = [e for e in _read_log(self.m.path / "events.jsonl") if isinstance(e, ev.RunCompleted)]
             self.result = done[-1] if done else None
         if self.result is None:
-            last = _last_line(self.log)
+            last = last_line(self.log)
             return RunResult(False, self.m.path, f"coordinator exited with code {code}: {last} (log: {self.log})",
                              tuple(self.events))
         return RunResult(self.result.ok, self.m.path, self.result.reason, tuple(self.events))
@@ -189,14 +189,6 @@ def _read_log(path: Path) -> list[ev.Event]:
         return ev.read_events(str(path))
     except (OSError, ValueError):
         return []
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    return lines[-1].strip() if lines else "no output"
 
 
 def start_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1) -> LocalRun:

@@ -67,3 +67,12 @@ class RunManifest(BaseModel):
 def new_run_id() -> str:
     """Sortable and unique: UTC time plus four random hex digits."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log file (for one-line failure reports)."""
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1].strip() if lines else "no output"
