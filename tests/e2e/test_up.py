@@ -128,3 +128,45 @@ def test_a_missing_mesh_file_and_a_busy_port_are_one_line_errors(hospitals, mesh
         out = meshctl("up", "--headless", "--address", f"tcp://127.0.0.1:{port}", cwd=hospitals.parent)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"port {port} on 127.0.0.1 is in use" in out.stderr.strip().splitlines()[-1]
+
+
+def test_ctrl_c_stops_every_process_up_started(hospitals, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    hospitals.write_text(hospitals.read_text().replace("rounds: 15,", "rounds: 100000,"))
+    proc = subprocess.Popen([sys.executable, "-m", "meshctl", "up", "--headless", *FREE], cwd=hospitals.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if re.match(r"malignancy +round +3/", line):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err
+    run = next((hospitals.parent / ".meshctl" / "runs").iterdir())
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["type"] == "run_completed" and not events[-1]["ok"]
+    assert "SIGTERM" in events[-1]["reason"]
+    pids = [e["pid"] for e in events if e["type"] == "domain_joined"]
+    assert len(pids) == 3
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "a daemon outlived `meshctl up`"
+    assert not list((run / "keys").glob("*.key_secret"))
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
