@@ -10,6 +10,7 @@ FedAvg accuracy that loop reaches and the centralized baseline.
 
     python benchmarks/fl_workload.py                 # N = 4, 8, 16 (R = 20) and large N = 4 (R = 5)
     python benchmarks/fl_workload.py --quick         # N = 4 only
+    python benchmarks/fl_workload.py --sizes 4,8     # a subset
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ def _reference():
 
 
 class MemorySampler(threading.Thread):
-    """Peak of the summed PSS and RSS of a process and all its descendants."""
+    """Peak of the summed PSS and RSS of a process and all its descendants.
 
-    def __init__(self, pid: int, every_s: float = 0.05):
+    Sampled every 250 ms: reading smaps of every process costs CPU that the run
+    under test would otherwise have.
+    """
+
+    def __init__(self, pid: int, every_s: float = 0.25):
         super().__init__(daemon=True)
         self.pid, self.every_s = pid, every_s
         self.peak_pss = self.peak_rss = 0
@@ -164,9 +169,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only N=4, small model")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
+    ap.add_argument("--sizes", default="4,8,16,large", help="comma list of N (small model) and/or 'large'")
     args = ap.parse_args()
-    configs = [(4, 20, [128])] if args.quick else [(4, 20, [128]), (8, 20, [128]), (16, 20, [128]),
-                                                    (4, 5, [3000, 3000])]
+    wanted = ["4"] if args.quick else args.sizes.split(",")
+    configs = [(int(n), 20, [128]) for n in wanted if n != "large"]
+    if "large" in wanted:
+        configs.append((4, 5, [3000, 3000]))
     rows = []
     with tempfile.TemporaryDirectory(prefix="meshctl-bench-") as tmp:
         for n, rounds, hidden in configs:
