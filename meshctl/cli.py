@@ -53,7 +53,7 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------
-# compiler commands: validate, plan  (meshctl.compiler)
+# compiler commands: validate, plan, explain, schema  (meshctl.compiler)
 # ---------------------------------------------------------------------------
 
 
@@ -76,13 +76,30 @@ def _compile_or_exit(file: Path):  # noqa: ANN202 - returns meshctl.compiler.com
 
 @main.command()
 @MESH_FILE
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True,
+              help="json: one object like `terraform validate -json`, on stdout.")
+@click.option("--strict", is_flag=True, help="Treat warnings as errors (exit 1).")
 @reports_errors
-def validate(file: Path) -> None:
+def validate(file: Path, fmt: str, strict: bool) -> None:
     """Check FILE (default mesh.yaml) and report every problem with its position."""
     from meshctl.compiler.summary import describe_counts
 
+    if fmt == "json":
+        import json
+
+        from meshctl.compiler.compile import compile_mesh
+        from meshctl.compiler.diagnostics import json_report
+
+        report = json_report(compile_mesh(file).diagnostics, strict=strict)
+        click.echo(json.dumps(report, indent=2))
+        sys.exit(0 if report["valid"] else 1)
     result = _compile_or_exit(file)
     n = len(result.warnings)
+    if strict and n:
+        plural = "s" if n != 1 else ""
+        click.echo(f"{n} warning{plural} (--strict: warnings are errors)", err=True)
+        sys.exit(1)
     tail = f" ({n} warning{'s' if n != 1 else ''})" if n else ""
     click.echo(f"{file}: ok \u2014 {describe_counts(result.spec)}{tail}")
 
@@ -91,16 +108,64 @@ def validate(file: Path) -> None:
 @MESH_FILE
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the plan [default: mesh.plan.toml beside FILE].")
+@click.option("--detailed-exitcode", is_flag=True,
+              help="Exit 0 when nothing changed, 1 on errors, 2 when the plan changed.")
 @reports_errors
-def plan_command(file: Path, output: Path | None) -> None:
-    """Compile FILE into mesh.plan.toml, the reviewable plan the runtime executes."""
+def plan_command(file: Path, output: Path | None, detailed_exitcode: bool) -> None:
+    """Compile FILE into mesh.plan.toml, the reviewable plan the runtime executes.
+
+    If the output file already holds a plan, print what changes against it.
+    """
+    from meshctl.compiler.plandiff import diff_plans, render_changes
     from meshctl.compiler.summary import render_plan_summary
 
     plan = _compile_or_exit(file).plan
     out = output or file.with_name("mesh.plan.toml")
-    plan.write(out)
+    previous = _previous_plan(out)
     click.echo(render_plan_summary(plan))
+    changed = True  # no previous plan: everything is new
+    if previous is not None:
+        changes = diff_plans(previous, plan)
+        click.echo(render_changes(changes))
+        changed = bool(changes)
+    plan.write(out)
     click.echo(f"wrote {out}")
+    if detailed_exitcode and changed:
+        sys.exit(2)
+
+
+def _previous_plan(path: Path):  # noqa: ANN202 - returns meshctl.compiler.plan.Plan | None
+    """The plan at `path`, or None when there is none or it cannot be read (with a note)."""
+    from meshctl.compiler.plan import Plan
+
+    if not path.is_file():
+        return None
+    try:
+        return Plan.read(path)
+    except (OSError, ValueError) as err:  # TOML, UTF-8 and pydantic errors are ValueErrors
+        reason = type(err).__name__
+        click.echo(f"{path}: note: not a readable plan ({reason}); not diffing against it",
+                   err=True)
+        return None
+
+
+@main.command()
+@click.argument("code", required=False)
+@reports_errors
+def explain(code: str | None) -> None:
+    """Explain a diagnostic CODE (MESH402 or 402); without CODE, list every code."""
+    from meshctl.compiler.diagnostics import CODES, normalize_code, stage_of
+
+    if code is None:
+        for known, text in CODES.items():
+            click.echo(f"{known}  {stage_of(known):<24}  {text}")
+        return
+    known = normalize_code(code)
+    if known not in CODES:
+        raise UserError(f"unknown diagnostic code '{code}'",
+                        hint="`meshctl explain` lists every code")
+    click.echo(f"{known} ({stage_of(known)})")
+    click.echo(CODES[known])
 
 
 @main.command()
@@ -180,3 +245,24 @@ def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str, key_fil
                        coordinator=endpoint, server_key=check_public_key(server_key, where="--server-key"),
                        keys=KeyPair.load(key_file), threads=threads)
     sys.exit(Daemon(cfg).run())
+
+
+# ---------------------------------------------------------------------------
+# dashboard commands: dash  (meshctl.tui)
+# ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--replay", "replay", metavar="RUN", required=True,
+              help="A run directory, its events.jsonl, or a run id under ./.meshctl/runs/.")
+@click.option("--speed", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Replay this many times faster than recorded; 0 = as fast as possible.")
+@reports_errors
+def dash(replay: str, speed: float) -> None:
+    """Open the dashboard on a recorded run, replaying its events at --speed."""
+    from meshctl.tui.app import make_app
+    from meshctl.tui.replay import PacedReplay, find_events
+
+    path = find_events(replay)
+    source = PacedReplay(path, speed=speed)
+    make_app(title=f"meshctl · replay {path.parent.name}", event_source=source).run()

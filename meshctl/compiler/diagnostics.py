@@ -69,6 +69,21 @@ CODES: dict[str, str] = {
     "MESH506": "A model has no participants.",
 }
 
+STAGES: dict[str, str] = {"1": "syntax", "2": "schema", "3": "references and contracts",
+                          "4": "policy", "5": "plan"}
+"""The compiler stage of each code range, keyed by the code's first digit."""
+
+
+def normalize_code(code: str) -> str:
+    """`MESH402` for `402`, `mesh402` or `MESH402`; other text comes back upper-cased."""
+    code = code.strip().upper()
+    return f"MESH{code}" if code.isdigit() else code
+
+
+def stage_of(code: str) -> str:
+    """The stage a code belongs to (`policy` for MESH402), or `unknown`."""
+    return STAGES.get(code[4:5], "unknown")
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -104,6 +119,33 @@ class Diagnostic:
 def render_all(diagnostics: Iterable[Diagnostic], source: str | None = None) -> str:
     """Every diagnostic rendered, separated by newlines."""
     return "\n".join(d.render(source) for d in diagnostics)
+
+
+def json_report(diagnostics: Sequence[Diagnostic], *, strict: bool = False) -> dict[str, object]:
+    """Diagnostics shaped like `terraform validate -json` output.
+
+    `valid` is false on any error, or on any warning when `strict`. A diagnostic
+    without a known position has no `range`, as in Terraform; a known position is
+    a zero-width range (start = end), since diagnostics carry no extent.
+    """
+    errors = sum(d.severity == "error" for d in diagnostics)
+    warnings = len(diagnostics) - errors
+    return {
+        "format_version": "1.0",
+        "valid": not errors and not (strict and warnings),
+        "error_count": errors,
+        "warning_count": warnings,
+        "diagnostics": [_json_diagnostic(d) for d in diagnostics],
+    }
+
+
+def _json_diagnostic(d: Diagnostic) -> dict[str, object]:
+    out: dict[str, object] = {"severity": d.severity, "summary": d.message,
+                              "detail": d.hint or "", "code": d.code}
+    if d.line:
+        at = {"line": d.line, "column": d.col}
+        out["range"] = {"filename": d.file, "start": at, "end": dict(at)}
+    return out
 
 
 def did_you_mean(name: object, choices: Iterable[str]) -> str | None:

@@ -3,7 +3,10 @@
 Build it with `make_app(...)`, the one factory the CLI and the tests share. The
 app holds a `MeshState`, folds every `EventReceived` into it with `reduce`, and
 asks each widget to show the new state. Events come from an event source (the
-ZeroMQ `EventBridge`, a `FileReplay`) or from `MeshApp.feed` in-process.
+ZeroMQ `EventBridge`, a `FileReplay` or `PacedReplay`) or from `MeshApp.feed`.
+
+Three tabs, switched with 1/2/3: Overview (rounds, domains, recent events),
+Policies (every policy decision) and Events (the whole log, filtered by `/`).
 """
 
 from __future__ import annotations
@@ -13,14 +16,20 @@ from typing import ClassVar, Protocol
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import Footer
+from textual.widgets import Footer, Input, TabbedContent, TabPane
 
 from meshctl.runtime.events import Event, RunCompleted
 from meshctl.tui.messages import BridgeNote, EventReceived, FrameSkipped
 from meshctl.tui.state import MeshState, reduce
-from meshctl.tui.widgets import DomainTable, EventLog, RoundsTable, RunHeader
+from meshctl.tui.widgets import (DomainTable, EventLog, EventsView, PolicyTable, RoundsTable,
+                                 RunHeader)
 
-__all__ = ["EventReceived", "EventSource", "MeshApp", "make_app"]
+__all__ = ["TABS", "EventReceived", "EventSource", "MeshApp", "make_app"]
+
+TABS: tuple[tuple[str, str, str], ...] = (
+    ("1", "overview", "Overview"), ("2", "policies", "Policies"), ("3", "events", "Events"),
+)
+"""(key, pane id, title) of each tab, in order."""
 
 
 class EventSource(Protocol):
@@ -37,7 +46,11 @@ class MeshApp(App[MeshState]):
     """A live view of one meshctl run."""
 
     CSS_PATH = "meshctl.tcss"
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("q", "quit", "Quit")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "quit", "Quit"),
+        *(Binding(key, f"show_tab('{pane}')", title) for key, pane, title in TABS),
+        Binding("slash", "filter_events", "Filter"),
+    ]
 
     def __init__(self, *, title: str = "meshctl", event_source: EventSource | None = None,
                  exit_on_complete: bool = False) -> None:
@@ -50,9 +63,15 @@ class MeshApp(App[MeshState]):
 
     def compose(self) -> ComposeResult:
         yield RunHeader(id="header")
-        yield RoundsTable(id="rounds")
-        yield DomainTable(id="domains")
-        yield EventLog(id="log")
+        with TabbedContent(initial="overview", id="tabs"):
+            with TabPane("1 Overview", id="overview"):
+                yield RoundsTable(id="rounds")
+                yield DomainTable(id="domains")
+                yield EventLog(id="log")
+            with TabPane("2 Policies", id="policies"):
+                yield PolicyTable(id="policy-table")
+            with TabPane("3 Events", id="events"):
+                yield EventsView(id="events-view")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -63,6 +82,25 @@ class MeshApp(App[MeshState]):
     def on_unmount(self) -> None:
         if self.event_source is not None:
             self.event_source.stop()
+
+    @property
+    def active_tab(self) -> str:
+        """The id of the tab shown now (`overview`, `policies`, `events`)."""
+        return self.query_one(TabbedContent).active
+
+    def action_show_tab(self, pane: str) -> None:
+        """Show tab `pane` and focus its main widget."""
+        self.query_one(TabbedContent).active = pane
+        target = {"overview": RoundsTable, "policies": PolicyTable}.get(pane)
+        if target is not None:
+            self.query_one(target).focus()
+        else:
+            self.query_one("#all-events").focus()
+
+    def action_filter_events(self) -> None:
+        """Show the Events tab and put the cursor in its filter."""
+        self.query_one(TabbedContent).active = "events"
+        self.query_one("#event-filter", Input).focus()
 
     def feed(self, event: Event) -> bool:
         """Deliver `event` to the app; safe from any thread. False once the app is closing."""
@@ -89,7 +127,9 @@ class MeshApp(App[MeshState]):
         self.query_one(RunHeader).show(state)
         self.query_one(RoundsTable).show(state)
         self.query_one(DomainTable).show(state)
-        self.query_one(EventLog).show(state)
+        self.query_one("#log", EventLog).show(state)
+        self.query_one(PolicyTable).show(state)
+        self.query_one(EventsView).show(state)
 
 
 def make_app(*, title: str = "meshctl", event_source: EventSource | None = None,

@@ -1,0 +1,138 @@
+"""diff_plans(old, new): what a new Plan adds, changes and removes, Terraform-style.
+
+Resources are keyed by name: domains by name, products by id, jobs by name and
+policy decisions by `policy/subject`. The header (hashes, versions) is not a
+resource, so a plan recompiled from a mesh.yaml whose only edit is a comment
+has no changes. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel
+
+from meshctl.compiler.plan import Plan, PlanArchitecture, PlanJob
+
+Action = Literal["+", "~", "-"]
+T = TypeVar("T", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One resource added (`+`), changed (`~`) or removed (`-`)."""
+
+    action: Action
+    kind: str
+    """`coordinator`, `domain`, `product`, `job` or `decision`."""
+    name: str
+    details: tuple[str, ...] = ()
+    """For `~`: what changed, e.g. `rounds 15 -> 20`; for a decision `+`/`-`: its effect."""
+
+    def render(self) -> str:
+        """`~ job malignancy: rounds 15 -> 20`, or `+ domain x`."""
+        head = f"{self.action} {self.kind} {self.name}".rstrip()
+        return f"{head}: {', '.join(self.details)}" if self.details else head
+
+
+def diff_plans(old: Plan, new: Plan) -> list[Change]:
+    """Every change from `old` to `new`: coordinator, domains, products, jobs, decisions."""
+    changes: list[Change] = []
+    coordinator = _field_changes(old.coordinator, new.coordinator)
+    if coordinator:
+        changes.append(Change("~", "coordinator", "", coordinator))
+    changes += _diff_named("domain", old.domains, new.domains, lambda d: d.name, _field_changes)
+    changes += _diff_named("product", old.products, new.products, lambda p: p.id, _field_changes)
+    changes += _diff_named("job", old.jobs, new.jobs, lambda j: j.name, _job_changes)
+    changes += _diff_named("decision", old.decisions, new.decisions,
+                           lambda d: f"{d.policy}/{d.subject}",
+                           lambda a, b: (f"{a.effect} -> {b.effect}",) if a.effect != b.effect
+                           else (), show=lambda d: (d.effect,))
+    return changes
+
+
+def render_changes(changes: Sequence[Change]) -> str:
+    """One line per change, then `Plan: N to add, M to change, K to remove.` or `No changes.`"""
+    if not changes:
+        return "No changes."
+    count = {a: sum(c.action == a for c in changes) for a in ("+", "~", "-")}
+    lines = [c.render() for c in changes]
+    lines.append(f"Plan: {count['+']} to add, {count['~']} to change, {count['-']} to remove.")
+    return "\n".join(lines)
+
+
+def _diff_named(kind: str, old: Sequence[T], new: Sequence[T],
+                key: Callable[[T], str], compare: Callable[[T, T], tuple[str, ...]],
+                show: Callable[[T], tuple[str, ...]] = lambda _: ()) -> list[Change]:
+    """Removed and changed items in old order, then added ones in new order."""
+    before = {key(x): x for x in old}
+    after = {key(x): x for x in new}
+    out: list[Change] = []
+    for name, item in before.items():
+        if name not in after:
+            out.append(Change("-", kind, name, show(item)))
+        elif details := compare(item, after[name]):
+            out.append(Change("~", kind, name, details))
+    out += [Change("+", kind, name, show(item)) for name, item in after.items()
+            if name not in before]
+    return out
+
+
+_JOB_DETAILED = ("participants", "training", "parameters", "features", "target", "architecture")
+_JOB_DERIVED = ("tensors", "reads")
+"""Job fields that follow from others (shapes from the architecture, reads from participants)."""
+
+
+def _job_changes(old: PlanJob, new: PlanJob) -> tuple[str, ...]:
+    """Participants, training (rounds, lr, ...), parameters, features, target and
+    architecture in detail; any other changed field by name."""
+    out: list[str] = []
+    out += _list_change("participants", old.participants, new.participants)
+    out += _field_changes(old.training, new.training)
+    if old.parameters != new.parameters:
+        out.append(f"parameters {old.parameters:,} -> {new.parameters:,}")
+    out += _list_change("features", old.features, new.features)
+    if old.target != new.target:
+        out.append(f"target {old.target} -> {new.target}")
+    if old.architecture != new.architecture:
+        out.append(f"architecture {_shape(old.architecture)} -> {_shape(new.architecture)}")
+    skip = set(_JOB_DETAILED) | set(_JOB_DERIVED)
+    out += [_describe(name, getattr(old, name), getattr(new, name))
+            for name in PlanJob.model_fields
+            if name not in skip and getattr(old, name) != getattr(new, name)]
+    return tuple(out)
+
+
+def _shape(arch: PlanArchitecture) -> str:
+    """`mlp 10-32-16-2` (layer widths from input to output)."""
+    dims = "-".join(str(d) for d in [arch.input_dim, *arch.hidden, arch.output_dim])
+    return f"{arch.kind} {dims}"
+
+
+def _list_change(name: str, old: list[str], new: list[str]) -> list[str]:
+    """`features -a +b`, `features reordered`, or nothing."""
+    if old == new:
+        return []
+    gone = [f"-{x}" for x in old if x not in new]
+    came = [f"+{x}" for x in new if x not in old]
+    return [f"{name} {' '.join(gone + came)}" if gone or came else f"{name} reordered"]
+
+
+def _field_changes(old: BaseModel, new: BaseModel) -> tuple[str, ...]:
+    """`field a -> b` for each changed scalar field, `field changed` for the rest."""
+    return tuple(_describe(name, getattr(old, name), getattr(new, name))
+                 for name in type(old).model_fields if getattr(old, name) != getattr(new, name))
+
+
+def _describe(name: str, old: object, new: object) -> str:
+    """`name a -> b` for scalars (empty strings as `""`), `name changed` otherwise."""
+    scalars = str | int | float | bool
+    if isinstance(old, scalars) and isinstance(new, scalars):
+        return f"{name} {_show(old)} -> {_show(new)}"
+    return f"{name} changed"
+
+
+def _show(value: object) -> str:
+    return '""' if value == "" else str(value)
