@@ -341,14 +341,13 @@ class Coordinator:
         elif isinstance(msg, wire.ErrorReply):
             self._fail(domain, msg.reason)
         elif isinstance(msg, (wire.TrainRes, wire.EvalRes)):
-            problem = self._check_result(domain, msg, tensors)
+            problem, norm = self._check_result(domain, msg, tensors)
             if problem:
                 self.sink.emit(ev.MessageRejected(sender=domain, reason=problem))
                 return
             self.bytes_in[(msg.job, msg.round)] = self.bytes_in.get((msg.job, msg.round), 0) + size
             self.inbox[(msg.type, msg.round, domain)] = (msg, tensors)
             if isinstance(msg, wire.TrainRes):
-                norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
                 self.sink.emit(ev.UpdateReceived(job=msg.job, round=msg.round, domain=domain, examples=msg.examples,
                                                  loss=msg.loss, seconds=msg.seconds, bytes=size, update_norm=norm))
         else:
@@ -364,28 +363,32 @@ class Coordinator:
         self._send(self.peers[domain], wire.Welcome())
         self.sink.emit(ev.DomainJoined(domain=domain, products=sorted(msg.rows), rows=dict(msg.rows), pid=msg.pid))
 
-    def _check_result(self, domain: str, msg: Any, tensors: wire.Tensors) -> str:
+    def _check_result(self, domain: str, msg: Any, tensors: wire.Tensors) -> tuple[str, float]:
+        """(problem or "", update norm); the norm is finite only if every value is, so one pass checks both."""
         job = self.current
         if job is None or msg.job != job.name:
-            return f"{msg.type} for job {msg.job!r}, which is not running"
+            return f"{msg.type} for job {msg.job!r}, which is not running", 0.0
         if domain not in job.participants:
-            return f"{domain} is not a participant of job {job.name}"
+            return f"{domain} is not a participant of job {job.name}", 0.0
         if (msg.type, msg.round, domain) in self.inbox:
-            return f"duplicate {msg.type} for round {msg.round}"
+            return f"duplicate {msg.type} for round {msg.round}", 0.0
         if isinstance(msg, wire.TrainRes):
             expect = [(t.name, t.shape, t.dtype) for t in job.tensors]
             got = [(s.name, s.shape, s.dtype) for s in msg.tensors]
             if got != expect:
-                return "update tensors do not match the plan's model"
+                return "update tensors do not match the plan's model", 0.0
             if not math.isfinite(msg.loss):
-                return "non-finite training loss"
-            if any(not torch.isfinite(t).all() for t in tensors.values()):
-                return "update holds non-finite values"
+                return "non-finite training loss", 0.0
             if msg.examples <= 0:
-                return "update trained on no examples"
-        elif tensors:
-            return "evaluation results carry tensors"
-        return ""
+                return "update trained on no examples", 0.0
+            norm = math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+                                 for t in tensors.values()))
+            if not math.isfinite(norm):
+                return "update holds non-finite values", norm
+            return "", norm
+        if tensors:
+            return "evaluation results carry tensors", 0.0
+        return "", 0.0
 
     def _fail(self, domain: str, reason: str) -> None:
         if domain in self.failed or self.closing:

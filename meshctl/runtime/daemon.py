@@ -56,6 +56,8 @@ class _JobState:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     """The global weights of `version`, as received."""
     standardized: bool = False
+    loaded: int = -1
+    """Version the model holds unchanged (-1 after training): no reload needed."""
 
 
 class Daemon:
@@ -170,7 +172,9 @@ class Daemon:
             st.version, st.weights = version, tensors
         elif st.version != version:
             return wire.ErrorReply(code="stale", reason=f"have weights v{st.version}, asked for v{version}", job=job)
-        st.model.load_state_dict(st.weights)
+        if st.loaded != st.version:
+            st.model.load_state_dict(st.weights)
+            st.loaded = st.version
         return st
 
     def _stats(self) -> dict[str, wire.FeatureStats]:
@@ -210,6 +214,7 @@ class Daemon:
                            batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
                            weight_decay=t.weight_decay, shuffle_seed=1000 * ins.round + read.client_id)
         seconds = time.perf_counter() - start
+        st.loaded = -1
         update = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
         res = wire.TrainRes(job=ins.job, round=ins.round, examples=len(st.data.y_train), loss=loss,
                             seconds=seconds)
