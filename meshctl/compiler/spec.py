@@ -8,9 +8,18 @@ checks them. Each top-level item remembers its YAML path in `path`.
 
 from __future__ import annotations
 
+import re
+from datetime import date
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 ColumnType = Literal["string", "int", "float", "bool", "date", "timestamp", "category"]
 PiiKind = Literal["none", "direct", "indirect"]
@@ -91,6 +100,16 @@ class Column(_Spec):
     """Whether the column identifies a person: direct, indirect or none."""
     values: list[str] = Field(default_factory=list)
     """Allowed values of a category column, in class order."""
+    range: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    """[low, high] a numeric column's values lie in (inclusive)."""
+    required: bool = True
+    """Whether a contract column must be present (contracts only)."""
+    masking: Literal["drop", "hash", "generalize"] | None = None
+    """How an `indirect` identifier is masked in the domain's SQL: drop (default),
+    hash (keyed with the mesh secret) or generalize (see `generalize`)."""
+    generalize: str | None = None
+    """Generalization of a masked column: `year` or `month` for dates and
+    timestamps, `prefix:N` for strings, `bucket:W` for numbers."""
     description: str = ""
     """What the column holds."""
 
@@ -144,7 +163,7 @@ class QualityRule(_Spec):
 
 
 class Sla(_Spec):
-    """Service levels a contract promises."""
+    """Service levels a contract or product promises."""
 
     freshness: str | None = None
     """Maximum data age, e.g. 7d."""
@@ -200,13 +219,22 @@ class Product(_Item):
     domain: Name
     """Owning domain."""
     source: str
-    """Data file (csv or parquet), relative to the mesh.yaml."""
+    """Where the data is: a csv or parquet file relative to the mesh.yaml, or a
+    `sqlite:PATH`, `duckdb:PATH` or `postgresql://...` URI (with `table`)."""
+    table: str | None = None
+    """Table of a sqlite, duckdb or postgresql source."""
     description: str = ""
     """What the product holds."""
+    tags: list[str] = Field(default_factory=list)
+    """Free-form tags for catalog search."""
     classification: Classification = "internal"
     """public | internal | restricted"""
+    access: Literal["open", "request"] = "open"
+    """`open`: any policy-allowed job may read it; `request`: only under a grant."""
     contract: str | None = None
     """`name@major` of the contract the product is published under."""
+    sla: Sla | None = None
+    """Service levels the domain promises for this product."""
     columns: list[Column] = Field(default_factory=list)
     """The product's columns."""
 
@@ -361,9 +389,144 @@ class Model(_Item):
     """Per-round deadline in seconds."""
 
 
+AggregateFn = Literal["count", "sum", "mean", "variance", "histogram", "quantile"]
+_METRIC_CALL = re.compile(r"^\s*([a-z]+)\s*(?:\(\s*([A-Za-z_][\w]*)\s*(?:,\s*([^)]*))?\))?\s*$")
+
+
+class AnalysisMetric(_Spec):
+    """One aggregate of an analysis. Written as `count`, `mean(age)`,
+    `quantile(age, 0.5)`, or as a mapping such as
+    `{fn: histogram, column: age, bins: 10, range: [0, 120]}`."""
+
+    fn: AggregateFn
+    """count | sum | mean | variance | histogram | quantile"""
+    column: str | None = None
+    """Column aggregated; absent only for count."""
+    bins: int = Field(default=10, ge=1, le=1000)
+    """Histogram bins (histogram, and quantile which is read off a histogram)."""
+    range: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    """[low, high] of histogram bins; default the column's declared range."""
+    q: list[float] = Field(default_factory=list)
+    """Quantiles in (0, 1) of a quantile metric."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_call(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        m = _METRIC_CALL.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not an aggregate such as count or mean(age)")
+        fn, column, rest = m.groups()
+        out: dict[str, Any] = {"fn": fn}
+        if column:
+            out["column"] = column
+        if rest:
+            args = [a.strip() for a in rest.split(",") if a.strip()]
+            if fn == "quantile":
+                out["q"] = args
+            elif fn == "histogram":
+                out["bins"] = args[0]
+            else:
+                raise ValueError(f"{fn} takes one column: {value!r}")
+        return out
+
+    @field_validator("q")
+    @classmethod
+    def _quantiles(cls, q: list[float]) -> list[float]:
+        if any(not 0 < x < 1 for x in q):
+            raise ValueError("quantiles must lie strictly between 0 and 1")
+        return q
+
+    @model_validator(mode="after")
+    def _needs_column(self) -> AnalysisMetric:
+        if self.fn != "count" and not self.column:
+            raise ValueError(f"{self.fn} needs a column, e.g. {self.fn}(age)")
+        if self.fn == "quantile" and not self.q:
+            raise ValueError("quantile needs at least one q, e.g. quantile(age, 0.5)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Canonical name, e.g. `mean(age)`."""
+        if self.fn == "count":
+            return "count"
+        if self.fn == "quantile":
+            return f"quantile({self.column}, {', '.join(format(x, 'g') for x in self.q)})"
+        return f"{self.fn}({self.column})"
+
+
+class AnalysisInputs(_Spec):
+    """What an analysis reads."""
+
+    contract: str
+    """Contract name, optionally `name@major`."""
+
+
+class AnalysisPrivacy(_Spec):
+    """Differential privacy of an analysis' aggregates."""
+
+    dp: DifferentialPrivacy | None = None
+    """Laplace/Gaussian noise on each domain's aggregates; `clip` bounds a row's value."""
+
+
+class Analysis(_Item):
+    """A federated analysis: declared aggregates, never rows."""
+
+    name: Name
+    """Analysis name."""
+    description: str = ""
+    """What the analysis answers."""
+    purpose: str = ""
+    """Purpose the analysis serves."""
+    inputs: AnalysisInputs
+    """Contract read."""
+    participants: Literal["all"] | list[str] = "all"
+    """`all` domains that publish under the contract, or a list of domain names."""
+    group_by: list[str] = Field(default_factory=list)
+    """Category columns to group by."""
+    metrics: list[AnalysisMetric] = Field(min_length=1)
+    """Aggregates computed per group."""
+    min_group_size: int = Field(default=10, ge=1)
+    """Groups with fewer rows (in a domain) are suppressed."""
+    privacy: AnalysisPrivacy = AnalysisPrivacy()
+    """Optional DP noise."""
+
+
+class Grant(_Item):
+    """Permission for one model or analysis to read one product, for a purpose,
+    until a date. Merging a grant into main is its approval."""
+
+    product: str
+    """`<domain>.<name>` of the product."""
+    model: Name | None = None
+    """Model granted access (exactly one of model and analysis)."""
+    analysis: Name | None = None
+    """Analysis granted access (exactly one of model and analysis)."""
+    purpose: str
+    """Purpose the access serves; must be the model's or analysis' purpose."""
+    until: date | None = None
+    """Last day the grant is valid (checked by the runtime; absent means no expiry)."""
+    requested_by: str = ""
+    """Who asked for access."""
+    reason: str = ""
+    """Why access is needed."""
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> Grant:
+        if (self.model is None) == (self.analysis is None):
+            raise ValueError("a grant names exactly one of `model` or `analysis`")
+        return self
+
+    @property
+    def subject(self) -> str:
+        """`model:NAME` or `analysis:NAME`."""
+        return f"model:{self.model}" if self.model else f"analysis:{self.analysis}"
+
+
 SECTIONS: dict[str, type[_Item]] = {
     "domains": Domain, "products": Product, "contracts": Contract,
-    "policies": Policy, "models": Model,
+    "policies": Policy, "models": Model, "analyses": Analysis, "grants": Grant,
 }
 """Top-level list sections and their item types, in checking order."""
 
@@ -385,3 +548,7 @@ class MeshSpec(_Spec):
     """Global policies."""
     models: list[Model] = Field(default_factory=list)
     """Federated models."""
+    analyses: list[Analysis] = Field(default_factory=list)
+    """Federated analyses."""
+    grants: list[Grant] = Field(default_factory=list)
+    """Access grants to `access: request` products."""
