@@ -266,3 +266,28 @@ def dash(replay: str, speed: float) -> None:
     path = find_events(replay)
     source = PacedReplay(path, speed=speed)
     make_app(title=f"meshctl · replay {path.parent.name}", event_source=source).run()
+
+
+# ---------------------------------------------------------------------------
+# language tooling: diff, access, contract export/import  (meshctl.compiler)
+# ---------------------------------------------------------------------------
+
+
+@main.group()
+def contract() -> None:
+    """Data contracts: export/import as ODCS, test a product against its contract."""
+
+
+# ---------------------------------------------------------------------------
+# governance: contract test, catalog  (meshctl.runtime)
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# audit and lineage: audit verify/report, lineage export  (meshctl.runtime)
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# federated analytics: analyze  (meshctl.runtime)
+# ---------------------------------------------------------------------------

@@ -66,6 +66,55 @@ class PlanColumn(_Frozen):
     pii: PiiKind = "none"
     values: list[str] = Field(default_factory=list)
     """Allowed values of a category column, as strings, in declared order."""
+    range: list[float] | None = None
+    """[low, high] of a numeric column, if declared."""
+    masking: Literal["drop", "hash", "generalize"] | None = None
+    """How an indirect identifier is masked in the domain's SQL (None for pii none/direct:
+    direct columns are never selected at all)."""
+    generalize: str = ""
+    """`year`, `month`, `prefix:N` or `bucket:W` when masking is generalize."""
+
+
+class PlanSla(_Frozen):
+    freshness_s: float | None = None
+    """Maximum data age in seconds (from e.g. `7d`)."""
+    freshness: str = ""
+    """As written, e.g. `7d`."""
+    availability: str = ""
+    retention: str = ""
+
+
+class PlanQualityRule(_Frozen):
+    """An ODCS quality rule, resolved for the runtime's DuckDB checks."""
+
+    name: str
+    """The rule's name, or a generated one such as `nullValues(radius_mean)`."""
+    type: Literal["library", "sql", "text", "custom"] = "library"
+    column: str = ""
+    metric: str = ""
+    query: str = ""
+    unit: Literal["rows", "percent"] = "rows"
+    valid_values: list[str] = Field(default_factory=list)
+    valid_range: list[float] | None = None
+    missing_values: list[str] = Field(default_factory=list)
+    pattern: str = ""
+    operator: str = ""
+    """One of the ODCS operators, e.g. mustBeLessThan; empty for text rules."""
+    threshold: float | list[float] | None = None
+    severity: Literal["info", "warning", "error"] = "error"
+    at: str = ""
+    """`mesh.yaml:LINE:COL` of the rule."""
+
+
+class PlanContract(_Frozen):
+    id: str
+    """`name@version`"""
+    name: str
+    version: str
+    purposes: list[str] = Field(default_factory=list)
+    columns: list[PlanColumn] = Field(default_factory=list)
+    quality: list[PlanQualityRule] = Field(default_factory=list)
+    sla: PlanSla | None = None
 
 
 class PlanProduct(_Frozen):
@@ -75,10 +124,18 @@ class PlanProduct(_Frozen):
     name: str
     source: str
     """Path relative to the mesh.yaml directory, or a URI."""
-    format: Literal["csv", "parquet"]
+    format: Literal["csv", "parquet", "sqlite", "duckdb", "postgresql"]
+    table: str = ""
+    """Table of a sqlite, duckdb or postgresql source."""
     classification: str = "internal"
+    access: Literal["open", "request"] = "open"
+    tags: list[str] = Field(default_factory=list)
+    description: str = ""
+    owner: str = ""
+    """The owning domain's owner contact."""
     contract: str = ""
     """`name@version` of the contract the product is published under."""
+    sla: PlanSla | None = None
     columns: list[PlanColumn]
 
 
@@ -122,6 +179,17 @@ class PlanAggregation(_Frozen):
     strategy: Literal["fedavg"] = "fedavg"
 
 
+class PlanDp(_Frozen):
+    epsilon: float
+    delta: float = 1e-5
+    clip: float = 1.0
+
+
+class PlanPrivacy(_Frozen):
+    secure_aggregation: bool = False
+    dp: PlanDp | None = None
+
+
 class PlanRead(_Frozen):
     """One product a job reads in one domain."""
 
@@ -149,10 +217,68 @@ class PlanJob(_Frozen):
     training: PlanTraining
     aggregation: PlanAggregation = PlanAggregation()
     evaluation: PlanEvaluation = PlanEvaluation()
+    privacy: PlanPrivacy = PlanPrivacy()
     quorum: int
     """Participants an update round needs; fewer and the round waits, then fails."""
     round_timeout_s: float = 300.0
     """Per-round deadline for every participant's reply."""
+    grants: list[str] = Field(default_factory=list)
+    """Ids of the grants the job reads `access: request` products under."""
+
+
+class PlanMetric(_Frozen):
+    fn: Literal["count", "sum", "mean", "variance", "histogram", "quantile"]
+    column: str = ""
+    bins: int = 10
+    range: list[float] | None = None
+    q: list[float] = Field(default_factory=list)
+    label: str
+    """Canonical name, e.g. `mean(age)`."""
+
+
+class PlanAnalysis(_Frozen):
+    """A federated analysis: declared aggregates per group, never rows."""
+
+    name: str
+    purpose: str = ""
+    participants: list[str]
+    reads: list[PlanRead]
+    group_by: list[str] = Field(default_factory=list)
+    group_values: dict[str, list[str]] = Field(default_factory=dict)
+    """Declared values of each group_by column (they are category columns)."""
+    metrics: list[PlanMetric]
+    columns: list[str] = Field(default_factory=list)
+    """Every column the analysis reads (group_by plus metric columns)."""
+    min_group_size: int = 10
+    dp: PlanDp | None = None
+    grants: list[str] = Field(default_factory=list)
+
+
+class PlanGrant(_Frozen):
+    id: str
+    """`<product>-><model|analysis>:<name>`, e.g. `charite.biopsies->model:malignancy`."""
+    product: str
+    subject: str
+    """`model:NAME` or `analysis:NAME`."""
+    purpose: str
+    until: str = ""
+    """ISO date of the last valid day; empty means no expiry. Checked at run time."""
+    requested_by: str = ""
+    at: str = ""
+
+
+class PlanPolicy(_Frozen):
+    """A policy carried into the plan so that domains can enforce it themselves."""
+
+    name: str
+    scope: str
+    require: str
+    when: str = ""
+    effect: Literal["deny", "warn"] = "deny"
+    message: str = ""
+    domain: str = ""
+    """Owning domain of a domain-local policy; empty for a global one."""
+    at: str = ""
 
 
 class PlanDecision(_Frozen):
@@ -173,7 +299,11 @@ class Plan(_Frozen):
     coordinator: PlanCoordinator
     domains: list[PlanDomain]
     products: list[PlanProduct]
+    contracts: list[PlanContract] = Field(default_factory=list)
     jobs: list[PlanJob]
+    analyses: list[PlanAnalysis] = Field(default_factory=list)
+    grants: list[PlanGrant] = Field(default_factory=list)
+    policies: list[PlanPolicy] = Field(default_factory=list)
     decisions: list[PlanDecision] = Field(default_factory=list)
 
     # -- lookups ---------------------------------------------------------------
@@ -185,6 +315,12 @@ class Plan(_Frozen):
 
     def job(self, name: str) -> PlanJob:
         return next(j for j in self.jobs if j.name == name)
+
+    def contract(self, contract_id: str) -> PlanContract:
+        return next(c for c in self.contracts if c.id == contract_id)
+
+    def analysis(self, name: str) -> PlanAnalysis:
+        return next(a for a in self.analyses if a.name == name)
 
     # -- bytes -----------------------------------------------------------------
     def to_toml(self) -> str:

@@ -226,11 +226,104 @@ class RunCompleted(Event):
         return f"run {self.run} {state} in {self.seconds:.2f}s"
 
 
+class ProductListed(Event):
+    """A product the run's plan declares, as the catalog shows it (published at run start)."""
+
+    type: ClassVar[str] = "product_listed"
+    product: str
+    domain: str
+    owner: str = ""
+    classification: str = "internal"
+    access: str = "open"
+    contract: str = ""
+    tags: list[str] = Field(default_factory=list)
+    description: str = ""
+    columns: list[dict[str, Any]] = Field(default_factory=list)
+    """name, type, pii, masking of each column."""
+    freshness: str = ""
+
+    def message(self) -> str:
+        return f"product {self.product} ({self.classification}) under {self.contract or 'no contract'}"
+
+
+class ContractChecked(Event):
+    """One quality rule of a product's contract, checked in the domain with DuckDB."""
+
+    type: ClassVar[str] = "contract_checked"
+    product: str
+    domain: str
+    contract: str
+    rule: str
+    observed: float | None = None
+    operator: str = ""
+    threshold: float | list[float] | None = None
+    passed: bool
+    severity: str = "error"
+    detail: str = ""
+
+    def message(self) -> str:
+        verdict = "passed" if self.passed else f"FAILED ({self.severity})"
+        obs = "" if self.observed is None else f" observed {self.observed:g}"
+        return f"{self.product} {self.rule}{obs} {self.operator} {self.threshold}: {verdict}"
+
+
+class DomainHeartbeat(Event):
+    """A domain's daemon is alive (published at most every few seconds per domain)."""
+
+    type: ClassVar[str] = "domain_heartbeat"
+    domain: str
+    state: str = "idle"
+    """idle | training | evaluating | analyzing"""
+
+    def message(self) -> str:
+        return f"{self.domain} alive ({self.state})"
+
+
+class BudgetSpent(Event):
+    """Privacy budget charged to a product's ledger."""
+
+    type: ClassVar[str] = "budget_spent"
+    product: str
+    subject: str
+    epsilon: float
+    total: float
+    cap: float | None = None
+
+    def message(self) -> str:
+        cap = "" if self.cap is None else f" of {self.cap:g}"
+        return f"{self.product}: ε {self.epsilon:g} spent by {self.subject}, {self.total:g}{cap} in all"
+
+
+class AnalysisStarted(Event):
+    type: ClassVar[str] = "analysis_started"
+    analysis: str
+    participants: list[str]
+    metrics: list[str]
+
+    def message(self) -> str:
+        return f"analysis {self.analysis} started with {', '.join(self.participants)}"
+
+
+class AnalysisCompleted(Event):
+    type: ClassVar[str] = "analysis_completed"
+    analysis: str
+    groups: int
+    suppressed: int
+    result_path: str = ""
+    seconds: float = 0.0
+
+    def message(self) -> str:
+        return (f"analysis {self.analysis} completed: {self.groups} groups, "
+                f"{self.suppressed} suppressed, in {self.seconds:.2f}s")
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (RunStarted, PolicyDecided, DomainJoined, DomainRefused, DomainLost,
                 MessageRejected, JobStarted, JobWaiting, RoundStarted, UpdateReceived,
-                RoundCompleted, CheckpointWritten, JobCompleted, JobFailed, RunCompleted)
+                RoundCompleted, CheckpointWritten, JobCompleted, JobFailed, RunCompleted,
+                ProductListed, ContractChecked, DomainHeartbeat, BudgetSpent,
+                AnalysisStarted, AnalysisCompleted)
 }
 
 
