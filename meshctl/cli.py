@@ -57,14 +57,14 @@ def main() -> None:
 # ---------------------------------------------------------------------------
 
 
-def _compile_or_exit(file: Path):  # noqa: ANN202 - returns meshctl.compiler.compile.CompileResult
+def _compile_or_exit(file: Path, *, hashed: bool = True):  # noqa: ANN202 - a CompileResult
     """Compile FILE; on errors print every diagnostic and `N errors`, then exit 1."""
     from meshctl.compiler.compile import compile_mesh
     from meshctl.errors import UserError
 
     if not file.is_file():
         raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
-    result = compile_mesh(file)
+    result = compile_mesh(file, hashed=hashed)
     if result.diagnostics:
         click.echo(result.render_diagnostics(), err=True)
     if result.plan is None:
@@ -91,10 +91,10 @@ def validate(file: Path, fmt: str, strict: bool) -> None:
         from meshctl.compiler.compile import compile_mesh
         from meshctl.compiler.diagnostics import json_report
 
-        report = json_report(compile_mesh(file).diagnostics, strict=strict)
+        report = json_report(compile_mesh(file, hashed=False).diagnostics, strict=strict)
         click.echo(json.dumps(report, indent=2))
         sys.exit(0 if report["valid"] else 1)
-    result = _compile_or_exit(file)
+    result = _compile_or_exit(file, hashed=False)
     n = len(result.warnings)
     if strict and n:
         plural = "s" if n != 1 else ""
@@ -110,18 +110,23 @@ def validate(file: Path, fmt: str, strict: bool) -> None:
               help="Where to write the plan [default: mesh.plan.toml beside FILE].")
 @click.option("--detailed-exitcode", is_flag=True,
               help="Exit 0 when nothing changed, 1 on errors, 2 when the plan changed.")
+@click.option("--against", metavar="GIT_REV",
+              help="Diff against FILE as compiled at GIT_REV (main, HEAD~1, REV:PATH) "
+                   "instead of the plan file on disk.")
 @reports_errors
-def plan_command(file: Path, output: Path | None, detailed_exitcode: bool) -> None:
+def plan_command(file: Path, output: Path | None, detailed_exitcode: bool,
+                 against: str | None) -> None:
     """Compile FILE into mesh.plan.toml, the reviewable plan the runtime executes.
 
-    If the output file already holds a plan, print what changes against it.
+    If the output file already holds a plan, print what changes against it
+    (or, with --against, against the plan of FILE at a git revision).
     """
     from meshctl.compiler.plandiff import diff_plans, render_changes
     from meshctl.compiler.summary import render_plan_summary
 
     plan = _compile_or_exit(file).plan
     out = output or file.with_name("mesh.plan.toml")
-    previous = _previous_plan(out)
+    previous = _previous_plan(out) if against is None else _plan_at(against, file)
     click.echo(render_plan_summary(plan))
     changed = True  # no previous plan: everything is new
     if previous is not None:
@@ -132,6 +137,19 @@ def plan_command(file: Path, output: Path | None, detailed_exitcode: bool) -> No
     click.echo(f"wrote {out}")
     if detailed_exitcode and changed:
         sys.exit(2)
+
+
+def _plan_at(rev: str, file: Path) -> Any:
+    """The Plan of FILE as it is at git revision `rev`; a one-line error if it has none."""
+    from meshctl.gitrev import compile_revision
+
+    revision, result = compile_revision(rev, file)
+    if result.plan is None:
+        n = len(result.errors)
+        raise UserError(f"does not compile ({n} error{'s' if n != 1 else ''}); cannot diff "
+                        "against it", where=revision.label,
+                        hint=f"`git show {revision.label} > old.yaml && meshctl validate old.yaml`")
+    return result.plan
 
 
 def _previous_plan(path: Path):  # noqa: ANN202 - returns meshctl.compiler.plan.Plan | None
@@ -204,6 +222,9 @@ def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
         from meshctl.tui.run import run_dashboard
 
         result = run_dashboard(run)
+        if result.detached:  # the run goes on in the background
+            click.echo(result.reason)
+            return
         click.echo(f"run {'completed' if result.ok else 'failed'}: {result.run_dir}")
     if not result.ok:
         raise UserError(result.reason or "run failed") from None
@@ -253,19 +274,24 @@ def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str, key_fil
 
 
 @main.command()
-@click.option("--replay", "replay", metavar="RUN", required=True,
-              help="A run directory, its events.jsonl, or a run id under ./.meshctl/runs/.")
+@click.argument("run", required=False, metavar="[RUN]")
+@click.option("--replay", "replay", metavar="RUN",
+              help="Replay a recorded run: its directory, events.jsonl, or run id.")
 @click.option("--speed", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Replay this many times faster than recorded; 0 = as fast as possible.")
+@click.option("--address", metavar="tcp://HOST:PORT",
+              help="Attach to a coordinator's event stream by address instead of RUN.")
+@click.option("--server-key", metavar="KEY", help="With --address: the coordinator's public key.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --address: an observer secret key file the run allows.")
 @reports_errors
-def dash(replay: str, speed: float) -> None:
-    """Open the dashboard on a recorded run, replaying its events at --speed."""
-    from meshctl.tui.app import make_app
-    from meshctl.tui.replay import PacedReplay, find_events
+def dash(run: str | None, replay: str | None, speed: float, address: str | None,
+         server_key: str | None, key_file: Path | None) -> None:
+    """Attach the dashboard to a live RUN (id or directory), or replay one with --replay."""
+    from meshctl.tui.dash import dash_app
 
-    path = find_events(replay)
-    source = PacedReplay(path, speed=speed)
-    make_app(title=f"meshctl · replay {path.parent.name}", event_source=source).run()
+    dash_app(run, replay=replay, speed=speed, address=address, server_key=server_key,
+             key_file=key_file).run()
 
 
 # ---------------------------------------------------------------------------
@@ -273,21 +299,384 @@ def dash(replay: str, speed: float) -> None:
 # ---------------------------------------------------------------------------
 
 
+@main.command()
+@click.argument("base")
+@click.argument("head", required=False)
+@click.option("--mesh", "mesh", type=click.Path(dir_okay=False, path_type=Path),
+              default="mesh.yaml", show_default=True,
+              help="Working-tree mesh.yaml: HEAD's default, and the path inside a bare REV.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.option("--allow-governance", is_flag=True,
+              help="Do not fail on governance changes (GOVxxx); they are still listed.")
+@reports_errors
+def diff(base: str, head: str | None, mesh: Path, fmt: str, allow_governance: bool) -> None:
+    """Classify every change from BASE to HEAD as breaking, non-breaking or info.
+
+    BASE and HEAD are files or git revisions (main, HEAD~1, origin/main:mesh.yaml);
+    HEAD defaults to the working-tree mesh.yaml. Exit 3 when a breaking change is
+    not covered by a major version bump of its contract (governance changes are
+    never covered, unless --allow-governance), 1 on errors, else 0.
+    """
+    import json
+
+    from meshctl.compiler.breaking import classify, render, summary, to_json
+    from meshctl.gitrev import load_side
+
+    if head is not None and Path(head).is_file():
+        mesh = Path(head)
+    old, new = load_side(base, mesh), load_side(head or str(mesh), mesh)
+    findings = classify(old, new)
+    if fmt == "json":
+        click.echo(json.dumps(to_json(findings, old.file, new.file, allow_governance), indent=2))
+    else:
+        click.echo(render(findings, allow_governance))
+    sys.exit(3 if summary(findings, allow_governance)["blocking"] else 0)
+
+
 @main.group()
 def contract() -> None:
     """Data contracts: export/import as ODCS, test a product against its contract."""
+
+
+MESH_OPTION = click.option("--mesh", type=click.Path(dir_okay=False, path_type=Path),
+                           default="mesh.yaml", show_default=True, help="The mesh.yaml.")
+
+
+def _spec_or_exit(file: Path) -> Any:
+    """The MeshSpec of FILE; on errors print them (not warnings) and exit 1."""
+    from meshctl.compiler.compile import compile_mesh
+    from meshctl.compiler.diagnostics import render_all
+
+    if not file.is_file():
+        raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
+    result = compile_mesh(file)
+    if result.errors or result.spec is None:
+        click.echo(render_all(result.errors, result.source), err=True)
+        n = len(result.errors)
+        click.echo(f"{n} error{'s' if n != 1 else ''}", err=True)
+        sys.exit(1)
+    return result.spec
+
+
+@contract.command("export")
+@click.argument("name")
+@MESH_OPTION
+@click.option("--format", "fmt", type=click.Choice(["odcs"]), default="odcs", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this file instead of stdout.")
+@reports_errors
+def contract_export(name: str, mesh: Path, fmt: str, output: Path | None) -> None:
+    """Export contract NAME (NAME, NAME@MAJOR or NAME@x.y.z) as an ODCS v3 YAML document."""
+    from meshctl.compiler.odcs import dump, export_contract, find_contract, product_classification
+
+    spec = _spec_or_exit(mesh)
+    try:
+        found = find_contract(spec, name)
+    except LookupError as err:
+        raise UserError(str(err.args[0]), where=str(mesh)) from None
+    text = dump(export_contract(found, product_classification(spec, found)))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output} ({fmt} {found.name} {found.version})")
+
+
+@contract.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@MESH_OPTION
+@click.option("--replace", is_flag=True, help="Replace the contract of the same name and major.")
+@click.option("--name", help="Contract name to use instead of the document's name or id.")
+@reports_errors
+def contract_import(file: Path, mesh: Path, replace: bool, name: str | None) -> None:
+    """Add the ODCS v3 contract in FILE to mesh.yaml, keeping its comments and order.
+
+    Every ODCS field meshctl cannot express is reported as a warning, one per line.
+    """
+    from meshctl.specedit import import_odcs
+
+    status, imported = import_odcs(mesh, file, replace=replace, name=name)
+    for line in imported.dropped:
+        click.echo(f"{file}: warning: dropped {line}", err=True)
+    c = imported.contract
+    click.echo(f"{mesh}: {status} contract {c['name']} {c['version']} "
+               f"({len(c.get('columns', []))} columns, {len(c.get('quality', []))} quality "
+               f"rules; {len(imported.dropped)} ODCS fields dropped)")
+
+
+@main.group()
+def access() -> None:
+    """Access to `access: request` products: grants, approved by merging them."""
+
+
+@access.command("request")
+@click.argument("product")
+@click.option("--for", "subject", required=True, metavar="MODEL_OR_ANALYSIS",
+              help="Model or analysis to grant (model:NAME / analysis:NAME if ambiguous).")
+@click.option("--purpose", required=True, help="Purpose the access serves.")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), help="Last valid day, YYYY-MM-DD.")
+@click.option("--reason", default="", help="Why access is needed.")
+@click.option("--by", "by", help="Who asks [default: the current user].")
+@MESH_OPTION
+@reports_errors
+def access_request(product: str, subject: str, purpose: str, until: Any, reason: str,
+                   by: str | None, mesh: Path) -> None:
+    """Append a grant of PRODUCT to mesh.yaml; merging the change approves it."""
+    import datetime
+    import getpass
+
+    from meshctl.specedit import request_access
+
+    grant = request_access(mesh, product, subject, purpose,
+                           until=until.date() if until else None, reason=reason,
+                           by=by or getpass.getuser(), today=datetime.date.today())
+    who = grant.get("model") or grant.get("analysis")
+    click.echo(f"{mesh}: added grant of {product} to {who} for {purpose}"
+               f"{' until ' + str(grant['until']) if 'until' in grant else ''}; open a pull "
+               "request: merging it approves the access")
 
 
 # ---------------------------------------------------------------------------
 # governance: contract test, catalog  (meshctl.runtime)
 # ---------------------------------------------------------------------------
 
+MESH_OPTION = click.option("--mesh", "mesh_file", type=click.Path(dir_okay=False, path_type=Path),
+                           default=None, help="The mesh.yaml [default: ./mesh.yaml].")
+
+
+def _plan_one_line(file: Path):
+    """FILE's plan; a mesh that does not compile is one UserError naming its first error."""
+    from meshctl.compiler.compile import compile_mesh
+
+    if not file.is_file():
+        raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
+    result = compile_mesh(file)
+    if result.plan is None:
+        first, n = result.errors[0], len(result.errors)
+        raise UserError(f"mesh does not compile: {first.message}", where=first.where,
+                        hint=f"`meshctl validate {file}` shows "
+                        + (f"all {n} errors" if n > 1 else "it in context"))
+    return result.plan
+
+
+def _product_id(name: str, ids: list[str]) -> str:
+    """NAME as a product id (`domain.name`, or a unique `name`), with did-you-mean."""
+    from meshctl.compiler.diagnostics import did_you_mean
+
+    matches = [i for i in ids if i == name or i.split(".", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UserError(f"product name {name!r} is ambiguous", hint="one of " + ", ".join(matches))
+    raise UserError(f"no product {name!r} in the mesh",
+                    hint=did_you_mean(name, ids) or "products: " + ", ".join(ids))
+
+
+@contract.command("test")
+@click.argument("product", required=False)
+@MESH_OPTION
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@reports_errors
+def contract_test(product: str | None, mesh_file: Path | None, fmt: str) -> None:
+    """Check PRODUCT (default: every product) against its contract, in its domain's data.
+
+    Exits 1 when an error-severity rule fails; warnings are shown but pass.
+    """
+    import json
+
+    from meshctl.runtime import catalog, quality
+
+    file = mesh_file or Path("mesh.yaml")
+    plan = _plan_one_line(file)
+    only = _product_id(product, [p.id for p in plan.products]) if product else None
+    results = quality.check_plan(plan, file.resolve().parent, only)
+    db = catalog.catalog_path(file)
+    catalog.sync_plan(db, plan)
+    for pid, rs in results.items():
+        catalog.record_checks(db, pid, rs)
+    if fmt == "json":
+        click.echo(json.dumps([{"product": p, **r.event_fields(), "skipped": r.skipped}
+                               for p, rs in results.items() for r in rs], indent=2))
+    else:
+        click.echo(catalog.format_table(quality.RESULT_HEADERS, quality.result_rows(results)))
+        click.echo(quality.summary(results))
+    sys.exit(1 if any(r.blocking for rs in results.values() for r in rs) else 0)
+
+
+def _catalog_db(ctx: click.Context, mesh_file: Path | None) -> Path:
+    """The catalog of the mesh (--mesh here, on `catalog`, or ./mesh.yaml), refreshed."""
+    from meshctl.runtime import catalog
+
+    file = mesh_file or (ctx.obj or {}).get("mesh") or Path("mesh.yaml")
+    plan = _plan_one_line(file)
+    db = catalog.catalog_path(file)
+    catalog.refresh(db, plan, db.parent / "runs")
+    return db
+
+
+@main.group("catalog", invoke_without_command=True)
+@MESH_OPTION
+@click.pass_context
+@reports_errors
+def catalog_group(ctx: click.Context, mesh_file: Path | None) -> None:
+    """The mesh's products with owner, contract, latest checks and scorecard."""
+    ctx.obj = {"mesh": mesh_file}
+    if ctx.invoked_subcommand is None:
+        from meshctl.runtime import catalog
+
+        db = _catalog_db(ctx, mesh_file)
+        items = catalog.products(db)
+        click.echo(catalog.format_table(catalog.LIST_HEADERS, catalog.list_rows(items)))
+
+
+@catalog_group.command("search")
+@click.argument("term")
+@MESH_OPTION
+@click.pass_context
+@reports_errors
+def catalog_search(ctx: click.Context, term: str, mesh_file: Path | None) -> None:
+    """Products whose id, owner, description, tags, contract or columns contain TERM."""
+    from meshctl.runtime import catalog
+
+    found = catalog.search(_catalog_db(ctx, mesh_file), term)
+    if not found:
+        raise UserError(f"no product matches {term!r}")
+    click.echo(catalog.format_table(catalog.LIST_HEADERS, catalog.list_rows(found)))
+
+
+@catalog_group.command("show")
+@click.argument("product")
+@MESH_OPTION
+@click.pass_context
+@reports_errors
+def catalog_show(ctx: click.Context, product: str, mesh_file: Path | None) -> None:
+    """PRODUCT's schema (PII and masking), latest checks, scorecard and lineage."""
+    from meshctl.runtime import catalog
+
+    db = _catalog_db(ctx, mesh_file)
+    click.echo(catalog.render_show(catalog.show(db, _product_id(product, catalog.product_ids(db)))))
+
 
 # ---------------------------------------------------------------------------
 # audit and lineage: audit verify/report, lineage export  (meshctl.runtime)
 # ---------------------------------------------------------------------------
 
+AUDIT_MESH = click.option("--mesh", "audit_mesh", type=click.Path(dir_okay=False, path_type=Path),
+                          default="mesh.yaml", show_default=True,
+                          help="The mesh.yaml whose .meshctl/ holds the runs.")
+
+
+@main.group()
+def audit() -> None:
+    """The hash-chained audit log: verify it, write a run's compliance report."""
+
+
+@audit.command("verify")
+@click.argument("run", required=False)
+@AUDIT_MESH
+@reports_errors
+def audit_verify(run: str | None, audit_mesh: Path) -> None:
+    """Recompute the audit chain of RUN, or without RUN the mesh's whole history.
+
+    One line per problem (FILE:LINE: entry N: ...) and exit 1; else `N entries verified`.
+    """
+    from meshctl.runtime.audit import verify
+
+    result = verify(run, audit_mesh)
+    for line in result.problems:
+        click.echo(line)
+    for line in result.notes:
+        click.echo(f"note: {line}", err=True)
+    click.echo(result.summary())
+    sys.exit(0 if result.ok else 1)
+
+
+@audit.command("report")
+@click.argument("run")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for audit-RUN.md and audit-RUN.json [default: the run directory].")
+@AUDIT_MESH
+@reports_errors
+def audit_report(run: str, output: Path | None, audit_mesh: Path) -> None:
+    """Write a compliance report of RUN as Markdown and JSON. RUN is a run id or a run directory."""
+    from meshctl.runtime.audit import resolve_run
+    from meshctl.runtime.audit_report import write_report
+
+    md, js, report = write_report(resolve_run(run, audit_mesh.resolve().parent), output)
+    click.echo(f"wrote {md}\nwrote {js}")
+    if not report["audit"]["verified"]:
+        click.echo(f"warning: the run's audit log does not verify: {report['audit']['problems'][0]}", err=True)
+
+
+@main.group()
+def lineage() -> None:
+    """Export a run's lineage for data catalogs."""
+
+
+@lineage.command("export")
+@click.argument("run")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSON lines here instead of stdout.")
+@AUDIT_MESH
+@reports_errors
+def lineage_export(run: str, output: Path | None, audit_mesh: Path) -> None:
+    """Print RUN's OpenLineage RunEvents as JSON lines. RUN is a run id or a run directory."""
+    import json
+
+    from meshctl.runtime.audit import resolve_run
+    from meshctl.runtime.lineage import write_events
+
+    events, path = write_events(resolve_run(run, audit_mesh.resolve().parent), output)
+    if path is None:
+        for e in events:
+            click.echo(json.dumps(e, separators=(",", ":")))
+    else:
+        click.echo(f"wrote {len(events)} RunEvents to {path}", err=True)
+
 
 # ---------------------------------------------------------------------------
 # federated analytics: analyze  (meshctl.runtime)
 # ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name")
+@MESH_FILE
+@click.option("--headless", is_flag=True, help="Print one line per event instead of the dashboard.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the result JSON here.")
+@click.option("--address", metavar="tcp://HOST:PORT",
+              help="Coordinator address instead of mesh.yaml's; port 0 picks free ports.")
+@reports_errors
+def analyze(name: str, file: Path, headless: bool, output: Path | None, address: str | None) -> None:
+    """Run analysis NAME of FILE: each domain sends only aggregates; print the merged table."""
+    from meshctl.runtime import analytics
+    from meshctl.runtime.launcher import run_headless, start_run
+
+    plan = _compile_or_exit(file).plan
+    analytics.check_sources(plan, analytics.find_analysis(plan, name, str(file)), file.resolve().parent)
+    run = start_run(file, plan, address=address, analysis=name)
+    if headless or not sys.stdout.isatty():
+        result = run_headless(run, click.echo)
+    else:
+        from meshctl.tui.run import run_dashboard
+
+        result = run_dashboard(run)
+    if not result.ok:
+        raise UserError(result.reason or "analysis failed") from None
+    click.echo(analytics.render_result(analytics.read_result(result.run_dir, name, output)))
+
+
+@main.command()
+@MESH_OPTION
+@reports_errors
+def ledger(mesh_file: Path | None) -> None:
+    """Print the privacy ledger: ε spent per product across runs, its budget, and the runs."""
+    from meshctl.runtime.ledger import Ledger, ledger_path, render_ledger
+
+    file = mesh_file or Path("mesh.yaml")
+    plan = _compile_or_exit(file).plan
+    budgets = {p.id: p.epsilon_budget for p in plan.products if p.epsilon_budget is not None}
+    click.echo(render_ledger(Ledger(ledger_path(file.resolve().parent)).rows(budgets)))

@@ -1,28 +1,46 @@
 """Products against their contracts, and the contracts' own quality rules.
 
-A product satisfies its contract when it has every contract column with the same
-type, and its category values are among the contract's. Quality rules use the
-ODCS v3 vocabulary; they are executed at run time, but checked for sense here.
+A product satisfies its contract when it has every required contract column
+with the same type, and its category values are among the contract's. Columns
+declare ranges, masking and generalization, checked here for sense. Quality
+rules use the ODCS v3 vocabulary; they are executed at run time, but checked
+for sense here.
 """
 
 from __future__ import annotations
 
+import re
+
 from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean, quoted
 from meshctl.compiler.resolve import Resolution
-from meshctl.compiler.spec import Column, Contract, MeshSpec, Product
+from meshctl.compiler.sources import check_sla
+from meshctl.compiler.spec import Column, Contract, MeshSpec, Product, QualityRule
 
 COLUMN_METRICS = ("nullValues", "missingValues", "invalidValues")
 """ODCS metrics that need a column."""
+
+NUMBERS = ("int", "float")
+"""Column types that take a `range`."""
+
+PLACEHOLDERS = ("object", "property")
+"""Placeholders a sql quality rule's query may use."""
+
+_PLACEHOLDER = re.compile(r"\{(\w*)\}")
+_GENERALIZE = {"date": r"year|month", "timestamp": r"year|month", "string": r"prefix:[1-9]\d*",
+               "int": r"bucket:[1-9]\d*", "float": r"bucket:(\d+\.?\d*|\.\d+)"}
+"""The `generalize` forms each column type accepts."""
 
 
 def check_contracts(spec: MeshSpec, resolution: Resolution, report: Reporter) -> None:
     """Report products that break their contract, and ill-formed contracts."""
     for contract in spec.contracts:
-        _unique_columns(contract.columns, (*contract.path, "columns"), report)
+        check_columns(contract.columns, (*contract.path, "columns"), report)
+        check_sla(contract.sla, (*contract.path, "sla"), report)
         for i in range(len(contract.quality)):
             _quality(contract, i, report)
     for product in spec.products:
-        _unique_columns(product.columns, (*product.path, "columns"), report)
+        check_columns(product.columns, (*product.path, "columns"), report)
+        check_sla(product.sla, (*product.path, "sla"), report)
         contract = resolution.contracts.get(id(product))
         if contract is not None:
             check_product(product, contract, report)
@@ -31,7 +49,7 @@ def check_contracts(spec: MeshSpec, resolution: Resolution, report: Reporter) ->
 def check_product(product: Product, contract: Contract, report: Reporter) -> None:
     """Report every way `product` does not satisfy `contract`."""
     have = {c.name: (i, c) for i, c in enumerate(product.columns)}
-    missing = [c.name for c in contract.columns if c.name not in have]
+    missing = [c.name for c in contract.columns if c.required and c.name not in have]
     label = f"{product.domain}.{product.name}"
     if missing:
         report.error("MESH321", f"product '{label}' lacks column{'s' if len(missing) > 1 else ''} "
@@ -68,7 +86,8 @@ def _renamed(missing: list[str], spare: list[str]) -> str | None:
     return None
 
 
-def _unique_columns(columns: list[Column], path: YamlPath, report: Reporter) -> None:
+def check_columns(columns: list[Column], path: YamlPath, report: Reporter) -> None:
+    """Report duplicate columns and values, ranges, masking that do not fit a column."""
     seen: set[str] = set()
     for i, column in enumerate(columns):
         if column.name in seen:
@@ -81,6 +100,49 @@ def _unique_columns(columns: list[Column], path: YamlPath, report: Reporter) -> 
         elif column.type != "category" and column.values:
             report.error("MESH204", f"column '{column.name}' has values but is {column.type}",
                          (*path, i, "values"), hint="only a category column has `values`")
+        _range(column, (*path, i), report)
+        _masking(column, (*path, i), report)
+
+
+def _range(column: Column, at: YamlPath, report: Reporter) -> None:
+    if column.range is None:
+        return
+    if column.type not in NUMBERS:
+        report.error("MESH209", f"column '{column.name}' is {column.type}; only int and float "
+                     "columns have a range", (*at, "range"))
+    elif column.range[0] > column.range[1]:
+        low, high = (format(x, "g") for x in column.range)
+        report.error("MESH209", f"range of column '{column.name}' has low {low} above high "
+                     f"{high}", (*at, "range"), hint=f"write [{high}, {low}]")
+
+
+def _masking(column: Column, at: YamlPath, report: Reporter) -> None:
+    if column.masking is not None and column.pii != "indirect":
+        why = ("direct identifiers are never selected, so there is nothing to mask"
+               if column.pii == "direct" else "declare `pii: indirect` if it identifies a "
+               "person together with other data")
+        report.error("MESH210", f"column '{column.name}' has masking but is pii: {column.pii}",
+                     (*at, "masking"), key=True, hint=why)
+    wanted = column.masking == "generalize" and column.pii == "indirect"
+    forms = _GENERALIZE.get(column.type)
+    if wanted and column.generalize is None:
+        report.error("MESH211", f"column '{column.name}' is masked by generalize but has no "
+                     "`generalize`", at, hint=_generalize_hint(column))
+    elif column.generalize is not None and column.masking != "generalize":
+        report.error("MESH211", f"column '{column.name}' has `generalize` but its masking is "
+                     f"{column.masking or 'not generalize'}", (*at, "generalize"), key=True,
+                     hint="add `masking: generalize`, or remove `generalize`")
+    elif wanted and (forms is None or not re.fullmatch(forms, column.generalize or "")):
+        report.error("MESH211", f"generalize '{column.generalize}' does not fit {column.type} "
+                     f"column '{column.name}'", (*at, "generalize"), hint=_generalize_hint(column))
+
+
+def _generalize_hint(column: Column) -> str:
+    examples = {"date": "year or month", "timestamp": "year or month", "string": "prefix:3",
+                "int": "bucket:10", "float": "bucket:0.5"}
+    if column.type in examples:
+        return f"a {column.type} column generalizes as {examples[column.type]}"
+    return f"a {column.type} column cannot be generalized; use masking: drop or hash"
 
 
 def _quality(contract: Contract, i: int, report: Reporter) -> None:
@@ -91,15 +153,45 @@ def _quality(contract: Contract, i: int, report: Reporter) -> None:
         report.error("MESH310", f"quality rule names unknown column '{rule.column}'",
                      (*at, "column"), hint=did_you_mean(rule.column, names))
     if rule.type == "library" and rule.metric is None:
-        report.error("MESH203", "a library quality rule needs a `metric`", at,
+        report.error("MESH213", "a library quality rule needs a `metric`", at,
                      hint="one of nullValues, missingValues, invalidValues, duplicateValues, "
                           "rowCount")
-    if rule.type == "sql" and not rule.query:
-        report.error("MESH203", "a sql quality rule needs a `query`", at)
-    if rule.metric in COLUMN_METRICS and rule.column is None:
-        report.error("MESH203", f"metric {rule.metric} needs a `column`", at)
+    if rule.type == "sql":
+        _sql(rule, at, report)
     if rule.type in ("library", "sql") and len(rule.operators()) != 1:
         found = rule.operators()
-        report.error("MESH204", "a quality rule needs exactly one operator"
+        report.error("MESH214", "a quality rule needs exactly one operator"
                      + (f", found {', '.join(found)}" if found else ""), at,
                      hint="e.g. `mustBeLessThan: 1`")
+    if rule.type == "library" and rule.metric is not None:
+        _metric_options(rule, at, report)
+
+
+def _sql(rule: QualityRule, at: YamlPath, report: Reporter) -> None:
+    if not rule.query:
+        report.error("MESH213", "a sql quality rule needs a `query`", at,
+                     hint="e.g. `query: SELECT COUNT(*) FROM {object} WHERE age < 0`")
+        return
+    for name in _PLACEHOLDER.findall(rule.query):
+        if name not in PLACEHOLDERS:
+            report.error("MESH216", f"query uses unknown placeholder {{{name}}}",
+                         (*at, "query"), hint="only {object} and {property} are replaced")
+        elif name == "property" and rule.column is None:
+            report.error("MESH216", "query uses {property} but the rule names no `column`",
+                         (*at, "query"), hint="add `column: NAME`")
+
+
+def _metric_options(rule: QualityRule, at: YamlPath, report: Reporter) -> None:
+    metric = rule.metric
+    if metric in COLUMN_METRICS and rule.column is None:
+        report.error("MESH215", f"metric {metric} needs a `column`", at)
+    if metric == "rowCount" and rule.column is not None:
+        report.error("MESH215", "metric rowCount counts a table's rows and takes no `column`",
+                     (*at, "column"), key=True, hint="remove `column`")
+    for option in ("validValues", "validRange", "pattern"):
+        if getattr(rule, option) is not None and metric != "invalidValues":
+            report.error("MESH215", f"`{option}` goes with metric invalidValues, not {metric}",
+                         (*at, option), key=True)
+    if rule.missingValues is not None and metric != "missingValues":
+        report.error("MESH215", f"`missingValues` goes with metric missingValues, not {metric}",
+                     (*at, "missingValues"), key=True)

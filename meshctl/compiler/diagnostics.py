@@ -37,6 +37,26 @@ CODES: dict[str, str] = {
     "MESH205": "apiVersion must be `meshctl/v1`.",
     "MESH206": "A value is not one of the allowed choices.",
     "MESH207": "`pii` must be `direct`, `indirect` or `none`; `pii: true` does not say which.",
+    "MESH208": "An SLA value is malformed: a duration is a number and a unit (30m, 12h, 7d, 2w, "
+               "5y), an availability a percentage (99.9%).",
+    "MESH209": "A `range` is invalid: it needs low <= high (low < high for a metric's bins) and "
+               "a numeric (int or float) column.",
+    "MESH210": "`masking` applies only to `pii: indirect` columns; direct identifiers are never "
+               "selected and other columns are not masked.",
+    "MESH211": "`generalize` is required exactly when `masking: generalize`, and must fit the "
+               "column type: year|month (date, timestamp), prefix:N (string), bucket:W (int, "
+               "float).",
+    "MESH212": "A sqlite:, duckdb: or postgresql:// source needs `table`; a csv or parquet file "
+               "source must not have one.",
+    "MESH213": "A quality rule is incomplete: a library rule needs a `metric`, a sql rule a "
+               "`query`.",
+    "MESH214": "A library or sql quality rule needs exactly one ODCS operator (mustBe, "
+               "mustBeLessThan, mustBeBetween, ...).",
+    "MESH215": "A quality rule's options do not fit its metric: nullValues, missingValues and "
+               "invalidValues need a column, rowCount takes none, validValues/validRange/pattern "
+               "go only with invalidValues, missingValues only with the missingValues metric.",
+    "MESH216": "A sql quality rule's query uses an unknown placeholder; only {object} (the "
+               "product's table) and {property} (the rule's column) are replaced.",
     # 3xx: references and contracts
     "MESH301": "Two items of the same kind have the same name (or id).",
     "MESH302": "A reference names a domain that is not declared.",
@@ -48,25 +68,42 @@ CODES: dict[str, str] = {
     "MESH308": "A participant domain publishes no product (or more than one) under the model's contract.",
     "MESH309": "A column or feature is listed twice, or the target is also a feature.",
     "MESH310": "A quality rule or evaluation setting names a column the contract does not have.",
+    "MESH311": "A grant names a product (<domain>.<name>) that is not declared.",
+    "MESH312": "A grant names a model or analysis that is not declared.",
+    "MESH313": "An analysis' group_by or metric column is not a column of its contract.",
     "MESH321": "A product lacks a column its contract requires.",
     "MESH322": "A product column's type differs from the contract's.",
     "MESH323": "A product's category values are not allowed by its contract.",
     "MESH324": "A product under a contract does not name a contract version.",
+    "MESH325": "A model or analysis uses an optional contract column (required: false) that a "
+               "participant's product does not have.",
     # 4xx: policy
     "MESH401": "A PII column (direct or indirect) is used as a model feature; PII never trains a model.",
     "MESH402": "A PII column (direct or indirect) is used as a model target.",
-    "MESH410": "A policy with effect deny does not hold for a model.",
-    "MESH411": "A policy with effect warn does not hold for a model.",
+    "MESH403": "A PII column (direct or indirect) is grouped by or aggregated in an analysis; "
+               "PII never leaves a domain, not even as a group key or an aggregate.",
+    "MESH404": "A grant's purpose differs from the purpose of the model or analysis it names.",
+    "MESH405": "A model or analysis reads an `access: request` product without a grant; ask "
+               "with `meshctl access request` and merge the grant into mesh.yaml.",
+    "MESH410": "A policy with effect deny does not hold for a model, analysis or product.",
+    "MESH411": "A policy with effect warn does not hold for a model, analysis or product.",
     "MESH412": "A policy's CEL expression has a syntax error.",
     "MESH413": "A policy's CEL expression failed to evaluate (unknown field, wrong types, ...).",
     "MESH414": "A policy's `when` or `require` did not evaluate to a bool.",
     # 5xx: plan
-    "MESH501": "A product's source format is not supported by the plan (csv and parquet are).",
+    "MESH501": "A product's source format is not supported by the plan (csv and parquet files, "
+               "sqlite:PATH, duckdb:PATH and postgresql:// URIs are).",
     "MESH502": "A model's target must be a category column with declared values.",
     "MESH503": "A model's feature must be numeric (int, float or bool) to feed an MLP.",
     "MESH504": "A model declares a quorum larger than its number of participants.",
-    "MESH505": "A model's architecture or aggregation is not supported by this meshctl yet.",
-    "MESH506": "A model has no participants.",
+    "MESH505": "A model's architecture, aggregation or privacy (secure aggregation, DP training) "
+               "is not supported by this meshctl yet.",
+    "MESH506": "A model or analysis has no participants.",
+    "MESH507": "An analysis groups by a column that is not a category; groups must be declared "
+               "values.",
+    "MESH508": "An analysis aggregates a column that is not numeric (int or float).",
+    "MESH509": "A histogram or quantile metric needs a range: on the metric or on the contract "
+               "column.",
 }
 
 STAGES: dict[str, str] = {"1": "syntax", "2": "schema", "3": "references and contracts",

@@ -26,6 +26,8 @@ class Parsed:
 
     spec: MeshSpec
     broken: dict[str, set[str]] = field(default_factory=dict)
+    invalid: dict[str, int] = field(default_factory=dict)
+    """How many items of each section are invalid (named or not)."""
     header_ok: bool = True
 
 
@@ -52,6 +54,7 @@ def parse_spec(data: Any, report: Reporter) -> Parsed | None:
         for i, raw in enumerate(items):
             item = _validate(item_type, raw, (section, i), data, report)
             if item is None:
+                parsed.invalid[section] = parsed.invalid.get(section, 0) + 1
                 if isinstance(raw, dict) and isinstance(raw.get("name"), str):
                     parsed.broken.setdefault(section, set()).add(raw["name"])
                 continue
@@ -103,9 +106,7 @@ def _data_path(error: Any, prefix: YamlPath, root: Any) -> tuple[YamlPath, Any, 
         node = node[p]
     loc = error["loc"]
     for n, el in enumerate(loc):
-        if isinstance(node, dict) and el in node:
-            node, path = node[el], [*path, el]
-        elif isinstance(node, list) and isinstance(el, int) and 0 <= el < len(node):
+        if isinstance(node, dict) and el in node or isinstance(node, list) and isinstance(el, int) and 0 <= el < len(node):
             node, path = node[el], [*path, el]
         elif n == len(loc) - 1 and error["type"] == "missing":
             return tuple(path), el, tagged_at
@@ -142,9 +143,16 @@ def _report_error(cls: type[BaseModel], error: Any, prefix: YamlPath, path: Yaml
     else:
         message = error["msg"][0].lower() + error["msg"][1:]
         got = f" (got {_kind(value)} {_yaml(value)})" if _short(value) else ""
-        report.error("MESH204", f"{where}: {message}{got}", path,
-                     hint="quote it to make it a string" if kind == "string_type"
-                     and _short(value) else None)
+        report.error("MESH204", f"{where}: {message}{got}", path, hint=_hint(kind, value))
+
+
+def _hint(kind: str, value: Any) -> str | None:
+    if kind == "string_type" and _short(value):
+        return "quote it to make it a string"
+    if isinstance(value, str) and value.count("(") > value.count(")"):
+        return "a comma inside [a, b] splits the value: quote the call, e.g. \"quantile(age, " \
+               "0.5)\", or write the list one `- item` per line"
+    return None
 
 
 def _fields_at(cls: type[BaseModel], rel: YamlPath) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -136,6 +137,8 @@ class PlanProduct(_Frozen):
     contract: str = ""
     """`name@version` of the contract the product is published under."""
     sla: PlanSla | None = None
+    epsilon_budget: float | None = None
+    """Lifetime ε of the product across runs (privacy ledger); None means no cap."""
     columns: list[PlanColumn]
 
 
@@ -294,13 +297,18 @@ class PlanDecision(_Frozen):
     """`mesh.yaml:LINE:COL` of the policy."""
 
 
+_TOML: dict[int, str] = {}
+"""TOML text of hashed plans, by id(plan), kept by `with_hash()` so that a plan is
+serialized once; an entry goes when its plan is collected."""
+
+
 class Plan(_Frozen):
     plan: PlanHeader
     coordinator: PlanCoordinator
     domains: list[PlanDomain]
     products: list[PlanProduct]
     contracts: list[PlanContract] = Field(default_factory=list)
-    jobs: list[PlanJob]
+    jobs: list[PlanJob] = Field(default_factory=list)
     analyses: list[PlanAnalysis] = Field(default_factory=list)
     grants: list[PlanGrant] = Field(default_factory=list)
     policies: list[PlanPolicy] = Field(default_factory=list)
@@ -324,14 +332,31 @@ class Plan(_Frozen):
 
     # -- bytes -----------------------------------------------------------------
     def to_toml(self) -> str:
-        """The plan as TOML text; deterministic for equal plans."""
-        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+        """The plan as TOML text; deterministic for equal plans.
+
+        Empty top-level sections are left out (they read back as empty), so that the
+        file starts with its `[plan]` header rather than lines like `grants = []`.
+        """
+        if id(self) in _TOML:
+            return _TOML[id(self)]
+        data = self.model_dump(mode="json", exclude_none=True)
+        return tomli_w.dumps({k: v for k, v in data.items() if v != []})
+
+
 
     def with_hash(self) -> Plan:
         """This plan with `plan.hash` set to the sha256 of its TOML (hash empty)."""
         unhashed = self.model_copy(update={"plan": self.plan.model_copy(update={"hash": ""})})
-        digest = hashlib.sha256(unhashed.to_toml().encode()).hexdigest()
-        return self.model_copy(update={"plan": self.plan.model_copy(update={"hash": f"sha256:{digest}"})})
+        text = unhashed.to_toml()
+        digest = f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+        hashed = self.model_copy(update={"plan": self.plan.model_copy(update={"hash": digest})})
+        # [plan] is the first table and `hash` is its only empty-string field named so:
+        # the hashed TOML is the unhashed one with that line filled in.
+        head, sep, tail = text.partition('\nhash = ""\n')
+        if sep and head.startswith("[plan]") and "\n[" not in head:
+            _TOML[id(hashed)] = f'{head}\nhash = "{digest}"\n{tail}'
+            weakref.finalize(hashed, _TOML.pop, id(hashed), None)
+        return hashed
 
     @classmethod
     def from_toml(cls, text: str) -> Plan:

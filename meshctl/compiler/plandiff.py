@@ -1,9 +1,11 @@
 """diff_plans(old, new): what a new Plan adds, changes and removes, Terraform-style.
 
-Resources are keyed by name: domains by name, products by id, jobs by name and
-policy decisions by `policy/subject`. The header (hashes, versions) is not a
-resource, so a plan recompiled from a mesh.yaml whose only edit is a comment
-has no changes. Pure: no I/O.
+Resources are keyed by name: domains by name, products and contracts by id,
+jobs and analyses by name, grants by id, policies by `name` (`domain.name` for a
+domain-local one) and policy decisions by `policy/subject`. The header (hashes,
+versions) is not a resource, and neither are `mesh.yaml:LINE:COL` positions, so
+a plan recompiled from a mesh.yaml whose only edit is a comment (or a moved
+line) has no changes. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel
 
-from meshctl.compiler.plan import Plan, PlanArchitecture, PlanJob
+from meshctl.compiler.plan import (
+    Plan,
+    PlanAnalysis,
+    PlanArchitecture,
+    PlanContract,
+    PlanJob,
+    PlanPolicy,
+)
 
 Action = Literal["+", "~", "-"]
 T = TypeVar("T", bound=BaseModel)
@@ -26,7 +35,8 @@ class Change:
 
     action: Action
     kind: str
-    """`coordinator`, `domain`, `product`, `job` or `decision`."""
+    """`coordinator`, `domain`, `product`, `contract`, `job`, `analysis`, `grant`,
+    `policy` or `decision`."""
     name: str
     details: tuple[str, ...] = ()
     """For `~`: what changed, e.g. `rounds 15 -> 20`; for a decision `+`/`-`: its effect."""
@@ -38,14 +48,23 @@ class Change:
 
 
 def diff_plans(old: Plan, new: Plan) -> list[Change]:
-    """Every change from `old` to `new`: coordinator, domains, products, jobs, decisions."""
+    """Every change from `old` to `new`: coordinator, domains, products, contracts, jobs,
+    analyses, grants, policies, decisions."""
     changes: list[Change] = []
     coordinator = _field_changes(old.coordinator, new.coordinator)
     if coordinator:
         changes.append(Change("~", "coordinator", "", coordinator))
     changes += _diff_named("domain", old.domains, new.domains, lambda d: d.name, _field_changes)
     changes += _diff_named("product", old.products, new.products, lambda p: p.id, _field_changes)
+    changes += _diff_named("contract", old.contracts, new.contracts, lambda c: c.id,
+                           _contract_changes)
     changes += _diff_named("job", old.jobs, new.jobs, lambda j: j.name, _job_changes)
+    changes += _diff_named("analysis", old.analyses, new.analyses, lambda a: a.name,
+                           _analysis_changes)
+    changes += _diff_named("grant", old.grants, new.grants, lambda g: g.id, _field_changes,
+                           show=lambda g: (f"until {g.until}",) if g.until else ())
+    changes += _diff_named("policy", old.policies, new.policies, _policy_key, _field_changes,
+                           show=lambda p: (p.scope,))
     changes += _diff_named("decision", old.decisions, new.decisions,
                            lambda d: f"{d.policy}/{d.subject}",
                            lambda a, b: (f"{a.effect} -> {b.effect}",) if a.effect != b.effect
@@ -105,6 +124,42 @@ def _job_changes(old: PlanJob, new: PlanJob) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _policy_key(policy: PlanPolicy) -> str:
+    return f"{policy.domain}.{policy.name}" if policy.domain else policy.name
+
+
+def _contract_changes(old: PlanContract, new: PlanContract) -> tuple[str, ...]:
+    """Purposes in detail, quality rules by name; other fields by name."""
+    out = _list_change("purposes", old.purposes, new.purposes)
+    rules_old = {q.name: q.model_copy(update={"at": ""}) for q in old.quality}
+    rules_new = {q.name: q.model_copy(update={"at": ""}) for q in new.quality}
+    if rules_old != rules_new:
+        gone = [f"-{n}" for n in rules_old if n not in rules_new]
+        came = [f"+{n}" for n in rules_new if n not in rules_old]
+        changed = [f"~{n}" for n in rules_old if n in rules_new and rules_old[n] != rules_new[n]]
+        out.append(f"quality {' '.join(gone + came + changed)}".rstrip())
+    out += [_describe(name, getattr(old, name), getattr(new, name))
+            for name in ("columns", "sla") if getattr(old, name) != getattr(new, name)]
+    return tuple(out)
+
+
+def _analysis_changes(old: PlanAnalysis, new: PlanAnalysis) -> tuple[str, ...]:
+    """Participants, group_by and metrics in detail; any other changed field by name."""
+    out = _list_change("participants", old.participants, new.participants)
+    out += _list_change("group_by", old.group_by, new.group_by)
+    out += _list_change("metrics", [m.label for m in old.metrics],
+                        [m.label for m in new.metrics])
+    skip = {"participants", "group_by", "reads", "group_values", "columns"}
+    if [m.label for m in old.metrics] == [m.label for m in new.metrics]:
+        skip.discard("metrics")
+    else:
+        skip.add("metrics")
+    out += [_describe(name, getattr(old, name), getattr(new, name))
+            for name in PlanAnalysis.model_fields
+            if name not in skip and getattr(old, name) != getattr(new, name)]
+    return tuple(out)
+
+
 def _shape(arch: PlanArchitecture) -> str:
     """`mlp 10-32-16-2` (layer widths from input to output)."""
     dims = "-".join(str(d) for d in [arch.input_dim, *arch.hidden, arch.output_dim])
@@ -121,9 +176,11 @@ def _list_change(name: str, old: list[str], new: list[str]) -> list[str]:
 
 
 def _field_changes(old: BaseModel, new: BaseModel) -> tuple[str, ...]:
-    """`field a -> b` for each changed scalar field, `field changed` for the rest."""
+    """`field a -> b` for each changed scalar field, `field changed` for the rest;
+    positions (`at`) are not compared."""
     return tuple(_describe(name, getattr(old, name), getattr(new, name))
-                 for name in type(old).model_fields if getattr(old, name) != getattr(new, name))
+                 for name in type(old).model_fields
+                 if name != "at" and getattr(old, name) != getattr(new, name))
 
 
 def _describe(name: str, old: object, new: object) -> str:

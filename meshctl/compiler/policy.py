@@ -1,25 +1,36 @@
-"""Policies as CEL: compiled once, decided per model at compile time.
+"""Policies as CEL: compiled once, decided per subject at compile time.
 
-A model policy sees one variable, `model` (see `activation`). When `when` is
+A policy's scope says what it decides on: `model` policies see `model`,
+`analysis` policies `analysis`, `product` policies `product` (see the
+`*_activation` functions); all of them also see `coordinator`. When `when` is
 absent or true, `require` decides: true allows; false denies (an error) or, with
-`effect: warn`, warns. Domain-local policies apply to models their domain takes
-part in. A CEL syntax or evaluation error is a diagnostic, never an exception.
+`effect: warn`, warns. Domain-local policies apply to models and analyses their
+domain takes part in, and to their domain's products. `round` policies are
+compiled (so syntax errors are reported) but decided by the runtime each round.
+Every policy is carried into the plan. A CEL syntax or evaluation error is a
+diagnostic, never an exception.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import celpy
 from celpy import celtypes
 
+from meshctl.compiler import cel
 from meshctl.compiler.diagnostics import Reporter, YamlPath
-from meshctl.compiler.plan import PlanDecision, PlanTensor, mlp_tensors
-from meshctl.compiler.resolve import Resolution, ResolvedModel
-from meshctl.compiler.spec import MeshSpec, Policy
+from meshctl.compiler.plan import PlanDecision, PlanPolicy, PlanTensor, mlp_tensors
+from meshctl.compiler.resolve import Resolution, ResolvedAnalysis, ResolvedModel
+from meshctl.compiler.spec import Contract, Domain, MeshSpec, Policy, Product
 
-_ENV = celpy.Environment()
+_ENV = cel.Environment()
+"""CEL compiled to Python closures (meshctl.compiler.cel); celpy parses and is the fallback."""
+_PROGRAMS: dict[str, Any] = {}
+"""CEL programs by source text: identical expressions (say, the same domain-local
+policy in 1,000 domains) are compiled once. Programs are immutable."""
+_SCOPES = ("model", "analysis", "product")
 
 
 @dataclass
@@ -32,6 +43,8 @@ class CompiledPolicy:
     domain: str | None
     when: Any
     require: Any
+    at: str | None = None
+    """`FILE:LINE:COL` of the policy, found on its first decision."""
 
     @property
     def ok(self) -> bool:
@@ -59,9 +72,12 @@ def _compile(policy: Policy, label: str, domain: str | None,
 
 
 def _program(source: str, at: YamlPath, label: str, key: str, report: Reporter) -> Any:
+    if source in _PROGRAMS:
+        return _PROGRAMS[source]
     try:
-        return _ENV.program(_ENV.compile(source))
-    except Exception as err:  # celpy raises CELParseError and, rarely, lark errors
+        program = _PROGRAMS[source] = _ENV.program(_ENV.compile(source))
+        return program
+    except Exception as err:  # noqa: BLE001 - celpy raises CELParseError, rarely lark errors
         line, col = report.locate(at)
         column = getattr(err, "column", None)
         if isinstance(column, int) and "\n" not in source and source in _line(report, line):
@@ -77,95 +93,206 @@ def _line(report: Reporter, line: int) -> str:
     return lines[line - 1] if 0 < line <= len(lines) else ""
 
 
-def activation(resolved: ResolvedModel, spec: MeshSpec) -> dict[str, Any]:
+@dataclass
+class Subject:
+    """Something a policy decides on, with the variables its CEL sees."""
+
+    scope: str
+    """model | analysis | product"""
+    kind: str
+    """`model`, `analysis` or `product`, as named in messages."""
+    name: str
+    path: tuple[str | int, ...]
+    domains: frozenset[str]
+    """Domains whose local policies apply."""
+    data: dict[str, Any]
+    """The scope's variable (`model`, `analysis` or `product`) as plain data."""
+
+
+def _read(product: Product, contract: Contract, domains: dict[str, Domain]) -> dict[str, Any]:
+    """One product a model or analysis reads, as policies see it."""
+    owner = domains.get(product.domain)
+    return {
+        "id": f"{product.domain}.{product.name}", "domain": product.domain,
+        "classification": product.classification, "access": product.access,
+        "tags": list(product.tags), "contract": contract.name,
+        "contract_version": contract.version, "purposes": list(contract.purposes),
+        "jurisdiction": owner.jurisdiction if owner else "",
+    }
+
+
+def _domains(names: list[str], domains: dict[str, Domain]) -> list[dict[str, str]]:
+    return [{"name": n, "jurisdiction": domains[n].jurisdiction if n in domains else ""}
+            for n in names]
+
+
+def _dp(dp: Any) -> dict[str, float]:
+    return {"epsilon": dp.epsilon if dp else 0.0, "delta": dp.delta if dp else 0.0,
+            "clip": dp.clip if dp else 0.0}
+
+
+def activation(resolved: ResolvedModel, spec: MeshSpec,
+               domains: dict[str, Domain] | None = None) -> dict[str, Any]:
     """The `model` variable a policy sees, as plain data."""
     model = resolved.model
-    domains = {d.name: d for d in spec.domains}
+    domains = domains if domains is not None else {d.name: d for d in spec.domains}
     c = resolved.contract
-    reads = [{
-        "id": f"{p.domain}.{p.name}", "domain": p.domain, "classification": p.classification,
-        "contract": c.name, "contract_version": c.version, "purposes": list(c.purposes),
-        "jurisdiction": domains[p.domain].jurisdiction if p.domain in domains else "",
-    } for p in resolved.products]
-    dp = model.privacy.dp
     return {
         "name": model.name, "purpose": model.purpose,
-        "participants": list(resolved.participants), "reads": reads,
+        "participants": list(resolved.participants),
+        "domains": _domains(resolved.participants, domains),
+        "reads": [_read(p, c, domains) for p in resolved.products],
         "features": list(resolved.features), "target": resolved.target.name,
         "architecture": model.architecture.model_dump(mode="json", exclude_none=True),
         "training": model.training.model_dump(mode="json"),
         "aggregation": model.aggregation.model_dump(mode="json"),
-        "privacy": {
-            "secure_aggregation": model.privacy.secure_aggregation,
-            "dp": {"epsilon": dp.epsilon if dp else 0.0, "delta": dp.delta if dp else 0.0,
-                   "clip": dp.clip if dp else 0.0},
-        },
+        "privacy": {"secure_aggregation": model.privacy.secure_aggregation,
+                    "dp": _dp(model.privacy.dp)},
         "parameters": parameter_count(mlp_tensors(len(resolved.features),
                                                   list(model.architecture.hidden),
                                                   len(resolved.target.values))),
     }
 
 
+def analysis_activation(resolved: ResolvedAnalysis, domains: dict[str, Domain]) -> dict[str, Any]:
+    """The `analysis` variable a policy sees, as plain data."""
+    analysis = resolved.analysis
+    return {
+        "name": analysis.name, "purpose": analysis.purpose,
+        "participants": list(resolved.participants),
+        "domains": _domains(resolved.participants, domains),
+        "reads": [_read(p, resolved.contract, domains) for p in resolved.products],
+        "group_by": [c.name for c in resolved.group_by],
+        "metrics": [m.label for m, _ in resolved.metrics],
+        "min_group_size": analysis.min_group_size,
+        "privacy": {"dp": _dp(analysis.privacy.dp)},
+    }
+
+
+def product_activation(product: Product, contract: Contract | None,
+                       domains: dict[str, Domain]) -> dict[str, Any]:
+    """The `product` variable a policy sees, as plain data."""
+    owner = domains.get(product.domain)
+    return {
+        "id": f"{product.domain}.{product.name}", "name": product.name,
+        "domain": product.domain, "jurisdiction": owner.jurisdiction if owner else "",
+        "classification": product.classification, "access": product.access,
+        "tags": list(product.tags),
+        "columns": [{"name": c.name, "type": c.type, "pii": c.pii,
+                     "masking": c.masking or ("drop" if c.pii == "indirect" else "")}
+                    for c in product.columns],
+        "contract": f"{contract.name}@{contract.version}" if contract else "",
+        "purposes": list(contract.purposes) if contract else [],
+    }
+
+
+def subjects(resolution: Resolution, spec: MeshSpec) -> Iterator[Subject]:
+    """Every model, analysis and product a policy can decide on, in plan order."""
+    domains = {d.name: d for d in spec.domains}
+    for r in resolution.models:
+        yield Subject("model", "model", r.model.name, r.model.path,
+                      frozenset(r.participants), activation(r, spec, domains))
+    for a in resolution.analyses:
+        yield Subject("analysis", "analysis", a.analysis.name, a.analysis.path,
+                      frozenset(a.participants), analysis_activation(a, domains))
+    for p in spec.products:
+        yield Subject("product", "product", f"{p.domain}.{p.name}", p.path,
+                      frozenset([p.domain]),
+                      product_activation(p, resolution.contracts.get(id(p)), domains))
+
+
 def decide(policies: list[CompiledPolicy], resolution: Resolution, spec: MeshSpec,
            report: Reporter, file: str) -> list[PlanDecision]:
-    """Decide every model policy for every resolved model; report denials and warnings."""
+    """Decide every model, analysis and product policy; report denials and warnings."""
+    coordinator = {"jurisdiction": spec.mesh.coordinator.jurisdiction,
+                   "address": spec.mesh.coordinator.address}
+    by_scope: dict[str, list[CompiledPolicy]] = {}
+    for compiled in policies:
+        if compiled.ok:
+            by_scope.setdefault(compiled.policy.scope, []).append(compiled)
     decisions = []
-    for resolved in resolution.models:
-        variables = {"model": celpy.json_to_cel(activation(resolved, spec))}
-        for compiled in policies:
-            if compiled.policy.scope != "model" or not compiled.ok:
-                continue
-            if compiled.domain is not None and compiled.domain not in resolved.participants:
-                continue
-            decision = _decide(compiled, resolved, variables, report, file)
+    for subject in subjects(resolution, spec):
+        applicable = [c for c in by_scope.get(subject.scope, [])
+                      if c.domain is None or c.domain in subject.domains]
+        if not applicable:
+            continue
+        variables = _Variables(subject, coordinator)
+        for compiled in applicable:
+            decision = _decide(compiled, subject, variables, report, file)
             if decision is not None:
                 decisions.append(decision)
     return sorted(decisions, key=lambda d: (d.subject, d.policy))
 
 
-def _decide(compiled: CompiledPolicy, resolved: ResolvedModel, variables: dict[str, Any],
+class _Variables:
+    """A subject's CEL activation, converted only if some policy needs it whole."""
+
+    def __init__(self, subject: Subject, coordinator: Any) -> None:
+        self.subject = subject
+        self.coordinator = coordinator
+        self._cel: dict[str, Any] | None = None
+
+    def cel(self) -> dict[str, Any]:
+        """The activation: the scope variable and `coordinator`."""
+        if self._cel is None:
+            self._cel = cel.Activation({self.subject.scope: self.subject.data,
+                                        "coordinator": self.coordinator})
+        return self._cel
+
+
+
+def _decide(compiled: CompiledPolicy, subject: Subject, variables: _Variables,
             report: Reporter, file: str) -> PlanDecision | None:
-    policy, model = compiled.policy, resolved.model
-    line, col = report.locate(policy.path)
-    at = f"{file}:{line}:{col}"
-    subject = f"model.{model.name}"
+    policy = compiled.policy
+    if compiled.at is None:
+        line, col = report.locate(policy.path)
+        compiled.at = f"{file}:{line}:{col}"
+    at = compiled.at
+    what = f"{subject.kind} '{subject.name}'"
     reason = policy.message or f"requires {policy.require}"
 
     def made(effect: str, why: str) -> PlanDecision:
-        return PlanDecision(policy=compiled.label, scope=policy.scope, subject=subject,
-                            effect=effect, reason=why, at=at)
+        # every field is a plain str built here: no validation needed
+        return PlanDecision.model_construct(policy=compiled.label, scope=policy.scope,
+                                            subject=f"{subject.kind}.{subject.name}",
+                                            effect=effect, reason=why, at=at)
 
     if compiled.when is not None:
-        applies = _evaluate(compiled, "when", compiled.when, variables, model.name, report)
+        applies = _evaluate(compiled, "when", compiled.when, variables, what, report)
         if applies is None:
             return None
         if not applies:
             return made("allow", f"does not apply: {policy.when}")
-    holds = _evaluate(compiled, "require", compiled.require, variables, model.name, report)
+    holds = _evaluate(compiled, "require", compiled.require, variables, what, report)
     if holds is None:
         return None
     if holds:
         return made("allow", reason)
     hint = f"policy '{compiled.label}' is declared at {at}"
-    text = f"policy '{compiled.label}' {{}} model '{model.name}': {reason}"
+    text = f"policy '{compiled.label}' {{}} {what}: {reason}"
     if policy.effect == "warn":
-        report.warning("MESH411", text.format("warns about"), model.path, hint=hint)
+        report.warning("MESH411", text.format("warns about"), subject.path, hint=hint)
         return made("warn", reason)
-    report.error("MESH410", text.format("denies"), model.path, hint=hint)
+    report.error("MESH410", text.format("denies"), subject.path, hint=hint)
     return made("deny", reason)
 
 
-def _evaluate(compiled: CompiledPolicy, key: str, program: Any, variables: dict[str, Any],
-              model: str, report: Reporter) -> bool | None:
-    at = (*compiled.policy.path, key)
+def _run(program: Any, variables: _Variables) -> Any:
+    """The value of one expression; an exception is a value."""
     try:
-        value = program.evaluate(variables)
-    except Exception as err:  # CELEvalError, and anything celpy lets escape
-        value = err
+        return program.evaluate(variables.cel())
+    except Exception as err:  # noqa: BLE001 - CELEvalError, and anything celpy lets escape
+        return err
+
+
+def _evaluate(compiled: CompiledPolicy, key: str, program: Any, variables: _Variables,
+              what: str, report: Reporter) -> bool | None:
+    at = (*compiled.policy.path, key)
+    value = _run(program, variables)
     if isinstance(value, Exception):
         detail = value.args[0] if value.args else type(value).__name__
         report.error("MESH413", f"policy '{compiled.label}' failed to evaluate `{key}` for "
-                     f"model '{model}': {detail}", at)
+                     f"{what}: {detail}", at)
         return None
     if not isinstance(value, celtypes.BoolType):
         report.error("MESH414", f"`{key}` of policy '{compiled.label}' gave "
@@ -173,6 +300,20 @@ def _evaluate(compiled: CompiledPolicy, key: str, program: Any, variables: dict[
                      f"not a bool", at)
         return None
     return bool(value)
+
+
+def plan_policies(spec: MeshSpec, report: Reporter, file: str) -> list[PlanPolicy]:
+    """Every global, then every domain-local policy (in declared order), for the runtime."""
+    def one(policy: Policy, domain: str) -> PlanPolicy:
+        line, col = report.locate(policy.path)
+        return PlanPolicy(name=policy.name, scope=policy.scope, require=policy.require,
+                          when=policy.when or "", effect=policy.effect, message=policy.message,
+                          domain=domain, at=f"{file}:{line}:{col}")
+
+    out = [one(p, "") for p in spec.policies]
+    for domain in spec.domains:
+        out += [one(p, domain.name) for p in domain.policies]
+    return out
 
 
 def parameter_count(tensors: list[PlanTensor]) -> int:

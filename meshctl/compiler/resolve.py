@@ -3,18 +3,19 @@
 Each reference that does not resolve is an error at the referencing value with
 a did-you-mean hint. A model resolves to its contract, its participants in
 declared domain order, one product per participant, and its features with
-globs expanded; PII columns can never be features or targets.
+globs expanded; PII columns can never be features or targets. Analyses
+(analyses.py) and grants (grants.py) resolve through the same Resolver.
+Lookups are indexed by name, so resolving stays linear in the size of the spec.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean, quoted
 from meshctl.compiler.parse import Parsed
-from meshctl.compiler.spec import Column, Contract, Model, Product
+from meshctl.compiler.spec import Analysis, AnalysisMetric, Column, Contract, Grant, Model, Product
 
 NUMERIC = ("int", "float", "bool")
 """Column types an MLP can take as features."""
@@ -34,12 +35,31 @@ class ResolvedModel:
 
 
 @dataclass
+class ResolvedAnalysis:
+    """An analysis whose references all resolved."""
+
+    analysis: Analysis
+    contract: Contract
+    participants: list[str]
+    products: list[Product]
+    """One product per participant, in participant order."""
+    group_by: list[Column]
+    metrics: list[tuple[AnalysisMetric, Column | None]]
+    """Each metric with its contract column (None for count)."""
+
+
+@dataclass
 class Resolution:
     """What the references resolved to."""
 
     contracts: dict[int, Contract] = field(default_factory=dict)
     """Resolved contract of each product, by id() of the product."""
     models: list[ResolvedModel] = field(default_factory=list)
+    analyses: list[ResolvedAnalysis] = field(default_factory=list)
+    grants: dict[tuple[str, str], Grant] = field(default_factory=dict)
+    """Grants by (product id, subject), subject being `model:NAME` or `analysis:NAME`."""
+    used_grants: dict[str, list[str]] = field(default_factory=dict)
+    """Ids of the grants each subject (`model:NAME`, `analysis:NAME`) reads under."""
 
 
 class Resolver:
@@ -48,14 +68,26 @@ class Resolver:
     def __init__(self, parsed: Parsed, report: Reporter) -> None:
         self.spec = parsed.spec
         self.broken = parsed.broken
+        self.invalid = parsed.invalid
         self.report = report
         self.domains = [d.name for d in self.spec.domains]
+        self.domain_set = set(self.domains)
         self.result = Resolution()
         self.incomplete = bool(parsed.broken.get("products") or parsed.broken.get("domains"))
         """Some products or domains are invalid: do not report them as absent."""
+        self._versions: dict[str, list[Contract]] = {}
+        for c in sorted(self.spec.contracts, key=lambda c: _semver(c.version)):
+            self._versions.setdefault(c.name, []).append(c)
+        self._by_major: dict[tuple[str, int], dict[str, list[Product]]] | None = None
+        self._columns: dict[int, dict[str, Column]] = {}
+        self._pii: dict[int, dict[str, str]] = {}
+        self._product_columns: dict[int, set[str]] = {}
 
     def run(self) -> Resolution:
         """Check everything; returns what resolved."""
+        from meshctl.compiler.analyses import resolve_analysis
+        from meshctl.compiler.grants import resolve_grants
+
         self._unique()
         for product in self.spec.products:
             self._product(product)
@@ -63,6 +95,11 @@ class Resolver:
             resolved = self._model(model)
             if resolved is not None:
                 self.result.models.append(resolved)
+        for analysis in self.spec.analyses:
+            found = resolve_analysis(self, analysis)
+            if found is not None:
+                self.result.analyses.append(found)
+        resolve_grants(self)
         return self.result
 
     # -- names -------------------------------------------------------------------
@@ -77,6 +114,7 @@ class Resolver:
             self._no_duplicates(f"policy of domain '{d.name}'",
                                 [(p.name, p.path) for p in d.policies])
         self._no_duplicates("model", [(m.name, m.path) for m in spec.models])
+        self._no_duplicates("analysis", [(a.name, a.path) for a in spec.analyses])
 
     def _no_duplicates(self, kind: str, items: list[tuple[str, YamlPath]]) -> None:
         first: dict[str, YamlPath] = {}
@@ -89,24 +127,23 @@ class Resolver:
                 first[name] = path
 
     def _domain(self, name: str, path: YamlPath, what: str) -> bool:
-        if name in self.domains:
+        if name in self.domain_set:
             return True
         if name not in self.broken.get("domains", set()):
             self.report.error("MESH302", f"{what} names unknown domain '{name}'", path,
                               hint=did_you_mean(name, self.domains)
-                              or _declared("domains", self.domains))
+                              or declared("domains", self.domains))
         return False
 
     def contract(self, ref: str, path: YamlPath, what: str) -> Contract | None:
         """The contract `name`, `name@major` or `name@x.y.z` refers to (highest match)."""
         name, _, version = ref.partition("@")
-        versions = sorted((c for c in self.spec.contracts if c.name == name),
-                          key=lambda c: tuple(int(x) for x in c.version.split(".")))
+        versions = self._versions.get(name, [])
         if not versions:
             if name not in self.broken.get("contracts", set()):
                 names = [c.name for c in self.spec.contracts]
                 self.report.error("MESH303", f"{what} names unknown contract '{name}'", path,
-                                  hint=did_you_mean(name, names) or _declared("contracts", names))
+                                  hint=did_you_mean(name, names) or declared("contracts", names))
             return None
         matching = [c for c in versions if _version_matches(c.version, version)]
         if not matching:
@@ -134,8 +171,8 @@ class Resolver:
                                  f"model '{model.name}'")
         if contract is None:
             return None
-        publishers = self._publishers(contract)
-        participants = self._participants(model, publishers)
+        publishers = self.publishers(contract)
+        participants = self.participants(model, "model", model.inputs.contract, publishers)
         products = [publishers[d][0] for d in participants if len(publishers.get(d, [])) == 1]
         pool = [p for found in publishers.values() for p in found]
         before = len(self.report.diagnostics)
@@ -144,64 +181,125 @@ class Resolver:
         if len(self.report.diagnostics) > before or target is None or not participants \
                 or len(products) != len(participants):
             return None
+        used = [*features, target.name]
+        if model.evaluation.holdout_column:
+            used.append(model.evaluation.holdout_column)
+        if not self.products_have(products, contract, used, f"model '{model.name}'",
+                                  model.path):
+            return None
         return ResolvedModel(model, contract, participants, products, features, target)
 
-    def _publishers(self, contract: Contract) -> dict[str, list[Product]]:
+    def publishers(self, contract: Contract) -> dict[str, list[Product]]:
         """Products under (the major version of) `contract`, by domain."""
-        out: dict[str, list[Product]] = {}
-        for product in self.spec.products:
-            c = self.result.contracts.get(id(product))
-            if c is not None and c.name == contract.name and c.major == contract.major:
-                out.setdefault(product.domain, []).append(product)
-        return out
+        if self._by_major is None:
+            self._by_major = {}
+            for product in self.spec.products:
+                c = self.result.contracts.get(id(product))
+                if c is not None:
+                    by_domain = self._by_major.setdefault((c.name, c.major), {})
+                    by_domain.setdefault(product.domain, []).append(product)
+        return self._by_major.get((contract.name, contract.major), {})
 
-    def _participants(self, model: Model, publishers: dict[str, list[Product]]) -> list[str]:
-        path = (*model.path, "participants")
-        ref = f"{model.inputs.contract}"
-        if model.participants == "all":
+    def column(self, contract: Contract, name: str) -> Column | None:
+        """Column `name` of `contract`, or None."""
+        index = self._columns.get(id(contract))
+        if index is None:
+            index = self._columns[id(contract)] = {}
+            for c in contract.columns:
+                index.setdefault(c.name, c)
+        return index.get(name)
+
+    def pii(self, name: str, contract: Contract) -> str | None:
+        """`direct`/`indirect` (and where) if the contract or a publisher declares `name` PII."""
+        index = self._pii.get(id(contract))
+        if index is None:
+            index = self._pii[id(contract)] = {}
+            for c in contract.columns:
+                if c.pii != "none":
+                    index.setdefault(c.name, f"{c.pii}, in contract '{contract.name}'")
+            for found in self.publishers(contract).values():
+                for p in found:
+                    for c in p.columns:
+                        if c.pii != "none":
+                            index.setdefault(c.name, f"{c.pii}, in {p.domain}.{p.name}")
+        return index.get(name)
+
+    def products_have(self, products: list[Product], contract: Contract, columns: list[str],
+                      what: str, path: YamlPath) -> bool:
+        """Whether every product has each of `columns` that the contract marks optional.
+
+        (A missing required column is the contract check's MESH321.)
+        """
+        optional = [n for n in dict.fromkeys(columns)
+                    if (c := self.column(contract, n)) is not None and not c.required]
+        if not optional:
+            return True
+        ok = True
+        for product in products:
+            have = self._product_columns.get(id(product))
+            if have is None:
+                have = self._product_columns[id(product)] = {c.name for c in product.columns}
+            lacking = [c for c in optional if c not in have]
+            if lacking:
+                ok = False
+                self.report.error("MESH325", f"{what} uses column{'s' if len(lacking) > 1 else ''}"
+                                  f" {quoted(lacking)}, which product '{product.domain}."
+                                  f"{product.name}' does not have", path,
+                                  hint="the contract marks it `required: false`; add it to "
+                                       "the product or list participants without it")
+        return ok
+
+    def participants(self, item: Model | Analysis, kind: str, ref: str,
+                     publishers: dict[str, list[Product]]) -> list[str]:
+        """The domains a model or analysis runs in, in declared domain order."""
+        path = (*item.path, "participants")
+        if item.participants == "all":
             names = [d for d in self.domains if d in publishers]
             if not names and not self.incomplete:
                 self.report.error("MESH506", f"no domain publishes a product under contract "
-                                  f"'{ref}', so model '{model.name}' has no participants", path)
-            return [d for d in names if self._one_product(d, publishers, path, ref)]
+                                  f"'{ref}', so {kind} '{item.name}' has no participants", path)
+            return [d for d in names if self._one_product(d, publishers, path, ref, kind)]
         seen: list[str] = []
-        for j, name in enumerate(model.participants):
+        seen_set: set[str] = set()
+        for j, name in enumerate(item.participants):
             at = (*path, j)
-            if name in seen:
+            if name in seen_set:
                 self.report.error("MESH309", f"participant '{name}' is listed twice", at)
-            elif self._domain(name, at, f"model '{model.name}'"):
+            elif self._domain(name, at, f"{kind} '{item.name}'"):
                 seen.append(name)
+                seen_set.add(name)
                 if name not in publishers and not self.incomplete:
                     self.report.error("MESH308", f"domain '{name}' publishes no product under "
                                       f"contract '{ref}'", at,
-                                      hint=_declared("publishers", sorted(publishers)))
+                                      hint=declared("publishers", sorted(publishers)))
                 elif name in publishers:
-                    self._one_product(name, publishers, at, ref)
-        if not model.participants:
-            self.report.error("MESH506", f"model '{model.name}' has no participants", path,
+                    self._one_product(name, publishers, at, ref, kind)
+        if not item.participants:
+            self.report.error("MESH506", f"{kind} '{item.name}' has no participants", path,
                               hint="write `participants: all` or list domains")
-        return [d for d in self.domains if d in seen]
+        return [d for d in self.domains if d in seen_set]
 
     def _one_product(self, domain: str, publishers: dict[str, list[Product]],
-                     at: YamlPath, ref: str) -> bool:
+                     at: YamlPath, ref: str, kind: str) -> bool:
         found = publishers.get(domain, [])
         if len(found) > 1:
             names = [f"{p.domain}.{p.name}" for p in found]
             self.report.error("MESH308", f"domain '{domain}' publishes {len(found)} products "
-                              f"under contract '{ref}' ({quoted(names)}); a model reads one", at)
+                              f"under contract '{ref}' ({quoted(names)}); a {kind} reads one",
+                              at)
         return len(found) == 1
 
     def _target(self, model: Model, contract: Contract, products: list[Product]) -> Column | None:
         at = (*model.path, "inputs", "target")
         name = model.inputs.target
-        pii = _pii(name, contract, products)
+        pii = self.pii(name, contract)
         if pii:
             self.report.error("MESH402", f"target '{name}' is a PII column ({pii})", at,
                               hint="PII can never be a target; choose another column")
             return None
-        column = _column(contract, name)
+        column = self.column(contract, name)
         if column is None:
-            self._unknown_column(name, contract, at, "target")
+            self.unknown_column(name, contract, at, "target")
         elif column.type != "category" or not column.values:
             self.report.error("MESH502", f"target '{name}' is a {column.type} column; a target "
                               f"must be a category with values", at,
@@ -231,14 +329,14 @@ class Resolver:
 
     def _feature(self, name: str, contract: Contract, products: list[Product], at: YamlPath,
                  excluded: dict[str, str]) -> list[str]:
-        pii = _pii(name, contract, products)
+        pii = self.pii(name, contract)
         if pii:
             self.report.error("MESH401", f"feature '{name}' is a PII column ({pii})", at,
                               hint="PII can never be a feature; remove it")
             return []
-        column = _column(contract, name)
+        column = self.column(contract, name)
         if column is None:
-            self._unknown_column(name, contract, at, "feature")
+            self.unknown_column(name, contract, at, "feature")
             return []
         if name in excluded:
             self.report.error("MESH309", f"feature '{name}' is also the model's {excluded[name]}",
@@ -254,18 +352,17 @@ class Resolver:
               excluded: dict[str, str], at: YamlPath) -> list[str]:
         every = [c.name for c in contract.columns] + [c.name for p in products for c in p.columns]
         hits = [n for n in dict.fromkeys(every) if fnmatch.fnmatchcase(n, pattern)]
-        bad = [f"{n} ({_pii(n, contract, products)})" for n in hits
-               if _pii(n, contract, products)]
+        bad = [f"{n} ({self.pii(n, contract)})" for n in hits if self.pii(n, contract)]
         if bad:
             self.report.error("MESH401", f"feature pattern '{pattern}' matches PII "
                               f"column{'s' if len(bad) > 1 else ''} {', '.join(bad)}", at,
                               hint="narrow the pattern so it matches no PII column")
             return []
-        names = [n for n in hits if _column(contract, n) is not None and n not in excluded]
+        names = [n for n in hits if self.column(contract, n) is not None and n not in excluded]
         if not names:
             self.report.error("MESH306", f"feature pattern '{pattern}' matches no column of "
                               f"contract '{contract.name}'", at,
-                              hint=_declared("columns", [c.name for c in contract.columns]))
+                              hint=declared("columns", [c.name for c in contract.columns]))
         out = []
         for name in names:
             out += self._feature(name, contract, products, at, excluded)
@@ -273,17 +370,19 @@ class Resolver:
 
     def _holdout(self, model: Model, contract: Contract) -> None:
         column = model.evaluation.holdout_column
-        if column is not None and _column(contract, column) is None:
+        if column is not None and self.column(contract, column) is None:
             self.report.error("MESH310", f"holdout_column '{column}' is not a column of "
                               f"contract '{contract.name}'",
                               (*model.path, "evaluation", "holdout_column"),
                               hint=did_you_mean(column, [c.name for c in contract.columns]))
 
-    def _unknown_column(self, name: str, contract: Contract, at: YamlPath, what: str) -> None:
+    def unknown_column(self, name: str, contract: Contract, at: YamlPath, what: str,
+                       code: str = "MESH305") -> None:
+        """Report that `name` is not a column of `contract`, with a did-you-mean."""
         names = [c.name for c in contract.columns]
-        self.report.error("MESH305", f"{what} '{name}' is not a column of contract "
+        self.report.error(code, f"{what} '{name}' is not a column of contract "
                           f"'{contract.name}@{contract.version}'", at,
-                          hint=did_you_mean(name, names) or _declared("columns", names))
+                          hint=did_you_mean(name, names) or declared("columns", names))
 
 
 def resolve(parsed: Parsed, report: Reporter) -> Resolution:
@@ -298,21 +397,10 @@ def _version_matches(version: str, wanted: str) -> bool:
     return version.split(".")[: len(parts)] == parts
 
 
-def _column(contract: Contract, name: str) -> Column | None:
-    return next((c for c in contract.columns if c.name == name), None)
+def _semver(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("."))
 
 
-def _pii(name: str, contract: Contract, products: Iterable[Product]) -> str | None:
-    """`direct`/`indirect` (and where) if any declaration of column `name` is PII."""
-    for c in contract.columns:
-        if c.name == name and c.pii != "none":
-            return f"{c.pii}, in contract '{contract.name}'"
-    for p in products:
-        for c in p.columns:
-            if c.name == name and c.pii != "none":
-                return f"{c.pii}, in {p.domain}.{p.name}"
-    return None
-
-
-def _declared(what: str, names: list[str]) -> str:
+def declared(what: str, names: list[str]) -> str:
+    """`declared WHATs: 'a', 'b'` or `no WHATs are declared`."""
     return f"declared {what}: {quoted(names)}" if names else f"no {what} are declared"

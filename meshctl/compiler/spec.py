@@ -235,6 +235,9 @@ class Product(_Item):
     """`name@major` of the contract the product is published under."""
     sla: Sla | None = None
     """Service levels the domain promises for this product."""
+    epsilon_budget: float | None = Field(default=None, gt=0)
+    """Lifetime differential-privacy budget (ε) of this product across all runs,
+    kept in the domain's privacy ledger; jobs that would exceed it are refused."""
     columns: list[Column] = Field(default_factory=list)
     """The product's columns."""
 
@@ -393,6 +396,21 @@ AggregateFn = Literal["count", "sum", "mean", "variance", "histogram", "quantile
 _METRIC_CALL = re.compile(r"^\s*([a-z]+)\s*(?:\(\s*([A-Za-z_][\w]*)\s*(?:,\s*([^)]*))?\))?\s*$")
 
 
+def _split_args(text: str) -> list[str]:
+    """Split `age, bins: 10, range: [0, 120]` at commas outside brackets."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(text[start:i].strip())
+            start = i + 1
+    out.append(text[start:].strip())
+    return [a for a in out if a]
+
+
 class AnalysisMetric(_Spec):
     """One aggregate of an analysis. Written as `count`, `mean(age)`,
     `quantile(age, 0.5)`, or as a mapping such as
@@ -422,13 +440,26 @@ class AnalysisMetric(_Spec):
         if column:
             out["column"] = column
         if rest:
-            args = [a.strip() for a in rest.split(",") if a.strip()]
-            if fn == "quantile":
-                out["q"] = args
-            elif fn == "histogram":
-                out["bins"] = args[0]
-            else:
-                raise ValueError(f"{fn} takes one column: {value!r}")
+            for arg in _split_args(rest):
+                key, sep, val = arg.partition(":") if ":" in arg else arg.partition("=")
+                if not sep:  # positional: quantiles for quantile, bins for histogram
+                    if fn == "quantile":
+                        out.setdefault("q", []).append(arg)
+                    elif fn == "histogram" and "bins" not in out:
+                        out["bins"] = arg
+                    else:
+                        raise ValueError(f"unexpected argument {arg!r} in {value!r}")
+                    continue
+                key, val = key.strip(), val.strip()
+                if key not in ("bins", "range", "q") or fn not in ("histogram", "quantile"):
+                    raise ValueError(f"{fn} takes no argument {key!r}: {value!r}")
+                if key == "bins":
+                    out["bins"] = val
+                else:
+                    items = [v.strip() for v in val.strip("[]").split(",") if v.strip()]
+                    out[key] = items
+        if fn not in ("histogram", "quantile") and rest:
+            raise ValueError(f"{fn} takes one column: {value!r}")
         return out
 
     @field_validator("q")

@@ -6,21 +6,23 @@ from meshctl.compiler.plan import Plan
 from meshctl.compiler.spec import MeshSpec
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def render_plan_summary(plan: Plan) -> str:
-    """Jobs, participants, rounds, parameter counts and policy decisions with positions."""
+    """Jobs, analyses, grants, policies and policy decisions with positions."""
     head = plan.plan
-    lines = [f"plan {head.mesh} {head.hash[:19]}… (meshctl {head.meshctl_version}, "
-             f"protocol {head.protocol_version}): {len(plan.domains)} domains, "
-             f"{len(plan.products)} products, {len(plan.jobs)} "
-             f"job{'s' if len(plan.jobs) != 1 else ''}"]
-    for job in plan.jobs:
-        arch = job.architecture
-        shape = "→".join(str(d) for d in [arch.input_dim, *arch.hidden, arch.output_dim])
-        lines.append(f"  job {job.name}: {arch.kind} {shape}, {job.parameters:,} parameters, "
-                     f"{job.training.rounds} rounds, {job.aggregation.strategy}, "
-                     f"quorum {job.quorum}/{len(job.participants)}")
-        reads = ", ".join(r.product for r in job.reads)
-        lines.append(f"    reads {reads}")
+    counts = [_count(len(plan.domains), "domain", "domains"),
+              _count(len(plan.products), "product", "products"),
+              _count(len(plan.jobs), "job", "jobs")]
+    counts += [_count(n, one, many) for n, one, many in
+               [(len(plan.analyses), "analysis", "analyses"),
+                (len(plan.grants), "grant", "grants")] if n]
+    title = (f"plan {head.mesh} {head.hash[:19]}… (meshctl {head.meshctl_version}, "
+             f"protocol {head.protocol_version}): {', '.join(counts)}")
+    lines = [title]
+    lines += _jobs(plan) + _analyses(plan) + _grants(plan) + _policies(plan)
     if plan.decisions:
         lines.append("  policy decisions:")
         width = max(len(d.policy) for d in plan.decisions)
@@ -30,10 +32,55 @@ def render_plan_summary(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _jobs(plan: Plan) -> list[str]:
+    lines = []
+    for job in plan.jobs:
+        arch = job.architecture
+        shape = "→".join(str(d) for d in [arch.input_dim, *arch.hidden, arch.output_dim])
+        lines.append(f"  job {job.name}: {arch.kind} {shape}, {job.parameters:,} parameters, "
+                     f"{job.training.rounds} rounds, {job.aggregation.strategy}, "
+                     f"quorum {job.quorum}/{len(job.participants)}")
+        lines.append(f"    reads {', '.join(r.product for r in job.reads)}")
+    return lines
+
+
+def _analyses(plan: Plan) -> list[str]:
+    lines = []
+    for a in plan.analyses:
+        by = f" by {', '.join(a.group_by)}" if a.group_by else ""
+        dp = f", dp ε={a.dp.epsilon:g}" if a.dp else ""
+        lines.append(f"  analysis {a.name}: {', '.join(m.label for m in a.metrics)}{by}, "
+                     f"groups of at least {a.min_group_size}{dp}")
+        lines.append(f"    reads {', '.join(r.product for r in a.reads)}")
+    return lines
+
+
+def _grants(plan: Plan) -> list[str]:
+    if not plan.grants:
+        return []
+    lines = ["  grants:"]
+    for g in plan.grants:
+        until = f", until {g.until}" if g.until else ""
+        lines.append(f"    {g.id} for {g.purpose}{until}")
+    return lines
+
+
+def _policies(plan: Plan) -> list[str]:
+    if not plan.policies:
+        return []
+    runtime = sum(p.scope == "round" for p in plan.policies)
+    tail = f" ({runtime} round-scope, decided at run time)" if runtime else ""
+    return [f"  {_count(len(plan.policies), 'policy', 'policies')} carried into the plan{tail}"]
+
+
 def describe_counts(spec: MeshSpec) -> str:
-    """`3 domains, 3 products, 1 contract, 3 policies, 1 model`."""
+    """`3 domains, 3 products, 1 contract, 3 policies, 1 model` (then analyses and
+    grants, when there are any)."""
     policies = len(spec.policies) + sum(len(d.policies) for d in spec.domains)
     counts = [(len(spec.domains), "domain", "domains"), (len(spec.products), "product", "products"),
               (len(spec.contracts), "contract", "contracts"), (policies, "policy", "policies"),
               (len(spec.models), "model", "models")]
-    return ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in counts)
+    counts += [(n, one, many) for n, one, many in
+               [(len(spec.analyses), "analysis", "analyses"),
+                (len(spec.grants), "grant", "grants")] if n]
+    return ", ".join(_count(n, one, many) for n, one, many in counts)

@@ -10,6 +10,14 @@ Every message is checked before use: the sender's identity is the Curve
 User-Id, never the header's claim; job, round, tensor names, shapes and sizes
 must match the plan. A bad message becomes a MessageRejected event and is
 dropped.
+
+Governance at run time: each domain's Hello carries its own decisions on the
+plan's jobs (emitted as PolicyDecided with stage `runtime`) and its contract
+checks (ContractChecked); a domain that refuses a job is left out of it. A job
+runs with the participants that remain when at least `quorum` do; a round waits
+up to `round_timeout_s` and then goes on without stragglers if quorum replied;
+`scope: round` policies gate each aggregation. A domain silent for
+`HEARTBEAT_TIMEOUT_S` is declared lost.
 """
 
 from __future__ import annotations
@@ -32,26 +40,57 @@ import zmq
 from meshctl.compiler.plan import Plan, PlanJob
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
-from meshctl.runtime.keys import EVENTS_ZAP_DOMAIN, MESH_ZAP_DOMAIN, KeyPair, curve_server, start_authenticator
 from meshctl.runtime.data import pooled_mean_std
+from meshctl.runtime.governance import RoundGate, RoundUpdate
 from meshctl.runtime.kernels import fedavg, mlp
+from meshctl.runtime.keys import (
+    EVENTS_ZAP_DOMAIN,
+    MESH_ZAP_DOMAIN,
+    KeyPair,
+    curve_server,
+    start_authenticator,
+)
 from meshctl.runtime.run import RunManifest, last_line
 
 POLL_MS = 250
+HEARTBEAT_TIMEOUT_S = 15.0
+"""A joined domain that sends nothing for this long is lost (MESHCTL_HEARTBEAT_TIMEOUT_S overrides)."""
+HEARTBEAT_EVENT_S = 5.0
+"""At most one DomainHeartbeat event per domain this often."""
+REJECTION_CODES = frozenset({"refused", "unknown-job", "bad-round", "bad-weights", "stale",
+                             "bad-standardization", "unexpected"})
+"""ErrorReply codes by which a domain rejects one instruction (it leaves the job, not the run)."""
+
+
+def heartbeat_timeout() -> float:
+    """`HEARTBEAT_TIMEOUT_S`, or MESHCTL_HEARTBEAT_TIMEOUT_S when set to a positive number."""
+    try:
+        value = float(os.environ.get("MESHCTL_HEARTBEAT_TIMEOUT_S", ""))
+    except ValueError:
+        return HEARTBEAT_TIMEOUT_S
+    return value if value > 0 else HEARTBEAT_TIMEOUT_S
 
 
 class JobAborted(Exception):
     """The current job cannot go on; the message says why."""
 
 
-class Stopped(Exception):
+class Stopped(BaseException):  # not an Exception: no `except Exception` may swallow it
     """SIGTERM/SIGINT asked the coordinator to stop."""
 
 
 class EventSink:
-    """Numbers events, appends them to events.jsonl and publishes them on XPUB."""
+    """Numbers events, appends them hash-chained to events.jsonl and publishes them on XPUB.
 
-    def __init__(self, path: Path, pub: zmq.Socket):
+    Each line carries the audit chain's `prev` and `hash` (meshctl.runtime.audit); `close()`
+    records the head in run.json and appends the run to the mesh-wide `.meshctl/audit.jsonl`.
+    `anchor` defaults to the one computed from the run directory's run.json and plan.toml.
+    """
+
+    def __init__(self, path: Path, pub: zmq.Socket, anchor: str | None = None):
+        from meshctl.runtime.audit import Chain
+
+        self.chain = Chain.open(path, anchor)
         self.file = path.open("a", encoding="utf-8")
         self.pub = pub
         self.seq = 0
@@ -60,15 +99,26 @@ class EventSink:
     def emit(self, event: ev.Event) -> ev.Event:
         self.seq += 1
         event = event.model_copy(update={"seq": self.seq, "ts": time.time()})
-        line = event.to_json()
-        self.file.write(line + "\n")
-        self.file.flush()
+        try:
+            line = self.chain.seal(event.to_dict())
+            self.file.write(line + "\n")
+            self.file.flush()
+        except BaseException:  # e.g. Stopped from a signal handler, between sealing and writing
+            self.file.flush()
+            self.chain.resync(Path(self.file.name))
+            raise
         self.pub.send_string(line)
         self.log.append(event)
         return event
 
     def close(self) -> None:
+        import sys
+
         self.file.close()
+        try:
+            self.chain.finish(Path(self.file.name).parent)
+        except (OSError, ValueError) as err:  # the run's own log is complete; say what is missing
+            print(f"warning: audit head not recorded: {err}", file=sys.stderr)
 
 
 @dataclass
@@ -79,6 +129,11 @@ class _Peer:
     stats: dict[str, wire.FeatureStats] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     """Weights version each job's daemon holds."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Jobs the domain refused to take part in, with its reasons."""
+    state: str = "idle"
+    last_seen: float = field(default_factory=time.monotonic)
+    last_beat_event: float = 0.0
 
 
 class Coordinator:
@@ -98,6 +153,17 @@ class Coordinator:
         self.bytes_in: dict[tuple[str, int], int] = {}
         self.bytes_out: dict[tuple[str, int], int] = {}
         self.current: PlanJob | None = None
+        self.refused: dict[str, str] = {}
+        """Domains the coordinator refused (another plan), with the reason."""
+        self.dropped: dict[str, str] = {}
+        """Domains that left the current job by rejecting an instruction, with the reason."""
+        self.closed: set[tuple[str, int]] = set()
+        """(kind, round) of the current job whose collection is over: later replies are late."""
+        self.norms: dict[tuple[int, str], float] = {}
+        self.gate: RoundGate | None = None
+        self.round = 0
+        self.heartbeat_timeout = heartbeat_timeout()
+        self.next_liveness = 0.0
         self.stop_reason = ""
         self.closing = False
         self.checkpoints: queue.Queue[tuple[Path, dict[str, torch.Tensor], dict[str, str]] | None] = queue.Queue()
@@ -136,18 +202,20 @@ class Coordinator:
         try:
             self._wait_for_observer()
             self.sink.emit(ev.RunStarted(run=self.m.run, mesh=self.plan.plan.mesh, plan_hash=self.plan.plan.hash,
-                                         run_dir=str(self.run_dir), jobs=[j.name for j in self.plan.jobs],
+                                         run_dir=str(self.run_dir), jobs=self._work_names(),
                                          domains=[d.name for d in self.plan.domains]))
             for d in self.plan.decisions:
                 self.sink.emit(ev.PolicyDecided(policy=d.policy, scope=d.scope, subject=d.subject,
                                                 effect=d.effect, reason=d.reason, at=d.at))
-            for job in self.plan.jobs:
-                self._run_job(job)
+            self._list_products()
+            self._work()
         except JobAborted as err:
             ok, reason = False, str(err)
         except Stopped:
             ok, reason = False, self.stop_reason
         finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the
+                signal.signal(signum, signal.SIG_IGN)      # run's last events short
             self.checkpoints.put(None)
             writer.join()
             self._report_checkpoints()
@@ -158,6 +226,8 @@ class Coordinator:
             self.router.close()
             self.pub.close()
             self.ctx.term()
+            for secret in (self.run_dir / "keys").glob("*.key_secret"):  # also when `up` detached
+                secret.unlink(missing_ok=True)
         return 0 if ok else 1
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -192,10 +262,39 @@ class Coordinator:
             self._reap()
 
     # -- one job -------------------------------------------------------------------
+    def _work_names(self) -> list[str]:
+        """What this run does, for RunStarted (an analysis run overrides this and `_work`)."""
+        return [j.name for j in self.plan.jobs]
+
+    def _work(self) -> None:
+        for job in self.plan.jobs:
+            self._run_job(job)
+
+    def _list_products(self) -> None:
+        """One ProductListed per product of the plan, as the catalog shows it."""
+        owners = {d.name: d.owner for d in self.plan.domains}
+        for p in self.plan.products:
+            self.sink.emit(ev.ProductListed(
+                product=p.id, domain=p.domain, owner=owners.get(p.domain) or p.owner,
+                classification=p.classification, access=p.access, contract=p.contract, tags=list(p.tags),
+                description=p.description, freshness=p.sla.freshness if p.sla else "",
+                columns=[{"name": c.name, "type": c.type, "pii": c.pii,
+                          "masking": c.masking or ("drop" if c.pii == "indirect" else "")} for c in p.columns]))
+
     def _run_job(self, job: PlanJob) -> None:
-        self.current = job
-        self._await_quorum(job)
-        participants = [d for d in job.participants if d in self.peers]
+        self.current, self.dropped, self.closed, self.round = job, {}, set(), 0
+        try:
+            self._train_job(job)
+        except JobAborted as err:
+            self.sink.emit(ev.JobFailed(job=job.name, round=self.round, reason=str(err)))
+            raise
+        finally:
+            self.current, self.gate = None, None
+            self.norms.clear()
+
+    def _train_job(self, job: PlanJob) -> None:
+        participants = self._await_quorum(job)
+        self.gate = RoundGate(self.plan, job) or None
         self.sink.emit(ev.JobStarted(job=job.name, participants=participants, rounds=job.training.rounds,
                                      parameters=job.parameters, quorum=job.quorum))
         arch = job.architecture
@@ -207,30 +306,35 @@ class Coordinator:
         norm = self._standardization(job, participants)
         round_start = {1: time.time()}
         self.sink.emit(ev.RoundStarted(job=job.name, round=1, participants=participants))
-        self._broadcast(job, participants, wire.TrainIns(job=job.name, round=1, version=0, **norm), weights, 1)
+        self._broadcast(job, participants, wire.TrainIns(job=job.name, round=1, version=0, participants=participants, **norm), weights, 1)
         for r in range(1, job.training.rounds + 1):
+            self.round = r
             results = self._collect(job, "train_res", r, participants)
+            contributors = list(results)
+            self._gate_round(job, r, results)
             total = sum(msg.examples for msg, _ in results.values())
-            new = fedavg([[results[d][1][t.name] for t in job.tensors] for d in participants],
-                         [results[d][0].examples for d in participants])
+            new = fedavg([[results[d][1][t.name] for t in job.tensors] for d in contributors],
+                         [results[d][0].examples for d in contributors])
             weights = {t.name: w for t, w in zip(job.tensors, new)}
             version = r
             train_loss = sum(m.loss * m.examples for m, _ in results.values()) / max(total, 1)
+            participants = self._active(participants)
             self._broadcast(job, participants, wire.EvalIns(job=job.name, round=r, version=r), weights, r)
             if r < job.training.rounds:
                 round_start[r + 1] = time.time()
                 self.sink.emit(ev.RoundStarted(job=job.name, round=r + 1, participants=participants))
-                self._broadcast(job, participants, wire.TrainIns(job=job.name, round=r + 1, version=r),
+                self._broadcast(job, participants, wire.TrainIns(job=job.name, round=r + 1, version=r,
+                                                              participants=participants),
                                 weights, r + 1)
             evals = self._collect(job, "eval_res", r, participants)
             n = sum(m.examples for m, _ in evals.values())
             metrics = {"loss": sum(m.loss_sum for m, _ in evals.values()) / max(n, 1),
                        "accuracy": sum(m.correct for m, _ in evals.values()) / max(n, 1)}
             self.sink.emit(ev.RoundCompleted(
-                job=job.name, round=r, rounds=job.training.rounds, participants=participants,
+                job=job.name, round=r, rounds=job.training.rounds, participants=contributors,
                 train_loss=train_loss, metrics=metrics, bytes_in=self.bytes_in.pop((job.name, r), 0),
                 bytes_out=self.bytes_out.pop((job.name, r), 0), seconds=time.time() - round_start.pop(r)))
-            self._append_metrics(job, r, len(participants), train_loss, metrics)
+            self._append_metrics(job, r, len(contributors), train_loss, metrics)
             if self.m.checkpoint:
                 path = self.run_dir / "checkpoints" / job.name / f"round-{r:04d}.safetensors"
                 self.checkpoints.put((path, weights, self._model_meta(job, r, norm)))
@@ -240,7 +344,6 @@ class Coordinator:
         self.sink.emit(ev.JobCompleted(job=job.name, rounds=version, metrics=metrics,
                                        model_path=str(model_path.relative_to(self.run_dir)),
                                        seconds=time.time() - started))
-        self.current = None
 
     def _standardization(self, job: PlanJob, participants: list[str]) -> dict[str, list[float]]:
         """Mesh-wide mean/std pooled exactly from the participants' sums; {} if not standardizing."""
@@ -259,42 +362,95 @@ class Coordinator:
             raise JobAborted(f"job {job.name}: {err}") from None
         return {"mean": mean, "std": std}
 
-    def _await_quorum(self, job: PlanJob) -> None:
+    def _excluded(self, job: PlanJob) -> dict[str, str]:
+        """Participants that cannot take part in `job` now, each with a reason naming who decided."""
+        out = {}
+        for d in job.participants:
+            peer = self.peers.get(d)
+            if d in self.refused:
+                out[d] = f"domain {d} was refused: {self.refused[d]}"
+            elif d in self.failed:
+                out[d] = f"domain {d} {self.failed[d]}"
+            elif d in self.dropped:
+                out[d] = f"domain {d} {self.dropped[d]}"
+            elif peer is not None and job.name in peer.refused:
+                out[d] = f"domain {d} refused the job: {peer.refused[job.name]}"
+        return out
+
+    def _active(self, participants: list[str]) -> list[str]:
+        return [d for d in participants if d in self.peers and d not in self.failed and d not in self.dropped]
+
+    def _await_quorum(self, job: PlanJob) -> list[str]:
+        """The participants the job starts with: all of them, or at least `quorum` once the rest answered
+        (refused, failed) or the join timeout passed. Fewer fail the job with every domain's reason."""
         deadline = time.monotonic() + self.m.join_timeout_s
-        announced = -1
+        announced: tuple[str, ...] | None = None
         while True:
-            lost = [d for d in job.participants if d in self.failed]
-            if lost:
-                raise JobAborted(f"job {job.name}: domain {lost[0]} {self.failed[lost[0]]}")
-            have = [d for d in job.participants if d in self.peers]
-            if len(have) == len(job.participants):
-                return
-            if len(have) != announced:
-                announced = len(have)
+            out = self._excluded(job)
+            have = [d for d in job.participants if d in self.peers and d not in out]
+            pending = [d for d in job.participants if d not in self.peers and d not in out]
+            late = time.monotonic() > deadline
+            if not pending or late:
+                if len(have) >= job.quorum:
+                    return have
+                late_join = f"domains {', '.join(pending)} did not join within {self.m.join_timeout_s:.0f}s"
+                why = list(out.values()) + ([late_join] if pending else [])
+                raise JobAborted(f"job {job.name}: {len(have)} of {len(job.participants)} participants can take "
+                                 f"part, quorum is {job.quorum}: {'; '.join(why)}")
+            if tuple(have) != announced:
+                announced = tuple(have)
                 self.sink.emit(ev.JobWaiting(job=job.name, have=have, need=job.quorum))
-            if time.monotonic() > deadline:
-                missing = [d for d in job.participants if d not in self.peers]
-                raise JobAborted(f"job {job.name}: domains {', '.join(missing)} did not join within "
-                                 f"{self.m.join_timeout_s:.0f}s")
             self._pump()
 
     def _collect(self, job: PlanJob, kind: str, rnd: int, participants: list[str]) -> dict[str, tuple[Any, wire.Tensors]]:
-        deadline = time.monotonic() + job.round_timeout_s
+        """Replies of round `rnd` from the active participants; after `round_timeout_s` those of at least
+        `quorum` of them (the rest are stragglers). Fewer than quorum left fails the job."""
+        start = time.monotonic()
         while True:
-            lost = [d for d in participants if d in self.failed]
-            if lost:
-                raise JobAborted(f"job {job.name} round {rnd}: domain {lost[0]} {self.failed[lost[0]]}")
-            if all((kind, rnd, d) in self.inbox for d in participants):
-                return {d: self.inbox.pop((kind, rnd, d)) for d in participants}
-            if time.monotonic() > deadline:
-                missing = [d for d in participants if (kind, rnd, d) not in self.inbox]
-                raise JobAborted(f"job {job.name} round {rnd}: no reply from {', '.join(missing)} within "
-                                 f"{job.round_timeout_s:.0f}s")
+            active = self._active(participants)
+            if len(active) < job.quorum:
+                gone = "; ".join(v for d, v in self._excluded(job).items() if d in participants)
+                raise JobAborted(f"job {job.name} round {rnd}: {len(active)} of {len(participants)} participants "
+                                 f"remain, quorum is {job.quorum}: {gone}")
+            got = [d for d in active if (kind, rnd, d) in self.inbox]
+            if len(got) == len(active):
+                break
+            waited = time.monotonic() - start
+            if waited > job.round_timeout_s:
+                missing = [d for d in active if d not in got]
+                if len(got) < job.quorum:
+                    raise JobAborted(f"job {job.name} round {rnd}: no reply from {', '.join(missing)} within "
+                                     f"{job.round_timeout_s:.0f}s and only {len(got)} replied, quorum is "
+                                     f"{job.quorum}")
+                self.sink.emit(ev.StragglersDropped(job=job.name, round=rnd, phase=kind.removesuffix("_res"),
+                                                    domains=missing, waited_s=waited))
+                break
             self._pump()
+        self.closed.add((kind, rnd))
+        results = {d: self.inbox.pop((kind, rnd, d)) for d in got}
+        for key in [k for k in self.inbox if k[:2] == (kind, rnd)]:
+            del self.inbox[key]
+        return results
+
+    def _gate_round(self, job: PlanJob, rnd: int, results: dict[str, tuple[Any, wire.Tensors]]) -> None:
+        """Evaluate the job's `scope: round` policies on this round's updates before aggregating them."""
+        if self.gate is None:
+            return
+        updates = [RoundUpdate(d, m.examples, m.loss, self.norms.pop((rnd, d), 0.0)) for d, (m, _) in results.items()]
+        for d in self.gate.evaluate(rnd, list(results), updates):
+            if d.effect == "allow":
+                continue
+            self.sink.emit(ev.PolicyDecided(policy=d.policy, scope=d.scope, subject=d.subject, effect=d.effect,
+                                            reason=d.reason, at=d.at, stage=d.stage, domain=d.domain))
+            if d.effect == "deny":
+                raise JobAborted(f"job {job.name} round {rnd}: policy {d.policy} denies aggregating the round: "
+                                 f"{d.reason}")
 
     def _broadcast(self, job: PlanJob, participants: list[str], msg: Any, weights: wire.Tensors, rnd: int) -> None:
         for d in participants:
-            peer = self.peers[d]
+            peer = self.peers.get(d)
+            if peer is None:  # lost since the list was made
+                continue
             attach = isinstance(msg, wire.EvalIns) or peer.versions.get(job.name) != msg.version
             sent = self._send(peer, msg, weights if attach else None)
             if attach:
@@ -316,6 +472,18 @@ class Coordinator:
                 self._handle(frames)
         else:
             self._reap()
+        self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        """Declare lost every joined domain silent for the heartbeat timeout (after draining the socket)."""
+        now = time.monotonic()
+        if now < self.next_liveness:
+            return
+        self.next_liveness = now + min(1.0, self.heartbeat_timeout / 4)
+        for peer in list(self.peers.values()):
+            silent = now - peer.last_seen
+            if silent > self.heartbeat_timeout:
+                self._fail(peer.domain, f"no heartbeat for {silent:.0f}s")
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
@@ -336,10 +504,23 @@ class Coordinator:
                                               f"belongs to {domain!r}"))
             return
         size = wire.frames_size(frames[1:])
-        if isinstance(msg, wire.Hello):
+        peer = self.peers.get(domain)
+        if peer is not None:
+            peer.last_seen = time.monotonic()
+        if isinstance(msg, wire.Heartbeat):
+            self._heartbeat(peer, msg)
+        elif isinstance(msg, wire.Hello):
             self._hello(domain, identity, msg)
         elif isinstance(msg, wire.ErrorReply):
-            self._fail(domain, msg.reason)
+            if msg.code.startswith("policy:"):  # the domain's own round policy denied
+                self.sink.emit(ev.PolicyDecided(
+                    policy=msg.code.removeprefix("policy:"), scope="round", subject=f"round.{msg.job}.{msg.round}",
+                    effect="deny", reason=msg.reason, stage="runtime", domain=domain))
+                self._rejected(domain, msg)
+            elif msg.code in REJECTION_CODES:
+                self._rejected(domain, msg)
+            else:
+                self._fail(domain, msg.reason)
         elif isinstance(msg, (wire.TrainRes, wire.EvalRes)):
             problem, norm = self._check_result(domain, msg, tensors)
             if problem:
@@ -347,21 +528,51 @@ class Coordinator:
                 return
             self.bytes_in[(msg.job, msg.round)] = self.bytes_in.get((msg.job, msg.round), 0) + size
             self.inbox[(msg.type, msg.round, domain)] = (msg, tensors)
+            if self.gate is not None and isinstance(msg, wire.TrainRes):
+                self.norms[(msg.round, domain)] = norm
             if isinstance(msg, wire.TrainRes):
                 self.sink.emit(ev.UpdateReceived(job=msg.job, round=msg.round, domain=domain, examples=msg.examples,
                                                  loss=msg.loss, seconds=msg.seconds, bytes=size, update_norm=norm))
-        else:
+        elif not self._handle_other(domain, msg, tensors):
             self.sink.emit(ev.MessageRejected(sender=domain, reason=f"unexpected {msg.type} message"))
+
+    def _handle_other(self, domain: str, msg: Any, tensors: wire.Tensors) -> bool:
+        """Handle a message kind the training loop does not know; False rejects it."""
+        return False
+
+    def _heartbeat(self, peer: _Peer | None, msg: wire.Heartbeat) -> None:
+        if peer is None:  # not joined (or already lost): liveness is only tracked for peers
+            return
+        peer.state = msg.state
+        if peer.last_seen - peer.last_beat_event >= HEARTBEAT_EVENT_S:
+            peer.last_beat_event = peer.last_seen
+            self.sink.emit(ev.DomainHeartbeat(domain=peer.domain, state=msg.state))
+
+    def _rejected(self, domain: str, msg: wire.ErrorReply) -> None:
+        """A domain rejected one instruction: record it, and leave it out of that job."""
+        what = f"job {msg.job!r} round {msg.round}" if msg.job else "an instruction"
+        self.sink.emit(ev.MessageRejected(sender="coordinator",
+                                          reason=f"domain {domain} rejected {what} ({msg.code}): {msg.reason}"))
+        if self.current is not None and msg.job == self.current.name:
+            self.dropped.setdefault(domain, f"rejected {what}: {msg.reason}")
 
     def _hello(self, domain: str, identity: bytes, msg: wire.Hello) -> None:
         if msg.plan_hash != self.plan.plan.hash:
             reason = f"plan hash differs: domain has {msg.plan_hash[:19]}, coordinator runs {self.plan.plan.hash[:19]}"
             self._reply(identity, wire.Refused(reason=reason))
+            self.refused[domain] = reason
             self.sink.emit(ev.DomainRefused(domain=domain, reason=reason))
             return
-        self.peers[domain] = _Peer(domain, identity, dict(msg.rows), dict(msg.stats))
+        self.peers[domain] = _Peer(domain, identity, dict(msg.rows), dict(msg.stats), refused=dict(msg.refused))
         self._send(self.peers[domain], wire.Welcome())
         self.sink.emit(ev.DomainJoined(domain=domain, products=sorted(msg.rows), rows=dict(msg.rows), pid=msg.pid))
+        for d in msg.decisions:  # who decided is the Curve-authenticated domain, whatever the message says
+            self.sink.emit(ev.PolicyDecided(policy=d.policy, scope=d.scope, subject=d.subject, effect=d.effect,
+                                            reason=d.reason, at=d.at, stage="runtime", domain=domain))
+        for c in msg.checks:
+            self.sink.emit(ev.ContractChecked(product=c.product, domain=domain, contract=c.contract, rule=c.rule,
+                                              observed=c.observed, operator=c.operator, threshold=c.threshold,
+                                              passed=c.passed, severity=c.severity))
 
     def _check_result(self, domain: str, msg: Any, tensors: wire.Tensors) -> tuple[str, float]:
         """(problem or "", update norm); the norm is finite only if every value is, so one pass checks both."""
@@ -372,6 +583,10 @@ class Coordinator:
             return f"{domain} is not a participant of job {job.name}", 0.0
         if (msg.type, msg.round, domain) in self.inbox:
             return f"duplicate {msg.type} for round {msg.round}", 0.0
+        if (msg.type, msg.round) in self.closed:
+            return f"late {msg.type} for round {msg.round}, which went on without it", 0.0
+        if domain in self.dropped:
+            return f"{domain} left job {job.name}: {self.dropped[domain]}", 0.0
         if isinstance(msg, wire.TrainRes):
             expect = [(t.name, t.shape, t.dtype) for t in job.tensors]
             got = [(s.name, s.shape, s.dtype) for s in msg.tensors]
@@ -492,8 +707,11 @@ def main(run_dir: str | Path) -> int:
         if pid == 0:
             os._exit(_daemon_child(manifest, plan, domain, key_file))
         children[pid] = domain
+    cls = Coordinator
+    if manifest.analysis:  # an analysis run: meshctl analyze
+        from meshctl.runtime.analytics import AnalysisCoordinator as cls
     try:
-        return Coordinator(manifest, plan, children).run()
+        return cls(manifest, plan, children).run()
     except MeshctlError as err:
         print(err.render(), file=sys.stderr)
         for pid in children:

@@ -4,14 +4,25 @@ The daemon connects a DEALER (Curve client) to the coordinator's ROUTER, says
 Hello with its row counts, then serves TrainIns / EvalIns until Shutdown. It reads
 its products once, at start, through `data.py`; what it sends is the header of
 each reply plus model tensors. Rows and PII never reach this module's sockets.
+
+The domain has the final word: before Hello it decides, with its own copy of the
+plan, every job it is asked to take part in (governance.py) and checks the
+contracts of the products those jobs read (quality.py). A job it refuses is
+never loaded, and an instruction for it is answered with an ErrorReply.
+
+Once joined, a small thread sends a Heartbeat every `HEARTBEAT_S` seconds on a
+second DEALER socket under the same Curve key (the coordinator knows a domain by
+its key), so the daemon stays visibly alive while the main thread trains.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -20,13 +31,24 @@ from zmq.utils.monitor import recv_monitor_message
 
 from meshctl.compiler.plan import Plan, PlanJob
 from meshctl.errors import MeshctlError, UserError
-from meshctl.runtime import wire
+from meshctl.runtime import governance, wire
 from meshctl.runtime.data import JobData, count_rows, feature_sums, load_job_data
-from meshctl.runtime.keys import KeyPair, curve_client
 from meshctl.runtime.kernels import evaluate, mlp, train_local
+from meshctl.runtime.keys import KeyPair, curve_client
 
 POLL_MS = 500
 SEND_TIMEOUT_MS = 120_000
+HEARTBEAT_S = 2.0
+"""A joined daemon sends a Heartbeat this often, also while it trains."""
+
+
+def heartbeat_interval() -> float:
+    """`HEARTBEAT_S`, or less when MESHCTL_HEARTBEAT_TIMEOUT_S makes the coordinator stricter."""
+    try:
+        timeout = float(os.environ.get("MESHCTL_HEARTBEAT_TIMEOUT_S", ""))
+    except ValueError:
+        return HEARTBEAT_S
+    return max(0.1, min(HEARTBEAT_S, timeout / 4))
 
 
 @dataclass
@@ -67,27 +89,94 @@ class Daemon:
         self.cfg = cfg
         self.jobs: dict[str, _JobState] = {}
         self.rows: dict[str, int] = {}
+        self.refused: dict[str, str] = {}
+        self.round_gates: dict[str, governance.RoundGate] = {}
+        """This domain's own `scope: round` policies per job, compiled on first use."""
+        """Jobs this domain will not take part in, with the denying policies."""
+        self.decisions: list[wire.Decision] = []
+        self.checks: list[wire.CheckOutcome] = []
+        self.beat_every = heartbeat_interval()
+        self.state = "idle"
+        """What the main thread is doing, as heartbeats report it."""
+        self.tap_lock = threading.Lock()
         tap = os.environ.get("MESHCTL_WIRE_TAP")
         self.tap = open(Path(tap) / f"{cfg.domain}.tap", "ab") if tap else None  # noqa: SIM115
         """Audit tap: every frame this daemon sends, appended as (u64 length, bytes)."""
 
     # -- start-up ----------------------------------------------------------------
     def load(self) -> None:
-        """Read every product this domain contributes to a job of the plan."""
+        """Decide every job of this domain, check its contracts, read what the accepted jobs use."""
         plan, me = self.cfg.plan, self.cfg.domain
         if me not in {d.name for d in plan.domains}:
             raise UserError(f"domain {me!r} is not in the plan")
         for product in plan.products:
             if product.domain == me:
                 self.rows[product.id] = count_rows(product, self.cfg.base_dir)
+        self.govern()
         for job in plan.jobs:
             read = next((r for r in job.reads if r.domain == me), None)
-            if read is None:
+            if read is None or job.name in self.refused:
                 continue
             data = load_job_data(job, plan.product(read.product), self.cfg.base_dir, read.client_id)
             arch = job.architecture
             model = mlp(arch.input_dim, arch.hidden, arch.output_dim, seed=None)
             self.jobs[job.name] = _JobState(job, data, model)
+
+    def _spent(self, plan: Plan, jobs: list[PlanJob]) -> dict[str, float]:
+        """ε already spent by this domain's capped products read by DP jobs (privacy ledger)."""
+        ids = {r.product for j in jobs if j.privacy.dp is not None for r in j.reads
+               if r.domain == self.cfg.domain and plan.product(r.product).epsilon_budget is not None}
+        if not ids:
+            return {}
+        from meshctl.runtime.ledger import Ledger, ledger_path
+
+        ledger = Ledger(ledger_path(self.cfg.base_dir))
+        return {pid: ledger.spent(pid) for pid in sorted(ids)}
+
+    def govern(self, today: datetime | None = None) -> None:
+        """Decide every job involving this domain, then check the contracts of what it would read."""
+        plan, me = self.cfg.plan, self.cfg.domain
+        day = (today or datetime.now(UTC)).date()
+        mine = [j for j in plan.jobs if me in j.participants or any(r.domain == me for r in j.reads)]
+        if not mine:
+            return
+        integrity = governance.plan_integrity(plan, me)
+        self.decisions.append(integrity)
+        spent = self._spent(plan, mine)
+        for job in mine:
+            decisions = governance.evaluate_job(plan, job, me, day, spent)
+            self.decisions += decisions
+            reason = governance.refusal([integrity, *decisions])
+            if reason:
+                self.refused[job.name] = reason
+        self._check_contracts([j for j in mine if j.name not in self.refused])
+
+    def _check_contracts(self, jobs: list[PlanJob]) -> None:
+        """Run the contract checks of each product the accepted jobs read; a blocking failure refuses them."""
+        from meshctl.runtime.quality import check_product
+
+        plan, me = self.cfg.plan, self.cfg.domain
+        contracts = {c.id: c for c in plan.contracts}
+        products = sorted({r.product for j in jobs for r in j.reads if r.domain == me})
+        blocked: dict[str, wire.Decision] = {}
+        for pid in products:
+            product = plan.product(pid)
+            results = check_product(None, product, contracts.get(product.contract), self.cfg.base_dir)
+            self.checks += [wire.CheckOutcome(product=pid, contract=product.contract, rule=r.rule,
+                                              observed=r.observed, operator=r.operator, threshold=r.threshold,
+                                              passed=r.passed, severity=r.severity) for r in results]
+            failed = [r for r in results if not r.passed and r.severity == "error"]
+            if failed:
+                why = "; ".join(f"{r.rule} observed {_num(r.observed)}, {r.operator} {r.threshold}"
+                                for r in failed)
+                blocked[pid] = wire.Decision(policy=f"contract:{product.contract or pid}", scope="product",
+                                             subject=f"product.{pid}", effect="deny",
+                                             reason=f"{pid} fails its contract: {why}", domain=me)
+        for job in jobs:
+            denials = [blocked[r.product] for r in job.reads if r.domain == me and r.product in blocked]
+            if denials:
+                self.decisions += [d.model_copy(update={"subject": f"model.{job.name}"}) for d in denials]
+                self.refused[job.name] = governance.refusal(denials)
 
     # -- serving -----------------------------------------------------------------
     def run(self) -> int:
@@ -109,6 +198,7 @@ class Daemon:
                 raise
             return self._serve(sock, monitor)
         finally:
+            self._stop_pulse()
             sock.disable_monitor()
             monitor.close(0)
             sock.close()
@@ -123,7 +213,8 @@ class Daemon:
         while True:
             if not hello_sent:  # no peer until the handshake succeeds: never block on it
                 hello = wire.Hello(plan_hash=self.cfg.plan.plan.hash, pid=os.getpid(), rows=self.rows,
-                                   stats=self._stats())
+                                   stats=self._stats(), refused=self.refused, decisions=self.decisions,
+                                   checks=self.checks)
                 hello_sent = self._send(sock, hello, block=False)
             ready = dict(poller.poll(POLL_MS))
             if monitor in ready:
@@ -144,14 +235,13 @@ class Daemon:
                     continue
                 if isinstance(msg, wire.Welcome):
                     joined = True
+                    self._start_pulse(sock.context)
                 elif isinstance(msg, wire.Refused):
                     raise UserError(f"coordinator refused domain {self.cfg.domain!r}: {msg.reason}")
                 elif isinstance(msg, wire.Shutdown):
                     return 0
-                elif isinstance(msg, wire.TrainIns):
-                    self._send(sock, *self._train(msg, tensors))
-                elif isinstance(msg, wire.EvalIns):
-                    self._send(sock, self._evaluate(msg, tensors))
+                else:
+                    self._dispatch(sock, msg, tensors)
                 continue
             if self.cfg.parent_pid is not None and os.getppid() != self.cfg.parent_pid:
                 print("launcher is gone; exiting", file=sys.stderr)
@@ -160,14 +250,72 @@ class Daemon:
                 raise UserError(f"no answer from the coordinator at {self.cfg.coordinator} within "
                                 f"{self.cfg.join_timeout_s:.0f}s")
 
-    def _state(self, job: str, version: int, tensors: wire.Tensors) -> _JobState | wire.ErrorReply:
+    def _dispatch(self, sock: zmq.Socket, msg: object, tensors: wire.Tensors) -> None:
+        """Serve one instruction; anything this daemon's plan does not allow gets an ErrorReply."""
+        if isinstance(msg, wire.TrainIns):
+            self.state = "training"
+            self._send(sock, *self._train(msg, tensors))
+        elif isinstance(msg, wire.EvalIns):
+            self.state = "evaluating"
+            self._send(sock, self._evaluate(msg, tensors))
+        elif isinstance(msg, wire.AnalyzeIns):  # federated analytics: gated aggregates only
+            from meshctl.runtime.analytics_domain import answer
+
+            self.state = "analyzing"
+            self._send(sock, answer(self.cfg.plan, self.cfg.domain, self.cfg.base_dir, msg, self.cfg.run))
+        else:
+            kind = getattr(msg, "type", type(msg).__name__)
+            self._send(sock, wire.ErrorReply(code="unexpected", reason=f"a daemon does not serve {kind}"))
+        self.state = "idle"
+
+    # -- heartbeats ----------------------------------------------------------------
+    def _start_pulse(self, ctx: zmq.Context) -> None:
+        if getattr(self, "pulse", None) is None:
+            self.pulse_stop = threading.Event()
+            self.pulse = threading.Thread(target=self._pulse, args=(ctx,), name="heartbeat", daemon=True)
+            self.pulse.start()
+
+    def _stop_pulse(self) -> None:
+        if getattr(self, "pulse", None) is not None:
+            self.pulse_stop.set()
+            self.pulse.join(5)
+
+    def _pulse(self, ctx: zmq.Context) -> None:
+        """Heartbeat thread: its own socket (zmq sockets are not shared across threads)."""
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.sndhwm = 4
+        curve_client(sock, self.cfg.keys, self.cfg.server_key)
+        sock.connect(self.cfg.coordinator)
+        try:
+            while not self.pulse_stop.wait(self.beat_every):
+                beat = wire.Heartbeat(state=self.state, sender=self.cfg.domain, run=self.cfg.run)
+                frames = wire.encode(beat)
+                try:
+                    sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    continue  # not connected (yet): the coordinator will notice the silence
+                self._tap_frames(frames)
+        finally:
+            sock.close(0)
+
+    def _state(self, job: str, version: int, tensors: wire.Tensors, rnd: int) -> _JobState | wire.ErrorReply:
+        if job in self.refused:
+            print(f"rejected an instruction for job {job!r}, which this domain refused: {self.refused[job]}",
+                  file=sys.stderr)
+            return wire.ErrorReply(code="refused", reason=f"domain {self.cfg.domain} refused job {job!r}: "
+                                   f"{self.refused[job]}"[:4096], job=job)
         st = self.jobs.get(job)
         if st is None:
             return wire.ErrorReply(code="unknown-job", reason=f"domain {self.cfg.domain} has no job {job!r}", job=job)
+        if rnd > st.job.training.rounds:
+            return wire.ErrorReply(code="bad-round", reason=f"job {job!r} has {st.job.training.rounds} rounds, "
+                                   f"not {rnd}", job=job)
         if tensors:
-            expect = {t.name: t.shape for t in st.job.tensors}
-            got = {k: list(v.shape) for k, v in tensors.items()}
+            expect = {t.name: (t.shape, t.dtype) for t in st.job.tensors}
+            got = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
             if got != expect:
+                print(f"rejected weights for job {job!r} that do not match this domain's plan", file=sys.stderr)
                 return wire.ErrorReply(code="bad-weights", reason="weights do not match the plan's model", job=job)
             st.version, st.weights = version, tensors
         elif st.version != version:
@@ -201,9 +349,12 @@ class Daemon:
         return None
 
     def _train(self, ins: wire.TrainIns, tensors: wire.Tensors) -> tuple[object, dict[str, torch.Tensor] | None]:
-        st = self._state(ins.job, ins.version, tensors)
+        st = self._state(ins.job, ins.version, tensors, ins.round)
         if isinstance(st, wire.ErrorReply):
             return st.model_copy(update={"round": ins.round}), None
+        denied = self._round_denied(st.job, ins)
+        if denied is not None:
+            return denied, None
         problem = self._standardize(st, ins)
         if problem is not None:
             return problem.model_copy(update={"round": ins.round}), None
@@ -220,8 +371,23 @@ class Daemon:
                             seconds=seconds)
         return res, update
 
+    def _round_denied(self, job: PlanJob, ins: wire.TrainIns) -> wire.ErrorReply | None:
+        """This domain's own `scope: round` decisions on the round it is asked to train."""
+        gate = self.round_gates.get(job.name)
+        if gate is None:
+            gate = self.round_gates[job.name] = governance.RoundGate(self.cfg.plan, job, self.cfg.domain)
+        for d in gate.evaluate(ins.round, list(ins.participants), []):
+            if d.effect == "deny":
+                reason = f"round policy {d.policy} denies round {ins.round} of job {job.name!r}: {d.reason}"
+                print(f"refused: {reason}", file=sys.stderr)
+                return wire.ErrorReply(code=f"policy:{d.policy}"[:64], reason=reason[:4096], job=job.name,
+                                       round=ins.round)
+            if d.effect == "warn":
+                print(f"warning: round policy {d.policy} on round {ins.round}: {d.reason}", file=sys.stderr)
+        return None
+
     def _evaluate(self, ins: wire.EvalIns, tensors: wire.Tensors) -> object:
-        st = self._state(ins.job, ins.version, tensors)
+        st = self._state(ins.job, ins.version, tensors, ins.round)
         if isinstance(st, wire.ErrorReply):
             return st.model_copy(update={"round": ins.round})
         loss_sum, correct, n = evaluate(st.model, st.data.x_test, st.data.y_test)
@@ -244,7 +410,12 @@ class Daemon:
 
     def _tap_frames(self, frames: list) -> None:
         if self.tap is not None:
-            for f in frames:
-                self.tap.write(len(f).to_bytes(8, "little"))
-                self.tap.write(f)
-            self.tap.flush()
+            with self.tap_lock:
+                for f in frames:
+                    self.tap.write(len(f).to_bytes(8, "little"))
+                    self.tap.write(f)
+                self.tap.flush()
+
+
+def _num(value: float | None) -> str:
+    return "nothing" if value is None else f"{value:g}"

@@ -1,21 +1,41 @@
 """Product adapters: the only place a domain's rows exist.
 
-The daemon reads its products through DuckDB, selecting only the columns a job
-may use; PII columns are never named in the SQL, so they never leave DuckDB.
+Every reader of a product goes through `product_view`, which registers the
+product's source in a DuckDB connection (csv, parquet, a sqlite or duckdb
+database file, or a postgresql table) and creates a view of it that holds only
+what may leave the data: `pii: direct` columns are never selected, `indirect`
+ones are dropped, hashed with the mesh secret or generalized in the SQL itself.
 What leaves this module is tensors of features and class indices, which stay in
 the daemon's process; only model updates and metric sums cross the wire.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from meshctl.compiler.plan import PlanJob, PlanProduct
+from meshctl.compiler.plan import PlanColumn, PlanJob, PlanProduct
 from meshctl.errors import UserError
+
+if TYPE_CHECKING:
+    import duckdb
+    import torch
+
+SECRET_FILE = "mesh.secret"
+"""The per-mesh secret that keys hashed columns, in `.meshctl/` beside the mesh.yaml."""
+
+URI_PREFIXES = {"sqlite": "sqlite:", "duckdb": "duckdb:"}
+"""Prefix of a database-file source, by format (the path follows it)."""
 
 
 @dataclass(frozen=True)
@@ -32,16 +52,260 @@ class JobData:
     """Rows skipped because a used column was NULL."""
 
 
-def _ident(name: str) -> str:
+def ident(name: str) -> str:
+    """`name` as a quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
 
 
-def _reader(product: PlanProduct) -> str:
-    return {"csv": "read_csv_auto(?, header=true)", "parquet": "read_parquet(?)"}[product.format]
+def literal(text: str) -> str:
+    """`text` as a quoted SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+_ident = ident
+
+
+def safe_name(text: str) -> str:
+    """An unquoted SQL identifier made from `text` (letters, digits, underscores)."""
+    return re.sub(r"\W", "_", text)
+
+
+# -- the mesh secret ----------------------------------------------------------
+
+
+def mesh_secret(base_dir: Path) -> bytes:
+    """The mesh's secret key for hashed columns: `.meshctl/mesh.secret` under `base_dir`.
+
+    Created on first use with 32 random bytes (written as 64 hex characters, mode 0600).
+    Hashes link across domains only where the domains hold the same file: copy it to the
+    hosts of remote domains; a domain without it makes its own, and its hashes then link
+    within that domain only.
+    """
+    path = base_dir / ".meshctl" / SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it first: read theirs
+        else:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(secrets.token_hex(32) + "\n")
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise UserError("mesh secret is not 64 hex characters", where=str(path),
+                        hint="delete it to make a new one (hashes made with the old one will differ)")
+    return bytes.fromhex(text)
+
+
+# -- sources ------------------------------------------------------------------
 
 
 def source_path(product: PlanProduct, base_dir: Path) -> Path:
-    return (base_dir / product.source).resolve()
+    """The local file a product reads (its source without a `sqlite:`/`duckdb:` prefix)."""
+    src = product.source
+    prefix = URI_PREFIXES.get(product.format, "")
+    if prefix and src.startswith(prefix):
+        src = src[len(prefix):]
+    return (base_dir / src).resolve()
+
+
+def register_source(con: duckdb.DuckDBPyConnection, product: PlanProduct, base_dir: Path,
+                    columns: Sequence[str] | None = None) -> str:
+    """Create a temporary view `src_<product>` over the product's raw source; return its name.
+
+    The raw view holds every column, PII included: it exists only inside the domain's
+    DuckDB connection, for `product_view` and the contract checks. `columns`, when given,
+    limits what a sqlite or postgresql source copies into DuckDB.
+    """
+    name = "src_" + safe_name(product.id)
+    if product.format == "postgresql":
+        _register_postgres(con, product, name, columns)
+        return name
+    path = _existing(product, base_dir)
+    try:
+        if product.format == "sqlite":
+            con.register(name + "_arrow", _sqlite_table(product, path, columns))
+            body = f"SELECT * FROM {name}_arrow"
+        elif product.format == "duckdb":
+            body = f"SELECT * FROM {_attach(con, product, path)}.{ident(_table(product))}"
+        else:
+            reader = {"csv": "read_csv_auto({}, header=true)", "parquet": "read_parquet({})"}
+            body = "SELECT * FROM " + reader[product.format].format(literal(str(path)))
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {body}")
+        con.execute(f"SELECT * FROM {name} LIMIT 0")
+    except _duck_error() as err:
+        raise UserError(f"cannot read product {product.id}: {first_line(err)}", where=str(path)) from None
+    return name
+
+
+def _table(product: PlanProduct) -> str:
+    if not product.table:
+        raise UserError(f"product {product.id} reads a {product.format} database but names no table",
+                        hint="add `table: NAME` to the product")
+    return product.table
+
+
+def _attach(con: duckdb.DuckDBPyConnection, product: PlanProduct, path: Path) -> str:
+    alias = "db_" + safe_name(product.id)
+    attached = {r[0] for r in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()}
+    if alias not in attached:
+        con.execute(f"ATTACH {literal(str(path))} AS {alias} (READ_ONLY)")
+    tables = [r[0] for r in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = ? "
+        "UNION SELECT view_name FROM duckdb_views() WHERE database_name = ?", [alias, alias]).fetchall()]
+    _require_table(product, path, sorted(tables))
+    return alias
+
+
+def _require_table(product: PlanProduct, path: Path | str, tables: list[str]) -> None:
+    table = _table(product)
+    if table not in tables:
+        have = ", ".join(tables[:8]) or "none"
+        raise UserError(f"product {product.id}: no table {table!r} in the database (tables: {have})",
+                        where=str(path))
+
+
+def _sqlite_table(product: PlanProduct, path: Path, columns: Sequence[str] | None):
+    """The product's sqlite table as a pyarrow Table, read with Python's sqlite3 (read-only).
+
+    DuckDB's sqlite extension is not bundled and needs a download, so it is not used.
+    """
+    import pyarrow as pa
+
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as err:
+        raise UserError(f"cannot open sqlite database of {product.id}: {err}", where=str(path)) from None
+    try:
+        tables = [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')").fetchall()]
+        _require_table(product, path, sorted(tables))
+        select = "*" if columns is None else ", ".join(ident(c) for c in columns)
+        cur = db.execute(f"SELECT {select} FROM {ident(_table(product))}")
+        names = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+    except sqlite3.Error as err:
+        raise UserError(f"cannot read product {product.id}: {err}", where=str(path)) from None
+    finally:
+        db.close()
+    declared = {c.name: c.type for c in product.columns}
+    arrays = [_arrow_column([r[i] for r in rows], declared.get(n, "")) for i, n in enumerate(names)]
+    return pa.table(arrays, names=names)
+
+
+def _arrow_column(values: list, kind: str):
+    """One sqlite column as an Arrow array; sqlite's loose typing falls back to strings."""
+    import pyarrow as pa
+
+    wanted = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}.get(kind)
+    try:
+        return pa.array(values, type=wanted) if wanted else pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+def _register_postgres(con: duckdb.DuckDBPyConnection, product: PlanProduct, name: str,
+                       columns: Sequence[str] | None) -> None:
+    """Copy a postgresql table into DuckDB with the `psql` client (no extension needed)."""
+    psql = shutil.which("psql")
+    if psql is None:
+        raise UserError(f"product {product.id}: postgresql sources need the `psql` client on PATH",
+                        where=_redact(product.source),
+                        hint="install postgresql-client, or export the table to parquet")
+    select = "*" if columns is None else ", ".join(ident(c) for c in columns)
+    query = f"\\copy (SELECT {select} FROM {ident(_table(product))}) TO STDOUT WITH CSV HEADER"
+    try:
+        out = subprocess.run([psql, "--no-psqlrc", "-X", "-v", "ON_ERROR_STOP=1", "-c", query,
+                              product.source], capture_output=True, timeout=300, check=False,
+                             env={**os.environ, "PGCONNECT_TIMEOUT": "10"})
+    except subprocess.TimeoutExpired:
+        raise UserError(f"product {product.id}: postgresql did not answer in 300 s",
+                        where=_redact(product.source)) from None
+    if out.returncode != 0:
+        why = first_line(Exception(out.stderr.decode(errors="replace"))) or f"psql exit {out.returncode}"
+        raise UserError(f"cannot read product {product.id}: {why}", where=_redact(product.source))
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(_bytes_reader(out.stdout))
+    con.register(name + "_arrow", table)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM {name}_arrow")
+
+
+def _bytes_reader(data: bytes):
+    import pyarrow as pa
+
+    return pa.BufferReader(data)
+
+
+def _redact(uri: str) -> str:
+    """A connection URI without its password."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", uri)
+
+
+# -- the masked view ----------------------------------------------------------
+
+
+def product_view(con: duckdb.DuckDBPyConnection, product: PlanProduct, base_dir: Path,
+                 secret: bytes | None = None, columns: Sequence[str] | None = None) -> str:
+    """Create the view every reader of `product` uses; return its (unquoted) name.
+
+    The view exposes the product's declared columns except `pii: direct` ones, which are
+    never selected. `pii: indirect` columns are masked per `column.masking`: `drop` (or
+    no masking) leaves them out; `hash` gives the hex sha256 of the mesh secret (hex), a
+    colon and the value as text, NULL staying NULL; `generalize` gives the year (an
+    integer) or month (`YYYY-MM`) of a date, the first N characters of a string
+    (`prefix:N`) or the number floored to a multiple of W (`bucket:W`). Without
+    `secret`, hashed columns are left out. `columns`, when given, keeps only those.
+    """
+    wanted = [c for c in product.columns if c.pii != "direct" and (columns is None or c.name in columns)]
+    exprs = [(c, _masked(c, secret)) for c in wanted]
+    exprs = [(c, e) for c, e in exprs if e is not None]
+    if not exprs:
+        raise UserError(f"product {product.id} has no column that may leave the domain")
+    src = register_source(con, product, base_dir, columns=[c.name for c, _ in exprs])
+    name = "product_" + safe_name(product.id)
+    select = ", ".join(f"{e} AS {ident(c.name)}" for c, e in exprs)
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {select} FROM {src}")
+        con.execute(f"SELECT * FROM {name} LIMIT 0")
+    except _duck_error() as err:
+        raise UserError(f"cannot read product {product.id}: {first_line(err)}",
+                        where=str(_where(product, base_dir))) from None
+    return name
+
+
+def _masked(col: PlanColumn, secret: bytes | None) -> str | None:
+    """The SQL expression a column is exposed as, or None when it is left out."""
+    ref = ident(col.name)
+    if col.pii == "none":
+        return ref
+    if col.masking == "hash":
+        if secret is None:
+            return None
+        return f"CASE WHEN {ref} IS NULL THEN NULL ELSE sha256({literal(secret.hex() + ':')} || CAST({ref} AS VARCHAR)) END"
+    if col.masking == "generalize":
+        return _generalized(col)
+    return None  # drop, or indirect without a masking: never exposed
+
+
+def _generalized(col: PlanColumn) -> str:
+    ref, how = ident(col.name), col.generalize
+    if how == "year":
+        return f"CAST(year(CAST({ref} AS DATE)) AS INTEGER)"
+    if how == "month":
+        return f"strftime(CAST({ref} AS DATE), '%Y-%m')"
+    m = re.fullmatch(r"(prefix|bucket):(\d+(?:\.\d*)?|\.\d+)", how)
+    if m and m.group(1) == "prefix" and float(m.group(2)).is_integer():
+        return f"left(CAST({ref} AS VARCHAR), {int(float(m.group(2)))})"
+    if m and m.group(1) == "bucket" and float(m.group(2)) > 0:
+        width = float(m.group(2))
+        return f"floor(CAST({ref} AS DOUBLE) / {width!r}) * {width!r}"
+    raise UserError(f"column {col.name!r}: cannot generalize as {how!r}",
+                    hint="year or month (dates), prefix:N (strings), bucket:W (numbers)")
+
+
+# -- what the daemon reads ----------------------------------------------------
 
 
 def job_columns(job: PlanJob) -> list[str]:
@@ -56,16 +320,17 @@ def count_rows(product: PlanProduct, base_dir: Path) -> int:
     """Row count of a product (a count, never a row)."""
     import duckdb
 
-    path = _existing(product, base_dir)
-    try:
-        with duckdb.connect() as con:
-            return int(con.execute(f"SELECT count(*) FROM {_reader(product)}", [str(path)]).fetchone()[0])
-    except duckdb.Error as err:
-        raise UserError(f"cannot read product {product.id}: {_first_line(err)}", where=str(path)) from None
+    with duckdb.connect() as con:
+        view = product_view(con, product, base_dir)
+        try:
+            return int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
+        except duckdb.Error as err:
+            raise UserError(f"cannot read product {product.id}: {first_line(err)}",
+                            where=str(_where(product, base_dir))) from None
 
 
 def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id: int) -> JobData:
-    """Read `product` for `job`: the allowed columns only, PII excluded in the SQL itself."""
+    """Read `product` for `job` through its masked view: the job's columns only, never PII."""
     import duckdb
 
     by_name = {c.name: c for c in product.columns}
@@ -76,18 +341,23 @@ def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id:
             raise UserError(f"product {product.id} has no column {c!r} that job {job.name} needs")
         if col.pii != "none":
             raise UserError(f"job {job.name} asks for PII column {product.id}.{c}; refused")
-    path = _existing(product, base_dir)
-    select = ", ".join(
-        f"CAST({_ident(c)} AS VARCHAR) AS {_ident(c)}" if c in (job.target, job.evaluation.holdout_column)
-        else f"CAST({_ident(c)} AS FLOAT) AS {_ident(c)}" for c in cols)
-    not_null = " AND ".join(f"{_ident(c)} IS NOT NULL" for c in cols)
-    sql = f"SELECT {select} FROM {_reader(product)}"
-    try:
-        with duckdb.connect() as con:
-            total = int(con.execute(f"SELECT count(*) FROM {_reader(product)}", [str(path)]).fetchone()[0])
-            arrays = con.execute(f"SELECT * FROM ({sql}) WHERE {not_null}", [str(path)]).fetchnumpy()
-    except duckdb.Error as err:
-        raise UserError(f"cannot read product {product.id}: {_first_line(err)}", where=str(path)) from None
+    text = (job.target, job.evaluation.holdout_column)
+    select = ", ".join(f"CAST({ident(c)} AS {'VARCHAR' if c in text else 'FLOAT'}) AS {ident(c)}"
+                       for c in cols)
+    not_null = " AND ".join(f"{ident(c)} IS NOT NULL" for c in cols)
+    with duckdb.connect() as con:
+        view = product_view(con, product, base_dir, columns=cols)
+        try:
+            total = int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
+            arrays = con.execute(f"SELECT * FROM (SELECT {select} FROM {view}) WHERE {not_null}").fetchnumpy()
+        except duckdb.Error as err:
+            raise UserError(f"cannot read product {product.id}: {first_line(err)}",
+                            where=str(_where(product, base_dir))) from None
+    return _tensors(job, product, arrays, total, client_id, _where(product, base_dir))
+
+
+def _tensors(job: PlanJob, product: PlanProduct, arrays: dict, total: int, client_id: int,
+             where: Path | str) -> JobData:
     n = len(arrays[job.target])
     x = np.stack([np.asarray(arrays[f], dtype=np.float32) for f in job.features], axis=1) if n else \
         np.zeros((0, len(job.features)), dtype=np.float32)
@@ -96,8 +366,10 @@ def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id:
     bad = sorted({v for v in labels if v not in index})
     if bad:
         raise UserError(f"product {product.id}: column {job.target!r} holds {bad[:3]} outside the "
-                        f"declared values {job.classes}", where=str(path))
+                        f"declared values {job.classes}", where=str(where))
     y = np.fromiter((index[v] for v in labels), dtype=np.int64, count=n)
+    import torch
+
     test = _holdout_mask(job, arrays, n, client_id)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     mask = torch.from_numpy(test)
@@ -110,22 +382,39 @@ def _holdout_mask(job: PlanJob, arrays: dict, n: int, client_id: int) -> np.ndar
     if ev.holdout_column:
         return np.asarray([str(v) == ev.holdout_value for v in arrays[ev.holdout_column]], dtype=bool)
     mask = np.zeros(n, dtype=bool)
-    k = int(round(n * ev.holdout))
+    k = round(n * ev.holdout)
     if k:
+        import torch
+
         g = torch.Generator().manual_seed(job.training.seed * 1_000_003 + client_id)
         mask[torch.randperm(n, generator=g)[:k].numpy()] = True
     return mask
 
 
+def _where(product: PlanProduct, base_dir: Path) -> Path | str:
+    return _redact(product.source) if product.format == "postgresql" else source_path(product, base_dir)
+
+
 def _existing(product: PlanProduct, base_dir: Path) -> Path:
     path = source_path(product, base_dir)
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"data file of product {product.id} not found", where=str(path))
     return path
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _duck_error() -> type[Exception]:
+    import duckdb
+
+    return duckdb.Error
+
+
+def first_line(err: Exception) -> str:
+    """The first non-empty line of an error's text (or its type's name)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(err).__name__
+
+
+_first_line = first_line
 
 
 def feature_sums(x: torch.Tensor) -> tuple[int, list[float], list[float]]:
@@ -139,6 +428,8 @@ def pooled_mean_std(stats: list[tuple[int, list[float], list[float]]]) -> tuple[
     n = sum(c for c, _, _ in stats)
     if n == 0:
         raise ValueError("no training rows to standardize with")
+    import torch
+
     s = torch.tensor([x for _, x, _ in stats], dtype=torch.float64).sum(0)
     q = torch.tensor([x for _, _, x in stats], dtype=torch.float64).sum(0)
     mean = s / n

@@ -58,7 +58,9 @@ class PolicyDecided(Event):
     reason: str
     at: str = ""
     stage: str = "compile"
-    """`compile` or `run`."""
+    """`compile` (the compiler) or `runtime` (a domain or the coordinator, at run time)."""
+    domain: str = ""
+    """The domain that decided at run time; empty for the compiler or the coordinator."""
 
     @property
     def level(self) -> str:  # type: ignore[override]
@@ -317,13 +319,30 @@ class AnalysisCompleted(Event):
                 f"{self.suppressed} suppressed, in {self.seconds:.2f}s")
 
 
+class StragglersDropped(Event):
+    """A round went on without participants that did not reply by its deadline."""
+
+    type: ClassVar[str] = "stragglers_dropped"
+    level: ClassVar[str] = "warning"
+    job: str
+    round: int
+    phase: str
+    """`train` or `eval`."""
+    domains: list[str]
+    waited_s: float
+
+    def message(self) -> str:
+        return (f"job {self.job} round {self.round}: {self.phase} went on without "
+                f"{', '.join(self.domains)} (no reply within {self.waited_s:.0f}s)")
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (RunStarted, PolicyDecided, DomainJoined, DomainRefused, DomainLost,
                 MessageRejected, JobStarted, JobWaiting, RoundStarted, UpdateReceived,
                 RoundCompleted, CheckpointWritten, JobCompleted, JobFailed, RunCompleted,
                 ProductListed, ContractChecked, DomainHeartbeat, BudgetSpent,
-                AnalysisStarted, AnalysisCompleted)
+                AnalysisStarted, AnalysisCompleted, StragglersDropped)
 }
 
 
@@ -333,6 +352,8 @@ def parse_event(data: dict[str, Any] | str | bytes) -> Event:
     if not isinstance(obj, dict):
         raise ValueError("event is not a JSON object")
     kind = obj.pop("type", None)
+    obj.pop("prev", None)  # the audit chain's fields (meshctl.runtime.audit), not the event's
+    obj.pop("hash", None)
     cls = EVENT_TYPES.get(kind)  # type: ignore[arg-type]
     if cls is None:
         raise ValueError(f"unknown event type {kind!r}")

@@ -33,6 +33,8 @@ class RunResult:
     run_dir: Path
     reason: str = ""
     events: tuple[ev.Event, ...] = ()
+    detached: bool = False
+    """The dashboard left the run going in the background (re-attach with `meshctl dash`)."""
 
 
 def state_dir(mesh_file: Path) -> Path:
@@ -41,7 +43,7 @@ def state_dir(mesh_file: Path) -> Path:
 
 
 def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1,
-                wait_for_observer_s: float = 10.0) -> tuple[RunManifest, KeyPair]:
+                wait_for_observer_s: float = 10.0, analysis: str = "") -> tuple[RunManifest, KeyPair]:
     """Make the run directory, its ephemeral keys and manifest; return it and the observer's keys."""
     run = new_run_id()
     run_dir = state_dir(mesh_file) / "runs" / run
@@ -64,11 +66,12 @@ def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, thre
                                 hint="run `meshctl keys generate` on that host and add its public key")
             domain_keys[d.name] = check_public_key(d.public_key, where=f"domain {d.name}").decode()
     observer = KeyPair.generate()
+    observer.save(keys_dir, "observer")  # lets `meshctl dash RUN` attach while the run lives
     manifest = RunManifest(
         run=run, run_dir=str(run_dir), base_dir=str(mesh_file.resolve().parent), router=router, events=events,
         coordinator_key=str(coordinator_file), coordinator_public=coordinator.public.decode(),
         domain_keys=domain_keys, observer_keys=[observer.public.decode()], local_domains=local,
-        threads=threads, wait_for_observer_s=wait_for_observer_s)
+        threads=threads, wait_for_observer_s=wait_for_observer_s, analysis=analysis)
     manifest.write()
     return manifest, observer
 
@@ -174,6 +177,7 @@ class LocalRun:
         code = self.wait()
         for f in (self.m.path / "keys").glob("*.key_secret"):
             f.unlink()
+        self._update_catalog()
         if self.result is None:  # not followed here (the dashboard was): the audit log says
             done = [e for e in _read_log(self.m.path / "events.jsonl") if isinstance(e, ev.RunCompleted)]
             self.result = done[-1] if done else None
@@ -184,6 +188,19 @@ class LocalRun:
         return RunResult(self.result.ok, self.m.path, self.result.reason, tuple(self.events))
 
 
+    def _update_catalog(self) -> None:
+        """Ingest the run's events into `.meshctl/catalog.db`; a problem there is a warning, never a failure."""
+        if not (self.m.path / "events.jsonl").is_file():
+            return
+        try:
+            from meshctl.runtime.catalog import CATALOG_FILE, ingest_run
+
+            ingest_run(self.m.path.parent.parent / CATALOG_FILE, self.m.path)
+        except Exception as err:  # noqa: BLE001 - the run is over and recorded; the catalog is a view of it
+            text = str(err).strip().splitlines()
+            print(f"warning: catalog not updated: {text[0] if text else type(err).__name__}", file=sys.stderr)
+
+
 def _read_log(path: Path) -> list[ev.Event]:
     try:
         return ev.read_events(str(path))
@@ -191,8 +208,10 @@ def _read_log(path: Path) -> list[ev.Event]:
         return []
 
 
-def start_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1) -> LocalRun:
-    manifest, observer = prepare_run(mesh_file, plan, address=address, threads=threads)
+def start_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1,
+              analysis: str = "") -> LocalRun:
+    """Prepare a run and start its coordinator; `analysis` names an analysis to run instead of training."""
+    manifest, observer = prepare_run(mesh_file, plan, address=address, threads=threads, analysis=analysis)
     run = LocalRun(manifest, observer)
     run.start()
     return run

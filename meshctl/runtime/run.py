@@ -49,6 +49,12 @@ class RunManifest(BaseModel):
     """Wait this long for a first subscriber before publishing events."""
     join_timeout_s: float = 60.0
     checkpoint: bool = True
+    analysis: str = ""
+    """Name of the analysis this run computes (`meshctl analyze`); empty for a training run."""
+    audit_head: str = ""
+    """Hash of the last entry of events.jsonl, recorded when the run ends (meshctl.runtime.audit)."""
+    audit_entries: int = 0
+    """Number of entries in events.jsonl when the run ended."""
 
     @property
     def path(self) -> Path:

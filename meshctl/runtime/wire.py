@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from typing import Annotated, Any, Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, Union, get_args
 
 import numpy as np
 import torch
@@ -72,11 +73,42 @@ class FeatureStats(BaseModel):
     sumsq: list[float] = Field(max_length=100_000)
 
 
+class Decision(BaseModel):
+    """A policy decision a domain made at run time (governance.py): a verdict, never data."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    policy: str = Field(max_length=256)
+    scope: str = Field(max_length=32)
+    subject: str = Field(max_length=512)
+    effect: Literal["allow", "deny", "warn"]
+    reason: str = Field(max_length=4096)
+    at: str = Field(default="", max_length=512)
+    domain: str = Field(default="", max_length=128)
+    """Who decided."""
+    stage: str = Field(default="runtime", max_length=32)
+
+
+class CheckOutcome(BaseModel):
+    """One contract quality rule checked in the domain: observed numbers only, never values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    product: str = Field(max_length=256)
+    contract: str = Field(max_length=256)
+    rule: str = Field(max_length=512)
+    observed: float | None = None
+    operator: str = Field(default="", max_length=64)
+    threshold: float | list[float] | None = None
+    passed: bool
+    severity: Literal["info", "warning", "error"] = "error"
+
+
 class Hello(_Msg):
     """Daemon -> coordinator: I am up, these are my products and row counts.
 
     For jobs that standardize features, `stats` carries the sums the coordinator
-    pools into the mesh-wide mean and standard deviation.
+    pools into the mesh-wide mean and standard deviation. `decisions` are the
+    domain's own run-time policy decisions on the plan's jobs, `refused` the jobs it
+    will not take part in (job -> reason), `checks` its contract check results.
     """
 
     type: Literal["hello"] = "hello"
@@ -84,6 +116,16 @@ class Hello(_Msg):
     pid: int = 0
     rows: dict[str, int] = Field(default_factory=dict)
     stats: dict[str, FeatureStats] = Field(default_factory=dict)
+    refused: dict[str, Annotated[str, Field(max_length=8192)]] = Field(default_factory=dict)
+    decisions: list[Decision] = Field(default_factory=list, max_length=4096)
+    checks: list[CheckOutcome] = Field(default_factory=list, max_length=4096)
+
+
+class Heartbeat(_Msg):
+    """Daemon -> coordinator: still alive, and what it is doing."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    state: Literal["idle", "training", "evaluating", "analyzing"] = "idle"
 
 
 class Welcome(_Msg):
@@ -112,6 +154,8 @@ class TrainIns(_Msg):
     mean: list[float] | None = None
     """Mesh-wide feature means to standardize with (jobs with `standardize`)."""
     std: list[float] | None = None
+    participants: list[str] = Field(default_factory=list)
+    """The round's participants, so that each domain can decide its `scope: round` policies."""
 
 
 class TrainRes(_Msg):
@@ -163,7 +207,7 @@ class Shutdown(_Msg):
 
 
 Message = Annotated[
-    Union[Hello, Welcome, Refused, TrainIns, TrainRes, EvalIns, EvalRes, ErrorReply, Shutdown],
+    Hello | Welcome | Refused | TrainIns | TrainRes | EvalIns | EvalRes | ErrorReply | Shutdown | Heartbeat,
     Field(discriminator="type"),
 ]
 _MESSAGE = TypeAdapter(Message)
@@ -270,3 +314,66 @@ def _tensor(parts: list[memoryview], dtype: torch.dtype, shape: list[int], nbyte
         flat[pos:pos + len(p)] = np.frombuffer(p, dtype=np.uint8)
         pos += len(p)
     return out.view(dtype).reshape(shape)
+
+
+# -- federated analytics (meshctl.runtime.analytics) ----------------------------------
+
+
+class AnalyzeIns(_Msg):
+    """Coordinator -> daemon: compute the declared aggregates of analysis `analysis`."""
+
+    type: Literal["analyze_ins"] = "analyze_ins"
+    analysis: str = Field(max_length=256)
+
+
+class GroupAggregates(BaseModel):
+    """One group's released statistics: JSON numbers keyed by statistic, never rows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    key: list[str] = Field(max_length=16)
+    """The group's values, in `group_by` order."""
+    values: dict[str, float | list[float]] = Field(max_length=1024)
+    """Statistic key (`count`, `sum(col)`, `m2(col)`, `hist(col,bins,lo,hi)`) -> number(s)."""
+
+
+class LedgerCharge(BaseModel):
+    """ε a domain charged to one of its products' privacy ledger for this release."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    product: str = Field(max_length=256)
+    epsilon: float = Field(ge=0)
+    total: float = Field(ge=0)
+    """Spent on the product across runs, this charge included."""
+    cap: float | None = None
+
+
+class Denial(BaseModel):
+    """A domain's run-time policy decision against a request."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    policy: str = Field(max_length=128)
+    reason: str = Field(max_length=4096)
+
+
+class AnalyzeRes(_Msg):
+    """Daemon -> coordinator: a domain's aggregates of `analysis`, or why it refused."""
+
+    type: Literal["analyze_res"] = "analyze_res"
+    analysis: str = Field(max_length=256)
+    groups: list[GroupAggregates] = Field(default_factory=list, max_length=100_000)
+    suppressed: int = Field(default=0, ge=0)
+    """Groups this domain left out because they had fewer than `min_group_size` rows."""
+    charges: list[LedgerCharge] = Field(default_factory=list, max_length=64)
+    denied: list[Denial] = Field(default_factory=list, max_length=64)
+    """Non-empty when the domain refused: then `groups` is empty."""
+
+
+def _with_messages(*extra: type[_Msg]) -> None:
+    """Add message types to the discriminated union `decode` validates against."""
+    global Message, _MESSAGE
+    current = get_args(get_args(Message)[0])
+    Message = Annotated[Union[(*current, *extra)], Field(discriminator="type")]  # type: ignore[misc,valid-type]
+    _MESSAGE = TypeAdapter(Message)
+
+
+_with_messages(AnalyzeIns, AnalyzeRes)

@@ -1,35 +1,79 @@
 """The dashboard: `MeshApp` renders the event stream of one run.
 
 Build it with `make_app(...)`, the one factory the CLI and the tests share. The
-app holds a `MeshState`, folds every `EventReceived` into it with `reduce`, and
-asks each widget to show the new state. Events come from an event source (the
-ZeroMQ `EventBridge`, a `FileReplay` or `PacedReplay`) or from `MeshApp.feed`.
+app holds a `MeshState` and folds every event into it with `reduce`; the widgets
+are redrawn from that state at most every `refresh_s` (100 ms), so a burst of
+events costs one redraw, not one per event. Events come from an event source
+(the ZeroMQ `EventBridge`, a `FileReplay`, `PacedReplay` or the scrubbable
+`ScrubReplay`) or from `MeshApp.feed`.
 
-Three tabs, switched with 1/2/3: Overview (rounds, domains, recent events),
-Policies (every policy decision) and Events (the whole log, filtered by `/`).
+Five tabs, switched with 1-5: Overview (coordinator, jobs, domains, recent events),
+Rounds (rounds table, contributions, plots), Policies (every decision), Catalog
+(products, `/` searches) and Events (the whole log, `/` filters).
 """
 
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Protocol
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import Footer, Input, TabbedContent, TabPane
+from textual.timer import Timer
+from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from meshctl.runtime.events import Event, RunCompleted
 from meshctl.tui.messages import BridgeNote, EventReceived, FrameSkipped
-from meshctl.tui.state import MeshState, reduce
-from meshctl.tui.widgets import (DomainTable, EventLog, EventsView, PolicyTable, RoundsTable,
-                                 RunHeader)
+from meshctl.tui.plan_info import seed
+from meshctl.tui.replay import ScrubReplay
+from meshctl.tui.state import MeshState, reduce, reduce_all
+from meshctl.tui.widgets import (
+    CatalogView,
+    DomainTable,
+    EventLog,
+    EventsView,
+    JobsPanel,
+    PolicyTable,
+    QuitDialog,
+    RoundsView,
+    RunHeader,
+)
 
-__all__ = ["TABS", "EventReceived", "EventSource", "MeshApp", "make_app"]
+if TYPE_CHECKING:
+    from meshctl.compiler.plan import Plan
+
+__all__ = ["TABS", "THEMES", "EventReceived", "EventSource", "MeshApp", "make_app"]
 
 TABS: tuple[tuple[str, str, str], ...] = (
-    ("1", "overview", "Overview"), ("2", "policies", "Policies"), ("3", "events", "Events"),
+    ("1", "overview", "Overview"), ("2", "rounds", "Rounds"), ("3", "policies", "Policies"),
+    ("4", "catalog", "Catalog"), ("5", "events", "Events"),
 )
 """(key, pane id, title) of each tab, in order."""
+
+THEMES = ("textual-dark", "textual-light")
+"""The dark and the light theme `t` switches between."""
+
+_FOCUS = {"overview": "#domains", "rounds": "#rounds", "policies": "#policy-table",
+          "catalog": "#catalog", "events": "#all-events"}
+
+_SCRUB_ACTIONS = {"scrub_toggle", "scrub_round", "scrub_edge", "scrub_speed"}
+
+
+@dataclass(frozen=True)
+class _Views:
+    """The widgets a redraw updates, found once at mount (a modal screen may be on top)."""
+
+    header: RunHeader
+    jobs: JobsPanel
+    domains: DomainTable
+    log: EventLog
+    rounds: RoundsView
+    policies: PolicyTable
+    catalog: CatalogView
+    events: EventsView
+    scrubber: Static
 
 
 class EventSource(Protocol):
@@ -48,99 +92,278 @@ class MeshApp(App[MeshState]):
     CSS_PATH = "meshctl.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit"),
-        *(Binding(key, f"show_tab('{pane}')", title) for key, pane, title in TABS),
-        Binding("slash", "filter_events", "Filter"),
+        *(Binding(key, f"show_tab('{pane}')", title, show=False) for key, pane, title in TABS),
+        Binding("slash", "search", "Search"),
+        Binding("t", "toggle_theme", "Theme"),
+        Binding("space", "scrub_toggle", "Pause"),
+        Binding("left_square_bracket", "scrub_round(-1)", "-round", key_display="[", show=False),
+        Binding("right_square_bracket", "scrub_round(1)", "+round", key_display="]", show=False),
+        Binding("g", "scrub_edge(0)", "Start", show=False),
+        Binding("G", "scrub_edge(1)", "End", show=False),
+        Binding("minus", "scrub_speed(-1)", "Slower", key_display="-", show=False),
+        Binding("plus", "scrub_speed(1)", "Faster", key_display="+", show=False),
     ]
 
     def __init__(self, *, title: str = "meshctl", event_source: EventSource | None = None,
-                 exit_on_complete: bool = False) -> None:
+                 exit_on_complete: bool = False, plan: Plan | None = None,
+                 clock: Callable[[], float] | None = None, ask_on_quit: bool = False,
+                 refresh_s: float = 0.1) -> None:
         super().__init__()
         self.title = title
-        self.mesh_state = MeshState()
+        self.plan = plan
+        self.mesh_state = seed(MeshState(), plan)
         """Everything the events have said so far."""
         self.event_source = event_source
         self.exit_on_complete = exit_on_complete
+        self.clock = clock
+        """`now` for heartbeat ages; None: wall time live, the newest event's time in a replay."""
+        self.ask_on_quit = ask_on_quit
+        self.quit_choice: str | None = None
+        """`stop` or `detach` when the quit dialog answered, else None."""
+        self.refresh_s = refresh_s
+        self.redraws = 0
+        """How many times the widgets were redrawn (batched: not once per event)."""
+        self._last_flush = 0.0
+        self._pending: Timer | bool = False
+        self._views: _Views | None = None
+        self._clock_timer: Timer | None = None
+        self.theme = THEMES[0]
+
+    @property
+    def scrubber(self) -> ScrubReplay | None:
+        """The replay scrubber, when this app replays a file with one."""
+        return self.event_source if isinstance(self.event_source, ScrubReplay) else None
 
     def compose(self) -> ComposeResult:
         yield RunHeader(id="header")
         with TabbedContent(initial="overview", id="tabs"):
             with TabPane("1 Overview", id="overview"):
-                yield RoundsTable(id="rounds")
+                yield JobsPanel(id="jobs")
                 yield DomainTable(id="domains")
                 yield EventLog(id="log")
-            with TabPane("2 Policies", id="policies"):
+            with TabPane("2 Rounds", id="rounds-tab"):
+                yield RoundsView(id="rounds-view")
+            with TabPane("3 Policies", id="policies"):
                 yield PolicyTable(id="policy-table")
-            with TabPane("3 Events", id="events"):
+            with TabPane("4 Catalog", id="catalog-tab"):
+                yield CatalogView(id="catalog-view")
+            with TabPane("5 Events", id="events"):
                 yield EventsView(id="events-view")
+        yield Static(id="scrubber")
         yield Footer()
 
     def on_mount(self) -> None:
-        self._show()
+        self._views = _Views(
+            self.query_one(RunHeader), self.query_one(JobsPanel), self.query_one(DomainTable),
+            self.query_one("#log", EventLog), self.query_one(RoundsView),
+            self.query_one(PolicyTable), self.query_one(CatalogView), self.query_one(EventsView),
+            self.query_one("#scrubber", Static))
+        self._views.scrubber.display = self.scrubber is not None
+        self.flush()
+        self._clock_timer = self.set_interval(1.0, self._tick_clock)
         if self.event_source is not None:
             self.event_source.start(self)
 
     def on_unmount(self) -> None:
+        self._views = None  # timers that still fire find nothing to draw
+        if self._clock_timer is not None:
+            self._clock_timer.stop()
         if self.event_source is not None:
             self.event_source.stop()
 
+    # -- tabs, search, theme -------------------------------------------------------
+
     @property
     def active_tab(self) -> str:
-        """The id of the tab shown now (`overview`, `policies`, `events`)."""
-        return self.query_one(TabbedContent).active
+        """The tab shown now: `overview`, `rounds`, `policies`, `catalog` or `events`."""
+        return self.query_one(TabbedContent).active.removesuffix("-tab")
 
     def action_show_tab(self, pane: str) -> None:
         """Show tab `pane` and focus its main widget."""
-        self.query_one(TabbedContent).active = pane
-        target = {"overview": RoundsTable, "policies": PolicyTable}.get(pane)
-        if target is not None:
-            self.query_one(target).focus()
-        else:
-            self.query_one("#all-events").focus()
+        self.query_one(TabbedContent).active = pane if pane in ("overview", "policies",
+                                                                "events") else f"{pane}-tab"
+        self.query_one(_FOCUS[pane]).focus()
+
+    def on_tabbed_content_tab_activated(self) -> None:
+        self.call_after_refresh(self.flush)  # logs on a hidden tab write when shown
+
+    def action_search(self) -> None:
+        """`/`: search the catalog on the Catalog tab, else filter the Events tab."""
+        if self.active_tab == "catalog":
+            self.query_one("#catalog-search", Input).focus()
+            return
+        self.query_one(TabbedContent).active = "events"
+        self.query_one("#event-filter", Input).focus()
 
     def action_filter_events(self) -> None:
         """Show the Events tab and put the cursor in its filter."""
         self.query_one(TabbedContent).active = "events"
         self.query_one("#event-filter", Input).focus()
 
+    def action_toggle_theme(self) -> None:
+        """Switch between the dark and the light theme."""
+        self.theme = THEMES[1] if self.theme == THEMES[0] else THEMES[0]
+
+    # -- quitting ----------------------------------------------------------------
+
+    async def action_quit(self) -> None:
+        """Quit; `up`'s dashboard first asks what to do with a run that is still going."""
+        if not self.ask_on_quit or self.mesh_state.state in ("completed", "failed"):
+            self.exit()
+            return
+
+        def answered(choice: str | None) -> None:
+            if choice:
+                self.quit_choice = choice
+                self.exit()
+
+        if not isinstance(self.screen, QuitDialog):
+            self.push_screen(QuitDialog(self.mesh_state.run_id), answered)
+
+    # -- the scrubber ----------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Scrubber keys exist only while replaying with a scrubber."""
+        if action in _SCRUB_ACTIONS:
+            return self.scrubber is not None
+        return True
+
+    def action_scrub_toggle(self) -> None:
+        """Pause or resume the replay."""
+        if self.scrubber is not None:
+            self.scrubber.toggle()
+            self._show_scrubber()
+
+    def action_scrub_round(self, delta: int) -> None:
+        """Step the replay one round back (-1) or forward (1)."""
+        if self.scrubber is not None:
+            self.scrubber.step_round(delta)
+            self._show_scrubber()
+
+    def action_scrub_edge(self, end: int) -> None:
+        """Jump to the start (0) or the end (1) of the replay."""
+        if self.scrubber is not None:
+            self.scrubber.paused = True
+            self.scrubber.seek(len(self.scrubber.events) if end else 0)
+            self._show_scrubber()
+
+    def action_scrub_speed(self, delta: int) -> None:
+        """Replay slower (-1) or faster (1)."""
+        if self.scrubber is not None:
+            self.scrubber.change_speed(delta)
+            self._show_scrubber()
+
+    # -- events in ------------------------------------------------------------------
+
     def feed(self, event: Event) -> bool:
         """Deliver `event` to the app; safe from any thread. False once the app is closing."""
         return self.post_message(EventReceived(event))
 
+    def apply_events(self, events: Iterable[Event]) -> None:
+        """Reduce `events` now (on the app's thread) and schedule a redraw."""
+        for event in events:
+            reduce(self.mesh_state, event)
+        self._changed()
+
+    def rebuild(self, events: Iterable[Event]) -> None:
+        """Replace the state by one reduced from `events` alone, and redraw everything."""
+        self.mesh_state = reduce_all(events, seed(MeshState(), self.plan))
+        if self._views is not None:
+            v = self._views
+            for widget in (v.jobs, v.domains, v.log, v.rounds, v.policies, v.events):
+                widget.reset()
+        self.flush()
+
     def on_event_received(self, message: EventReceived) -> None:
         reduce(self.mesh_state, message.event)
-        self._show()
+        self._changed()
         if isinstance(message.event, RunCompleted) and self.exit_on_complete:
+            self.flush()
             self.exit(self.mesh_state)
 
     def on_frame_skipped(self, message: FrameSkipped) -> None:
         self.mesh_state.skipped += 1
         self.mesh_state.log("warning", f"skipped a malformed frame: {message.reason}",
                             ts=time.time())
-        self._show()
+        self._changed()
 
     def on_bridge_note(self, message: BridgeNote) -> None:
         self.mesh_state.log(message.level, message.text, ts=time.time())
-        self._show()
+        self._changed()
 
-    def _show(self) -> None:
-        state = self.mesh_state
-        self.query_one(RunHeader).show(state)
-        self.query_one(RoundsTable).show(state)
-        self.query_one(DomainTable).show(state)
-        self.query_one("#log", EventLog).show(state)
-        self.query_one(PolicyTable).show(state)
-        self.query_one(EventsView).show(state)
+    # -- redrawing --------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The time heartbeat ages are measured at."""
+        if self.clock is not None:
+            return self.clock()
+        return self.mesh_state.clock if self.scrubber is not None else time.time()
+
+    def flush(self) -> None:
+        """Redraw every widget from the state now (events since the last redraw included)."""
+        if isinstance(self._pending, Timer):
+            self._pending.stop()
+        self._pending = False
+        self._last_flush = time.monotonic()
+        self.redraws += 1
+        if not self._drawable:
+            return
+        state, v = self.mesh_state, self._views
+        assert v is not None
+        v.header.show(state)
+        v.jobs.show(state)
+        v.domains.show(state, self.now())
+        v.log.show(state)
+        v.rounds.show(state)
+        v.policies.show(state)
+        v.catalog.show(state)
+        v.events.show(state)
+        self._show_scrubber()
+
+    def _changed(self) -> None:
+        """Something changed: redraw now if the last redraw is old enough, else soon."""
+        if self._pending is not False:
+            return
+        wait = self._last_flush + self.refresh_s - time.monotonic()
+        if wait <= 0:
+            self._pending = True
+            self.call_later(self.flush)
+        else:
+            self._pending = self.set_timer(wait, self.flush)
+
+    @property
+    def _drawable(self) -> bool:
+        """Whether the widgets are there to draw on (not before mount, nor while closing)."""
+        v = self._views
+        return v is not None and not self._exit and v.domains.is_attached and v.log.is_attached
+
+    def _tick_clock(self) -> None:
+        if self._drawable and self._views is not None:
+            self._views.domains.show(self.mesh_state, self.now())
+            self._show_scrubber()
+
+    def _show_scrubber(self) -> None:
+        if self.scrubber is not None and self._drawable and self._views is not None:
+            keys = "space pause · [ ] round · g/G start/end · -/+ speed"
+            self._views.scrubber.update(f"{self.scrubber.status()}   {keys}")
 
 
 def make_app(*, title: str = "meshctl", event_source: EventSource | None = None,
-             exit_on_complete: bool = False) -> MeshApp:
+             exit_on_complete: bool = False, plan: Plan | None = None,
+             clock: Callable[[], float] | None = None, ask_on_quit: bool = False) -> MeshApp:
     """The dashboard app, as the CLI and the tests build it.
 
     Args:
         title: The terminal title.
-        event_source: Started on mount and stopped on unmount (an `EventBridge`
-            or a `FileReplay`); None to feed events with `MeshApp.feed`.
+        event_source: Started on mount and stopped on unmount (an `EventBridge`,
+            `FileReplay`, `PacedReplay` or `ScrubReplay`); None to feed events
+            with `MeshApp.feed`.
         exit_on_complete: Exit when `run_completed` arrives, returning the final
             `MeshState`; otherwise stay open until the user presses q.
+        plan: The run's plan, for facts no event repeats (jurisdictions, reads).
+        clock: `now` for heartbeat ages (tests freeze it); see `MeshApp.now`.
+        ask_on_quit: Ask whether to stop the run when q is pressed before it ends
+            (`meshctl up`); the answer is left in `MeshApp.quit_choice`.
     """
-    return MeshApp(title=title, event_source=event_source, exit_on_complete=exit_on_complete)
+    return MeshApp(title=title, event_source=event_source, exit_on_complete=exit_on_complete,
+                   plan=plan, clock=clock, ask_on_quit=ask_on_quit)

@@ -153,6 +153,8 @@ class EventBridge(_Feeder):
                     self._on_monitor(recv_monitor_message(monitor))
                 if sock in ready:
                     self._on_frames(sock.recv_multipart())
+                elif not ready:
+                    self._idle()
         except zmq.ZMQError as err:
             self._post(BridgeNote("error", f"event bridge stopped: {err}"))
         finally:
@@ -161,6 +163,9 @@ class EventBridge(_Feeder):
             sock.close(linger=0)
             if own:
                 ctx.term()
+
+    def _idle(self) -> None:
+        """Called when a poll found nothing to read; a hook for subclasses."""
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) != 1:

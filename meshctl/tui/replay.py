@@ -7,6 +7,7 @@ plugs into the same app and the same reducer a live run uses.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Sequence
@@ -16,12 +17,12 @@ from typing import TYPE_CHECKING
 from meshctl.errors import UserError
 from meshctl.runtime.events import Event, parse_event
 from meshctl.tui.bridge import _Feeder, _short
-from meshctl.tui.messages import BridgeNote
+from meshctl.tui.messages import BridgeNote, FrameSkipped
 
 if TYPE_CHECKING:
     from meshctl.tui.app import MeshApp
 
-__all__ = ["EVENTS_FILE", "PacedReplay", "find_events", "schedule"]
+__all__ = ["EVENTS_FILE", "PacedReplay", "ScrubReplay", "find_events", "round_marks", "schedule"]
 
 EVENTS_FILE = "events.jsonl"
 RUNS_DIR = Path(".meshctl") / "runs"
@@ -124,3 +125,148 @@ class PacedReplay(_Feeder):
             self._post(BridgeNote("error", f"cannot replay {self.path}: {err}"))
         finally:
             self.done.set()
+
+
+SPEEDS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 0.0)
+"""The speed steps `+` and `-` move between; 0 = as fast as possible."""
+
+MAX_PER_TICK = 400
+"""At most this many events are reduced per tick, so a long replay never stalls the UI."""
+
+
+def round_marks(events: Sequence[Event]) -> list[int]:
+    """Positions just after each `round_completed`: where stepping by a round lands."""
+    return [i + 1 for i, e in enumerate(events) if e.type == "round_completed"]
+
+
+class ScrubReplay:
+    """Replay an `events.jsonl` inside the app's own loop, with a scrubber.
+
+    It reduces forward as recorded time passes (scaled by `speed`); `seek` moves
+    anywhere, and the app rebuilds its state by re-reducing the events before that
+    position (the reducer is pure). Keys, bound by the app: space pause/resume,
+    `[`/`]` a round back/forward, `g`/`G` start/end, `-`/`+` slower/faster.
+
+    Args:
+        path: The `events.jsonl` file.
+        speed: 10.0 replays ten times faster than recorded; 0 as fast as possible.
+        tick_s: How often the replay advances (on the app's timer).
+    """
+
+    def __init__(self, path: str | Path, *, speed: float = 10.0, tick_s: float = 0.05) -> None:
+        if speed < 0:
+            raise ValueError(f"speed must be >= 0, got {speed}")
+        self.path = Path(path)
+        self.speed = speed
+        self.tick_s = tick_s
+        self.events: list[Event] = []
+        self.bad: list[str] = []
+        """Why each line that did not parse was skipped."""
+        self.pos = 0
+        """How many events the app has reduced."""
+        self.marks: list[int] = []
+        """`round_marks` of the events."""
+        self.paused = False
+        self._app: MeshApp | None = None
+        self._cursor_ts = 0.0
+        self._last_tick = 0.0
+        self._timer: object | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether every event has been reduced."""
+        return self.pos >= len(self.events)
+
+    def load(self) -> None:
+        """Read and parse the file (bad lines go to `bad`)."""
+        self.events, self.bad = [], []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        self.events.append(parse_event(line))
+                    except Exception as err:  # noqa: BLE001 - a bad line never stops a replay
+                        self.bad.append(_short(err))
+        self.marks = round_marks(self.events)
+
+    def start(self, app: MeshApp) -> None:
+        """Load the file and start advancing on the app's timer; call from the app's thread."""
+        self._app = app
+        try:
+            self.load()
+        except OSError as err:
+            app.post_message(BridgeNote("error", f"cannot replay {self.path}: {err}"))
+            return
+        for reason in self.bad:
+            app.post_message(FrameSkipped(reason))
+        self._cursor_ts = self.events[0].ts if self.events else 0.0
+        self._last_tick = time.monotonic()
+        self._timer = app.set_interval(self.tick_s, self.tick)
+
+    def stop(self) -> None:
+        """Stop advancing; idempotent."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.stop()  # type: ignore[attr-defined]
+
+    def tick(self) -> None:
+        """Reduce the events that are due since the last tick."""
+        now = time.monotonic()
+        elapsed, self._last_tick = now - self._last_tick, now
+        if self.paused or self.done or self._app is None:
+            return
+        if self.speed == 0:
+            end = min(len(self.events), self.pos + MAX_PER_TICK)
+        else:
+            self._cursor_ts += elapsed * self.speed
+            end = self.pos
+            while (end < len(self.events) and end - self.pos < MAX_PER_TICK
+                   and self.events[end].ts <= self._cursor_ts):
+                end += 1
+        if end > self.pos:
+            batch, self.pos = self.events[self.pos:end], end
+            self._cursor_ts = max(self._cursor_ts, batch[-1].ts)
+            self._app.apply_events(batch)
+
+    def toggle(self) -> None:
+        """Pause, or resume where it stopped."""
+        self.paused = not self.paused
+        self._last_tick = time.monotonic()
+
+    def seek(self, pos: int) -> None:
+        """Move to `pos` (clamped) and have the app rebuild its state up to there."""
+        pos = max(0, min(len(self.events), pos))
+        if self._app is None:
+            self.pos = pos
+            return
+        if pos >= self.pos:
+            batch, self.pos = self.events[self.pos:pos], pos
+            self._app.apply_events(batch)
+        else:
+            self.pos = pos
+            self._app.rebuild(self.events[:pos])
+        self._cursor_ts = self.events[pos - 1].ts if pos else (
+            self.events[0].ts if self.events else 0.0)
+
+    def step_round(self, delta: int) -> None:
+        """Pause and move `delta` rounds (±1) from the current position."""
+        self.paused = True
+        marks = self.marks
+        if delta > 0:
+            self.seek(next((m for m in marks if m > self.pos), len(self.events)))
+        else:
+            self.seek(next((m for m in reversed(marks) if m < self.pos), 0))
+
+    def change_speed(self, delta: int) -> None:
+        """Move `delta` steps along `SPEEDS` (0, as fast as possible, is the top)."""
+        at = SPEEDS.index(self.speed) if self.speed in SPEEDS else \
+            min(range(len(SPEEDS) - 1), key=lambda i: abs(SPEEDS[i] - self.speed))
+        self.speed = SPEEDS[max(0, min(len(SPEEDS) - 1, at + delta))]
+
+    def status(self) -> str:
+        """One line for the scrubber bar: state, speed, position, round."""
+        mode = "paused" if self.paused else ("finished" if self.done else "playing")
+        speed = "max" if self.speed == 0 else f"{self.speed:g}×"
+        rounds = bisect.bisect_right(self.marks, self.pos)
+        return (f"replay {mode} · {speed} · event {self.pos}/{len(self.events)} · "
+                f"round {rounds}/{len(self.marks)}")

@@ -17,7 +17,8 @@ from typing import Literal
 from meshctl.runtime import events as ev
 
 RunStatus = Literal["starting", "running", "completed", "failed"]
-DomainStatus = Literal["connecting", "joined", "training", "idle", "lost", "refused"]
+DomainStatus = Literal["connecting", "joined", "waiting", "training", "evaluating", "idle",
+                       "lost", "refused"]
 JobStatus = Literal["waiting", "training", "completed", "failed"]
 Level = Literal["info", "warning", "error"]
 
@@ -55,6 +56,14 @@ class DomainView:
     last_examples: int | None = None
     last_loss: float | None = None
     last_seconds: float | None = None
+    last_bytes: int | None = None
+    """Size of the domain's last model update on the wire."""
+    last_update_ts: float = 0.0
+    """When the coordinator received that update."""
+    last_seen: float = 0.0
+    """Time of the last event from this domain (join, update, heartbeat); 0 = never."""
+    jurisdiction: str = ""
+    owner: str = ""
 
 
 @dataclass
@@ -70,6 +79,69 @@ class RoundRow:
     bytes_in: int
     bytes_out: int
     seconds: float
+    epsilon: float | None = None
+    """Privacy budget (ε) the job had spent when this round completed; None without DP."""
+
+
+@dataclass
+class Contribution:
+    """One domain's update in one round, as `update_received` reported it."""
+
+    domain: str
+    examples: int
+    loss: float
+    update_norm: float
+    seconds: float
+    bytes: int
+
+
+@dataclass
+class CheckView:
+    """One contract quality rule checked on one product."""
+
+    rule: str
+    passed: bool
+    severity: str = "error"
+    observed: float | None = None
+    operator: str = ""
+    threshold: float | list[float] | None = None
+    contract: str = ""
+    detail: str = ""
+
+
+@dataclass
+class ProductView:
+    """A data product, as `product_listed`, `domain_joined` and `contract_checked` described it."""
+
+    address: str
+    domain: str
+    owner: str = ""
+    classification: str = ""
+    access: str = ""
+    contract: str = ""
+    tags: list[str] = field(default_factory=list)
+    description: str = ""
+    columns: list[dict[str, object]] = field(default_factory=list)
+    freshness: str = ""
+    rows: int | None = None
+    checks: dict[str, CheckView] = field(default_factory=dict)
+    """Latest result per rule."""
+    epsilon: float | None = None
+    """ε spent from this product's privacy ledger (`budget_spent`)."""
+    epsilon_cap: float | None = None
+
+
+@dataclass
+class AnalysisView:
+    """A federated analysis of the run."""
+
+    name: str
+    state: str = "running"
+    participants: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    groups: int = 0
+    suppressed: int = 0
+    seconds: float | None = None
 
 
 @dataclass
@@ -91,6 +163,8 @@ class JobView:
     checkpoint: str = ""
     reason: str = ""
     seconds: float | None = None
+    epsilon: float | None = None
+    """ε spent so far (the largest ledger total charged to this job), None without DP."""
 
 
 @dataclass
@@ -131,6 +205,16 @@ class MeshState:
     """Frames the dashboard could not parse (counted by the bridge)."""
     rounds: list[RoundRow] = field(default_factory=list)
     """Every job's completed rounds, in the order they completed."""
+    contributions: dict[tuple[str, int], list[Contribution]] = field(default_factory=dict)
+    """(job, round) -> each domain's update, in arrival order."""
+    products: dict[str, ProductView] = field(default_factory=dict)
+    """The catalog: address (`domain.name`) -> product."""
+    analyses: dict[str, AnalysisView] = field(default_factory=dict)
+    reads: dict[str, list[str]] = field(default_factory=dict)
+    """Consumer (`model NAME` / `analysis NAME`) -> product addresses it reads (from the plan)."""
+    coordinator_jurisdiction: str = ""
+    clock: float = 0.0
+    """Time of the newest event reduced (the replay's `now`)."""
 
     def log(self, level: str, text: str, *, ts: float = 0.0, kind: str = "note") -> LogLine:
         """Append a line to the event log and return it."""
@@ -151,6 +235,12 @@ class MeshState:
             self.jobs[name] = JobView(name)
         return self.jobs[name]
 
+    def product(self, address: str, domain: str = "") -> ProductView:
+        """The catalog entry of `address`, created on first mention."""
+        if address not in self.products:
+            self.products[address] = ProductView(address, domain or address.split(".", 1)[0])
+        return self.products[address]
+
 
 def reduce(state: MeshState, event: ev.Event) -> MeshState:
     """Fold `event` into `state` (in place) and return `state`.
@@ -159,6 +249,7 @@ def reduce(state: MeshState, event: ev.Event) -> MeshState:
     run, domain, job and decision views. Unknown types are only logged.
     """
     state.event_count += 1
+    state.clock = max(state.clock, event.ts)
     state.log(event.level, event.message(), ts=event.ts, kind=event.type)
     handler = _HANDLERS.get(type(event))
     if handler is not None:
@@ -187,6 +278,65 @@ def summary(state: MeshState) -> list[str]:
     return lines
 
 
+# --- derived views: pure functions of a state (and a `now` passed in) -------
+
+
+def heartbeat_age(domain: DomainView, now: float) -> float | None:
+    """Seconds since the last event from `domain` at time `now`; None if never heard from."""
+    return max(0.0, now - domain.last_seen) if domain.last_seen else None
+
+
+def job_eta(job: JobView) -> float | None:
+    """Seconds left for `job`: mean round seconds × rounds left; None before the first round."""
+    if job.state in ("completed", "failed") or not job.rounds or not job.rounds_total:
+        return 0.0 if job.state == "completed" else None
+    mean = sum(r.seconds for r in job.rounds) / len(job.rounds)
+    return mean * max(0, job.rounds_total - job.rounds[-1].round)
+
+
+def coordinator_status(state: MeshState) -> str:
+    """What the coordinator is doing, in a few words."""
+    if state.state in ("completed", "failed"):
+        return state.state if state.state == "completed" else f"failed: {state.reason}"
+    for job in state.jobs.values():
+        if job.state == "training":
+            return f"training {job.name}, round {job.current_round}/{job.rounds_total or '?'}"
+        if job.state == "waiting" and (job.waiting_have or job.quorum):
+            return (f"waiting for quorum for {job.name} "
+                    f"({len(job.waiting_have)}/{job.quorum or '?'} domains)")
+    running = [a.name for a in state.analyses.values() if a.state == "running"]
+    if running:
+        return f"running analysis {', '.join(running)}"
+    return "starting" if state.state == "starting" else "running"
+
+
+def product_status(product: ProductView) -> str:
+    """`passed`, `failed` (an error rule failed), `warning` (only warnings) or `unchecked`."""
+    if not product.checks:
+        return "unchecked"
+    failed = [c for c in product.checks.values() if not c.passed]
+    if not failed:
+        return "passed"
+    return "failed" if any(c.severity == "error" for c in failed) else "warning"
+
+
+def lineage(state: MeshState, address: str) -> list[str]:
+    """Which models and analyses of this run read product `address`.
+
+    The plan's reads say it exactly when the dashboard has them; otherwise a job or
+    analysis counts as a reader when the product's domain took part in it.
+    """
+    started = {f"model {n}" for n, j in state.jobs.items() if j.rounds or j.state != "waiting"}
+    started |= {f"analysis {n}" for n in state.analyses}
+    if state.reads:
+        return [c for c, products in state.reads.items() if address in products and c in started]
+    domain = state.products[address].domain if address in state.products else ""
+    out = [f"model {n}" for n, j in state.jobs.items()
+           if domain in j.participants and f"model {n}" in started]
+    out += [f"analysis {n}" for n, a in state.analyses.items() if domain in a.participants]
+    return out
+
+
 # --- handlers, one per event type -------------------------------------------
 
 
@@ -205,7 +355,15 @@ def _policy_decided(s: MeshState, e: ev.PolicyDecided) -> None:
 
 def _domain_joined(s: MeshState, e: ev.DomainJoined) -> None:
     d = s.domain(e.domain)
+    waiting = any(j.state == "waiting" and j.quorum for j in s.jobs.values())
     d.state, d.products, d.rows, d.reason = "joined", list(e.products), dict(e.rows), ""
+    if waiting:
+        d.state = "waiting"
+    d.last_seen = e.ts
+    for address in e.products:
+        s.product(address, e.domain)
+    for key, rows in e.rows.items():
+        s.product(key if "." in key else f"{e.domain}.{key}", e.domain).rows = rows
 
 
 def _domain_refused(s: MeshState, e: ev.DomainRefused) -> None:
@@ -218,6 +376,14 @@ def _domain_lost(s: MeshState, e: ev.DomainLost) -> None:
     d.state, d.reason = "lost", e.reason
 
 
+def _domain_heartbeat(s: MeshState, e: ev.DomainHeartbeat) -> None:
+    d = s.domain(e.domain)
+    d.last_seen = max(d.last_seen, e.ts)
+    live = {"analyzing": "training"}.get(e.state, e.state)
+    if live in ("idle", "training", "evaluating") and d.state not in ("waiting",):
+        _set_live(d, live)  # type: ignore[arg-type]
+
+
 def _message_rejected(s: MeshState, e: ev.MessageRejected) -> None:
     s.rejected += 1
 
@@ -226,11 +392,16 @@ def _job_started(s: MeshState, e: ev.JobStarted) -> None:
     j = s.job(e.job)
     j.participants, j.rounds_total = list(e.participants), e.rounds
     j.parameters, j.quorum, j.state = e.parameters, e.quorum, "waiting"
+    for name in e.participants:
+        if s.domain(name).state == "waiting":
+            _set_live(s.domain(name), "idle")
 
 
 def _job_waiting(s: MeshState, e: ev.JobWaiting) -> None:
     j = s.job(e.job)
     j.state, j.waiting_have, j.quorum = "waiting", list(e.have), e.need
+    for name in e.have:
+        _set_live(s.domain(name), "waiting")
 
 
 def _round_started(s: MeshState, e: ev.RoundStarted) -> None:
@@ -242,20 +413,25 @@ def _round_started(s: MeshState, e: ev.RoundStarted) -> None:
 
 def _update_received(s: MeshState, e: ev.UpdateReceived) -> None:
     d = s.domain(e.domain)
-    _set_live(d, "idle")
+    _set_live(d, "evaluating")
     d.last_job, d.last_round = e.job, e.round
     d.last_examples, d.last_loss, d.last_seconds = e.examples, e.loss, e.seconds
+    d.last_bytes, d.last_update_ts, d.last_seen = e.bytes, e.ts, max(d.last_seen, e.ts)
+    s.contributions.setdefault((e.job, e.round), []).append(
+        Contribution(e.domain, e.examples, e.loss, e.update_norm, e.seconds, e.bytes))
 
 
 def _round_completed(s: MeshState, e: ev.RoundCompleted) -> None:
     j = s.job(e.job)
-    j.current_round, j.rounds_total = e.round, e.rounds
+    j.current_round, j.rounds_total = max(j.current_round, e.round), e.rounds
     row = RoundRow(e.job, e.round, e.rounds, len(e.participants), e.train_loss,
-                   dict(e.metrics), e.bytes_in, e.bytes_out, e.seconds)
+                   dict(e.metrics), e.bytes_in, e.bytes_out, e.seconds, j.epsilon)
     j.rounds.append(row)
     s.rounds.append(row)
     for name in e.participants:
-        _set_live(s.domain(name), "idle")
+        d = s.domain(name)
+        if d.state == "evaluating" and d.last_round <= e.round:
+            d.state = "idle"
 
 
 def _checkpoint_written(s: MeshState, e: ev.CheckpointWritten) -> None:
@@ -281,9 +457,46 @@ def _run_completed(s: MeshState, e: ev.RunCompleted) -> None:
     s.run_id = s.run_id or e.run
     s.state = "completed" if e.ok else "failed"
     s.reason, s.seconds = e.reason, e.seconds
+    for d in s.domains.values():
+        if d.state in ("waiting", "training", "evaluating", "joined"):
+            d.state = "idle"
     level = "info" if e.ok else "error"
     for text in summary(s):
         s.log(level, text, ts=e.ts, kind="summary")
+
+
+def _product_listed(s: MeshState, e: ev.ProductListed) -> None:
+    p = s.product(e.product, e.domain)
+    p.owner, p.classification, p.access, p.contract = e.owner, e.classification, e.access, e.contract
+    p.tags, p.description, p.freshness = list(e.tags), e.description, e.freshness
+    p.columns = [dict(c) for c in e.columns]
+
+
+def _contract_checked(s: MeshState, e: ev.ContractChecked) -> None:
+    p = s.product(e.product, e.domain)
+    p.contract = p.contract or e.contract
+    p.checks[e.rule] = CheckView(e.rule, e.passed, e.severity, e.observed, e.operator,
+                                 e.threshold, e.contract, e.detail)
+
+
+def _budget_spent(s: MeshState, e: ev.BudgetSpent) -> None:
+    if e.product in s.products or "." in e.product:
+        p = s.product(e.product)
+        p.epsilon, p.epsilon_cap = e.total, e.cap
+    name = e.subject.split(".", 1)[1] if e.subject.startswith("model.") else e.subject
+    if name in s.jobs:
+        j = s.jobs[name]
+        j.epsilon = max(j.epsilon or 0.0, e.total)
+
+
+def _analysis_started(s: MeshState, e: ev.AnalysisStarted) -> None:
+    s.analyses[e.analysis] = AnalysisView(e.analysis, "running", list(e.participants),
+                                          list(e.metrics))
+
+
+def _analysis_completed(s: MeshState, e: ev.AnalysisCompleted) -> None:
+    a = s.analyses.setdefault(e.analysis, AnalysisView(e.analysis))
+    a.state, a.groups, a.suppressed, a.seconds = "completed", e.groups, e.suppressed, e.seconds
 
 
 def _set_live(d: DomainView, state: DomainStatus) -> None:
@@ -298,6 +511,7 @@ _HANDLERS: dict[type[ev.Event], Callable[[MeshState, ev.Event], None]] = {
     ev.DomainJoined: _domain_joined,
     ev.DomainRefused: _domain_refused,
     ev.DomainLost: _domain_lost,
+    ev.DomainHeartbeat: _domain_heartbeat,
     ev.MessageRejected: _message_rejected,
     ev.JobStarted: _job_started,
     ev.JobWaiting: _job_waiting,
@@ -308,4 +522,9 @@ _HANDLERS: dict[type[ev.Event], Callable[[MeshState, ev.Event], None]] = {
     ev.JobCompleted: _job_completed,
     ev.JobFailed: _job_failed,
     ev.RunCompleted: _run_completed,
+    ev.ProductListed: _product_listed,
+    ev.ContractChecked: _contract_checked,
+    ev.BudgetSpent: _budget_spent,
+    ev.AnalysisStarted: _analysis_started,
+    ev.AnalysisCompleted: _analysis_completed,
 }  # type: ignore[dict-item]

@@ -116,3 +116,16 @@ def test_any_bytes_give_diagnostics_not_exceptions() -> None:
                 b"models: [1, {}, {name: 3, inputs: []}]\npolicies: [{name: p, require: '(('}]"]:
         result = compile_bytes(raw, "mesh.yaml")
         assert result.plan is None and result.errors
+
+
+def test_hashed_plan_toml_is_the_same_as_a_fresh_dump_and_validate_skips_the_hash():
+    """with_hash() keeps the TOML it made; it must equal serializing the plan anew."""
+    import tomli_w
+
+    plan = compile_mesh(ROOT / "mesh.yaml").plan
+    data = plan.model_dump(mode="json", exclude_none=True)
+    assert plan.to_toml() == tomli_w.dumps({k: v for k, v in data.items() if v != []})
+    assert plan.to_toml().startswith("[plan]\n")
+    unhashed = compile_mesh(ROOT / "mesh.yaml", hashed=False).plan
+    assert unhashed.plan.hash == "" and plan.plan.hash.startswith("sha256:")
+    assert unhashed.with_hash().to_toml() == plan.to_toml()

@@ -1,4 +1,6 @@
-"""Mutating the root mesh.yaml yields a plan or diagnostics, never an exception."""
+"""Mutating the root mesh.yaml, or the fixture that uses every construct (grants,
+analyses, request-access products, masking, quality rules, policies of every
+scope), yields a plan or diagnostics, never an exception."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import copy
 from typing import Any
 
 import yaml
-from compiler_util import ROOT_MESH
+from compiler_util import ROOT_MESH, SPECS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +17,12 @@ from meshctl.compiler.compile import compile_bytes
 BASE = yaml.safe_load(ROOT_MESH.read_text())
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=False),
                  st.text(max_size=12), st.just([]), st.just({}), st.just("all"),
-                 st.just("size(model.participants) >"), st.just("direct"))
+                 st.just("size(model.participants) >"), st.just("direct"),
+                 st.just("request"), st.just("histogram(age, 3)"), st.just("beta.visits"),
+                 st.just("generalize"), st.just("prefix:2"), st.just("2020-01-01"))
+FULL = SPECS / "valid" / "full.yaml"
+FULL_BASE = yaml.safe_load(FULL.read_text())
+NEW_SECTIONS = ("grants", "analyses", "products", "contracts", "policies", "domains")
 
 
 def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
@@ -30,6 +37,7 @@ def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
 
 
 PATHS = _paths(BASE)[1:]
+FULL_PATHS = [p for p in _paths(FULL_BASE)[1:] if p[0] in NEW_SECTIONS]
 
 
 def _mutate(data: Any, path: tuple, op: str, value: Any) -> Any:
@@ -66,6 +74,26 @@ def test_mutated_mesh_never_raises(mutations: list) -> None:
             continue  # an earlier mutation removed or changed this path
     raw = yaml.safe_dump(data, sort_keys=False).encode()
     result = compile_bytes(raw, ROOT_MESH)
+    assert result.plan is not None or result.errors
+    for d in result.diagnostics:
+        assert d.code and d.message and d.line >= 0
+
+
+FULL_MUTATION = st.tuples(st.sampled_from(FULL_PATHS),
+                          st.sampled_from(["delete", "retype", "rename", "duplicate"]), JUNK)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(FULL_MUTATION, min_size=1, max_size=3))
+def test_mutated_full_mesh_never_raises(mutations: list) -> None:
+    data = FULL_BASE
+    for path, op, value in mutations:
+        try:
+            data = _mutate(data, path, op, value)
+        except (KeyError, IndexError, TypeError):
+            continue
+    raw = yaml.safe_dump(data, sort_keys=False).encode()
+    result = compile_bytes(raw, FULL)
     assert result.plan is not None or result.errors
     for d in result.diagnostics:
         assert d.code and d.message and d.line >= 0

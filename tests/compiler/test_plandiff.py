@@ -42,7 +42,7 @@ def edit(path: Path, *pairs: tuple[str, str]) -> None:
     path.write_text(text)
 
 
-def plan(mesh: Path, *args: str):  # noqa: ANN201 - click Result
+def plan(mesh: Path, *args: str):
     return CliRunner().invoke(main, ["plan", str(mesh), *args])
 
 
@@ -136,17 +136,19 @@ def test_edited_mesh_prints_changes_and_exits_2(mesh: Path) -> None:
     edit(mesh, ("rounds: 15", "rounds: 20"), ("hidden: [32, 16]", "hidden: [64]"),
          ("    address: local\n\nproducts:", "    address: local\n" + UPPSALA_DOMAIN),
          ("\ncontracts:", "\n" + UPPSALA_PRODUCT),
-         ("    aggregation: {strategy: fedavg}\n",
-          "    aggregation: {strategy: fedavg}\n    privacy: {secure_aggregation: true}\n"))
+         ("    require: model.privacy.secure_aggregation\n",
+          "    require: size(model.participants) >= 4\n"))
     result = plan(mesh, "--detailed-exitcode")
     assert result.exit_code == 2, result.output
     assert changes_of(result.stdout) == [
         "+ domain uppsala",
         "+ product uppsala.biopsies",
-        "~ job malignancy: participants +uppsala, rounds 15 -> 20, parameters 914 -> 834, "
-        "architecture mlp 10-32-16-2 -> mlp 10-64-2, quorum 3 -> 4",
+        ("~ job malignancy: participants +uppsala, rounds 15 -> 20, parameters 914 -> 834, "
+        "architecture mlp 10-32-16-2 -> mlp 10-64-2, quorum 3 -> 4"),
+        ("~ policy restricted-needs-privacy: require model.privacy.secure_aggregation -> "
+        "size(model.participants) >= 4"),
         "~ decision restricted-needs-privacy/model.malignancy: warn -> allow",
-        "Plan: 2 to add, 2 to change, 0 to remove.",
+        "Plan: 2 to add, 3 to change, 0 to remove.",
     ]
     assert Plan.read(mesh.parent / "mesh.plan.toml").job("malignancy").training.rounds == 20
     again = plan(mesh, "--detailed-exitcode")

@@ -31,6 +31,7 @@ def test_dashboard_follows_a_real_run_to_the_end(tmp_path):
             deadline = time.monotonic() + 120
             while app.mesh_state.state not in ("completed", "failed") and time.monotonic() < deadline:
                 await pilot.pause(0.2)
+            app.flush()  # redraws are batched (every refresh_s): draw the last batch now
             rounds = app.query_one(RoundsTable)
             assert rounds.row_count == 15
             assert str(rounds.get_row_at(14)[1]) == "15/15"

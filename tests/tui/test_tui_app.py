@@ -8,10 +8,11 @@ from tui_events import sample_run
 
 from meshctl.runtime import events as ev
 from meshctl.tui import MeshApp, MeshState, make_app
-from meshctl.tui.widgets import DomainTable, EventLog, RoundsTable, RunHeader
+from meshctl.tui.widgets import DomainTable, EventLog, JobsPanel, RoundsTable, RunHeader
+from meshctl.tui.widgets._format import fmt_clock
 
 
-async def _feed(app: MeshApp, pilot, events: list[ev.Event]) -> None:  # noqa: ANN001
+async def _feed(app: MeshApp, pilot, events: list[ev.Event]) -> None:
     for event in events:
         assert app.feed(event)
     await pilot.pause()
@@ -32,7 +33,7 @@ def test_rounds_domains_log_and_header_at_120x40() -> None:
             rounds = app.query_one(RoundsTable)
             assert rounds.row_count == 1
             assert rounds.get_row_at(0) == ["malignancy", "1/3", "3", "0.7000", "0.8100",
-                                            "0.6000", "25.9 KiB", "25.9 KiB", "0.250s"]
+                                            "0.6000", "25.9 KiB", "25.9 KiB", "0.250s", "–"]
 
             await _feed(app, pilot, events[first_round_done + 1:])
             assert rounds.row_count == 3
@@ -43,7 +44,11 @@ def test_rounds_domains_log_and_header_at_120x40() -> None:
             assert str(domains.get_cell("vhio", "state")) == "lost"
             assert domains.get_cell("vhio", "update") == "heartbeat timeout"
             assert str(domains.get_cell("charite", "state")) == "idle"
-            assert domains.get_cell("charite", "update") == "malignancy r3: 160 examples, loss 0.2333, 0.050s"
+            clock = fmt_clock(events[-1].ts)  # not the last event, but the same second
+            update = domains.get_cell("charite", "update")
+            assert update.startswith("malignancy r3 · 8.6 KiB · ") and len(update) == len(
+                f"malignancy r3 · 8.6 KiB · {clock}")
+            assert str(domains.get_cell("charite", "jurisdiction")) == "–"  # no plan given
 
             log = app.query_one(EventLog).plain_lines
             texts = [line[9:] for line in log]  # drop the HH:MM:SS clock
@@ -111,11 +116,12 @@ def test_small_terminal_80x24_shows_everything() -> None:
         app = make_app(title="meshctl test")
         async with app.run_test(size=(80, 24)) as pilot:
             await _feed(app, pilot, sample_run())
-            for widget in (RunHeader, RoundsTable, DomainTable, EventLog):
+            for widget in (RunHeader, JobsPanel, DomainTable, EventLog):
                 region = app.query_one(widget).region
                 assert region.width > 0 and region.height >= 2, widget
                 assert region.right <= 80 and region.bottom <= 24, widget
-            assert app.query_one(RoundsTable).row_count == 2
+            assert app.query_one(RoundsTable).row_count == 2  # on the Rounds tab
+            assert "malignancy 2/2 completed" in app.query_one(JobsPanel).text
             assert "COMPLETED" in app.query_one(RunHeader).text
             screen = app.export_screenshot()
             assert "oncology-network" in screen

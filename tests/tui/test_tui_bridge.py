@@ -65,14 +65,14 @@ def curve() -> Iterator[tuple[Publisher, dict[str, bytes], Callable[[], tuple[by
         ctx.term()
 
 
-async def _until(pilot, cond: Callable[[], bool], timeout: float = 3.0) -> None:  # noqa: ANN001
+async def _until(pilot, cond: Callable[[], bool], timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out waiting for the app"
         await pilot.pause(0.02)
 
 
-def test_bridge_feeds_curve_events_and_skips_malformed_frames(curve) -> None:  # noqa: ANN001
+def test_bridge_feeds_curve_events_and_skips_malformed_frames(curve) -> None:
     pub, keys, _ = curve
     bridge = EventBridge(pub.endpoint, poll_ms=20, **keys)
     events = sample_run()
@@ -91,6 +91,7 @@ def test_bridge_feeds_curve_events_and_skips_malformed_frames(curve) -> None:  #
             for event in events[first_round + 1:]:
                 pub.sock.send(event.to_json().encode())
             await _until(pilot, lambda: app.mesh_state.state == "completed")
+            app.flush()  # redraws are batched (every refresh_s); draw the last batch now
 
             assert bridge.connected.is_set()
             assert bridge.received == len(events)
@@ -109,7 +110,7 @@ def test_bridge_feeds_curve_events_and_skips_malformed_frames(curve) -> None:  #
     assert not bridge.running  # the app's unmount stopped the thread
 
 
-def test_bridge_with_an_unknown_key_is_refused(curve) -> None:  # noqa: ANN001
+def test_bridge_with_an_unknown_key_is_refused(curve) -> None:
     pub, keys, keypair = curve
     stranger_public, stranger_secret = keypair()
     bridge = EventBridge(pub.endpoint, curve_serverkey=keys["curve_serverkey"],
@@ -130,7 +131,7 @@ def test_bridge_with_an_unknown_key_is_refused(curve) -> None:  # noqa: ANN001
     assert not bridge.running
 
 
-def test_bridge_stop_is_prompt_and_idempotent(curve) -> None:  # noqa: ANN001
+def test_bridge_stop_is_prompt_and_idempotent(curve) -> None:
     pub, keys, _ = curve
     bridge = EventBridge(pub.endpoint, poll_ms=20, **keys)
     app = make_app()
@@ -156,7 +157,7 @@ def test_replay_file_and_eventbridge_replay(tmp_path: Path) -> None:
             await _until(pilot, lambda: app.mesh_state.state == "completed")
             assert replay.done.is_set()
             assert (replay.received, replay.skipped) == (len(events), 1)
-            assert app.query_one(RoundsTable).row_count == 3
+            await _until(pilot, lambda: app.query_one(RoundsTable).row_count == 3)
             assert app.mesh_state.skipped == 1
 
     asyncio.run(run())

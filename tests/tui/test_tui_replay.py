@@ -15,7 +15,7 @@ from meshctl.cli import main
 from meshctl.errors import UserError
 from meshctl.runtime import events as ev
 from meshctl.tui import make_app
-from meshctl.tui.replay import PacedReplay, find_events, schedule
+from meshctl.tui.replay import PacedReplay, ScrubReplay, find_events, schedule
 from meshctl.tui.state import reduce_all
 from meshctl.tui.widgets import RoundsTable
 from meshctl.tui.widgets.rounds_table import cells
@@ -27,7 +27,7 @@ def _record(path: Path, events: list[ev.Event]) -> Path:
     return path
 
 
-async def _until(pilot, cond: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ANN001
+async def _until(pilot, cond: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out waiting for the app"
@@ -78,7 +78,8 @@ def test_replay_gives_the_same_state_as_reduce_all(tmp_path: Path, speed: float)
             assert replay.done.is_set()
             assert (replay.received, replay.skipped) == (len(events), 0)
             assert app.mesh_state == expected
-            table = app.query_one(RoundsTable)
+            table = app.query_one(RoundsTable)  # redrawn within refresh_s of the last event
+            await _until(pilot, lambda: table.row_count == len(expected.rounds))
             assert [table.get_row_at(i) for i in range(table.row_count)] == \
                 [list(cells(r)) for r in expected.rounds]
             await pilot.press("q")
@@ -122,8 +123,8 @@ def test_dash_missing_run_is_one_line_and_exit_1(tmp_path: Path,
     result = CliRunner().invoke(main, ["dash", "--replay", "r-nope"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "error: no such run: r-nope (hint: pass a run directory, its events.jsonl, "
-        "or a run id under .meshctl/runs/)"]
+        ("error: no such run: r-nope (hint: pass a run directory, its events.jsonl, "
+         "or a run id under .meshctl/runs/)")]
 
 
 def test_dash_replays_a_run_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,7 +134,7 @@ def test_dash_replays_a_run_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     _record(tmp_path / ".meshctl" / "runs" / "r-0001" / "events.jsonl", sample_run())
     seen: dict[str, object] = {}
 
-    def fake_run(self) -> None:  # noqa: ANN001
+    def fake_run(self) -> None:
         seen["source"], seen["title"] = self.event_source, self.title
 
     monkeypatch.setattr(app_module.MeshApp, "run", fake_run)
@@ -141,7 +142,7 @@ def test_dash_replays_a_run_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     result = CliRunner().invoke(main, ["dash", "--replay", "r-0001", "--speed", "0"])
     assert result.exit_code == 0, result.output
     source = seen["source"]
-    assert isinstance(source, PacedReplay) and source.speed == 0
+    assert isinstance(source, ScrubReplay) and source.speed == 0
     assert source.path.resolve() == (tmp_path / ".meshctl/runs/r-0001/events.jsonl").resolve()
     assert seen["title"] == "meshctl · replay r-0001"
     bad = CliRunner().invoke(main, ["dash", "--replay", "r-0001", "--speed", "-1"])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from tui_events import DOMAINS, sample_run
+
 from meshctl.runtime import events as ev
 from meshctl.tui.state import MAX_EVENT_LINES, MeshState, reduce, reduce_all
-
-from tui_events import DOMAINS, sample_run
 
 
 def test_run_header_fields_and_final_state(events: list[ev.Event]) -> None:
@@ -34,13 +34,18 @@ def test_domain_states_follow_the_rounds(events: list[ev.Event]) -> None:
         return reduce_all(events[: idx + 1])
 
     assert {d.state for d in upto("domain_joined", 3).domains.values()} == {"joined"}
+    assert {n: d.state for n, d in upto("job_waiting").domains.items()} == {
+        "charite": "waiting", "karolinska": "waiting", "vhio": "joined"}
     assert {d.state for d in upto("round_started").domains.values()} == {"training"}
     after_one = upto("update_received")
-    assert after_one.domains["charite"].state == "idle"
+    assert after_one.domains["charite"].state == "evaluating"  # its update is in
     assert after_one.domains["karolinska"].state == "training"
     charite = after_one.domains["charite"]
     assert (charite.last_examples, charite.last_loss, charite.last_seconds) == (160, 0.7, 0.05)
+    first_update = next(e for e in events if e.type == "update_received")
+    assert (charite.last_bytes, charite.last_update_ts) == (8_836, first_update.ts)
     assert charite.products == ["charite.biopsies"]
+    assert {d.state for d in upto("round_completed").domains.values()} == {"idle"}
 
     final = reduce_all(events)
     assert final.domains["vhio"].state == "lost"
@@ -61,7 +66,7 @@ def test_lost_domain_stays_lost_until_it_rejoins() -> None:
 
 
 def test_job_progress_waiting_then_training_then_completed(events: list[ev.Event]) -> None:
-    started = [i for i, e in enumerate(events) if e.type == "job_waiting"][0]
+    started = next(i for i, e in enumerate(events) if e.type == "job_waiting")
     job = reduce_all(events[: started + 1]).jobs["malignancy"]
     assert (job.state, job.waiting_have, job.quorum, job.rounds_total) == (
         "waiting", ["charite", "karolinska"], 3, 2)

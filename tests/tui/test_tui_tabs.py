@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from textual.widgets import Tab
 from tui_events import sample_run
 
 from meshctl.runtime import events as ev
 from meshctl.tui import MeshApp, make_app
-from meshctl.tui.widgets import FilteredLog, PolicyTable, RoundsTable, RunHeader
+from meshctl.tui.widgets import FilteredLog, JobsPanel, PolicyTable, RunHeader
 from meshctl.tui.widgets.event_filter import matches
 
 DENY = ev.PolicyDecided(seq=99, ts=1_700_000_003.5, policy="no-export", scope="product",
@@ -22,31 +23,34 @@ def _events() -> list[ev.Event]:
     return events
 
 
-async def _feed(app: MeshApp, pilot, events: list[ev.Event]) -> None:  # noqa: ANN001
+async def _feed(app: MeshApp, pilot, events: list[ev.Event]) -> None:
     for event in events:
         assert app.feed(event)
     await pilot.pause()
 
 
-def test_number_keys_switch_tabs_and_the_footer_shows_them() -> None:
+def test_number_keys_switch_tabs_and_the_tab_bar_shows_them() -> None:
     async def run() -> None:
         app = make_app()
         async with app.run_test(size=(80, 24)) as pilot:
             await _feed(app, pilot, _events())
             assert app.active_tab == "overview"
-            assert app.query_one(RoundsTable).region.height > 0
-            for key, tab in (("2", "policies"), ("3", "events"), ("1", "overview")):
+            assert app.query_one(JobsPanel).region.height > 0
+            for key, tab in (("2", "rounds"), ("3", "policies"), ("4", "catalog"),
+                             ("5", "events"), ("1", "overview")):
                 await pilot.press(key)
                 await pilot.pause()
                 assert app.active_tab == tab
-            await pilot.press("2")
+            await pilot.press("3")
             await pilot.pause()
             assert app.query_one(PolicyTable).region.height > 0
-            assert app.query_one(RoundsTable).region.height == 0  # hidden with its tab
+            assert app.query_one(JobsPanel).region.height == 0  # hidden with its tab
+            labels = [str(t.label) for t in app.query(Tab)]
+            assert labels == ["1 Overview", "2 Rounds", "3 Policies", "4 Catalog", "5 Events"]
             shown = {key: b.binding.description for key, b in app.active_bindings.items()
                      if b.binding.show}
-            assert {"1": "Overview", "2": "Policies", "3": "Events", "q": "Quit"}.items() \
-                <= shown.items()
+            assert {"q": "Quit", "slash": "Search", "t": "Theme"}.items() <= shown.items()
+            assert "space" not in shown  # scrubber keys only in a replay
             assert "oncology-network" in app.query_one(RunHeader).text  # header stays on top
 
     asyncio.run(run())
@@ -57,7 +61,7 @@ def test_policies_tab_lists_every_decision_and_styles_denials() -> None:
         app = make_app()
         async with app.run_test(size=(80, 24)) as pilot:
             await _feed(app, pilot, _events())
-            await pilot.press("2")
+            await pilot.press("3")
             await pilot.pause()
             table = app.query_one(PolicyTable)
             assert table.plain_rows == [
@@ -83,7 +87,7 @@ def test_events_tab_filter_reduces_the_visible_lines() -> None:
         async with app.run_test(size=(80, 24)) as pilot:
             events = _events()
             await _feed(app, pilot, events)
-            await pilot.press("3")
+            await pilot.press("5")
             await pilot.pause()
             log = app.query_one(FilteredLog)
             total = len(app.mesh_state.events)

@@ -54,3 +54,45 @@ def sample_run(*, rounds: int = 2, ok: bool = True) -> list[ev.Event]:
     out.append(ev.RunCompleted(**at(), run="r-0001", ok=ok, seconds=2.0,
                                reason="" if ok else "job malignancy failed"))
     return out
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+"""A real `meshctl up --headless` run on the root mesh.yaml: events.jsonl and plan.toml."""
+
+HOSPITALS = ["charite", "karolinska", "amsterdam-umc"]
+
+
+def recorded() -> list[ev.Event]:
+    """The recorded run's events."""
+    return ev.read_events(str(FIXTURES / "events.jsonl"))
+
+
+def catalog_events(ts: float = 1_795_475_096.3) -> list[ev.Event]:
+    """What the runtime publishes for the catalog at run start, for the three hospitals."""
+    columns = [{"name": "patient_name", "type": "string", "pii": "direct", "masking": "drop"},
+               {"name": "date_of_birth", "type": "date", "pii": "indirect",
+                "masking": "generalize"},
+               {"name": "radius_mean", "type": "float", "pii": "none", "masking": None},
+               {"name": "diagnosis", "type": "category", "pii": "none", "masking": None}]
+    out: list[ev.Event] = []
+    for i, d in enumerate(HOSPITALS):
+        out.append(ev.ProductListed(ts=ts, product=f"{d}.biopsies", domain=d,
+                                    owner=f"data@{d}.example", classification="restricted",
+                                    contract="tumor-biopsy@1.0.0", columns=columns,
+                                    freshness="7d", tags=["oncology"],
+                                    description="Fine-needle aspirate biopsies."))
+        out.append(ev.ContractChecked(ts=ts, product=f"{d}.biopsies", domain=d,
+                                      contract="tumor-biopsy@1.0.0", rule="rowCount",
+                                      observed=100.0 + 50 * i, operator="mustBeGreaterThan",
+                                      threshold=100.0, passed=i > 0))
+        out.append(ev.ContractChecked(ts=ts, product=f"{d}.biopsies", domain=d,
+                                      contract="tumor-biopsy@1.0.0",
+                                      rule="nullValues(radius_mean)", observed=0.0,
+                                      operator="mustBeLessThan", threshold=1.0, passed=True))
+    return out
+
+
+def recorded_with_catalog() -> list[ev.Event]:
+    """The recorded run with the catalog events put after its run_started."""
+    events = recorded()
+    return events[:1] + catalog_events(events[0].ts) + events[1:]

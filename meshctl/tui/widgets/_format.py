@@ -21,7 +21,7 @@ def fmt_seconds(value: float | None) -> str:
         return f"{value:.3f}s"
     if value < 120:
         return f"{value:.1f}s"
-    minutes, seconds = divmod(int(round(value)), 60)
+    minutes, seconds = divmod(round(value), 60)
     return f"{minutes}m{seconds:02d}s"
 
 
@@ -40,3 +40,23 @@ def fmt_bytes(value: int | None) -> str:
 def fmt_clock(ts: float) -> str:
     """An event time as local `HH:MM:SS`, or blanks for lines without one."""
     return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "--:--:--"
+
+
+def fmt_age(seconds: float | None) -> str:
+    """A heartbeat age: `0s`, `42s`, `3m`, `2h`; the missing marker when never seen."""
+    if seconds is None:
+        return MISSING
+    if seconds < 100:
+        return f"{int(seconds)}s"
+    if seconds < 6000:
+        return f"{int(seconds // 60)}m"
+    return f"{int(seconds // 3600)}h"
+
+
+def fmt_eta(seconds: float | None) -> str:
+    """An ETA: `ETA 12s`, `ETA 2m05s`, `done`, or `ETA –` when unknown."""
+    if seconds is None:
+        return f"ETA {MISSING}"
+    if seconds == 0:
+        return "done"
+    return f"ETA {fmt_seconds(seconds) if seconds >= 10 else f'{seconds:.1f}s'}"

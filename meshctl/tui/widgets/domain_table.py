@@ -1,4 +1,4 @@
-"""The domains table: each domain's state and its last reported update."""
+"""The domains table: each domain's state, jurisdiction, heartbeat and last update."""
 
 from __future__ import annotations
 
@@ -7,10 +7,18 @@ from typing import ClassVar
 from rich.text import Text
 from textual.widgets import DataTable
 
-from meshctl.tui.state import DomainView, MeshState
-from meshctl.tui.widgets._format import fmt_float, fmt_seconds
+from meshctl.tui.state import DomainView, MeshState, heartbeat_age
+from meshctl.tui.widgets._format import MISSING, fmt_age, fmt_bytes, fmt_clock
 
-STATES = ("connecting", "joined", "training", "idle", "lost", "refused")
+STATES = ("connecting", "joined", "waiting", "training", "evaluating", "idle", "lost", "refused")
+LABELS = {"waiting": "waiting for quorum"}
+"""How a state reads in the table, where it differs from its name."""
+
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("domain", "domain"), ("state", "state"), ("jurisdiction", "jur."), ("heartbeat", "seen"),
+    ("products", "products"), ("update", "last update"),
+)
+"""(column key, label) in display order."""
 
 
 class DomainTable(DataTable[str | Text]):
@@ -23,24 +31,36 @@ class DomainTable(DataTable[str | Text]):
 
     def on_mount(self) -> None:
         self.border_title = "domains"
-        self.add_column("domain", key="domain")
-        self.add_column("state", key="state")
-        self.add_column("products", key="products")
-        self.add_column("last update", key="update")
+        for key, label in COLUMNS:
+            self.add_column(label, key=key)
 
-    def show(self, state: MeshState) -> None:
-        """Render every domain of `state`, adding rows for new ones."""
+    def show(self, state: MeshState, now: float | None = None) -> None:
+        """Render every domain of `state`; heartbeat ages are taken at `now` (default: its clock)."""
+        at = state.clock if now is None else now
         for name, domain in state.domains.items():
-            badge = Text(domain.state, style=self.get_component_rich_style(
-                f"domain-table--{domain.state}", partial=True))
-            update = last_update(domain)
-            products = ", ".join(domain.products) or "–"
+            row = self.cells(domain, at)
             if name in self.rows:
-                self.update_cell(name, "state", badge, update_width=True)
-                self.update_cell(name, "products", products, update_width=True)
-                self.update_cell(name, "update", update, update_width=True)
+                for (key, _), value in zip(COLUMNS[1:], row[1:]):
+                    self.update_cell(name, key, value, update_width=True)
             else:
-                self.add_row(name, badge, products, update, key=name)
+                self.add_row(*row, key=name)
+
+    def cells(self, domain: DomainView, now: float) -> tuple[str | Text, ...]:
+        """A domain's cells, in `COLUMNS` order."""
+        badge = Text(LABELS.get(domain.state, domain.state), style=self.get_component_rich_style(
+            f"domain-table--{domain.state}", partial=True))
+        products = ", ".join(p.split(".", 1)[-1] for p in domain.products) or MISSING
+        return (domain.name, badge, domain.jurisdiction or MISSING,
+                fmt_age(heartbeat_age(domain, now)), products, last_update(domain))
+
+    def reset(self) -> None:
+        """Forget every row (the state was rebuilt)."""
+        self.clear()
+
+    @property
+    def plain_rows(self) -> list[list[str]]:
+        """The rows as plain text, top to bottom (for tests)."""
+        return [[str(c) for c in self.get_row_at(i)] for i in range(self.row_count)]
 
 
 def last_update(domain: DomainView) -> str:
@@ -48,6 +68,6 @@ def last_update(domain: DomainView) -> str:
     if domain.state in ("lost", "refused") and domain.reason:
         return domain.reason
     if domain.last_examples is None:
-        return "–"
-    return (f"{domain.last_job} r{domain.last_round}: {domain.last_examples} examples, "
-            f"loss {fmt_float(domain.last_loss)}, {fmt_seconds(domain.last_seconds)}")
+        return MISSING
+    size = f" · {fmt_bytes(domain.last_bytes)}" if domain.last_bytes is not None else ""
+    return f"{domain.last_job} r{domain.last_round}{size} · {fmt_clock(domain.last_update_ts)}"

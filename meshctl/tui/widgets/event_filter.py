@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical
-from textual.widgets import Input, RichLog
+from textual.widgets import Input
 
 from meshctl.tui.state import LogLine, MeshState
 from meshctl.tui.widgets._format import fmt_clock
@@ -27,19 +28,16 @@ def matches(lines: Iterable[LogLine], query: str) -> list[LogLine]:
     return [ln for ln in lines if needle in line_text(ln).casefold()] if needle else list(lines)
 
 
-class FilteredLog(RichLog):
+class FilteredLog(EventLog):
     """Like `EventLog`, but only writes lines matching its query, with the event type shown."""
 
-    COMPONENT_CLASSES = EventLog.COMPONENT_CLASSES
+    MAX_WRITE: ClassVar[int] = 2000
 
     def __init__(self, **kwargs: object) -> None:
-        super().__init__(max_lines=2000, wrap=False, markup=False, highlight=False,
-                         **kwargs)  # type: ignore[arg-type]
-        self._written = 0
+        super().__init__(**kwargs)
         self.query_text = ""
         self.shown_count = 0
         """Lines written under the current query."""
-        self._state: MeshState | None = None
 
     def on_mount(self) -> None:
         self.border_title = "all events"
@@ -47,6 +45,9 @@ class FilteredLog(RichLog):
     def show(self, state: MeshState) -> None:
         """Write the new lines of `state` that match the query."""
         self._state = state
+        if not self.on_view:
+            return
+        self._styles = {}
         new = [ln for ln in state.events if ln.index > self._written]
         for line in matches(new, self.query_text):
             self.write(self.render_line_text(line))
@@ -63,20 +64,19 @@ class FilteredLog(RichLog):
         if self._state is not None:
             self.show(self._state)
 
+    def reset(self) -> None:
+        """Forget every line (the state was rebuilt)."""
+        self.clear()
+        self._written, self.shown_count = 0, 0
+
     def render_line_text(self, line: LogLine) -> Text:
-        text = EventLog.render_line_text(self, line)  # type: ignore[arg-type]
+        text = super().render_line_text(line)
         if line.kind:
             # insert the event type after the clock, muted
             head, tail = text[:9], text[9:]
-            head.append(f"{line.kind:<18} ", style=self.get_component_rich_style(
-                "event-log--time", partial=True))
+            head.append(f"{line.kind:<18} ", style=self.style_of("event-log--time"))
             return head + tail
         return text
-
-    @property
-    def plain_lines(self) -> list[str]:
-        """The written lines as plain text."""
-        return [strip.text.rstrip() for strip in self.lines]
 
     def _subtitle(self, state: MeshState) -> None:
         shown = f"{self.shown_count} of {len(state.events)}"
@@ -86,7 +86,8 @@ class FilteredLog(RichLog):
 class EventsView(Vertical):
     """A filter Input above a `FilteredLog`."""
 
-    BINDINGS = [Binding("escape", "leave_filter", "Leave filter", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "leave_filter", "Leave filter", show=False)]
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter events (substring)…  / to focus, esc to leave",
@@ -94,7 +95,12 @@ class EventsView(Vertical):
         yield FilteredLog(id="all-events")
 
     def show(self, state: MeshState) -> None:
+        """Show the new lines of `state` that match the filter."""
         self.query_one(FilteredLog).show(state)
+
+    def reset(self) -> None:
+        """Forget every line (the state was rebuilt)."""
+        self.query_one(FilteredLog).reset()
 
     def on_input_changed(self, message: Input.Changed) -> None:
         if message.input.id == "event-filter":

@@ -41,6 +41,11 @@ class PolicyTable(DataTable[Text]):
             denied = sum(d.effect == "deny" for d in state.decisions)
             self.border_subtitle = f"{len(state.decisions)} decisions, {denied} denied"
 
+    def reset(self) -> None:
+        """Forget every row (the state was rebuilt)."""
+        self.clear()
+        self._shown = 0
+
     def cells(self, decision: Decision) -> tuple[Text, ...]:
         """A decision's cells in `COLUMNS` order, styled by its effect."""
         effect = decision.effect if decision.effect in EFFECTS else "allow"

@@ -5,12 +5,13 @@ from __future__ import annotations
 from textual.widgets import DataTable
 
 from meshctl.tui.state import MeshState, RoundRow
-from meshctl.tui.widgets._format import fmt_bytes, fmt_float, fmt_seconds
+from meshctl.tui.widgets._format import MISSING, fmt_bytes, fmt_float, fmt_seconds
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("job", "job"), ("round", "round"), ("participants", "parts"),
     ("train_loss", "train loss"), ("accuracy", "accuracy"), ("test_loss", "test loss"),
     ("bytes_in", "bytes in"), ("bytes_out", "bytes out"), ("seconds", "seconds"),
+    ("epsilon", "ε"),
 )
 """(column key, label) in display order."""
 
@@ -30,11 +31,35 @@ class RoundsTable(DataTable[str]):
     def show(self, state: MeshState) -> None:
         """Add the rounds of `state` that are not in the table yet; follow the newest."""
         new = state.rounds[self._shown:]
+        follow = self.cursor_row >= self.row_count - 1
         for row in new:
-            self.add_row(*cells(row), key=f"{row.job}/{row.round}/{self._shown}")
+            self.add_row(*cells(row), key=row_key(row, self._shown))
             self._shown += 1
-        if new and (self.cursor_row >= self.row_count - len(new) - 1):
+        if new and follow:
             self.move_cursor(row=self.row_count - 1)
+
+    def reset(self) -> None:
+        """Forget every row (the state was rebuilt)."""
+        self.clear()
+        self._shown = 0
+
+    def selected(self) -> tuple[str, int] | None:
+        """(job, round) of the row under the cursor, or None for an empty table."""
+        if not self.row_count:
+            return None
+        key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value or ""
+        return parse_key(key)
+
+
+def row_key(row: RoundRow, index: int) -> str:
+    """A unique row key that still says which job and round it is."""
+    return f"{row.job}/{row.round}/{index}"
+
+
+def parse_key(key: str) -> tuple[str, int]:
+    """(job, round) of a `row_key`."""
+    job, rnd, _ = key.rsplit("/", 2)
+    return job, int(rnd)
 
 
 def cells(row: RoundRow) -> tuple[str, ...]:
@@ -50,4 +75,5 @@ def cells(row: RoundRow) -> tuple[str, ...]:
         fmt_bytes(row.bytes_in),
         fmt_bytes(row.bytes_out),
         fmt_seconds(row.seconds),
+        MISSING if row.epsilon is None else f"{row.epsilon:.2f}",
     )

@@ -27,7 +27,7 @@ class RunHeader(Horizontal):
         if state.run_id:
             info.append("  run ").append(state.run_id, style="bold")
         if state.plan_hash:
-            info.append("  plan ").append(state.plan_hash[:12])
+            info.append("  plan ").append(state.plan_hash.removeprefix("sha256:")[:12])
         info.append("\n")
         info.append(self._jobs_line(state))
         self.query_one("#run-info", Static).update(info)

@@ -1,0 +1,251 @@
+"""How fast the compiler is on a large mesh: 1,000 domains, 10,000 products.
+
+Generates a synthetic mesh.yaml (1,000 domains, 10,000 products with a small data
+file each, 1,000 contracts with quality rules, 200 CEL policies, 500 models),
+then times, in this process, `validate` (load, parse, check, policies) and `plan`
+(the same plus the plan's TOML and content hash), each the median of --repeat
+runs. Next to them it prints the floor measured in the same run: libyaml's C
+loader reading the same file into plain Python objects (yaml.CSafeLoader), and
+the C parser's events alone, which any libyaml-based compiler must pay before it
+checks anything. Then one more `plan` run, instrumented, splits the time into
+phases (load, parse, resolve, contracts, sources, policies, plan build, TOML).
+
+The 200 policies are different expressions (thresholds and shapes vary), so
+nothing can be reused by caching on the text. `--cel celpy` evaluates them with
+celpy's interpreter instead of meshctl.compiler.cel (only while policy.py still
+builds celpy programs itself).
+
+    python benchmarks/compile_scale.py                 # the issue's sizes
+    python benchmarks/compile_scale.py --domains 100   # a tenth (products etc. scale along)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import meshctl.compiler.compile as compile_module
+from meshctl.compiler import cel, policy
+from meshctl.compiler.compile import compile_mesh
+from meshctl.compiler.plan import Plan
+
+FEATURES = [f"x{i}" for i in range(6)]
+JURISDICTIONS = ["eu", "us", "uk", "ch"]
+
+
+def write_mesh(out: Path, domains: int, products_per_domain: int, contracts: int,
+               policies: int, models: int) -> Path:
+    """A synthetic mesh.yaml with one tiny CSV per product; returns its path."""
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    header = ",".join(["patient_id", *FEATURES, "label"]) + "\n"
+    lines = ["apiVersion: meshctl/v1",
+             "mesh: {name: scale, coordinator: {address: 'tcp://127.0.0.1:7700', jurisdiction: eu}}",
+             "domains:"]
+    for d in range(domains):
+        lines.append(f"  - {{name: d{d:04d}, owner: data@d{d:04d}.example, "
+                     f"jurisdiction: {JURISDICTIONS[d % len(JURISDICTIONS)]}, address: local}}")
+    cols = "".join(f", {{name: {f}, type: float}}" for f in FEATURES)
+    product_columns = ("[{name: patient_id, type: string, pii: direct}" + cols
+                       + ", {name: label, type: category, values: [no, yes]}]")
+    lines.append("products:")
+    for d in range(domains):
+        for p in range(products_per_domain):
+            c = (d * products_per_domain + p) % contracts
+            src = data / f"d{d:04d}-p{p}.csv"
+            src.write_text(header)
+            lines.append(f"  - {{name: p{p}, domain: d{d:04d}, source: data/{src.name}, "
+                         f"classification: internal, contract: c{c:04d}@1, "
+                         f"columns: {product_columns}}}")
+    lines.append("contracts:")
+    for c in range(contracts):
+        lines.append(f"  - name: c{c:04d}\n    version: 1.{c % 7}.0\n    purposes: [research]\n"
+                     f"    columns: [{cols[2:]}, {{name: label, type: category, values: [no, yes]}}]\n"
+                     f"    quality:\n"
+                     f"      - {{column: x0, metric: nullValues, unit: percent, mustBeLessThan: 5}}\n"
+                     f"      - {{metric: rowCount, mustBeGreaterThan: 10}}")
+    lines.append("policies:")
+    for i in range(policies):
+        lines.append(policy_yaml(i))
+    lines.append("models:")
+    for m in range(models):
+        lines.append(f"  - name: m{m:03d}\n    purpose: research\n"
+                     f"    inputs: {{contract: c{m % contracts:04d}, features: [x*], target: label}}\n"
+                     f"    architecture: {{kind: mlp, hidden: [16]}}\n"
+                     f"    training: {{rounds: 10, seed: {m}}}")
+    path = out / "mesh.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+POLICY_SHAPES = [
+    "size(model.participants) >= {a}",
+    "model.training.rounds <= {b}",
+    "model.reads.all(p, model.purpose in p.purposes && p.classification != 'secret{i}')",
+    "model.architecture.kind == 'mlp' && size(model.architecture.hidden) <= {a}",
+    "model.reads.exists(p, p.jurisdiction in ['eu', 'us', 'uk', 'ch', 'x{i}'])",
+    "model.features.all(f, f.startsWith('x') || f == 'label{i}')",
+    "model.parameters < {c}",
+    "model.privacy.dp.epsilon <= {i}.5 || !model.privacy.secure_aggregation",
+    "model.reads.map(p, p.domain).exists_one(d, d == model.reads[0].domain) || {i} < 0",
+    "model.reads.filter(p, p.contract_version.startsWith('1.')).size() == size(model.reads)",
+    "int(model.training.rounds / {a}) >= 0 && model.target != 'y{i}'",
+    "has(model.training.rounds) ? model.training.rounds % {a} >= 0 : false",
+]
+"""Policy shapes: {i} is the policy's index, {a}, {b}, {c} thresholds derived from it."""
+
+
+def policy_yaml(i: int) -> str:
+    """One policy that every synthetic model satisfies, different for every i."""
+    rule = POLICY_SHAPES[i % len(POLICY_SHAPES)].format(i=i, a=1 + i % 3, b=100 + i,
+                                                        c=1000 + 37 * i)
+    when = f", when: \"model.name.endsWith('{i % 10}') || true\"" if i % 5 == 0 else ""
+    return (f"  - {{name: policy-{i:03d}, scope: model, require: \"{rule}\"{when},"
+            f" message: rule {i}}}")
+
+
+PHASES = {"load_bytes": "load", "parse_spec": "parse", "resolve": "resolve",
+          "check_contracts": "contracts", "check_sources": "sources",
+          "compile_policies": "policies", "decide": "policies", "plan_policies": "policies",
+          "build_plan": "plan build"}
+"""Functions compile.py calls, and the phase each one's time counts for."""
+
+
+def phase_times(path: Path) -> dict[str, float]:
+    """CPU seconds per phase of one compile plus TOML, by wrapping what compile.py calls."""
+    spent: dict[str, float] = {}
+
+    def wrap(fn, phase):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[phase] = spent.get(phase, 0.0) + time.process_time() - t0
+        return inner
+
+    saved = {name: getattr(compile_module, name) for name in PHASES
+             if hasattr(compile_module, name)}
+    saved_hash, saved_toml = Plan.with_hash, Plan.to_toml
+    try:
+        for name, fn in saved.items():
+            setattr(compile_module, name, wrap(fn, PHASES[name]))
+        Plan.with_hash = wrap(saved_hash, "hash (TOML)")
+        t0 = time.process_time()
+        result = compile_mesh(path)
+        total = time.process_time() - t0
+        Plan.to_toml = wrap(saved_toml, "TOML")
+        result.plan.to_toml()
+        spent["TOML"] = spent.get("TOML", 0.0)
+    finally:
+        for name, fn in saved.items():
+            setattr(compile_module, name, fn)
+        Plan.with_hash, Plan.to_toml = saved_hash, saved_toml
+    spent["other (checks, diagnostics)"] = total - sum(
+        v for k, v in spent.items() if k != "TOML")
+    return spent
+
+
+def timed(fn, repeat: int) -> tuple[float, object, float]:
+    """Median wall seconds of `repeat` calls of fn, its last result, median CPU seconds."""
+    times, cpu, result = [], [], None
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(times), result, statistics.median(cpu)
+
+
+class _CelpyAsWired:
+    """policy.py's `celpy`, as it is once wired to meshctl.compiler.cel: plain activations."""
+
+    Environment = cel.Environment
+
+    @staticmethod
+    def json_to_cel(value: object) -> object:
+        """Plain data stays plain: meshctl.compiler.cel evaluates over it directly."""
+        return value
+
+    def __getattr__(self, name: str) -> object:
+        import celpy
+
+        return getattr(celpy, name)
+
+
+def use_fast_cel() -> None:
+    """Make policy.py evaluate with meshctl.compiler.cel (until it does so itself)."""
+    policy.celpy = _CelpyAsWired()
+    policy._ENV = cel.Environment()
+
+
+def celpy_env() -> type:
+    """celpy's Environment class (policy.py's evaluator before meshctl.compiler.cel)."""
+    import celpy
+
+    return celpy.Environment
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--domains", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cel", choices=["fast", "celpy"], default="fast",
+                    help="how policies are evaluated (fast: meshctl.compiler.cel)")
+    args = ap.parse_args()
+    if args.cel == "fast" and isinstance(getattr(policy, "_ENV", None), celpy_env()):
+        use_fast_cel()
+    scale = args.domains / 1000
+    sizes = {"domains": args.domains, "products_per_domain": 10,
+                 "contracts": max(1, round(1000 * scale)), "policies": max(1, round(200 * scale)),
+                 "models": max(1, round(500 * scale))}
+    with tempfile.TemporaryDirectory(prefix="meshctl-scale-") as tmp:
+        path = write_mesh(Path(tmp), **sizes)
+        text = path.read_text()
+        floor, _, floor_cpu = timed(lambda: yaml.load(text, Loader=yaml.CSafeLoader), args.repeat)
+        events, _, _ = timed(lambda: sum(1 for _ in yaml.parse(text, Loader=yaml.CSafeLoader)),
+                          args.repeat)
+
+        def validate():
+            return compile_mesh(path, hashed=False)  # what `meshctl validate` runs
+
+        def plan():
+            result = compile_mesh(path)
+            return result.plan.to_toml() if result.plan else None
+
+        t_validate, result, c_validate = timed(validate, args.repeat)
+        t_plan, toml_text, c_plan = timed(plan, args.repeat)
+        errors = [d for d in result.diagnostics if d.severity == "error"]
+        if errors or toml_text is None:
+            print(result.render_diagnostics(), file=sys.stderr)
+            sys.exit("the synthetic mesh did not compile")
+        plan_obj = result.plan
+        print(f"mesh: {sizes['domains']} domains, {len(plan_obj.products)} products, "
+              f"{sizes['contracts']} contracts, {sizes['policies']} policies, {len(plan_obj.jobs)} models;"
+              f" {len(text) / 1e6:.1f} MB of YAML, {len(plan_obj.decisions)} policy decisions,"
+              f" plan {len(toml_text) / 1e6:.1f} MB")
+        print(f"{'step':<10} {'median s':>9} {'cpu s':>7} {'floor s':>8} {'ratio':>6} "
+              f"{'goal s':>7}")
+        for name, t, c in (("validate", t_validate, c_validate), ("plan", t_plan, c_plan)):
+            print(f"{name:<10} {t:>9.3f} {c:>7.3f} {floor:>8.3f} {t / floor:>6.1f} {1.0:>7.1f}")
+        print(f"floor: yaml.CSafeLoader on the same file, same process, same run"
+              f" ({floor_cpu:.3f} s cpu);"
+              f" libyaml's events alone: {events:.3f} s")
+        print(f"phases of one plan run, cpu s (policies by {args.cel}):")
+        for phase, seconds in phase_times(path).items():
+            print(f"  {phase:<28} {seconds:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()

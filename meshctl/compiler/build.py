@@ -1,0 +1,211 @@
+"""build_plan: a spec that compiled without errors -> the (unhashed) Plan.
+
+Everything here is a pure function of the checked spec and its resolution:
+no checks are made (earlier stages made them) and every list has a fixed
+order (declared order, or sorted where the spec's order carries no meaning),
+so the same mesh.yaml gives the same plan bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from meshctl import PROTOCOL_VERSION, __version__
+from meshctl.compiler.analyses import metric_range
+from meshctl.compiler.diagnostics import YamlPath
+from meshctl.compiler.grants import grant_id
+from meshctl.compiler.plan import (
+    Plan,
+    PlanAnalysis,
+    PlanArchitecture,
+    PlanColumn,
+    PlanContract,
+    PlanCoordinator,
+    PlanDecision,
+    PlanDomain,
+    PlanDp,
+    PlanEvaluation,
+    PlanGrant,
+    PlanHeader,
+    PlanJob,
+    PlanMetric,
+    PlanPolicy,
+    PlanPrivacy,
+    PlanProduct,
+    PlanQualityRule,
+    PlanRead,
+    PlanTraining,
+    mlp_tensors,
+)
+from meshctl.compiler.policy import parameter_count
+from meshctl.compiler.resolve import Resolution, ResolvedAnalysis, ResolvedModel
+from meshctl.compiler.sources import plan_sla, source_kind
+from meshctl.compiler.spec import (
+    Column,
+    Contract,
+    DifferentialPrivacy,
+    Domain,
+    Grant,
+    MeshSpec,
+    Product,
+    QualityRule,
+)
+
+At = Callable[[YamlPath], str]
+"""Maps a YAML path to `mesh.yaml:LINE:COL`."""
+
+
+def build_plan(spec: MeshSpec, resolution: Resolution, decisions: list[PlanDecision],
+               policies: list[PlanPolicy], raw: bytes, at: At) -> Plan:
+    """The Plan of a spec that compiled without errors (unhashed)."""
+    coordinator = spec.mesh.coordinator
+    domains = {d.name: d for d in spec.domains}
+    return Plan(
+        plan=PlanHeader(mesh=spec.mesh.name, meshctl_version=__version__,
+                        protocol_version=PROTOCOL_VERSION,
+                        spec_hash="sha256:" + hashlib.sha256(raw).hexdigest()),
+        coordinator=PlanCoordinator(**coordinator.model_dump()),
+        domains=[PlanDomain(name=d.name, owner=d.owner, jurisdiction=d.jurisdiction,
+                            address=d.address, public_key=d.public_key) for d in spec.domains],
+        products=[_product(p, resolution, domains) for p in spec.products],
+        contracts=[_contract(c, at) for c in sorted(spec.contracts, key=_contract_key)],
+        jobs=[_job(r, resolution) for r in resolution.models],
+        analyses=[_analysis(r, resolution) for r in resolution.analyses],
+        grants=sorted((_grant(g, at) for g in resolution.grants.values()), key=lambda g: g.id),
+        policies=policies,
+        decisions=decisions,
+    )
+
+
+def _contract_key(contract: Contract) -> tuple[str, tuple[int, ...]]:
+    return contract.name, tuple(int(x) for x in contract.version.split("."))
+
+
+def _column(column: Column) -> PlanColumn:
+    masking = column.masking or ("drop" if column.pii == "indirect" else None)
+    return PlanColumn(name=column.name, type=column.type, pii=column.pii,
+                      values=list(column.values),
+                      range=list(column.range) if column.range is not None else None,
+                      masking=masking if column.pii == "indirect" else None,
+                      generalize=(column.generalize or "") if masking == "generalize" else "")
+
+
+def _product(product: Product, resolution: Resolution, domains: dict[str, Domain]) -> PlanProduct:
+    contract = resolution.contracts.get(id(product))
+    kind = source_kind(product.source)
+    assert kind is not None  # checked by sources.check_sources
+    owner = domains.get(product.domain)
+    return PlanProduct(
+        id=f"{product.domain}.{product.name}", domain=product.domain, name=product.name,
+        source=product.source, format=kind.format, table=product.table or "",
+        classification=product.classification, access=product.access,
+        tags=list(product.tags), description=product.description,
+        owner=owner.owner if owner else "",
+        contract=f"{contract.name}@{contract.version}" if contract else "",
+        sla=plan_sla(product.sla), epsilon_budget=product.epsilon_budget,
+        columns=[_column(c) for c in product.columns],
+    )
+
+
+def _contract(contract: Contract, at: At) -> PlanContract:
+    names: dict[str, int] = {}
+    quality = []
+    for i, rule in enumerate(contract.quality):
+        name = rule.name or _rule_name(rule, i)
+        names[name] = names.get(name, 0) + 1
+        if not rule.name and names[name] > 1:
+            name = f"{name}#{names[name]}"
+        quality.append(_rule(rule, name, at((*contract.path, "quality", i))))
+    return PlanContract(id=f"{contract.name}@{contract.version}", name=contract.name,
+                        version=contract.version, purposes=list(contract.purposes),
+                        columns=[_column(c) for c in contract.columns], quality=quality,
+                        sla=plan_sla(contract.sla))
+
+
+def _rule_name(rule: QualityRule, i: int) -> str:
+    """`nullValues(radius_mean)`, `rowCount`, or `sql[2]` for a rule without a metric."""
+    if rule.metric is None:
+        return f"{rule.type}[{i}]"
+    return f"{rule.metric}({rule.column})" if rule.column else rule.metric
+
+
+def _rule(rule: QualityRule, name: str, at: str) -> PlanQualityRule:
+    ops = rule.operators()
+    threshold = getattr(rule, ops[0]) if ops else None
+    return PlanQualityRule(
+        name=name, type=rule.type, column=rule.column or "", metric=rule.metric or "",
+        query=rule.query or "", unit=rule.unit,
+        valid_values=[_text(v) for v in rule.validValues or []],
+        valid_range=list(rule.validRange) if rule.validRange is not None else None,
+        missing_values=[_text(v) for v in rule.missingValues or [] if v is not None],
+        pattern=rule.pattern or "", operator=ops[0] if ops else "",
+        threshold=list(threshold) if isinstance(threshold, list) else threshold,
+        severity=rule.severity, at=at)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _reads(products: list[Product]) -> list[PlanRead]:
+    return [PlanRead(domain=p.domain, product=f"{p.domain}.{p.name}", client_id=i)
+            for i, p in enumerate(products)]
+
+
+def _dp(dp: DifferentialPrivacy | None) -> PlanDp | None:
+    return PlanDp(epsilon=dp.epsilon, delta=dp.delta, clip=dp.clip) if dp else None
+
+
+def _job(resolved: ResolvedModel, resolution: Resolution) -> PlanJob:
+    model = resolved.model
+    classes = list(resolved.target.values)
+    arch = PlanArchitecture(input_dim=len(resolved.features), hidden=model.architecture.hidden,
+                            output_dim=len(classes))
+    tensors = mlp_tensors(arch.input_dim, arch.hidden, arch.output_dim)
+    evaluation = model.evaluation
+    return PlanJob(
+        name=model.name, purpose=model.purpose, participants=resolved.participants,
+        reads=_reads(resolved.products),
+        features=resolved.features, target=resolved.target.name, classes=classes,
+        architecture=arch, tensors=tensors,
+        parameters=parameter_count(tensors),
+        training=PlanTraining(**model.training.model_dump()),
+        evaluation=PlanEvaluation(holdout=evaluation.holdout,
+                                  holdout_column=evaluation.holdout_column or "",
+                                  holdout_value=evaluation.holdout_value,
+                                  metrics=list(evaluation.metrics)),
+        privacy=PlanPrivacy(secure_aggregation=model.privacy.secure_aggregation,
+                            dp=_dp(model.privacy.dp)),
+        quorum=model.quorum or len(resolved.participants),
+        round_timeout_s=model.round_timeout_s,
+        grants=resolution.used_grants.get(f"model:{model.name}", []),
+    )
+
+
+def _analysis(resolved: ResolvedAnalysis, resolution: Resolution) -> PlanAnalysis:
+    analysis = resolved.analysis
+    metrics = [PlanMetric(fn=m.fn, column=m.column or "", bins=m.bins,
+                          range=metric_range(m, column), q=list(m.q), label=m.label)
+               for m, column in resolved.metrics]
+    columns = [c.name for c in resolved.group_by]
+    columns += [c.name for _, c in resolved.metrics if c is not None]
+    return PlanAnalysis(
+        name=analysis.name, purpose=analysis.purpose, participants=resolved.participants,
+        reads=_reads(resolved.products), group_by=[c.name for c in resolved.group_by],
+        group_values={c.name: list(c.values) for c in resolved.group_by},
+        metrics=metrics, columns=sorted(set(columns)),
+        min_group_size=analysis.min_group_size, dp=_dp(analysis.privacy.dp),
+        grants=resolution.used_grants.get(f"analysis:{analysis.name}", []),
+    )
+
+
+def _grant(grant: Grant, at: At) -> PlanGrant:
+    return PlanGrant(id=grant_id(grant.product, grant.subject), product=grant.product,
+                     subject=grant.subject, purpose=grant.purpose,
+                     until=grant.until.isoformat() if grant.until else "",
+                     requested_by=grant.requested_by, at=at(grant.path))

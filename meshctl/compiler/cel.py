@@ -1,0 +1,652 @@
+"""CEL compiled to Python: policies are parsed once and evaluated over plain data.
+
+celpy parses (so syntax errors, and their positions, are celpy's own); the tree
+of an expression in the common subset is then translated into one Python
+function over plain dicts, lists, strs, ints, floats, bools and None. The subset:
+literals, identifiers, `a.b`, `a[i]`, `in`, comparisons, + - * / %, && || !, ?:,
+list and map literals, size, has, contains/startsWith/endsWith/matches,
+int/double/string, and the all/exists/exists_one/map/filter macros.
+
+The fast path only ever answers where the answer is certain: it is strict about
+types (1 == 1.0 is no overload in celpy; bool is not int) and any error, type
+mismatch or unusual case makes it hand that one evaluation to celpy's
+interpreter, whose result or CELEvalError is then the answer. An expression
+outside the subset is always evaluated by celpy. So results never differ from
+celpy's; only the time does.
+
+    env = Environment()
+    program = env.program(env.compile("size(model.participants) >= 2"))
+    program.evaluate({"model": {"participants": ["a", "b"]}})  # BoolType(True)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from functools import cached_property
+from typing import Any
+
+import celpy
+from celpy import celtypes
+from lark import Token, Tree
+
+CelError = celpy.CELEvalError
+"""What evaluation raises: celpy's own error, with celpy's message."""
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
+class Unsupported(Exception):
+    """The expression uses CEL outside the compiled subset (celpy evaluates it)."""
+
+
+class Activation:
+    """Variables for evaluation: plain data, converted to celpy's types only if needed.
+
+    Variables that are already celpy values (celpy.json_to_cel) are accepted too:
+    they are converted to plain data once, and kept for celpy.
+    """
+
+    def __init__(self, variables: Mapping[str, Any]) -> None:
+        try:  # plain values are used as they are; celpy values are converted
+            self.plain: dict[str, Any] | None = {
+                k: _plain(v) if isinstance(v, _CEL_TYPES) else v for k, v in variables.items()}
+        except _Doubt:  # uint, bytes, timestamps...: celpy evaluates everything
+            self.plain = None
+        if any(isinstance(v, _CEL_TYPES) for v in variables.values()):
+            self.__dict__["cel"] = dict(variables)
+
+    @cached_property
+    def cel(self) -> dict[str, Any]:
+        """The same variables as celpy values (for a fallback evaluation)."""
+        return {name: celpy.json_to_cel(value) for name, value in self.plain.items()}
+
+
+def _plain(value: Any) -> Any:
+    """celpy values (or plain data) as plain data; raises _Doubt for what has no plain twin."""
+    kind = type(value)
+    if kind in (bool, int, float, str, type(None)):
+        return value
+    if isinstance(value, celtypes.BoolType):
+        return bool(value)
+    if isinstance(value, (celtypes.UintType, bytes)):
+        raise _Doubt
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    raise _Doubt
+
+
+_LAST: tuple[Any, Activation] | None = None
+
+
+def _activation(variables: Activation | Mapping[str, Any]) -> Activation:
+    """The Activation of `variables`; the last one is reused while the same object comes.
+
+    Callers evaluate many programs over one variables dict, so it is converted
+    once; a variables dict must not be changed between evaluations.
+    """
+    global _LAST  # a one-entry cache keyed by identity
+    if isinstance(variables, Activation):
+        return variables
+    last = _LAST
+    if last is not None and last[0] is variables:
+        return last[1]
+    act = Activation(variables)
+    _LAST = (variables, act)
+    return act
+
+
+class Program:
+    """One compiled expression; `evaluate` returns celpy values or raises CelError."""
+
+    def __init__(self, ast: Tree, env: celpy.Environment) -> None:
+        self.ast = ast
+        self._env = env
+        self._runner: Any = None
+        try:
+            self.source: str | None = _Translator().function(ast)
+            self._fast: Callable[[dict], Any] | None = _build(self.source)
+        except Unsupported:
+            self.source, self._fast = None, None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the expression is in the compiled subset (else celpy runs it)."""
+        return self._fast is not None
+
+    def evaluate(self, activation: Activation | Mapping[str, Any]) -> Any:
+        """The value as celpy gives it (BoolType(True), ...); raises CelError.
+
+        A bool comes from the fast path; anything else (rare for a policy, and
+        then an error to report) is celpy's own value, so that its type is too.
+        """
+        act = _activation(activation)
+        value = self.evaluate_plain(act)
+        if value is True:
+            return _TRUE
+        if value is False:
+            return _FALSE
+        return self._celpy(act)
+
+    def evaluate_plain(self, activation: Activation | Mapping[str, Any]) -> Any:
+        """The value as plain Python data where the fast path is certain, else `_FALLBACK`."""
+        plain = activation.plain if isinstance(activation, Activation) else activation
+        if self._fast is None or plain is None:
+            return _FALLBACK
+        try:
+            return self._fast(plain)
+        except Exception:  # noqa: BLE001 - any doubt goes to celpy, which decides
+            return _FALLBACK
+
+    def _celpy(self, act: Activation) -> Any:
+        if self._runner is None:
+            self._runner = self._env.program(self.ast)
+        value = self._runner.evaluate(act.cel)
+        if isinstance(value, CelError):
+            raise value
+        return value
+
+
+_TRUE, _FALSE = celpy.celtypes.BoolType(True), celpy.celtypes.BoolType(False)
+_FALLBACK: Any = type("Fallback", (), {"__repr__": lambda self: "<celpy decides>"})()
+
+
+class Environment:
+    """A drop-in for celpy.Environment: `compile` parses, `program` compiles to Python."""
+
+    def __init__(self) -> None:
+        self._env = celpy.Environment()
+
+    def compile(self, text: str) -> Tree:
+        """celpy's parse tree of `text`; raises celpy's CELParseError with its position."""
+        return self._env.compile(text)
+
+    def program(self, ast: Tree) -> Program:
+        """The compiled program of a parse tree."""
+        return Program(ast, self._env)
+
+
+def _build(source: str) -> Callable[[dict], Any]:
+    namespace = dict(_HELPERS)
+    exec(compile(source, "<cel>", "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace["_cel"]
+
+
+# ---------------------------------------------------------------------------
+# Translation: parse tree -> Python source of `def _cel(_act): return ...`
+
+_BINARY = {
+    "relation_lt": "_lt", "relation_le": "_le", "relation_gt": "_gt", "relation_ge": "_ge",
+    "relation_eq": "_eq", "relation_ne": "_ne", "relation_in": "_in",
+    "addition_add": "_add", "addition_sub": "_sub",
+    "multiplication_mul": "_mul", "multiplication_div": "_div", "multiplication_mod": "_mod",
+}
+_FUNCTIONS = {"size": "_size", "int": "_int", "double": "_double", "string": "_string"}
+_METHODS = {"size": ("_size", 0), "contains": ("_contains", 1), "startsWith": ("_starts", 1),
+            "endsWith": ("_ends", 1), "matches": ("_matches", 1)}
+_MACROS = {"all", "exists", "exists_one", "map", "filter"}
+_PLAIN_STRING = re.compile(r"""[rR]?("[^"\\\n]*"|'[^'\\\n]*')""")
+
+
+class _Translator:
+    """Python source for one expression; raises Unsupported outside the subset."""
+
+    def __init__(self) -> None:
+        self.scope: list[str] = []
+
+    def function(self, tree: Tree) -> str:
+        """The whole module source: one function of the activation."""
+        return f"def _cel(_act):\n    return {self.node(tree)}\n"
+
+    def node(self, tree: Any) -> str:
+        if not isinstance(tree, Tree):
+            raise Unsupported(repr(tree))
+        method = getattr(self, f"t_{tree.data}", None)
+        if method is None:
+            raise Unsupported(str(tree.data))
+        return method(tree.children)
+
+    def t_expr(self, kids: list) -> str:
+        if len(kids) == 1:
+            return self.node(kids[0])
+        cond, then, other = (self.node(k) for k in kids)
+        return f"({then} if _bool({cond}) else {other})"
+
+    def t_conditionalor(self, kids: list) -> str:
+        if len(kids) == 1:
+            return self.node(kids[0])
+        return f"(True if _bool({self.node(kids[0])}) else _bool({self.node(kids[1])}))"
+
+    def t_conditionaland(self, kids: list) -> str:
+        if len(kids) == 1:
+            return self.node(kids[0])
+        return f"(_bool({self.node(kids[1])}) if _bool({self.node(kids[0])}) else False)"
+
+    def _binary(self, kids: list) -> str:
+        if len(kids) == 1:
+            return self.node(kids[0])
+        op, right = kids
+        helper = _BINARY.get(op.data) if isinstance(op, Tree) else None
+        if helper is None or len(op.children) != 1:
+            raise Unsupported(str(op))
+        return f"{helper}({self.node(op.children[0])}, {self.node(right)})"
+
+    t_relation = t_addition = t_multiplication = _binary
+
+    def t_unary(self, kids: list) -> str:
+        if len(kids) == 1:
+            return self.node(kids[0])
+        op, operand = kids
+        if op.data == "unary_not":
+            return f"(not _bool({self.node(operand)}))"
+        if op.data == "unary_neg":
+            return f"_neg({self.node(operand)})"
+        raise Unsupported(str(op.data))
+
+    def t_member(self, kids: list) -> str:
+        return self.node(kids[0])
+
+    def t_primary(self, kids: list) -> str:
+        return self.node(kids[0])
+
+    def t_paren_expr(self, kids: list) -> str:
+        return self.node(kids[0])
+
+    def t_member_dot(self, kids: list) -> str:
+        target, name = kids
+        return f"_field({self.node(target)}, {str(name)!r})"
+
+    def t_member_index(self, kids: list) -> str:
+        target, index = kids
+        return f"_index({self.node(target)}, {self.node(index)})"
+
+    def t_ident(self, kids: list) -> str:
+        name = str(kids[0])
+        if name in self.scope:
+            return f"v_{name}"
+        return f"_act[{name!r}]"
+
+    def t_literal(self, kids: list) -> str:
+        token: Token = kids[0]
+        text = str(token)
+        if token.type == "INT_LIT":
+            value: Any = int(text, 16 if "x" in text.lower() else 10)
+            if not INT_MIN <= value <= INT_MAX:
+                raise Unsupported(text)
+        elif token.type == "FLOAT_LIT":
+            value = float(text)
+        elif token.type == "STRING_LIT" and _PLAIN_STRING.fullmatch(text):
+            value = text[2:-1] if text[0] in "rR" else text[1:-1]
+        elif token.type == "BOOL_LIT":
+            value = text == "true"
+        elif token.type == "NULL_LIT":
+            value = None
+        else:
+            raise Unsupported(token.type)
+        return repr(value)
+
+    def _args(self, kids: list, start: int) -> list[Tree]:
+        rest = kids[start:]
+        if not rest:
+            return []
+        if len(rest) != 1 or not isinstance(rest[0], Tree) or rest[0].data != "exprlist":
+            raise Unsupported("arguments")
+        return list(rest[0].children)
+
+    def t_list_lit(self, kids: list) -> str:
+        items = self._args(kids, 0)
+        return "[" + "".join(f"{self.node(i)}, " for i in items) + "]"
+
+    def t_map_lit(self, kids: list) -> str:
+        if not kids:
+            return "{}"
+        inits = kids[0].children
+        pairs = ", ".join(f"({self.node(k)}, {self.node(v)})"
+                          for k, v in zip(inits[::2], inits[1::2], strict=True))
+        return f"_map([{pairs}])"
+
+    def t_ident_arg(self, kids: list) -> str:
+        name, args = str(kids[0]), self._args(kids, 1)
+        if name == "has" and len(args) == 1:
+            return self._has(args[0])
+        if name in _FUNCTIONS and len(args) == 1:
+            return f"{_FUNCTIONS[name]}({self.node(args[0])})"
+        raise Unsupported(name)
+
+    def _has(self, arg: Tree) -> str:
+        node = _unwrap(arg)
+        if node.data != "member_dot":
+            raise Unsupported("has")
+        target, name = node.children
+        return f"_has({self.node(target)}, {str(name)!r})"
+
+    def t_member_dot_arg(self, kids: list) -> str:
+        target, name, args = kids[0], str(kids[1]), self._args(kids, 2)
+        if name in _MACROS and len(args) == 2:
+            return self._macro(name, self.node(target), args)
+        if name in _METHODS and _METHODS[name][1] == len(args):
+            helper = _METHODS[name][0]
+            return f"{helper}({', '.join([self.node(target), *map(self.node, args)])})"
+        raise Unsupported(name)
+
+    def _macro(self, name: str, target: str, args: list[Tree]) -> str:
+        var = self._macro_var(args[0])
+        self.scope.append(var)
+        try:
+            body = self.node(args[1])
+        finally:
+            self.scope.pop()
+        helper = "_map_macro" if name == "map" else f"_{name}"
+        return f"{helper}({target}, lambda v_{var}: {body})"
+
+    def _macro_var(self, arg: Tree) -> str:
+        node = _unwrap(arg)
+        if node.data != "ident":
+            raise Unsupported("macro variable")
+        return str(node.children[0])
+
+
+_WRAPPERS = frozenset({"expr", "conditionalor", "conditionaland", "relation", "addition",
+                       "multiplication", "unary", "member", "primary", "paren_expr"})
+
+
+def _unwrap(tree: Tree) -> Tree:
+    """The one node a chain of single-child precedence levels stands for."""
+    node = tree
+    while isinstance(node, Tree) and node.data in _WRAPPERS:
+        if len(node.children) != 1:
+            raise Unsupported("expected a name")
+        node = node.children[0]
+    if not isinstance(node, Tree):
+        raise Unsupported("expected a name")
+    return node
+
+
+# ---------------------------------------------------------------------------
+# Runtime helpers: strict where celpy is strict; anything doubtful raises.
+
+
+class _Doubt(Exception):
+    """The fast path cannot be sure: celpy evaluates."""
+
+
+_CEL_TYPES = (celtypes.BoolType, celtypes.IntType, celtypes.UintType, celtypes.DoubleType,
+              celtypes.StringType, celtypes.ListType, celtypes.MapType, celtypes.BytesType)
+_SCALARS = (bool, int, float, str, type(None))
+_NUMBERS = (int, float)
+
+
+def _bool(value: Any) -> bool:
+    if value is True or value is False:
+        return value
+    raise _Doubt
+
+
+def _same(a: Any, b: Any) -> type:
+    kind = type(a)
+    if kind is not type(b):
+        raise _Doubt
+    return kind
+
+
+def _eq(a: Any, b: Any) -> bool:
+    kind = _same(a, b)
+    if kind in _SCALARS:
+        return a == b
+    if kind is list:
+        if len(a) != len(b):
+            raise _Doubt
+        results = [_eq(x, y) for x, y in zip(a, b, strict=True)]  # every pair is checked
+        return all(results)
+    if kind is dict:
+        if a.keys() != b.keys():
+            raise _Doubt
+        results = [_eq(a[k], b[k]) for k in a]
+        return all(results)
+    raise _Doubt
+
+
+def _ne(a: Any, b: Any) -> bool:
+    return not _eq(a, b)
+
+
+def _ordered(a: Any, b: Any) -> None:
+    if _same(a, b) not in (int, float, str, bool):
+        raise _Doubt
+
+
+def _lt(a: Any, b: Any) -> bool:
+    _ordered(a, b)
+    return a < b
+
+
+def _le(a: Any, b: Any) -> bool:
+    _ordered(a, b)
+    return a <= b
+
+
+def _gt(a: Any, b: Any) -> bool:
+    _ordered(a, b)
+    return a > b
+
+
+def _ge(a: Any, b: Any) -> bool:
+    _ordered(a, b)
+    return a >= b
+
+
+def _in(item: Any, container: Any) -> bool:
+    kind = type(container)
+    if kind is list:
+        results = [_eq(item, x) for x in container]  # a mismatch anywhere is celpy's call
+        return any(results)
+    if kind is dict and type(item) is str and all(type(k) is str for k in container):
+        return item in container
+    raise _Doubt
+
+
+def _int_result(value: int) -> int:
+    if not INT_MIN <= value <= INT_MAX:
+        raise _Doubt
+    return value
+
+
+def _add(a: Any, b: Any) -> Any:
+    kind = _same(a, b)
+    if kind is int:
+        return _int_result(a + b)
+    if kind in (float, str, list):
+        return a + b
+    raise _Doubt
+
+
+def _sub(a: Any, b: Any) -> Any:
+    kind = _same(a, b)
+    if kind is int:
+        return _int_result(a - b)
+    if kind is float:
+        return a - b
+    raise _Doubt
+
+
+def _mul(a: Any, b: Any) -> Any:
+    kind = _same(a, b)
+    if kind is int:
+        return _int_result(a * b)
+    if kind is float:
+        return a * b
+    raise _Doubt
+
+
+def _div(a: Any, b: Any) -> Any:
+    kind = _same(a, b)
+    if kind is int and b != 0:
+        quotient = abs(a) // abs(b)
+        return _int_result(quotient if (a < 0) == (b < 0) else -quotient)
+    if kind is float and b != 0.0:
+        return a / b
+    raise _Doubt
+
+
+def _mod(a: Any, b: Any) -> Any:
+    if _same(a, b) is int and b != 0:
+        remainder = abs(a) % abs(b)
+        return remainder if a >= 0 else -remainder
+    raise _Doubt
+
+
+def _neg(a: Any) -> Any:
+    kind = type(a)
+    if kind is int:
+        return _int_result(-a)
+    if kind is float:
+        return -a
+    raise _Doubt
+
+
+def _field(target: Any, name: str) -> Any:
+    if type(target) is dict:
+        return target[name]
+    raise _Doubt
+
+
+def _index(target: Any, key: Any) -> Any:
+    kind = type(target)
+    if kind is list and type(key) is int:
+        return target[key]
+    if kind is dict and type(key) is str:
+        return target[key]
+    raise _Doubt
+
+
+def _has(target: Any, name: str) -> bool:
+    if type(target) is dict:
+        return name in target
+    raise _Doubt
+
+
+def _map(pairs: list[tuple[Any, Any]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if type(key) is not str or key in out:
+            raise _Doubt
+        out[key] = value
+    return out
+
+
+def _size(value: Any) -> int:
+    if type(value) in (str, list, dict):
+        return len(value)
+    raise _Doubt
+
+
+def _strings(*values: Any) -> None:
+    if any(type(v) is not str for v in values):
+        raise _Doubt
+
+
+def _contains(text: Any, part: Any) -> bool:
+    _strings(text, part)
+    return part in text
+
+
+def _starts(text: Any, part: Any) -> bool:
+    _strings(text, part)
+    return text.startswith(part)
+
+
+def _ends(text: Any, part: Any) -> bool:
+    _strings(text, part)
+    return text.endswith(part)
+
+
+_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _matches(text: Any, pattern: Any) -> bool:
+    _strings(text, pattern)
+    compiled = _PATTERNS.get(pattern)
+    if compiled is None:
+        compiled = _PATTERNS.setdefault(pattern, re.compile(pattern))
+    return compiled.search(text) is not None
+
+
+def _int(value: Any) -> int:
+    kind = type(value)
+    if kind is int:
+        return value
+    if kind is float and math.isfinite(value) and abs(value) < 2.0**63:
+        return _int_result(int(value))
+    if kind is str and re.fullmatch(r"-?[0-9]+", value):
+        return _int_result(int(value))
+    raise _Doubt
+
+
+def _double(value: Any) -> float:
+    kind = type(value)
+    if kind is float:
+        return value
+    if kind is int:
+        return float(value)
+    raise _Doubt
+
+
+def _string(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        return value
+    if kind is int:
+        return str(value)
+    raise _Doubt
+
+
+def _items(target: Any) -> list:
+    kind = type(target)
+    if kind is list:
+        return target
+    if kind is dict:
+        return list(target)
+    raise _Doubt
+
+
+def _all(target: Any, predicate: Callable[[Any], Any]) -> bool:
+    results = [_bool(predicate(x)) for x in _items(target)]  # no short cut: errors count
+    return all(results)
+
+
+def _exists(target: Any, predicate: Callable[[Any], Any]) -> bool:
+    results = [_bool(predicate(x)) for x in _items(target)]
+    return any(results)
+
+
+def _exists_one(target: Any, predicate: Callable[[Any], Any]) -> bool:
+    return [_bool(predicate(x)) for x in _items(target)].count(True) == 1
+
+
+def _map_macro(target: Any, function: Callable[[Any], Any]) -> list:
+    if type(target) is not list:
+        raise _Doubt
+    return [function(x) for x in target]
+
+
+def _filter(target: Any, predicate: Callable[[Any], Any]) -> list:
+    if type(target) is not list:
+        raise _Doubt
+    return [x for x in target if _bool(predicate(x))]
+
+
+_HELPERS: dict[str, Any] = {
+    name: value for name, value in globals().items()
+    if name.startswith("_") and callable(value) and not isinstance(value, type)
+}
+_HELPERS["_map"] = _map
+_HELPERS["_map_macro"] = _map_macro

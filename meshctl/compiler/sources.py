@@ -1,0 +1,125 @@
+"""Product sources (files and database URIs) and service levels (durations).
+
+A source is a csv or parquet file (format by extension), or a URI: `sqlite:PATH`,
+`duckdb:PATH` (paths relative to the mesh.yaml) or `postgresql://...`; a URI
+needs a `table`, a file must not have one. Only local files are checked for
+existence; a postgresql server is the runtime's business.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean
+from meshctl.compiler.plan import PlanSla
+from meshctl.compiler.spec import Product, Sla
+
+FILE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+"""Source file suffixes the plan supports, and their formats."""
+
+URI_FORMATS = {"sqlite:": "sqlite", "duckdb:": "duckdb", "postgresql://": "postgresql",
+               "postgres://": "postgresql"}
+"""Source URI prefixes the plan supports, and their formats."""
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+"""Duration units, in seconds."""
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdwy])\s*$")
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """What a source string is."""
+
+    format: str
+    """csv | parquet | sqlite | duckdb | postgresql"""
+    path: str | None
+    """Local file the source reads (relative to the mesh.yaml), None for a server."""
+
+    @property
+    def is_file(self) -> bool:
+        """A csv or parquet file (no table)."""
+        return self.format in ("csv", "parquet")
+
+
+def source_kind(source: str) -> SourceKind | None:
+    """The format and local path of `source`, or None when it is not supported."""
+    for prefix, fmt in URI_FORMATS.items():
+        if source.startswith(prefix):
+            return SourceKind(fmt, None if fmt == "postgresql" else source[len(prefix):])
+    if "://" in source:
+        return None
+    fmt = FILE_FORMATS.get(PurePosixPath(source).suffix.lower())
+    return SourceKind(fmt, source) if fmt else None
+
+
+def check_sources(products: list[Product], base: Path, report: Reporter) -> None:
+    """Report unsupported sources, missing local files and a wrong `table`."""
+    for product in products:
+        at = (*product.path, "source")
+        label = f"{product.domain}.{product.name}"
+        kind = source_kind(product.source)
+        if kind is None:
+            report.error("MESH501", f"source '{product.source}' of product '{label}' is not a "
+                         "supported file or URI", at,
+                         hint="use a .csv or .parquet file, sqlite:PATH, duckdb:PATH or "
+                              "postgresql://...")
+            continue
+        _check_table(product, kind, label, report)
+        if kind.path is not None:
+            _check_file(kind.path, label, base, at, report)
+
+
+def _check_table(product: Product, kind: SourceKind, label: str, report: Reporter) -> None:
+    if kind.is_file and product.table is not None:
+        report.error("MESH212", f"product '{label}' reads a {kind.format} file, which has no "
+                     "tables", (*product.path, "table"), key=True,
+                     hint="remove `table`, or use a sqlite:, duckdb: or postgresql:// source")
+    elif not kind.is_file and not product.table:
+        report.error("MESH212", f"product '{label}' reads a {kind.format} source but names no "
+                     "`table`", product.path, hint="add `table: NAME`")
+
+
+def _check_file(src: str, label: str, base: Path, at: YamlPath, report: Reporter) -> None:
+    target = base / src
+    if target.is_file():
+        return
+    siblings = [p.name for p in target.parent.iterdir()] if target.parent.is_dir() else []
+    report.error("MESH307", f"source file '{src}' of product '{label}' does not exist", at,
+                 hint=did_you_mean(target.name, siblings)
+                 or "paths are relative to the mesh.yaml's directory")
+
+
+def duration_s(text: str) -> float | None:
+    """Seconds of a duration such as `30m`, `12h`, `7d`, `2w` or `5y`; None if malformed."""
+    m = _DURATION.match(text)
+    return float(m.group(1)) * UNITS[m.group(2)] if m else None
+
+
+def check_sla(sla: Sla | None, at: YamlPath, report: Reporter) -> None:
+    """Report a malformed freshness, retention or availability."""
+    if sla is None:
+        return
+    for key in ("freshness", "retention"):
+        value = getattr(sla, key)
+        if value is not None and duration_s(value) is None:
+            report.error("MESH208", f"{key} '{value}' is not a duration", (*at, key),
+                         hint="a number and a unit: s, m, h, d, w or y, e.g. 7d")
+    value = sla.availability
+    if value is not None:
+        m = _PERCENT.match(value)
+        if m is None or float(m.group(1)) > 100:
+            report.error("MESH208", f"availability '{value}' is not a percentage",
+                         (*at, "availability"), hint="e.g. 99.9%")
+
+
+def plan_sla(sla: Sla | None) -> PlanSla | None:
+    """The plan's view of a checked SLA."""
+    if sla is None:
+        return None
+    return PlanSla(freshness_s=duration_s(sla.freshness) if sla.freshness else None,
+                   freshness=sla.freshness or "", availability=sla.availability or "",
+                   retention=sla.retention or "")

@@ -1,0 +1,297 @@
+"""Federated analytics, coordinator side: run one `analyses:` entry and merge exactly.
+
+`meshctl analyze NAME` prepares a run like `meshctl up` (run directory, ephemeral
+Curve keys, events.jsonl) with `analysis` set in the run manifest; the coordinator
+process then runs `AnalysisCoordinator`, which asks every participant for its
+aggregates (`AnalyzeIns`), checks each reply against the plan with the same output
+gate the domains apply, emits the domains' ledger charges and refusals as events,
+and merges: counts, sums and histograms add; means are Σsum/Σcount; variances
+come from the domains' centered sums of squares (Chan et al.); quantiles are read
+off the merged histogram. The result is `analyses/<name>.json` in the run directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshctl.compiler.plan import Plan, PlanAnalysis
+from meshctl.errors import UserError
+from meshctl.runtime import events as ev
+from meshctl.runtime import wire
+from meshctl.runtime.analytics_domain import (
+    GateError,
+    Statistic,
+    declared_groups,
+    gate,
+    metric_statistics,
+    statistics,
+)
+from meshctl.runtime.coordinator import Coordinator, JobAborted
+from meshctl.runtime.kernels import aggregates as agg
+
+REPLY_TIMEOUT_S = 600.0
+"""How long the coordinator waits for every participant's aggregates."""
+
+
+# -- choosing and checking an analysis (before anything starts) ---------------------
+
+
+def find_analysis(plan: Plan, name: str, where: str) -> PlanAnalysis:
+    """The plan's analysis `name`, or a UserError naming the nearest one."""
+    names = [a.name for a in plan.analyses]
+    if name in names:
+        return plan.analysis(name)
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else (
+        f"the mesh declares {', '.join(names)}" if names else "declare one under `analyses:`")
+    raise UserError(f"no analysis '{name}' in the mesh", where=where, hint=hint)
+
+
+def check_sources(plan: Plan, analysis: PlanAnalysis, base_dir: Path) -> None:
+    """Every local participant's data file exists (a missing one is a one-line error now, not later)."""
+    from meshctl.runtime.data import source_path
+
+    local = {d.name for d in plan.domains if d.address == "local"}
+    for read in analysis.reads:
+        product = plan.product(read.product)
+        if read.domain in local and product.format != "postgresql":
+            path = source_path(product, base_dir)
+            if not path.is_file():
+                raise UserError(f"data file of product {product.id} not found", where=str(path))
+
+
+def result_path(run_dir: Path, name: str) -> Path:
+    """Where a run writes the result of analysis `name`."""
+    return Path(run_dir) / "analyses" / f"{name}.json"
+
+
+# -- merging ------------------------------------------------------------------------
+
+
+def merge(plan: Plan, analysis: PlanAnalysis, replies: dict[str, wire.AnalyzeRes]) -> dict[str, Any]:
+    """The mesh-wide result of `analysis` from each domain's (gated) reply, as a JSON-able dict."""
+    stats = statistics(plan, analysis)
+    by_metric = metric_statistics(plan, analysis)
+    by_domain = {d: {tuple(g.key): g.values for g in replies[d].groups}
+                 for d in analysis.participants if d in replies}  # plan order: deterministic
+    groups, merged_suppressed = [], 0
+    for key in declared_groups(plan, analysis):
+        parts = [(d, vals[key]) for d, vals in by_domain.items() if key in vals]
+        if not parts:
+            continue
+        count = float(sum(v["count"] for _, v in parts))  # type: ignore[misc]
+        if count < analysis.min_group_size:
+            merged_suppressed += 1
+            continue
+        values = _metric_values(analysis, by_metric, [v for _, v in parts], exact=analysis.dp is None)
+        groups.append({"key": dict(zip(analysis.group_by, key)), "count": _count(count, analysis),
+                       "domains": [d for d, _ in parts], "values": values})
+    dp = None if analysis.dp is None else {
+        "epsilon": analysis.dp.epsilon, "mechanism": "laplace", "per_statistic_epsilon":
+        agg.split_epsilon(analysis.dp.epsilon, len(stats)), "statistics": [s.key for s in stats]}
+    return {
+        "analysis": analysis.name, "purpose": analysis.purpose, "group_by": analysis.group_by,
+        "metrics": [m.label for m in analysis.metrics], "participants": list(by_domain),
+        "min_group_size": analysis.min_group_size, "variance": "sample (n - 1)", "dp": dp,
+        "groups": groups,
+        "suppressed": {"by_domain": {d: r.suppressed for d, r in sorted(replies.items())},
+                       "merged": merged_suppressed},
+    }
+
+
+def _count(count: float, analysis: PlanAnalysis) -> float | int:
+    return round(count) if analysis.dp is None else count
+
+
+def _metric_values(analysis: PlanAnalysis, by_metric: dict[str, list[Statistic]], parts: list[dict],
+                   exact: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in analysis.metrics:
+        stats = {s.kind: s for s in by_metric[m.label]}
+        if m.fn == "count":
+            total = sum(p["count"] for p in parts)
+            out[m.label] = round(total) if exact else total
+        elif m.fn in ("histogram", "quantile"):
+            s = stats["hist"]
+            counts = agg.merge_histograms([p[s.key] for p in parts])
+            if m.fn == "histogram":
+                edges = np.linspace(s.lo, s.hi, s.bins + 1)
+                out[m.label] = {"edges": edges.tolist(), "counts": [_num(c, exact) for c in counts]}
+            else:
+                out[m.label] = {format(q, "g"): _finite(agg.histogram_quantile(counts, s.lo, s.hi, q))
+                                for q in m.q}
+        else:
+            m2 = stats.get("m2")
+            moments = agg.merge_moments([agg.Moments(p["count"], p[stats["sum"].key],
+                                                     p[m2.key] if m2 else 0.0) for p in parts])
+            out[m.label] = {"sum": moments.sum, "mean": _finite(moments.mean),
+                            "variance": _finite(agg.variance(moments, ddof=1))}[m.fn]
+    return out
+
+
+def _num(x: float, exact: bool) -> float | int:
+    return round(x) if exact else float(x)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+# -- the coordinator of an analysis run ------------------------------------------------
+
+
+class AnalysisCoordinator(Coordinator):
+    """A coordinator whose run is one analysis instead of the plan's training jobs."""
+
+    def _work_names(self) -> list[str]:
+        return [f"analysis:{self.m.analysis}"]
+
+    def _work(self) -> None:
+        analysis = self.plan.analysis(self.m.analysis)
+        self.analysis = analysis
+        self.replies: dict[str, wire.AnalyzeRes] = {}
+        started = time.time()
+        self._await_participants(analysis)
+        self.sink.emit(ev.AnalysisStarted(analysis=analysis.name, participants=analysis.participants,
+                                          metrics=[m.label for m in analysis.metrics]))
+        for d in analysis.participants:
+            self._send(self.peers[d], wire.AnalyzeIns(analysis=analysis.name))
+        self._await_replies(analysis)
+        self._report_ledger(analysis)
+        result = merge(self.plan, analysis, self.replies)
+        result.update(run=self.m.run, plan_hash=self.plan.plan.hash)
+        path = result_path(self.run_dir, analysis.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        suppressed = sum(result["suppressed"]["by_domain"].values()) + result["suppressed"]["merged"]
+        self.sink.emit(ev.AnalysisCompleted(analysis=analysis.name, groups=len(result["groups"]),
+                                            suppressed=suppressed, result_path=str(path.relative_to(self.run_dir)),
+                                            seconds=time.time() - started))
+
+    def _await_participants(self, analysis: PlanAnalysis) -> None:
+        deadline = time.monotonic() + self.m.join_timeout_s
+        while True:
+            self._abort_if_lost(analysis)
+            missing = [d for d in analysis.participants if d not in self.peers]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise JobAborted(f"analysis {analysis.name}: domains {', '.join(missing)} did not join within "
+                                 f"{self.m.join_timeout_s:.0f}s")
+            self._pump()
+
+    def _await_replies(self, analysis: PlanAnalysis) -> None:
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        while len(self.replies) < len(analysis.participants):
+            self._abort_if_lost(analysis)
+            if time.monotonic() > deadline:
+                missing = [d for d in analysis.participants if d not in self.replies]
+                raise JobAborted(f"analysis {analysis.name}: no aggregates from {', '.join(missing)} "
+                                 f"within {REPLY_TIMEOUT_S:.0f}s")
+            self._pump()
+
+    def _abort_if_lost(self, analysis: PlanAnalysis) -> None:
+        lost = [d for d in analysis.participants if d in self.failed]
+        if lost:
+            raise JobAborted(f"analysis {analysis.name}: domain {lost[0]} {self.failed[lost[0]]}")
+
+    def _report_ledger(self, analysis: PlanAnalysis) -> None:
+        """BudgetSpent for every charge, PolicyDecided for every refusal; abort if any domain refused."""
+        subject = f"analysis.{analysis.name}"
+        for domain, res in sorted(self.replies.items()):
+            for c in res.charges:
+                self.sink.emit(ev.BudgetSpent(product=c.product, subject=subject, epsilon=c.epsilon,
+                                              total=c.total, cap=c.cap))
+        denials = [(d, x) for d, res in sorted(self.replies.items()) for x in res.denied]
+        for domain, x in denials:
+            self.sink.emit(ev.PolicyDecided(policy=x.policy, scope="analysis", subject=subject, effect="deny",
+                                            reason=f"{domain}: {x.reason}", stage="run"))
+        if denials:
+            domain, x = denials[0]
+            raise JobAborted(f"analysis {analysis.name}: domain {domain} refused ({x.policy}): {x.reason}")
+
+    def _handle_other(self, domain: str, msg: Any, tensors: wire.Tensors) -> bool:
+        if not isinstance(msg, wire.AnalyzeRes):
+            return False
+        analysis = getattr(self, "analysis", None)
+        problem = ""
+        if analysis is None or msg.analysis != analysis.name:
+            problem = f"aggregates for analysis {msg.analysis!r}, which is not running"
+        elif domain not in analysis.participants or domain in self.replies:
+            problem = f"unexpected or duplicate aggregates from {domain}"
+        elif tensors:
+            problem = "aggregates carry tensors"
+        else:
+            read = next(r for r in analysis.reads if r.domain == domain)
+            try:
+                gate(msg, self.plan, analysis, read.product)
+            except GateError as err:
+                problem = f"output gate: {err}"
+        if problem:
+            self.sink.emit(ev.MessageRejected(sender=domain, reason=problem))
+            if analysis is not None and domain in analysis.participants and domain not in self.replies:
+                self._fail(domain, f"sent aggregates the plan does not allow ({problem})")
+            return True
+        self.replies[domain] = msg
+        return True
+
+
+# -- rendering --------------------------------------------------------------------
+
+
+def render_result(result: dict[str, Any]) -> str:
+    """The result as a text table: one row per group, one column per metric."""
+    head = [*result["group_by"], *result["metrics"], "domains"]
+    rows = []
+    for g in result["groups"]:
+        rows.append([*(str(g["key"][c]) for c in result["group_by"]),
+                     *(_cell(g["values"][m]) for m in result["metrics"]), str(len(g["domains"]))])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *rows)]
+    sup = result["suppressed"]
+    held = sum(sup["by_domain"].values())
+    lines.append(f"{len(result['groups'])} groups; suppressed: {held} in domains, {sup['merged']} after merging"
+                 + (f"; DP ε {result['dp']['epsilon']:g} (Laplace)" if result.get("dp") else ""))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict) and "counts" in value:
+        return "[" + " ".join(_short(c) for c in value["counts"]) + "]"
+    if isinstance(value, dict):
+        return " ".join(f"q{q}={_short(v)}" for q, v in value.items())
+    return _short(value)
+
+
+def _short(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.4g}" if abs(x) < 1e6 else f"{x:.4e}"
+
+
+def read_result(run_dir: Path, name: str, copy_to: Path | None = None) -> dict[str, Any]:
+    """The result a run wrote for analysis `name`; also written to `copy_to` when given."""
+    path = result_path(run_dir, name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        raise UserError("the run wrote no result", where=str(path)) from None
+    if copy_to is not None:
+        try:
+            copy_to.write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"cannot write the result: {err.strerror}", where=str(copy_to)) from None
+    return json.loads(text)

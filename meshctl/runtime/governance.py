@@ -1,0 +1,308 @@
+"""Run-time governance: the decisions a domain makes before it accepts a job, and round gates.
+
+This module reads only the Plan, never the spec: a remote domain holds nothing
+else. `evaluate_job` is what a daemon runs for every job it is asked to take part
+in; it evaluates the global and the domain's own `scope: model` policies against
+the same `model` activation the compiler builds (meshctl/compiler/policy.py), and
+on top of them the invariants a domain enforces whatever the policies say:
+
+- ``invariant:no-pii-features``: no feature, target or holdout column is a PII column
+  (direct or indirect) of the domain's product;
+- ``invariant:grant-required``: an ``access: request`` product is read only under a
+  grant for ``model:<job>`` with the job's purpose that has not expired;
+- ``invariant:epsilon-budget``: the job's DP ε does not exceed the product's cap;
+- ``invariant:participant``: the domain is a declared participant of the job.
+
+`RoundGate` evaluates `scope: round` policies in the coordinator before each
+aggregation. CEL programs are compiled once per process (cached by source) and
+a policy that fails to compile or evaluate denies: governance fails closed.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from meshctl.compiler.plan import Plan, PlanJob, PlanPolicy, PlanProduct
+from meshctl.runtime.wire import Decision
+
+RUNTIME = "runtime"
+"""The `stage` of every decision made here."""
+
+
+class PolicyError(Exception):
+    """A policy that does not compile, fails to evaluate or gives no bool (it then denies)."""
+
+
+# -- CEL -----------------------------------------------------------------------------
+
+@functools.cache
+def _environment() -> Any:
+    import celpy  # ~0.5 s on first use: only processes whose plan has policies pay it
+
+    return celpy.Environment()
+
+
+@functools.cache
+def _program(source: str) -> Any:
+    """The compiled CEL program of `source`; raises PolicyError with the parser's first line."""
+    env = _environment()
+    try:
+        return env.program(env.compile(source))
+    except Exception as err:  # noqa: BLE001 - celpy raises CELParseError, rarely lark errors
+        first = str(err).strip().splitlines()
+        raise PolicyError(f"CEL syntax error: {first[0] if first else type(err).__name__}") from None
+
+
+def _evaluate(source: str, variables: dict[str, Any]) -> bool:
+    """Evaluate a boolean CEL expression; raises PolicyError on any failure."""
+    from celpy import celtypes
+
+    program = _program(source)
+    try:
+        value = program.evaluate(variables)
+    except Exception as err:  # noqa: BLE001 - CELEvalError, and anything celpy lets escape
+        value = err
+    if isinstance(value, Exception):
+        raise PolicyError(f"failed to evaluate: {value.args[0] if value.args else type(value).__name__}")
+    if not isinstance(value, celtypes.BoolType):
+        raise PolicyError(f"gave {type(value).__name__.removesuffix('Type').lower()} {value!s}, not a bool")
+    return bool(value)
+
+
+def _cel(data: dict[str, Any]) -> Any:
+    import celpy
+
+    return celpy.json_to_cel(data)
+
+
+def policy_label(policy: PlanPolicy) -> str:
+    """`name`, or `domain.name` for a domain-local policy (as the compiler labels it)."""
+    return f"{policy.domain}.{policy.name}" if policy.domain else policy.name
+
+
+def decide_policy(policy: PlanPolicy, var: str, data: dict[str, Any], subject: str,
+                  domain: str = "", variables: dict[str, Any] | None = None) -> Decision:
+    """One policy's decision on `data`, bound to the CEL variable `var`."""
+    reason = policy.message or f"requires {policy.require}"
+
+    def made(effect: str, why: str) -> Decision:
+        return Decision(policy=policy_label(policy), scope=policy.scope, subject=subject, effect=effect,
+                        reason=why, at=policy.at, domain=domain, stage=RUNTIME)
+
+    try:
+        variables = variables if variables is not None else {var: _cel(data)}
+        if policy.when and not _evaluate(policy.when, variables):
+            return made("allow", f"does not apply: {policy.when}")
+        holds = _evaluate(policy.require, variables)
+    except PolicyError as err:
+        return made("deny", f"{err} (fails closed)")
+    if holds:
+        return made("allow", reason)
+    return made("warn" if policy.effect == "warn" else "deny", reason)
+
+
+# -- the `model` activation ------------------------------------------------------------
+
+def job_activation(plan: Plan, job: PlanJob) -> dict[str, Any]:
+    """The `model` variable a policy sees, built from the plan alone (mirrors the compiler's)."""
+    domains = {d.name: d for d in plan.domains}
+    contracts = {c.id: c for c in plan.contracts}
+    reads = []
+    for read in job.reads:
+        p = plan.product(read.product)
+        name, _, version = p.contract.partition("@")
+        contract = contracts.get(p.contract)
+        reads.append({
+            "id": p.id, "domain": p.domain, "classification": p.classification,
+            "access": p.access, "tags": list(p.tags), "contract": name, "contract_version": contract.version if contract else version,
+            "purposes": list(contract.purposes) if contract else [],
+            "jurisdiction": domains[p.domain].jurisdiction if p.domain in domains else "",
+        })
+    dp = job.privacy.dp
+    arch = job.architecture
+    return {
+        "name": job.name, "purpose": job.purpose, "participants": list(job.participants),
+        "domains": [{"name": n, "jurisdiction": domains[n].jurisdiction if n in domains else ""}
+                    for n in job.participants],
+        "reads": reads,
+        "features": list(job.features), "target": job.target,
+        "architecture": {"kind": arch.kind, "hidden": list(arch.hidden), "activation": arch.activation},
+        "training": job.training.model_dump(mode="json"),
+        "aggregation": job.aggregation.model_dump(mode="json"),
+        "privacy": {
+            "secure_aggregation": job.privacy.secure_aggregation,
+            "dp": {"epsilon": dp.epsilon if dp else 0.0, "delta": dp.delta if dp else 0.0,
+                   "clip": dp.clip if dp else 0.0},
+        },
+        "parameters": job.parameters,
+    }
+
+
+def _coordinator(plan: Plan) -> Any:
+    """The `coordinator` variable every policy sees."""
+    return _cel({"jurisdiction": plan.coordinator.jurisdiction, "address": plan.coordinator.address})
+
+
+# -- what a domain decides before it accepts a job ------------------------------------------
+
+def evaluate_job(plan: Plan, job: PlanJob, domain: str, today: date,
+                 spent: dict[str, float] | None = None) -> list[Decision]:
+    """Every decision `domain` makes on `job`: its policies, then the domain's invariants.
+
+    `spent` is the ε each product has already spent in earlier runs (the privacy ledger).
+    """
+    subject = f"model.{job.name}"
+    policies = [p for p in plan.policies if p.scope == "model" and p.domain in ("", domain)]
+    out: list[Decision] = []
+    if policies:
+        variables = {"model": _cel(job_activation(plan, job)), "coordinator": _coordinator(plan)}
+        out += [decide_policy(p, "model", {}, subject, domain, variables) for p in policies]
+    products = [plan.product(r.product) for r in job.reads if r.domain == domain]
+    checks = [
+        ("participant", _participant(job, domain, products)),
+        ("no-pii-features", _pii(job, products)),
+        ("grant-required", _grants(plan, job, products, today)),
+        ("epsilon-budget", _epsilon(job, products, spent or {})),
+    ]
+    for name, (effect, reason) in checks:
+        out.append(Decision(policy=f"invariant:{name}", scope="model", subject=subject, effect=effect,
+                            reason=reason, domain=domain, stage=RUNTIME))
+    return out
+
+
+def plan_integrity(plan: Plan, domain: str) -> Decision:
+    """Whether the plan's recorded hash is the hash of its content (a hand edit that did not re-hash)."""
+    actual = plan.with_hash().plan.hash
+    ok = actual == plan.plan.hash
+    reason = "the plan's hash matches its content" if ok else (
+        f"the plan records {plan.plan.hash[:19]} but its content hashes to {actual[:19]}: it was edited")
+    return Decision(policy="invariant:plan-hash", scope="model", subject=f"plan.{plan.plan.mesh}",
+                    effect="allow" if ok else "deny", reason=reason, domain=domain, stage=RUNTIME)
+
+
+def refusal(decisions: list[Decision]) -> str:
+    """One line naming every denying policy and its reason; "" when nothing denies."""
+    return "; ".join(f"{d.policy}: {d.reason}" for d in decisions if d.effect == "deny")
+
+
+def _participant(job: PlanJob, domain: str, products: list[PlanProduct]) -> tuple[str, str]:
+    if domain not in job.participants:
+        return "deny", f"{domain} is not among the job's participants ({', '.join(job.participants)})"
+    if not products:
+        return "deny", f"the job reads no product of {domain}"
+    return "allow", f"{domain} is a participant reading {', '.join(p.id for p in products)}"
+
+
+def _pii(job: PlanJob, products: list[PlanProduct]) -> tuple[str, str]:
+    used = {*job.features, job.target}
+    if job.evaluation.holdout_column:
+        used.add(job.evaluation.holdout_column)
+    bad = [f"{p.id}.{c.name} (pii {c.pii})" for p in products for c in p.columns
+           if c.name in used and c.pii != "none"]
+    if bad:
+        return "deny", f"the job reads PII column{'s' if len(bad) > 1 else ''} {', '.join(sorted(bad))}"
+    return "allow", "no feature, target or holdout column is PII"
+
+
+def _grants(plan: Plan, job: PlanJob, products: list[PlanProduct], today: date) -> tuple[str, str]:
+    gated = [p for p in products if p.access == "request"]
+    if not gated:
+        return "allow", "no product read needs a grant"
+    problems = []
+    for p in gated:
+        grants = [g for g in plan.grants if g.product == p.id and g.subject == f"model:{job.name}"]
+        if not grants:
+            problems.append(f"{p.id} is access: request and has no grant for model:{job.name}")
+            continue
+        fitting = [g for g in grants if g.purpose == job.purpose]
+        if not fitting:
+            problems.append(f"the grant on {p.id} is for purpose {grants[0].purpose!r}, "
+                            f"the job's is {job.purpose!r}")
+            continue
+        if all(g.until and g.until < today.isoformat() for g in fitting):
+            problems.append(f"the grant on {p.id} for model:{job.name} expired on "
+                            f"{max(g.until for g in fitting)}")
+    if problems:
+        return "deny", "; ".join(problems)
+    return "allow", f"granted: {', '.join(p.id for p in gated)} for purpose {job.purpose!r}"
+
+
+def _epsilon(job: PlanJob, products: list[PlanProduct], spent: dict[str, float]) -> tuple[str, str]:
+    capped = [p for p in products if p.epsilon_budget is not None]
+    if not capped:
+        return "allow", "no product read has an ε budget"
+    dp = job.privacy.dp
+    if dp is None:
+        return "warn", (f"{', '.join(p.id for p in capped)} ha{'s' if len(capped) == 1 else 've'} an ε budget "
+                        f"but the job declares no differential privacy")
+    over = [p for p in capped if spent.get(p.id, 0.0) + dp.epsilon > p.epsilon_budget]  # type: ignore[operator]
+    if over:
+        return "deny", "; ".join(
+            f"the job's ε {dp.epsilon:g} exceeds {p.id}'s budget {p.epsilon_budget:g}"
+            + (f" with {spent[p.id]:g} already spent" if spent.get(p.id) else "") for p in over)
+    return "allow", f"ε {dp.epsilon:g} is within every product's budget"
+
+
+# -- round gates (coordinator) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """What the coordinator knows of one domain's update in a round: numbers, never tensors."""
+
+    domain: str
+    examples: int
+    loss: float
+    update_norm: float
+
+
+_UPDATES = re.compile(r"\bround\s*\.\s*updates\b")
+"""Round facts only the coordinator has: domains leave policies that read them to it."""
+
+
+class RoundGate:
+    """The `scope: round` policies of a job, compiled once, evaluated before each aggregation."""
+
+    def __init__(self, plan: Plan, job: PlanJob, domain: str = ""):
+        """The coordinator's gate (global round policies, and local ones that read
+        `round.updates`); with `domain`, that domain's own gate: the global and its local
+        round policies that need no facts only the coordinator has."""
+        self.job = job
+        self.policies = [p for p in plan.policies
+                         if p.scope == "round" and (not p.domain or p.domain in job.participants)]
+        if domain:
+            self.policies = [p for p in self.policies if p.domain in ("", domain)
+                             and not _UPDATES.search(f"{p.when or ''} {p.require}")]
+        else:  # a domain decides its own local policies, except those on facts only we have
+            self.policies = [p for p in self.policies if not p.domain
+                             or _UPDATES.search(f"{p.when or ''} {p.require}")]
+        self.coordinator = _coordinator(plan) if self.policies else None
+        for p in self.policies:  # compile now (cached), not in the first round
+            for source in (p.when, p.require):
+                if source:
+                    try:
+                        _program(source)
+                    except PolicyError:
+                        pass  # decide_policy denies with the reason
+
+    def __bool__(self) -> bool:
+        return bool(self.policies)
+
+    def evaluate(self, number: int, participants: list[str], updates: list[RoundUpdate],
+                 epsilon_spent: float = 0.0) -> list[Decision]:
+        """Decisions on round `number` (allow, warn or deny per policy)."""
+        if not self.policies:
+            return []
+        job = self.job
+        data = {
+            "job": job.name, "number": number, "rounds": job.training.rounds,
+            "participants": list(participants), "epsilon_spent": float(epsilon_spent),
+            "updates": [{"domain": u.domain, "examples": u.examples, "loss": float(u.loss),
+                         "update_norm": float(u.update_norm)} for u in updates],
+        }
+        variables = {"round": _cel(data), "coordinator": self.coordinator}
+        subject = f"round.{job.name}.{number}"
+        return [decide_policy(p, "round", data, subject, p.domain, variables) for p in self.policies]

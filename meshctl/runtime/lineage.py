@@ -1,0 +1,197 @@
+"""A run's lineage as OpenLineage RunEvents (JSON lines), for Marquez, OpenMetadata or DataHub.
+
+Per model job and per analysis of the plan: one START event (when it started) and one
+COMPLETE or FAIL event (when it ended), built from the run's audit log and plan.toml:
+
+- `run.runId`: a UUID derived from the meshctl run id and the job (uuid5), so exporting the
+  same run twice gives the same ids; a `parent` facet names the meshctl run itself.
+- `job`: namespace = the mesh's name, name = `model.<name>` or `analysis.<name>`.
+- `inputs`: the products read, namespace `meshctl://<domain>`, name = the product id, with
+  a `schema` facet (column names and types only, never a value) and a custom
+  `meshctl_pii` facet (each column's pii flag), plus `meshctl_contract`.
+- `outputs`: the model file (or analysis result) as a `file` dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from meshctl import __version__
+from meshctl.errors import UserError
+from meshctl.runtime import audit
+from meshctl.runtime.audit_report import contract_version
+
+MESHCTL_URL = "https://github.com/meshctl/meshctl"
+PRODUCER = f"{MESHCTL_URL}/tree/v{__version__}"
+"""`producer` of every event and facet: meshctl's URL at this version."""
+SPEC = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
+RUN_EVENT_SCHEMA = f"{SPEC}#/$defs/RunEvent"
+SCHEMA_FACET = (
+    "https://openlineage.io/spec/facets/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet"
+)
+PARENT_FACET = "https://openlineage.io/spec/facets/1-0-1/ParentRunFacet.json#/$defs/ParentRunFacet"
+JOB_TYPE_FACET = (
+    "https://openlineage.io/spec/facets/2-0-3/JobTypeJobFacet.json#/$defs/JobTypeJobFacet"
+)
+CUSTOM_FACET = f"{MESHCTL_URL}/blob/main/docs/audit.md#lineage-facets"
+RUN_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, MESHCTL_URL + "/openlineage")
+REQUIRED = ("eventTime", "producer", "schemaURL", "run.runId", "job.namespace", "job.name")
+"""Fields every RunEvent must carry (the spec's BaseEvent, Run and Job required fields)."""
+
+
+def run_uuid(run: str, job: str = "") -> str:
+    """The OpenLineage runId of a meshctl run (job "") or of one of its jobs; stable."""
+    return str(uuid.uuid5(RUN_NAMESPACE, f"{run}/{job}"))
+
+
+def _facet(schema_url: str, **fields: Any) -> dict[str, Any]:
+    return {"_producer": PRODUCER, "_schemaURL": schema_url, **fields}
+
+
+def _dataset(plan: Any, product_id: str) -> dict[str, Any]:
+    p = plan.product(product_id)
+    fields = [{"name": c.name, "type": c.type} for c in p.columns]
+    pii = {c.name: c.pii for c in p.columns}
+    return {
+        "namespace": f"meshctl://{p.domain}",
+        "name": p.id,
+        "facets": {
+            "schema": _facet(SCHEMA_FACET, fields=fields),
+            "meshctl_pii": _facet(CUSTOM_FACET, columns=pii),
+            "meshctl_contract": _facet(
+                CUSTOM_FACET,
+                contract=p.contract,
+                version=contract_version(plan, p.contract),
+                classification=p.classification,
+            ),
+        },
+    }
+
+
+def _output(run_dir: Path, relative: str) -> list[dict[str, Any]]:
+    if not relative:
+        return []
+    return [{"namespace": "file", "name": str((run_dir / relative).resolve())}]
+
+
+def _event(
+    kind: str,
+    ts: float,
+    run_id: str,
+    job: str,
+    mesh: str,
+    parent: dict[str, Any],
+    job_type: str,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "eventType": kind,
+        "eventTime": audit.iso_time(ts, "milliseconds") or "1970-01-01T00:00:00+00:00",
+        "producer": PRODUCER,
+        "schemaURL": RUN_EVENT_SCHEMA,
+        "run": {
+            "runId": run_id,
+            "facets": {"parent": parent, "meshctl": _facet(CUSTOM_FACET, **extra)},
+        },
+        "job": {
+            "namespace": mesh,
+            "name": job,
+            "facets": {
+                "jobType": _facet(
+                    JOB_TYPE_FACET, processingType="BATCH", integration="MESHCTL", jobType=job_type
+                )
+            },
+        },
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+def export_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's RunEvents: START, then COMPLETE or FAIL, per job and analysis, in time order."""
+    manifest, plan = audit.read_manifest(run_dir), audit.read_plan(run_dir)
+    events = [e for e in audit.check_chain(run_dir / audit.EVENTS_FILE, None).objects if e]
+    mesh, run = plan.plan.mesh, manifest.run
+    done = audit.find_event(events, "run_completed") or {}
+    parent = _facet(
+        PARENT_FACET, run={"runId": run_uuid(run)}, job={"namespace": mesh, "name": f"run.{mesh}"}
+    )
+    units = [
+        ("model", j.name, "FEDERATED_TRAINING", j.reads, ("job_started", "job_completed", "job"))
+        for j in plan.jobs
+    ]
+    units += [
+        (
+            "analysis",
+            a.name,
+            "FEDERATED_ANALYSIS",
+            a.reads,
+            ("analysis_started", "analysis_completed", "analysis"),
+        )
+        for a in plan.analyses
+    ]
+    out: list[dict[str, Any]] = []
+    for kind, name, job_type, reads, (start_type, end_type, key) in units:
+        started = audit.find_event(events, start_type, **{key: name})
+        if started is None:
+            continue
+        finished = audit.find_event(events, end_type, **{key: name})
+        failed = audit.find_event(events, "job_failed", job=name) if kind == "model" else None
+        extra = {
+            "meshctl_run": run,
+            "plan_hash": plan.plan.hash,
+            "participants": started.get("participants", []),
+        }
+        args = (
+            run_uuid(run, f"{kind}.{name}"),
+            f"{kind}.{name}",
+            mesh,
+            parent,
+            job_type,
+            [_dataset(plan, r.product) for r in reads],
+        )
+        out.append(_event("START", started.get("ts", 0.0), *args, [], extra))
+        if finished:
+            path = finished.get("model_path") or finished.get("result_path", "")
+            extra = {
+                **extra,
+                "metrics": finished.get("metrics", {}),
+                "rounds": finished.get("rounds"),
+            }
+            out.append(
+                _event("COMPLETE", finished.get("ts", 0.0), *args, _output(run_dir, path), extra)
+            )
+        else:
+            reason = (failed or {}).get("reason") or done.get("reason") or "did not complete"
+            ts = (failed or done).get("ts", started.get("ts", 0.0))
+            out.append(_event("FAIL", ts, *args, [], {**extra, "reason": reason}))
+    return sorted(out, key=lambda e: e["eventTime"])
+
+
+def missing_fields(event: dict[str, Any]) -> list[str]:
+    """Required RunEvent fields that `event` lacks (dotted paths); [] when it has them all."""
+    missing = []
+    for path in REQUIRED:
+        node: Any = event
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node in (None, ""):
+            missing.append(path)
+    return missing
+
+
+def write_events(run_dir: Path, out: Path | None) -> tuple[list[dict[str, Any]], Path | None]:
+    """Export the run's RunEvents as JSON lines into OUT (None: return them for stdout)."""
+    events = export_events(run_dir)
+    if out is not None:
+        text = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events)
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"cannot write: {err.strerror or err}", where=str(out)) from None
+    return events, out

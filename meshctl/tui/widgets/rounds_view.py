@@ -1,0 +1,137 @@
+"""The Rounds tab: the rounds table, the selected round's contributions, and plots."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable
+from textual_plotext import PlotextPlot
+
+from meshctl.tui.state import Contribution, MeshState, RoundRow
+from meshctl.tui.widgets._format import fmt_bytes, fmt_float, fmt_seconds
+from meshctl.tui.widgets.rounds_table import RoundsTable, parse_key
+
+CONTRIBUTION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("domain", "domain"), ("examples", "examples"), ("loss", "loss"),
+    ("norm", "norm"), ("seconds", "secs"), ("bytes", "bytes"),
+)
+"""(column key, label) in display order."""
+
+
+class ContributionTable(DataTable[str]):
+    """Each domain's update in one round."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(cursor_type="row", **kwargs)  # type: ignore[arg-type]
+        self.round: tuple[str, int] | None = None
+        """(job, round) shown, or None before the first update."""
+
+    def on_mount(self) -> None:
+        self.border_title = "contributions"
+        for key, label in CONTRIBUTION_COLUMNS:
+            self.add_column(label, key=key)
+
+    def show(self, state: MeshState, job_round: tuple[str, int] | None) -> None:
+        """Show the contributions of `job_round` (job, round) from `state`."""
+        self.round = job_round
+        updates = state.contributions.get(job_round, []) if job_round else []
+        self.clear()
+        for i, c in enumerate(updates):
+            self.add_row(*contribution_cells(c), key=f"{i}/{c.domain}")
+        self.border_title = f"round {job_round[1]}" if job_round else "contributions"
+
+    @property
+    def plain_rows(self) -> list[list[str]]:
+        """The rows as plain text, top to bottom (for tests)."""
+        return [[str(c) for c in self.get_row_at(i)] for i in range(self.row_count)]
+
+
+def contribution_cells(c: Contribution) -> tuple[str, ...]:
+    """A contribution's cells, in `CONTRIBUTION_COLUMNS` order."""
+    return (c.domain, str(c.examples), fmt_float(c.loss), fmt_float(c.update_norm),
+            fmt_seconds(c.seconds), fmt_bytes(c.bytes))
+
+
+class RoundPlot(PlotextPlot):
+    """A line plot of some per-round series of one job."""
+
+    series: dict[str, tuple[list[int], list[float]]]
+    """What is plotted now: label -> (rounds, values)."""
+
+    def plot(self, title: str, series: dict[str, tuple[list[int], list[float]]]) -> None:
+        """Replace the plot with `series` (label -> (rounds, values))."""
+        self.series = series
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title(title)
+        for label, (xs, ys) in series.items():
+            if xs:
+                plt.plot(xs, ys, label=label, marker="braille")
+        plt.xlabel("round")
+        self.refresh()
+
+
+def loss_series(rows: list[RoundRow]) -> dict[str, tuple[list[int], list[float]]]:
+    """Train loss and test loss per round."""
+    xs = [r.round for r in rows]
+    out = {"train": (xs, [r.train_loss for r in rows])}
+    test = [(r.round, r.metrics.get("loss", r.metrics.get("test_loss"))) for r in rows]
+    pts = [(x, y) for x, y in test if y is not None]
+    out["test"] = ([x for x, _ in pts], [float(y) for _, y in pts])
+    return out
+
+
+def metric_series(rows: list[RoundRow]) -> dict[str, tuple[list[int], list[float]]]:
+    """Every test metric except the loss, per round."""
+    names = sorted({k for r in rows for k in r.metrics} - {"loss", "test_loss"})
+    return {n: ([r.round for r in rows if n in r.metrics],
+                [r.metrics[n] for r in rows if n in r.metrics]) for n in names}
+
+
+class RoundsView(Vertical):
+    """Rounds table on top; contributions of the selected round and two plots below."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.picked: tuple[str, int] | None = None
+        """The round the user selected (Enter or click); None follows the newest."""
+        self._state: MeshState | None = None
+        self._plotted: tuple[str, int] = ("", -1)
+
+    def compose(self) -> ComposeResult:
+        yield RoundsTable(id="rounds")
+        with Horizontal(id="round-detail"):
+            yield ContributionTable(id="contributions")
+            yield RoundPlot(id="loss-plot")
+            yield RoundPlot(id="metric-plot")
+
+    def show(self, state: MeshState) -> None:
+        """Render `state`: new rounds, the shown round's contributions, and the plots."""
+        self._state = state
+        self.query_one(RoundsTable).show(state)
+        target = self.picked or _newest(state)
+        self.query_one(ContributionTable).show(state, target)
+        job = target[0] if target else next(iter(state.jobs), "")
+        rows = state.jobs[job].rounds if job in state.jobs else []
+        if self._plotted != (job, len(rows)):
+            self._plotted = (job, len(rows))
+            self.query_one("#loss-plot", RoundPlot).plot(f"{job} loss", loss_series(rows))
+            self.query_one("#metric-plot", RoundPlot).plot(f"{job} metrics", metric_series(rows))
+
+    def reset(self) -> None:
+        """Forget the rows (the state was rebuilt); keep the picked round if it still exists."""
+        self.query_one(RoundsTable).reset()
+        self._plotted = ("", -1)
+
+    @on(DataTable.RowSelected, "#rounds")
+    def _pick(self, message: DataTable.RowSelected) -> None:
+        self.picked = parse_key(message.row_key.value or "")
+        if self._state is not None:
+            self.query_one(ContributionTable).show(self._state, self.picked)
+
+
+def _newest(state: MeshState) -> tuple[str, int] | None:
+    """(job, round) of the newest round any domain has sent an update for."""
+    return next(reversed(state.contributions), None) if state.contributions else None
