@@ -47,7 +47,8 @@ def test_a_stopped_daemon_is_lost_and_the_job_goes_on_with_quorum(mesh_file, mak
 
 def test_a_slow_domain_becomes_a_straggler_and_a_lost_one_below_quorum_fails(mesh_file, make_plan, monkeypatch):
     monkeypatch.setenv("MESHCTL_HEARTBEAT_TIMEOUT_S", "30")
-    run = start_run(mesh_file, _quorum(make_plan(n=3, rounds=6), 2, round_timeout_s=1.0))
+    # enough rounds that the follower, however late it sees round 2, stops client-2 mid-job
+    run = start_run(mesh_file, _quorum(make_plan(n=3, rounds=60), 2, round_timeout_s=2.0))
     pids: dict[str, int] = {}
     paused = False
     for e in run.follow():
@@ -62,9 +63,9 @@ def test_a_slow_domain_becomes_a_straggler_and_a_lost_one_below_quorum_fails(mes
     assert result.ok, result.reason
     events = ev.read_events(str(result.run_dir / "events.jsonl"))
     dropped = [e for e in events if isinstance(e, ev.StragglersDropped)]
-    assert dropped and dropped[0].domains == ["client-2"] and dropped[0].waited_s >= 1.0
+    assert dropped and dropped[0].domains == ["client-2"] and dropped[0].waited_s >= 2.0
     rounds = [e for e in events if isinstance(e, ev.RoundCompleted)]
-    assert len(rounds) == 6 and any(e.participants == ["client-0", "client-1"] for e in rounds)
+    assert len(rounds) == 60 and any(e.participants == ["client-0", "client-1"] for e in rounds)
     assert not any(isinstance(e, ev.DomainLost) for e in events)
 
     # two of two with one killed: below quorum, the job fails naming the domain
