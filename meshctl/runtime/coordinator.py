@@ -195,8 +195,7 @@ class Coordinator:
         self.sink = EventSink(self.run_dir / "events.jsonl", self.pub)
         writer = threading.Thread(target=self._write_checkpoints, name="checkpoints", daemon=True)
         writer.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         started = time.time()
         ok, reason = True, ""
         try:
@@ -228,6 +227,8 @@ class Coordinator:
             self.ctx.term()
             for secret in (self.run_dir / "keys").glob("*.key_secret"):  # also when `up` detached
                 secret.unlink(missing_ok=True)
+            for sig, handler in previous.items():  # never leave a host process (or its children,
+                signal.signal(sig, handler)        # which inherit SIG_IGN) deaf to Ctrl-C
         return 0 if ok else 1
 
     def _on_signal(self, signum: int, _frame: Any) -> None:

@@ -138,8 +138,11 @@ def test_ctrl_c_stops_every_process_up_started(hospitals, tmp_path):
     import time
 
     hospitals.write_text(hospitals.read_text().replace("rounds: 15,", "rounds: 100000,"))
+    # as in a terminal's foreground job: SIGINT at its default even when this test runs as a
+    # background job (`cmd &` in a script ignores SIGINT, and children inherit that)
     proc = subprocess.Popen([sys.executable, "-m", "meshctl", "up", "--headless", *FREE], cwd=hospitals.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # wait until training is under way
         if re.match(r"malignancy +round +3/", line):
             break
