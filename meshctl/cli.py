@@ -17,6 +17,7 @@ import click
 
 from meshctl import __version__
 from meshctl.errors import MeshctlError, UserError
+from meshctl.tables import format_table
 
 MESH_FILE = click.argument(
     "file", type=click.Path(dir_okay=False, path_type=Path), default="mesh.yaml", required=False
@@ -212,22 +213,28 @@ def schema() -> None:
 @reports_errors
 def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
     """Compile FILE, start a coordinator and one daemon per local domain, and train."""
-    from meshctl.runtime.launcher import run_headless, start_run
+    from meshctl.runtime.launcher import start_run
 
     plan = _compile_or_exit(file).plan
-    run = start_run(file, plan, address=address, threads=threads)
-    if headless or not sys.stdout.isatty():
-        result = run_headless(run, click.echo)
-    else:
-        from meshctl.tui.run import run_dashboard
-
-        result = run_dashboard(run)
-        if result.detached:  # the run goes on in the background
-            click.echo(result.reason)
-            return
-        click.echo(f"run {'completed' if result.ok else 'failed'}: {result.run_dir}")
-    if not result.ok:
+    result = _attend(start_run(file, plan, address=address, threads=threads), headless)
+    if result is not None and not result.ok:
         raise UserError(result.reason or "run failed") from None
+
+
+def _attend(run: Any, headless: bool) -> Any:
+    """Follow a started run headless or in the dashboard; None when the user detached from it."""
+    from meshctl.runtime.launcher import run_headless
+
+    if headless or not sys.stdout.isatty():
+        return run_headless(run, click.echo)
+    from meshctl.tui.run import run_dashboard
+
+    result = run_dashboard(run)
+    if result.detached:  # the run goes on in the background
+        click.echo(result.reason)
+        return None
+    click.echo(f"run {'completed' if result.ok else 'failed'}: {result.run_dir}")
+    return result
 
 
 @main.command(hidden=True)
@@ -441,8 +448,9 @@ def access_request(product: str, subject: str, purpose: str, until: Any, reason:
 # governance: contract test, catalog  (meshctl.runtime)
 # ---------------------------------------------------------------------------
 
-MESH_OPTION = click.option("--mesh", "mesh_file", type=click.Path(dir_okay=False, path_type=Path),
-                           default=None, help="The mesh.yaml [default: ./mesh.yaml].")
+OPTIONAL_MESH = click.option("--mesh", "mesh_file", type=click.Path(dir_okay=False, path_type=Path),
+                             default=None, help="The mesh.yaml [default: ./mesh.yaml].")
+"""--mesh that may be absent (the `catalog` group passes its own down to subcommands)."""
 
 
 def _plan_one_line(file: Path):
@@ -475,7 +483,7 @@ def _product_id(name: str, ids: list[str]) -> str:
 
 @contract.command("test")
 @click.argument("product", required=False)
-@MESH_OPTION
+@OPTIONAL_MESH
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
 @reports_errors
@@ -500,7 +508,7 @@ def contract_test(product: str | None, mesh_file: Path | None, fmt: str) -> None
         click.echo(json.dumps([{"product": p, **r.event_fields(), "skipped": r.skipped}
                                for p, rs in results.items() for r in rs], indent=2))
     else:
-        click.echo(catalog.format_table(quality.RESULT_HEADERS, quality.result_rows(results)))
+        click.echo(format_table(quality.RESULT_HEADERS, quality.result_rows(results)))
         click.echo(quality.summary(results))
     sys.exit(1 if any(r.blocking for rs in results.values() for r in rs) else 0)
 
@@ -517,7 +525,7 @@ def _catalog_db(ctx: click.Context, mesh_file: Path | None) -> Path:
 
 
 @main.group("catalog", invoke_without_command=True)
-@MESH_OPTION
+@OPTIONAL_MESH
 @click.pass_context
 @reports_errors
 def catalog_group(ctx: click.Context, mesh_file: Path | None) -> None:
@@ -528,12 +536,12 @@ def catalog_group(ctx: click.Context, mesh_file: Path | None) -> None:
 
         db = _catalog_db(ctx, mesh_file)
         items = catalog.products(db)
-        click.echo(catalog.format_table(catalog.LIST_HEADERS, catalog.list_rows(items)))
+        click.echo(format_table(catalog.LIST_HEADERS, catalog.list_rows(items)))
 
 
 @catalog_group.command("search")
 @click.argument("term")
-@MESH_OPTION
+@OPTIONAL_MESH
 @click.pass_context
 @reports_errors
 def catalog_search(ctx: click.Context, term: str, mesh_file: Path | None) -> None:
@@ -543,12 +551,12 @@ def catalog_search(ctx: click.Context, term: str, mesh_file: Path | None) -> Non
     found = catalog.search(_catalog_db(ctx, mesh_file), term)
     if not found:
         raise UserError(f"no product matches {term!r}")
-    click.echo(catalog.format_table(catalog.LIST_HEADERS, catalog.list_rows(found)))
+    click.echo(format_table(catalog.LIST_HEADERS, catalog.list_rows(found)))
 
 
 @catalog_group.command("show")
 @click.argument("product")
-@MESH_OPTION
+@OPTIONAL_MESH
 @click.pass_context
 @reports_errors
 def catalog_show(ctx: click.Context, product: str, mesh_file: Path | None) -> None:
@@ -653,24 +661,20 @@ def lineage_export(run: str, output: Path | None, audit_mesh: Path) -> None:
 def analyze(name: str, file: Path, headless: bool, output: Path | None, address: str | None) -> None:
     """Run analysis NAME of FILE: each domain sends only aggregates; print the merged table."""
     from meshctl.runtime import analytics
-    from meshctl.runtime.launcher import run_headless, start_run
+    from meshctl.runtime.launcher import start_run
 
     plan = _compile_or_exit(file).plan
     analytics.check_sources(plan, analytics.find_analysis(plan, name, str(file)), file.resolve().parent)
-    run = start_run(file, plan, address=address, analysis=name)
-    if headless or not sys.stdout.isatty():
-        result = run_headless(run, click.echo)
-    else:
-        from meshctl.tui.run import run_dashboard
-
-        result = run_dashboard(run)
+    result = _attend(start_run(file, plan, address=address, analysis=name), headless)
+    if result is None:  # detached: the result is written when the run ends
+        return
     if not result.ok:
         raise UserError(result.reason or "analysis failed") from None
     click.echo(analytics.render_result(analytics.read_result(result.run_dir, name, output)))
 
 
 @main.command()
-@MESH_OPTION
+@OPTIONAL_MESH
 @reports_errors
 def ledger(mesh_file: Path | None) -> None:
     """Print the privacy ledger: ε spent per product across runs, its budget, and the runs."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from meshctl.compiler.breaking import Side
 from meshctl.compiler.compile import CompileResult, compile_bytes
-from meshctl.compiler.loader import Source, load_text
+from meshctl.compiler.loader import Source
 from meshctl.compiler.spec import SECTIONS
 from meshctl.errors import UserError
 
@@ -89,8 +89,8 @@ def load_side(arg: str, mesh: Path) -> Side:
     else:
         revision = read_revision(arg, mesh)
         label, raw, where = revision.label, revision.raw, mesh
-    result = compile_bytes(raw, where)
-    source, _ = load_text(result.source, label)
+    result = compile_bytes(raw, where, hashed=False)  # a diff reads the spec, not the plan
+    source = result.loaded
     problem = _unusable(result, source)
     if problem:
         raise UserError(f"does not compile: {problem}", where=label,

@@ -26,7 +26,6 @@ from ruamel.yaml.error import YAMLError
 
 from meshctl.compiler.compile import CompileResult, compile_bytes
 from meshctl.compiler.diagnostics import did_you_mean
-from meshctl.compiler.loader import load_text
 from meshctl.compiler.odcs import Imported, OdcsError, import_contract, product_classification
 from meshctl.compiler.spec import MeshSpec
 from meshctl.errors import UserError
@@ -188,7 +187,7 @@ def compile_checked(path: Path) -> tuple[str, CompileResult, MeshSpec]:
     if not path.is_file():
         raise UserError("no such file" if not path.exists() else "not a file", where=str(path))
     raw = path.read_bytes()
-    result = compile_bytes(raw, path)
+    result = compile_bytes(raw, path, hashed=False)  # edits read the spec, not the plan
     if result.spec is None:
         raise UserError("cannot edit a mesh.yaml that does not parse", where=str(path),
                         hint="`meshctl validate` shows why")
@@ -197,7 +196,7 @@ def compile_checked(path: Path) -> tuple[str, CompileResult, MeshSpec]:
 
 def write_checked(path: Path, before: CompileResult, text: str) -> CompileResult:
     """Write `text` to `path` if it compiles with no error `before` did not have."""
-    after = compile_bytes(text.encode(), path)
+    after = compile_bytes(text.encode(), path, hashed=False)
     old = {(d.code, d.message) for d in before.errors}
     new = [d for d in after.errors if (d.code, d.message) not in old]
     if new:
@@ -236,7 +235,7 @@ def request_access(path: Path, product: str, subject: str, purpose: str, *,
         raise UserError(f"--until {until} is in the past", where=where)
     for g in spec.grants:
         if g.product == product and g.subject == f"{kind}:{name}" and g.purpose == purpose:
-            line = _line_of(text, g.path, where)
+            line = result.loaded.map.locate(g.path)[0] if result.loaded else 0
             raise UserError(f"{kind} '{name}' already has a grant on '{product}' for purpose "
                             f"'{purpose}'", where=f"{where}:{line}",
                             hint="edit that grant's `until` instead")
@@ -266,12 +265,6 @@ def _subject(spec: MeshSpec, subject: str, where: str) -> tuple[str, str]:
         raise UserError(f"'{name}' is both a model and an analysis", where=where,
                         hint=f"write --for model:{name} or --for analysis:{name}")
     return found[0], name
-
-
-def _line_of(text: str, item_path: tuple[str | int, ...], file: str) -> int:
-    """1-based line of a spec item."""
-    source, _ = load_text(text, file)
-    return source.map.locate(item_path)[0] if source is not None else 0
 
 
 # -- contract imports ------------------------------------------------------------------------

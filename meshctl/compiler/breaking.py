@@ -13,13 +13,13 @@ findings out.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from meshctl.compiler.diagnostics import YamlPath
 from meshctl.compiler.loader import SourceMap
+from meshctl.compiler.sources import duration_s
 from meshctl.compiler.spec import (
     OPERATORS,
     Analysis,
@@ -509,13 +509,8 @@ def _set_move(old: list | None, new: list | None, narrower_is_tighter: bool) -> 
 
 # -- SLA -------------------------------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdwy])\s*$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
-
-
 def _duration(text: str | None) -> float | None:
-    m = _DURATION.match(text or "")
-    return float(m.group(1)) * _SECONDS[m.group(2)] if m else None
+    return duration_s(text or "")
 
 
 def _percent(text: str | None) -> float | None:

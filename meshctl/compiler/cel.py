@@ -648,5 +648,3 @@ _HELPERS: dict[str, Any] = {
     name: value for name, value in globals().items()
     if name.startswith("_") and callable(value) and not isinstance(value, type)
 }
-_HELPERS["_map"] = _map
-_HELPERS["_map_macro"] = _map_macro

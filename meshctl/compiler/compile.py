@@ -8,14 +8,13 @@ the mesh.yaml and checks that source files exist, nothing else.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshctl.compiler.build import build_plan
 from meshctl.compiler.contracts import check_contracts
 from meshctl.compiler.diagnostics import Diagnostic, Reporter, YamlPath, render_all
-from meshctl.compiler.loader import SourceMap, load_bytes
+from meshctl.compiler.loader import Source, SourceMap, load_bytes, no_gc
 from meshctl.compiler.parse import parse_spec
 from meshctl.compiler.plan import Plan, PlanDecision
 from meshctl.compiler.policy import compile_policies, decide, plan_policies
@@ -34,6 +33,8 @@ class CompileResult:
     """The mesh.yaml text, for excerpts."""
     spec: MeshSpec | None = field(default=None, compare=False)
     """The valid part of the spec, if the file could be parsed at all."""
+    loaded: Source | None = field(default=None, compare=False, repr=False)
+    """The loaded YAML (data and positions), if it loaded."""
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -68,13 +69,8 @@ def compile_mesh(path: str | Path, *, hashed: bool = True) -> CompileResult:
 
 def compile_bytes(raw: bytes, path: str | Path, *, hashed: bool = True) -> CompileResult:
     """Compile mesh.yaml bytes as if read from `path` (sources resolve beside it)."""
-    was_enabled = gc.isenabled()
-    gc.disable()  # the compile allocates many long-lived objects and frees few
-    try:
+    with no_gc():  # the compile allocates many long-lived objects and frees few
         return _compile(raw, path, hashed)
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _compile(raw: bytes, path: str | Path, hashed: bool) -> CompileResult:
@@ -87,7 +83,7 @@ def _compile(raw: bytes, path: str | Path, hashed: bool) -> CompileResult:
     report.diagnostics += loaded
     parsed = parse_spec(source.data, report)
     if parsed is None:
-        return CompileResult(None, report.diagnostics, source.text)
+        return CompileResult(None, report.diagnostics, source.text, loaded=source)
     spec = parsed.spec
     resolution = resolve(parsed, report)
     check_contracts(spec, resolution, report)
@@ -109,7 +105,7 @@ def _compile(raw: bytes, path: str | Path, hashed: bool) -> CompileResult:
                           at)
         if hashed:
             plan = plan.with_hash()
-    return CompileResult(plan, _unique(report.diagnostics), source.text, spec)
+    return CompileResult(plan, _unique(report.diagnostics), source.text, spec, source)
 
 
 def _unique(diagnostics: list[Diagnostic]) -> list[Diagnostic]:

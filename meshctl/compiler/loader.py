@@ -373,7 +373,7 @@ def load_text(text: str, file: str) -> tuple[Source | None, list[Diagnostic]]:
     for loader in loaders:
         report.diagnostics = []
         try:
-            with _no_gc():
+            with no_gc():
                 built = _Builder(loader(text), report).document()
             break
         except yaml.YAMLError as err:
@@ -439,7 +439,7 @@ def _only_comments(text: str) -> bool:
 
 
 @contextmanager
-def _no_gc() -> Iterator[None]:
+def no_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector while a large, acyclic tree is built.
 
     Loaded data has no reference cycles, but allocating a million containers

@@ -302,6 +302,10 @@ _TOML: dict[int, str] = {}
 serialized once; an entry goes when its plan is collected."""
 
 
+_CONTENT: dict[int, str] = {}
+"""Content hashes of plans, by id(plan), kept by `content_hash()`."""
+
+
 class Plan(_Frozen):
     plan: PlanHeader
     coordinator: PlanCoordinator
@@ -343,6 +347,15 @@ class Plan(_Frozen):
         return tomli_w.dumps({k: v for k, v in data.items() if v != []})
 
 
+
+    def content_hash(self) -> str:
+        """The hash `with_hash()` would record for this plan's content; computed once per plan
+        object (so forked daemons checking their inherited plan do not serialize it again)."""
+        digest = _CONTENT.get(id(self))
+        if digest is None:
+            digest = _CONTENT[id(self)] = self.with_hash().plan.hash
+            weakref.finalize(self, _CONTENT.pop, id(self), None)
+        return digest
 
     def with_hash(self) -> Plan:
         """This plan with `plan.hash` set to the sha256 of its TOML (hash empty)."""

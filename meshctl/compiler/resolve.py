@@ -176,7 +176,7 @@ class Resolver:
         products = [publishers[d][0] for d in participants if len(publishers.get(d, [])) == 1]
         pool = [p for found in publishers.values() for p in found]
         before = len(self.report.diagnostics)
-        target = self._target(model, contract, pool)
+        target = self._target(model, contract)
         features = self._features(model, contract, pool)
         if len(self.report.diagnostics) > before or target is None or not participants \
                 or len(products) != len(participants):
@@ -289,7 +289,7 @@ class Resolver:
                               at)
         return len(found) == 1
 
-    def _target(self, model: Model, contract: Contract, products: list[Product]) -> Column | None:
+    def _target(self, model: Model, contract: Contract) -> Column | None:
         at = (*model.path, "inputs", "target")
         name = model.inputs.target
         pii = self.pii(name, contract)
@@ -319,7 +319,7 @@ class Resolver:
             if any(ch in pattern for ch in "*?["):
                 names = self._glob(pattern, contract, products, excluded, at)
             else:
-                names = self._feature(pattern, contract, products, at, excluded)
+                names = self._feature(pattern, contract, at, excluded)
             for name in names:
                 if name in out:
                     self.report.error("MESH309", f"feature '{name}' is listed twice", at)
@@ -327,7 +327,7 @@ class Resolver:
                     out.append(name)
         return out
 
-    def _feature(self, name: str, contract: Contract, products: list[Product], at: YamlPath,
+    def _feature(self, name: str, contract: Contract, at: YamlPath,
                  excluded: dict[str, str]) -> list[str]:
         pii = self.pii(name, contract)
         if pii:
@@ -365,7 +365,7 @@ class Resolver:
                               hint=declared("columns", [c.name for c in contract.columns]))
         out = []
         for name in names:
-            out += self._feature(name, contract, products, at, excluded)
+            out += self._feature(name, contract, at, excluded)
         return out
 
     def _holdout(self, model: Model, contract: Contract) -> None:

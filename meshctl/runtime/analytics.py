@@ -35,6 +35,7 @@ from meshctl.runtime.analytics_domain import (
 )
 from meshctl.runtime.coordinator import Coordinator, JobAborted
 from meshctl.runtime.kernels import aggregates as agg
+from meshctl.tables import format_table
 
 REPLY_TIMEOUT_S = 600.0
 """How long the coordinator waits for every participant's aggregates."""
@@ -255,8 +256,7 @@ def render_result(result: dict[str, Any]) -> str:
     for g in result["groups"]:
         rows.append([*(str(g["key"][c]) for c in result["group_by"]),
                      *(_cell(g["values"][m]) for m in result["metrics"]), str(len(g["domains"]))])
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *rows)]
+    lines = [format_table(head, rows, upper=False)]
     sup = result["suppressed"]
     held = sum(sup["by_domain"].values())
     lines.append(f"{len(result['groups'])} groups; suppressed: {held} in domains, {sup['merged']} after merging"

@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.errors import UserError
-from meshctl.runtime.run import RunManifest
+from meshctl.runtime.run import EVENTS_FILE, RUNS_DIR, RunManifest
 
-EVENTS_FILE = "events.jsonl"
 MESH_LOG = "audit.jsonl"
-RUNS_DIR = Path(".meshctl") / "runs"
 HASH_PREFIX = "sha256:"
 
 

@@ -23,6 +23,8 @@ from meshctl.compiler.plan import Plan
 from meshctl.errors import UserError
 from meshctl.runtime import events as ev
 from meshctl.runtime.quality import CheckResult, threshold_text
+from meshctl.runtime.run import EVENTS_FILE
+from meshctl.tables import format_table
 
 CATALOG_FILE = "catalog.db"
 
@@ -135,7 +137,7 @@ def ingest_run(db: Path, run_dir: Path) -> int:
     Idempotent: what an earlier ingest of the same run wrote is replaced. Lines that
     are not events (a torn last line of a crashed run) are skipped.
     """
-    path = run_dir / "events.jsonl"
+    path = run_dir / EVENTS_FILE
     if not path.is_file():
         raise UserError("no events.jsonl in the run directory", where=str(run_dir))
     events = list(_events(path))
@@ -238,8 +240,8 @@ def refresh(db: Path, plan: Plan, runs_dir: Path) -> list[str]:
     with connect(db) as con:
         known = {r["run"]: r["events_size"] for r in con.execute("SELECT run, events_size FROM runs")}
     fresh = []
-    for run_dir in sorted(p for p in runs_dir.iterdir() if (p / "events.jsonl").is_file()):
-        if known.get(run_dir.name) != (run_dir / "events.jsonl").stat().st_size:
+    for run_dir in sorted(p for p in runs_dir.iterdir() if (p / EVENTS_FILE).is_file()):
+        if known.get(run_dir.name) != (run_dir / EVENTS_FILE).stat().st_size:
             ingest_run(db, run_dir)
             fresh.append(run_dir.name)
     return fresh
@@ -337,13 +339,6 @@ def scorecard(con: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
 
 
 # -- rendering ----------------------------------------------------------------
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    """Rows as left-aligned columns under upper-case headers."""
-    cells = [[h.upper() for h in headers], *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
 def list_rows(items: list[dict[str, Any]]) -> list[list[str]]:

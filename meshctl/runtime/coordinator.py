@@ -50,7 +50,7 @@ from meshctl.runtime.keys import (
     curve_server,
     start_authenticator,
 )
-from meshctl.runtime.run import RunManifest, last_line
+from meshctl.runtime.run import EVENTS_FILE, RunManifest, last_line
 
 POLL_MS = 250
 HEARTBEAT_TIMEOUT_S = 15.0
@@ -94,7 +94,6 @@ class EventSink:
         self.file = path.open("a", encoding="utf-8")
         self.pub = pub
         self.seq = 0
-        self.log: list[ev.Event] = []
 
     def emit(self, event: ev.Event) -> ev.Event:
         self.seq += 1
@@ -108,7 +107,6 @@ class EventSink:
             self.chain.resync(Path(self.file.name))
             raise
         self.pub.send_string(line)
-        self.log.append(event)
         return event
 
     def close(self) -> None:
@@ -192,7 +190,7 @@ class Coordinator:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
-        self.sink = EventSink(self.run_dir / "events.jsonl", self.pub)
+        self.sink = EventSink(self.run_dir / EVENTS_FILE, self.pub)
         writer = threading.Thread(target=self._write_checkpoints, name="checkpoints", daemon=True)
         writer.start()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -702,6 +700,8 @@ def main(run_dir: str | Path) -> int:
 
     manifest = RunManifest.read(run_dir)
     plan = Plan.read(manifest.path / "plan.toml")
+    if manifest.local_domains:
+        plan.content_hash()  # once here: every forked daemon checks it against plan.plan.hash
     children: dict[int, str] = {}
     for domain, key_file in manifest.local_domains.items():
         pid = os.fork()

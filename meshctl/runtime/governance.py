@@ -41,9 +41,10 @@ class PolicyError(Exception):
 
 @functools.cache
 def _environment() -> Any:
-    import celpy  # ~0.5 s on first use: only processes whose plan has policies pay it
+    """The compiler's CEL (compiled to Python closures, celpy as the fallback), over plain data."""
+    from meshctl.compiler import cel  # imports celpy, ~0.5 s: only processes with policies pay it
 
-    return celpy.Environment()
+    return cel.Environment()
 
 
 @functools.cache
@@ -73,12 +74,6 @@ def _evaluate(source: str, variables: dict[str, Any]) -> bool:
     return bool(value)
 
 
-def _cel(data: dict[str, Any]) -> Any:
-    import celpy
-
-    return celpy.json_to_cel(data)
-
-
 def policy_label(policy: PlanPolicy) -> str:
     """`name`, or `domain.name` for a domain-local policy (as the compiler labels it)."""
     return f"{policy.domain}.{policy.name}" if policy.domain else policy.name
@@ -94,7 +89,7 @@ def decide_policy(policy: PlanPolicy, var: str, data: dict[str, Any], subject: s
                         reason=why, at=policy.at, domain=domain, stage=RUNTIME)
 
     try:
-        variables = variables if variables is not None else {var: _cel(data)}
+        variables = variables if variables is not None else {var: data}
         if policy.when and not _evaluate(policy.when, variables):
             return made("allow", f"does not apply: {policy.when}")
         holds = _evaluate(policy.require, variables)
@@ -144,7 +139,7 @@ def job_activation(plan: Plan, job: PlanJob) -> dict[str, Any]:
 
 def _coordinator(plan: Plan) -> Any:
     """The `coordinator` variable every policy sees."""
-    return _cel({"jurisdiction": plan.coordinator.jurisdiction, "address": plan.coordinator.address})
+    return {"jurisdiction": plan.coordinator.jurisdiction, "address": plan.coordinator.address}
 
 
 # -- what a domain decides before it accepts a job ------------------------------------------
@@ -159,7 +154,7 @@ def evaluate_job(plan: Plan, job: PlanJob, domain: str, today: date,
     policies = [p for p in plan.policies if p.scope == "model" and p.domain in ("", domain)]
     out: list[Decision] = []
     if policies:
-        variables = {"model": _cel(job_activation(plan, job)), "coordinator": _coordinator(plan)}
+        variables = {"model": job_activation(plan, job), "coordinator": _coordinator(plan)}
         out += [decide_policy(p, "model", {}, subject, domain, variables) for p in policies]
     products = [plan.product(r.product) for r in job.reads if r.domain == domain]
     checks = [
@@ -176,7 +171,7 @@ def evaluate_job(plan: Plan, job: PlanJob, domain: str, today: date,
 
 def plan_integrity(plan: Plan, domain: str) -> Decision:
     """Whether the plan's recorded hash is the hash of its content (a hand edit that did not re-hash)."""
-    actual = plan.with_hash().plan.hash
+    actual = plan.content_hash()
     ok = actual == plan.plan.hash
     reason = "the plan's hash matches its content" if ok else (
         f"the plan records {plan.plan.hash[:19]} but its content hashes to {actual[:19]}: it was edited")
@@ -303,6 +298,6 @@ class RoundGate:
             "updates": [{"domain": u.domain, "examples": u.examples, "loss": float(u.loss),
                          "update_norm": float(u.update_norm)} for u in updates],
         }
-        variables = {"round": _cel(data), "coordinator": self.coordinator}
+        variables = {"round": data, "coordinator": self.coordinator}
         subject = f"round.{job.name}.{number}"
         return [decide_policy(p, "round", data, subject, p.domain, variables) for p in self.policies]

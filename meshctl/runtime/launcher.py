@@ -24,7 +24,7 @@ from meshctl.compiler.plan import Plan
 from meshctl.errors import UserError
 from meshctl.runtime import events as ev
 from meshctl.runtime.keys import KeyPair, check_public_key, curve_client
-from meshctl.runtime.run import RunManifest, last_line, new_run_id
+from meshctl.runtime.run import EVENTS_FILE, RunManifest, last_line, new_run_id
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class LocalRun:
             f.unlink()
         self._update_catalog()
         if self.result is None:  # not followed here (the dashboard was): the audit log says
-            done = [e for e in _read_log(self.m.path / "events.jsonl") if isinstance(e, ev.RunCompleted)]
+            done = [e for e in _read_log(self.m.path / EVENTS_FILE) if isinstance(e, ev.RunCompleted)]
             self.result = done[-1] if done else None
         if self.result is None:
             last = last_line(self.log)
@@ -190,7 +190,7 @@ class LocalRun:
 
     def _update_catalog(self) -> None:
         """Ingest the run's events into `.meshctl/catalog.db`; a problem there is a warning, never a failure."""
-        if not (self.m.path / "events.jsonl").is_file():
+        if not (self.m.path / EVENTS_FILE).is_file():
             return
         try:
             from meshctl.runtime.catalog import CATALOG_FILE, ingest_run
@@ -241,7 +241,7 @@ def render_event(event: ev.Event) -> str | None:
     return event.message()
 
 
-def run_headless(run: LocalRun, echo) -> RunResult:  # noqa: ANN001 - click.echo-like
+def run_headless(run: LocalRun, echo) -> RunResult:
     """Print one line per round (and notable events) until the run ends."""
     started = time.time()
     try:

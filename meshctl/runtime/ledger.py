@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshctl.errors import UserError
+from meshctl.tables import format_table
 
 LEDGER_FILE = "ledger.db"
 """File name of the ledger inside `.meshctl/`."""
@@ -143,6 +144,4 @@ def render_ledger(rows: list[LedgerRow]) -> str:
     head = ("product", "spent ε", "budget ε", "left ε", "runs")
     body = [(r.product, f"{r.spent:g}", "-" if r.budget is None else f"{r.budget:g}",
              "-" if r.budget is None else f"{max(r.budget - r.spent, 0.0):g}", str(r.runs)) for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body)]
-    return "\n".join(lines)
+    return format_table(head, body, upper=False)

@@ -20,6 +20,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+RUNS_DIR = Path(".meshctl") / "runs"
+"""Where `meshctl up` keeps runs, relative to the mesh.yaml's directory."""
+EVENTS_FILE = "events.jsonl"
+"""A run's event log (and audit chain), inside its run directory."""
+
 
 class RunManifest(BaseModel):
     """What the coordinator process needs to start a run; written by `meshctl up`."""

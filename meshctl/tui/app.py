@@ -195,11 +195,6 @@ class MeshApp(App[MeshState]):
         self.query_one(TabbedContent).active = "events"
         self.query_one("#event-filter", Input).focus()
 
-    def action_filter_events(self) -> None:
-        """Show the Events tab and put the cursor in its filter."""
-        self.query_one(TabbedContent).active = "events"
-        self.query_one("#event-filter", Input).focus()
-
     def action_toggle_theme(self) -> None:
         """Switch between the dark and the light theme."""
         self.theme = THEMES[1] if self.theme == THEMES[0] else THEMES[0]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from meshctl.errors import UserError
 from meshctl.runtime.events import Event, parse_event
+from meshctl.runtime.run import EVENTS_FILE, RUNS_DIR
 from meshctl.tui.bridge import _Feeder, _short
 from meshctl.tui.messages import BridgeNote, FrameSkipped
 
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EVENTS_FILE", "PacedReplay", "ScrubReplay", "find_events", "round_marks", "schedule"]
 
-EVENTS_FILE = "events.jsonl"
-RUNS_DIR = Path(".meshctl") / "runs"
-"""Where `meshctl up` keeps runs, relative to the mesh.yaml's directory."""
 
 
 def find_events(run: str | Path, *, root: str | Path | None = None) -> Path:

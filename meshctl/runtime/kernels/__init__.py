@@ -8,4 +8,4 @@ from meshctl.runtime.kernels.fedavg import fedavg
 from meshctl.runtime.kernels.models import mlp
 from meshctl.runtime.kernels.train import evaluate, train_local
 
-__all__ = ["fedavg", "mlp", "train_local", "evaluate"]
+__all__ = ["evaluate", "fedavg", "mlp", "train_local"]
