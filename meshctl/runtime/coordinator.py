@@ -28,6 +28,7 @@ import math
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ class EventSink:
             line = self.chain.seal(event.to_dict())
             self.file.write(line + "\n")
             self.file.flush()
-        except BaseException:  # e.g. Stopped from a signal handler, between sealing and writing
+        except BaseException:  # e.g. KeyboardInterrupt in a host process, between sealing and writing
             self.file.flush()
             self.chain.resync(Path(self.file.name))
             raise
@@ -168,7 +169,9 @@ class Coordinator:
         self.written: queue.Queue[tuple[str, int, Path]] = queue.Queue()
 
     # -- lifecycle -----------------------------------------------------------------
-    def run(self) -> int:
+    def run(self, *, restore_signals: bool = True) -> int:
+        """Coordinate the run; `restore_signals=False` (the coordinator process, about to exit) keeps
+        SIGINT/SIGTERM ignored after the last event, so a late signal cannot change the exit status."""
         torch.set_num_threads(max(1, self.m.threads))
         self.ctx = zmq.Context()
         keys = KeyPair.load(self.m.coordinator_key)
@@ -190,10 +193,17 @@ class Coordinator:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
+        # A signal only records the request and wakes the poller (its C handler writes to this
+        # socket); the main loop raises Stopped at a safe point, never inside a lock, a queue or a write.
+        self.wake_r, wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
         self.sink = EventSink(self.run_dir / EVENTS_FILE, self.pub)
         writer = threading.Thread(target=self._write_checkpoints, name="checkpoints", daemon=True)
         writer.start()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         started = time.time()
         ok, reason = True, ""
         try:
@@ -225,18 +235,27 @@ class Coordinator:
             self.ctx.term()
             for secret in (self.run_dir / "keys").glob("*.key_secret"):  # also when `up` detached
                 secret.unlink(missing_ok=True)
-            for sig, handler in previous.items():  # never leave a host process (or its children,
-                signal.signal(sig, handler)        # which inherit SIG_IGN) deaf to Ctrl-C
+            signal.set_wakeup_fd(previous_wakeup)
+            self.wake_r.close()
+            wake_w.close()
+            for sig, handler in previous.items() if restore_signals else ():  # never leave a host process
+                signal.signal(sig, handler)  # (or its children, which inherit SIG_IGN) deaf to Ctrl-C
         return 0 if ok else 1
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self.stop_reason = f"stopped by {signal.Signals(signum).name}"
-        raise Stopped(self.stop_reason)
+        """Record a stop request; `_check_stop` acts on it where the state is consistent."""
+        self.stop_reason = self.stop_reason or f"stopped by {signal.Signals(signum).name}"
+
+    def _check_stop(self) -> None:
+        if self.stop_reason:
+            raise Stopped(self.stop_reason)
 
     def _wait_for_observer(self) -> None:
         deadline = time.monotonic() + self.m.wait_for_observer_s
         while self.m.wait_for_observer_s and time.monotonic() < deadline:
-            if self.pub.poll(50, zmq.POLLIN) and self.pub.recv()[:1] == b"\x01":
+            ready = dict(self.poller.poll(50))
+            self._check_stop()
+            if self.pub in ready and self.pub.recv()[:1] == b"\x01":
                 return
 
     def _shutdown_daemons(self, reason: str) -> None:
@@ -459,7 +478,16 @@ class Coordinator:
     # -- messages ------------------------------------------------------------------
     def _pump(self) -> None:
         """Handle whatever arrives within one poll interval; check children when idle."""
+        self._check_stop()
         ready = dict(self.poller.poll(POLL_MS))
+        if self.wake_r.fileno() in ready:
+            while True:
+                try:
+                    if not self.wake_r.recv(512):
+                        break
+                except BlockingIOError:
+                    break
+        self._check_stop()
         if self.pub in ready:
             self.pub.recv()  # (un)subscriptions; nothing to do
         if self.router in ready:
@@ -712,7 +740,7 @@ def main(run_dir: str | Path) -> int:
     if manifest.analysis:  # an analysis run: meshctl analyze
         from meshctl.runtime.analytics import AnalysisCoordinator as cls
     try:
-        return cls(manifest, plan, children).run()
+        return cls(manifest, plan, children).run(restore_signals=False)
     except MeshctlError as err:
         print(err.render(), file=sys.stderr)
         for pid in children:

@@ -100,3 +100,39 @@ def test_a_daemon_that_dies_fails_the_run_with_its_name_and_log(mesh_file, make_
     assert not result.ok
     assert "client-1" in result.reason and "exited with code -9" in result.reason
     assert "client-1.log" in result.reason
+
+
+def test_a_storm_of_stop_signals_still_ends_the_run_in_order(mesh_file, make_plan):
+    """Signals arriving anywhere (mid-write, mid-queue, mid-send, again and again) must not cut
+    the run's last events short or wedge the coordinator: the handler only records the request."""
+    run = start_run(mesh_file, make_plan(n=2, rounds=100_000))
+    pids = []
+    for e in run.follow():
+        if isinstance(e, ev.DomainJoined):
+            pids.append(e.pid)
+        if isinstance(e, ev.RoundCompleted) and e.round == 3:
+            break
+    for i in range(40):
+        os.kill(run.proc.pid, signal.SIGTERM if i % 2 else signal.SIGINT)
+        time.sleep(0.002)
+    assert run.proc.wait(30) == 1
+    lines = (run.m.path / "events.jsonl").read_text().splitlines()
+    last = ev.read_events(str(run.m.path / "events.jsonl"))[-1]
+    assert isinstance(last, ev.RunCompleted) and not last.ok and last.reason == "stopped by SIGINT", lines[-1]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
