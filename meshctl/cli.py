@@ -213,10 +213,15 @@ def schema() -> None:
 @reports_errors
 def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
     """Compile FILE, start a coordinator and one daemon per local domain, and train."""
-    from meshctl.runtime.launcher import start_run
+    from meshctl.runtime.launcher import WarmCoordinator, start_run
 
-    plan = _compile_or_exit(file).plan
-    result = _attend(start_run(file, plan, address=address, threads=threads), headless)
+    warm = WarmCoordinator()  # imports torch while this process compiles
+    try:
+        plan = _compile_or_exit(file).plan
+        run = start_run(file, plan, address=address, threads=threads, warm=warm)
+    finally:
+        warm.discard()
+    result = _attend(run, headless)
     if result is not None and not result.ok:
         raise UserError(result.reason or "run failed") from None
 
@@ -238,11 +243,17 @@ def _attend(run: Any, headless: bool) -> Any:
 
 
 @main.command(hidden=True)
-@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False))
-def coordinator(run_dir: str) -> None:
+@click.option("--run-dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--warm", is_flag=True, help="Import first, then read the run directory from stdin.")
+def coordinator(run_dir: str | None, warm: bool) -> None:
     """Internal: the coordinator process of a run prepared by `meshctl up`."""
     from meshctl.runtime.coordinator import main as coordinator_main
+    from meshctl.runtime.coordinator import warm_main
 
+    if warm:
+        sys.exit(warm_main())
+    if run_dir is None:
+        raise click.UsageError("give --run-dir or --warm")
     sys.exit(coordinator_main(run_dir))
 
 
@@ -661,11 +672,16 @@ def lineage_export(run: str, output: Path | None, audit_mesh: Path) -> None:
 def analyze(name: str, file: Path, headless: bool, output: Path | None, address: str | None) -> None:
     """Run analysis NAME of FILE: each domain sends only aggregates; print the merged table."""
     from meshctl.runtime import analytics
-    from meshctl.runtime.launcher import start_run
+    from meshctl.runtime.launcher import WarmCoordinator, start_run
 
-    plan = _compile_or_exit(file).plan
-    analytics.check_sources(plan, analytics.find_analysis(plan, name, str(file)), file.resolve().parent)
-    result = _attend(start_run(file, plan, address=address, analysis=name), headless)
+    warm = WarmCoordinator()  # imports torch while this process compiles
+    try:
+        plan = _compile_or_exit(file).plan
+        analytics.check_sources(plan, analytics.find_analysis(plan, name, str(file)), file.resolve().parent)
+        run = start_run(file, plan, address=address, analysis=name, warm=warm)
+    finally:
+        warm.discard()
+    result = _attend(run, headless)
     if result is None:  # detached: the result is written when the run ends
         return
     if not result.ok:

@@ -716,6 +716,29 @@ class Coordinator:
                 self.sink.emit(ev.CheckpointWritten(job=job, round=rnd, path=str(path.relative_to(self.run_dir))))
 
 
+def warm_main() -> int:
+    """`meshctl coordinator --warm`: import what a run needs, then run the directory read from stdin.
+
+    Started by `meshctl up` before it compiles (meshctl.runtime.launcher.WarmCoordinator);
+    end-of-file instead of a directory means no run came of it: exit quietly.
+    """
+    import sys
+
+    from meshctl.runtime import daemon, governance  # noqa: F401 - the forked daemons' imports
+    from meshctl.runtime.daemon import prepare_fork
+
+    prepare_fork(None)
+    governance._environment()  # the CEL parser tables, before there is a plan to need them
+    line = sys.stdin.readline().strip()
+    if not line:
+        return 0
+    log = os.open(Path(line) / "logs" / "coordinator.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return main(line)
+
+
 def main(run_dir: str | Path) -> int:
     """The coordinator process: fork the local daemons (sharing imported torch), then coordinate.
 
@@ -729,7 +752,10 @@ def main(run_dir: str | Path) -> int:
     manifest = RunManifest.read(run_dir)
     plan = Plan.read(manifest.path / "plan.toml")
     if manifest.local_domains:
+        from meshctl.runtime.daemon import prepare_fork
+
         plan.content_hash()  # once here: every forked daemon checks it against plan.plan.hash
+        prepare_fork(plan)
     children: dict[int, str] = {}
     for domain, key_file in manifest.local_domains.items():
         pid = os.fork()

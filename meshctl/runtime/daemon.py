@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import zmq
@@ -34,7 +35,10 @@ from meshctl.errors import MeshctlError, UserError
 from meshctl.runtime import governance, wire
 from meshctl.runtime.data import JobData, count_rows, feature_sums, load_job_data
 from meshctl.runtime.kernels import evaluate, mlp, train_local
-from meshctl.runtime.keys import KeyPair, curve_client
+from meshctl.runtime.keys import KeyPair, curve_client, fast_reconnect
+
+if TYPE_CHECKING:
+    import duckdb
 
 POLL_MS = 500
 SEND_TIMEOUT_MS = 120_000
@@ -106,21 +110,24 @@ class Daemon:
     # -- start-up ----------------------------------------------------------------
     def load(self) -> None:
         """Decide every job of this domain, check its contracts, read what the accepted jobs use."""
+        import duckdb
+
         plan, me = self.cfg.plan, self.cfg.domain
         if me not in {d.name for d in plan.domains}:
             raise UserError(f"domain {me!r} is not in the plan")
-        for product in plan.products:
-            if product.domain == me:
-                self.rows[product.id] = count_rows(product, self.cfg.base_dir)
-        self.govern()
-        for job in plan.jobs:
-            read = next((r for r in job.reads if r.domain == me), None)
-            if read is None or job.name in self.refused:
-                continue
-            data = load_job_data(job, plan.product(read.product), self.cfg.base_dir, read.client_id)
-            arch = job.architecture
-            model = mlp(arch.input_dim, arch.hidden, arch.output_dim, seed=None)
-            self.jobs[job.name] = _JobState(job, data, model)
+        with duckdb.connect() as con:  # one connection for the counts, the checks and the reads
+            for product in plan.products:
+                if product.domain == me:
+                    self.rows[product.id] = count_rows(product, self.cfg.base_dir, con)
+            self.govern(con=con)
+            for job in plan.jobs:
+                read = next((r for r in job.reads if r.domain == me), None)
+                if read is None or job.name in self.refused:
+                    continue
+                data = load_job_data(job, plan.product(read.product), self.cfg.base_dir, read.client_id, con)
+                arch = job.architecture
+                model = mlp(arch.input_dim, arch.hidden, arch.output_dim, seed=None)
+                self.jobs[job.name] = _JobState(job, data, model)
 
     def _spent(self, plan: Plan, jobs: list[PlanJob]) -> dict[str, float]:
         """ε already spent by this domain's capped products read by DP jobs (privacy ledger)."""
@@ -133,8 +140,9 @@ class Daemon:
         ledger = Ledger(ledger_path(self.cfg.base_dir))
         return {pid: ledger.spent(pid) for pid in sorted(ids)}
 
-    def govern(self, today: datetime | None = None) -> None:
-        """Decide every job involving this domain, then check the contracts of what it would read."""
+    def govern(self, today: datetime | None = None, con: duckdb.DuckDBPyConnection | None = None) -> None:
+        """Decide every job involving this domain, then check the contracts of what it would read
+        (in `con`, the domain's DuckDB connection, when given)."""
         plan, me = self.cfg.plan, self.cfg.domain
         day = (today or datetime.now(UTC)).date()
         mine = [j for j in plan.jobs if me in j.participants or any(r.domain == me for r in j.reads)]
@@ -149,9 +157,9 @@ class Daemon:
             reason = governance.refusal([integrity, *decisions])
             if reason:
                 self.refused[job.name] = reason
-        self._check_contracts([j for j in mine if j.name not in self.refused])
+        self._check_contracts([j for j in mine if j.name not in self.refused], con)
 
-    def _check_contracts(self, jobs: list[PlanJob]) -> None:
+    def _check_contracts(self, jobs: list[PlanJob], con: duckdb.DuckDBPyConnection | None = None) -> None:
         """Run the contract checks of each product the accepted jobs read; a blocking failure refuses them."""
         from meshctl.runtime.quality import check_product
 
@@ -161,7 +169,7 @@ class Daemon:
         blocked: dict[str, wire.Decision] = {}
         for pid in products:
             product = plan.product(pid)
-            results = check_product(None, product, contracts.get(product.contract), self.cfg.base_dir)
+            results = check_product(con, product, contracts.get(product.contract), self.cfg.base_dir)
             self.checks += [wire.CheckOutcome(product=pid, contract=product.contract, rule=r.rule,
                                               observed=r.observed, operator=r.operator, threshold=r.threshold,
                                               passed=r.passed, severity=r.severity) for r in results]
@@ -187,6 +195,8 @@ class Daemon:
         sock.sndtimeo = SEND_TIMEOUT_MS
         sock.maxmsgsize = wire.CHUNK_BYTES + wire.MAX_HEADER_BYTES
         curve_client(sock, self.cfg.keys, self.cfg.server_key)
+        if self.cfg.parent_pid is not None:  # forked by a coordinator that is binding right now
+            fast_reconnect(sock)
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                                           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         sock.connect(self.cfg.coordinator)
@@ -415,6 +425,26 @@ class Daemon:
                     self.tap.write(len(f).to_bytes(8, "little"))
                     self.tap.write(f)
                 self.tap.flush()
+
+
+def prepare_fork(plan: Plan | None) -> None:
+    """Do once, in a parent about to fork local daemons, what each would otherwise repeat.
+
+    The data path's imports (DuckDB, the contract checks, the ledger) and the CEL programs
+    of the plan's policies (the parser tables alone take 0.15 s to build) are then shared,
+    copy-on-write, by every forked daemon. Nothing here starts a thread or opens a file.
+    """
+    import duckdb  # noqa: F401
+
+    from meshctl.runtime import ledger, quality  # noqa: F401
+
+    for policy in plan.policies if plan is not None else ():
+        for source in (policy.when, policy.require):
+            if source:
+                try:
+                    governance._program(source)
+                except governance.PolicyError:
+                    pass  # the daemon reports it, as a denying decision, when it decides
 
 
 def _num(value: float | None) -> str:

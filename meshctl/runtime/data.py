@@ -316,22 +316,32 @@ def job_columns(job: PlanJob) -> list[str]:
     return cols
 
 
-def count_rows(product: PlanProduct, base_dir: Path) -> int:
-    """Row count of a product (a count, never a row)."""
+def count_rows(product: PlanProduct, base_dir: Path, con: duckdb.DuckDBPyConnection | None = None) -> int:
+    """Row count of a product (a count, never a row); `con` is the domain's connection, if open."""
     import duckdb
 
-    with duckdb.connect() as con:
-        view = product_view(con, product, base_dir)
-        try:
-            return int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
-        except duckdb.Error as err:
-            raise UserError(f"cannot read product {product.id}: {first_line(err)}",
-                            where=str(_where(product, base_dir))) from None
+    if con is None:
+        with duckdb.connect() as own:
+            return count_rows(product, base_dir, own)
+    view = product_view(con, product, base_dir)
+    try:
+        return int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
+    except duckdb.Error as err:
+        raise UserError(f"cannot read product {product.id}: {first_line(err)}",
+                        where=str(_where(product, base_dir))) from None
 
 
-def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id: int) -> JobData:
-    """Read `product` for `job` through its masked view: the job's columns only, never PII."""
+def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id: int,
+                  con: duckdb.DuckDBPyConnection | None = None) -> JobData:
+    """Read `product` for `job` through its masked view: the job's columns only, never PII.
+
+    `con` is the domain's connection, if it has one open (else a private one is used).
+    """
     import duckdb
+
+    if con is None:
+        with duckdb.connect() as own:
+            return load_job_data(job, product, base_dir, client_id, own)
 
     by_name = {c.name: c for c in product.columns}
     cols = job_columns(job)
@@ -345,14 +355,13 @@ def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id:
     select = ", ".join(f"CAST({ident(c)} AS {'VARCHAR' if c in text else 'FLOAT'}) AS {ident(c)}"
                        for c in cols)
     not_null = " AND ".join(f"{ident(c)} IS NOT NULL" for c in cols)
-    with duckdb.connect() as con:
-        view = product_view(con, product, base_dir, columns=cols)
-        try:
-            total = int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
-            arrays = con.execute(f"SELECT * FROM (SELECT {select} FROM {view}) WHERE {not_null}").fetchnumpy()
-        except duckdb.Error as err:
-            raise UserError(f"cannot read product {product.id}: {first_line(err)}",
-                            where=str(_where(product, base_dir))) from None
+    view = product_view(con, product, base_dir, columns=cols)
+    try:
+        total = int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
+        arrays = con.execute(f"SELECT * FROM (SELECT {select} FROM {view}) WHERE {not_null}").fetchnumpy()
+    except duckdb.Error as err:
+        raise UserError(f"cannot read product {product.id}: {first_line(err)}",
+                        where=str(_where(product, base_dir))) from None
     return _tensors(job, product, arrays, total, client_id, _where(product, base_dir))
 
 

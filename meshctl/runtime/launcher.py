@@ -23,7 +23,7 @@ import zmq
 from meshctl.compiler.plan import Plan
 from meshctl.errors import UserError
 from meshctl.runtime import events as ev
-from meshctl.runtime.keys import KeyPair, check_public_key, curve_client
+from meshctl.runtime.keys import KeyPair, check_public_key, curve_client, fast_reconnect
 from meshctl.runtime.run import EVENTS_FILE, RunManifest, last_line, new_run_id
 
 
@@ -107,6 +107,68 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+class WarmCoordinator:
+    """A coordinator process started before the run exists, importing torch while `up` compiles.
+
+    `meshctl up` spends about as long compiling and preparing the run as a fresh process
+    spends importing torch and the data path; started first, the coordinator does both at
+    once and then waits, on its stdin, for the run directory (`LocalRun.start` hands it
+    over). Whatever happens to `up` before that, the process sees end-of-file and exits.
+    Its output until the hand-over goes to a private temporary file that `start` copies
+    into the run's log.
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.early = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as this object
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-m", "meshctl", "coordinator", "--warm"],
+            stdin=subprocess.PIPE, stdout=self.early, stderr=subprocess.STDOUT,
+            start_new_session=True)  # Ctrl-C reaches `up` only; `up` stops the rest in order
+
+    def take(self, run_dir: str, log: Path) -> subprocess.Popen[bytes] | None:
+        """Hand `run_dir` over; the process, or None when it is no longer waiting for one."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        self._copy_early(log)
+        if proc.poll() is None:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(run_dir.encode() + b"\n")
+                proc.stdin.close()
+                return proc
+            except OSError:  # it died just now
+                pass
+        proc.wait()
+        self._copy_early(log)
+        return None
+
+    def _copy_early(self, log: Path) -> None:
+        self.early.seek(0)
+        early = self.early.read()
+        self.early.seek(0)
+        self.early.truncate()
+        if early:
+            with log.open("ab") as out:
+                out.write(early)
+
+    def discard(self) -> None:
+        """End the process if no run was handed to it (it is importing, or waiting on stdin)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdin is not None:
+                proc.stdin.close()
+        self.early.close()
+
+
 class LocalRun:
     """A started run: the coordinator process and a Curve SUB socket on its events."""
 
@@ -121,7 +183,12 @@ class LocalRun:
     def log(self) -> Path:
         return self.m.path / "logs" / "coordinator.log"
 
-    def start(self) -> None:
+    def start(self, warm: WarmCoordinator | None = None) -> None:
+        """Start the coordinator: hand the run to `warm` when it is still waiting, else spawn one."""
+        if warm is not None:
+            self.proc = warm.take(self.m.run_dir, self.log)
+            if self.proc is not None:
+                return
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "meshctl", "coordinator", "--run-dir", self.m.run_dir],
@@ -134,6 +201,7 @@ class LocalRun:
         sub = ctx.socket(zmq.SUB)
         sub.linger = 0
         curve_client(sub, self.observer, self.m.coordinator_public.encode())
+        fast_reconnect(sub)
         sub.subscribe(b"")
         sub.connect(self.m.events)
         try:
@@ -209,11 +277,12 @@ def _read_log(path: Path) -> list[ev.Event]:
 
 
 def start_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1,
-              analysis: str = "") -> LocalRun:
-    """Prepare a run and start its coordinator; `analysis` names an analysis to run instead of training."""
+              analysis: str = "", warm: WarmCoordinator | None = None) -> LocalRun:
+    """Prepare a run and start its coordinator (`warm`'s, when given); `analysis` names an
+    analysis to run instead of training."""
     manifest, observer = prepare_run(mesh_file, plan, address=address, threads=threads, analysis=analysis)
     run = LocalRun(manifest, observer)
-    run.start()
+    run.start(warm)
     return run
 
 

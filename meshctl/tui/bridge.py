@@ -16,6 +16,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from meshctl.runtime.events import Event, parse_event
+from meshctl.runtime.keys import fast_reconnect
 from meshctl.tui.messages import BridgeNote, FrameSkipped
 
 if TYPE_CHECKING:
@@ -138,6 +139,7 @@ class EventBridge(_Feeder):
         sock = ctx.socket(zmq.SUB)
         sock.linger = 0
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._keys
+        fast_reconnect(sock)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH

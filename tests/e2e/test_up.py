@@ -115,6 +115,7 @@ def test_a_bad_mesh_yaml_starts_nothing(hospitals, meshctl):
     assert out.returncode == 1
     assert "error[MESH402]" in out.stderr and "Traceback" not in out.stderr
     assert not (hospitals.parent / ".meshctl").exists()
+    assert _processes_in(hospitals.parent) == [], "the coordinator `up` started early outlived the failed compile"
 
 
 def test_a_missing_mesh_file_and_a_busy_port_are_one_line_errors(hospitals, meshctl, tmp_path):
@@ -128,6 +129,7 @@ def test_a_missing_mesh_file_and_a_busy_port_are_one_line_errors(hospitals, mesh
         port = s.getsockname()[1]
         out = meshctl("up", "--headless", "--address", f"tcp://127.0.0.1:{port}", cwd=hospitals.parent)
     assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert _processes_in(hospitals.parent) == []
     assert f"port {port} on 127.0.0.1 is in use" in out.stderr.strip().splitlines()[-1]
 
 
@@ -174,3 +176,18 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+def _processes_in(cwd: Path) -> list[str]:
+    """Command lines of the live (not zombie) processes whose working directory is `cwd`."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cwd").resolve() != cwd.resolve() or not _alive(int(pid)):
+                continue
+            found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        except OSError:
+            continue
+    return found
