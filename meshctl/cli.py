@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -37,7 +38,7 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback only on request
+        except Exception as err:
             if os.environ.get("MESHCTL_DEBUG"):
                 raise
             click.echo(f"internal error: {type(err).__name__}: {err} (set MESHCTL_DEBUG=1 for the traceback)",
@@ -58,7 +59,7 @@ def main() -> None:
 # ---------------------------------------------------------------------------
 
 
-def _compile_or_exit(file: Path, *, hashed: bool = True):  # noqa: ANN202 - a CompileResult
+def _compile_or_exit(file: Path, *, hashed: bool = True):
     """Compile FILE; on errors print every diagnostic and `N errors`, then exit 1."""
     from meshctl.compiler.compile import compile_mesh
     from meshctl.errors import UserError
@@ -153,7 +154,7 @@ def _plan_at(rev: str, file: Path) -> Any:
     return result.plan
 
 
-def _previous_plan(path: Path):  # noqa: ANN202 - returns meshctl.compiler.plan.Plan | None
+def _previous_plan(path: Path):
     """The plan at `path`, or None when there is none or it cannot be read (with a note)."""
     from meshctl.compiler.plan import Plan
 

@@ -17,6 +17,7 @@ from meshctl.compiler.diagnostics import YamlPath
 from meshctl.compiler.grants import grant_id
 from meshctl.compiler.plan import (
     Plan,
+    PlanAggregation,
     PlanAnalysis,
     PlanArchitecture,
     PlanColumn,
@@ -36,12 +37,14 @@ from meshctl.compiler.plan import (
     PlanQualityRule,
     PlanRead,
     PlanTraining,
+    aggregation_settings,
     mlp_tensors,
 )
 from meshctl.compiler.policy import parameter_count
 from meshctl.compiler.resolve import Resolution, ResolvedAnalysis, ResolvedModel
 from meshctl.compiler.sources import plan_sla, source_kind
 from meshctl.compiler.spec import (
+    Aggregation,
     Column,
     Contract,
     DifferentialPrivacy,
@@ -161,6 +164,11 @@ def _dp(dp: DifferentialPrivacy | None) -> PlanDp | None:
     return PlanDp(epsilon=dp.epsilon, delta=dp.delta, clip=dp.clip) if dp else None
 
 
+def _aggregation(agg: Aggregation) -> PlanAggregation:
+    """The strategy with every one of its settings: the mesh's value, else the default."""
+    return PlanAggregation(**aggregation_settings(agg.model_dump()))
+
+
 def _job(resolved: ResolvedModel, resolution: Resolution) -> PlanJob:
     model = resolved.model
     classes = list(resolved.target.values)
@@ -179,6 +187,7 @@ def _job(resolved: ResolvedModel, resolution: Resolution) -> PlanJob:
                                   holdout_column=evaluation.holdout_column or "",
                                   holdout_value=evaluation.holdout_value,
                                   metrics=list(evaluation.metrics)),
+        aggregation=_aggregation(model.aggregation),
         privacy=PlanPrivacy(secure_aggregation=model.privacy.secure_aggregation,
                             dp=_dp(model.privacy.dp)),
         quorum=model.quorum or len(resolved.participants),

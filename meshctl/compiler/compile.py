@@ -16,9 +16,9 @@ from meshctl.compiler.contracts import check_contracts
 from meshctl.compiler.diagnostics import Diagnostic, Reporter, YamlPath, render_all
 from meshctl.compiler.loader import Source, SourceMap, load_bytes, no_gc
 from meshctl.compiler.parse import parse_spec
-from meshctl.compiler.plan import Plan, PlanDecision
+from meshctl.compiler.plan import STRATEGY_SETTINGS, Plan, PlanDecision
 from meshctl.compiler.policy import compile_policies, decide, plan_policies
-from meshctl.compiler.resolve import Resolution, resolve
+from meshctl.compiler.resolve import Resolution, ResolvedModel, resolve
 from meshctl.compiler.sources import check_sources
 from meshctl.compiler.spec import MeshSpec, Model
 
@@ -120,16 +120,37 @@ def _check_jobs(resolution: Resolution, report: Reporter) -> None:
             report.error("MESH505", "custom architectures (entrypoint) are not supported by "
                          "the plan yet", (*model.path, "architecture", "entrypoint"),
                          hint="use `architecture: {kind: mlp, hidden: [...]}`")
-        if model.aggregation.strategy != "fedavg":
-            report.error("MESH505", f"aggregation strategy '{model.aggregation.strategy}' is "
-                         "not supported by the plan yet", (*model.path, "aggregation",
-                                                           "strategy"),
-                         hint="use `aggregation: {strategy: fedavg}`")
+        _check_aggregation(resolved, report)
         _check_privacy(resolved.model, report)
         if model.quorum is not None and model.quorum > len(resolved.participants):
             report.error("MESH504", f"quorum {model.quorum} is larger than the "
                          f"{len(resolved.participants)} participants of model '{model.name}'",
                          (*model.path, "quorum"))
+
+
+def _check_aggregation(resolved: ResolvedModel, report: Reporter) -> None:
+    """Settings belong to their strategy; krum needs 2f + 3 participants (and quorum)."""
+    model = resolved.model
+    agg = model.aggregation
+    own = STRATEGY_SETTINGS[agg.strategy]
+    path = (*model.path, "aggregation")
+    for name in ("mu", "server_lr", "beta_1", "beta_2", "tau", "trim", "byzantine"):
+        if getattr(agg, name) is not None and name not in own:
+            users = sorted(s for s, settings in STRATEGY_SETTINGS.items() if name in settings)
+            report.error("MESH510", f"'{name}' does not apply to strategy {agg.strategy} "
+                         f"(it is a setting of {' and '.join(users)})", (*path, name),
+                         hint=f"remove it, or use strategy: {users[0]}")
+    if agg.strategy == "krum":
+        f = agg.byzantine if agg.byzantine is not None else own["byzantine"]
+        need = 2 * int(f) + 3
+        have = min(len(resolved.participants), model.quorum or len(resolved.participants))
+        if have < need:
+            what = "quorum" if model.quorum is not None and model.quorum < len(resolved.participants) \
+                else "participants"
+            report.error("MESH511", f"krum tolerating {f} Byzantine update(s) needs at least {need} "
+                         f"updates per round; model '{model.name}' has {have} {what}",
+                         (*path, "byzantine") if agg.byzantine is not None else (*path, "strategy"),
+                         hint="lower `byzantine`, add participants, or use median or trimmed_mean")
 
 
 def _check_privacy(model: Model, report: Reporter) -> None:

@@ -96,14 +96,20 @@ CODES: dict[str, str] = {
     "MESH502": "A model's target must be a category column with declared values.",
     "MESH503": "A model's feature must be numeric (int, float or bool) to feed an MLP.",
     "MESH504": "A model declares a quorum larger than its number of participants.",
-    "MESH505": "A model's architecture, aggregation or privacy (secure aggregation, DP training) "
-               "is not supported by this meshctl yet.",
+    "MESH505": "A model's architecture or privacy (secure aggregation, DP training) is not "
+               "supported by this meshctl yet.",
     "MESH506": "A model or analysis has no participants.",
     "MESH507": "An analysis groups by a column that is not a category; groups must be declared "
                "values.",
     "MESH508": "An analysis aggregates a column that is not numeric (int or float).",
     "MESH509": "A histogram or quantile metric needs a range: on the metric or on the contract "
                "column.",
+    "MESH510": "An aggregation setting belongs to another strategy: mu to fedprox; server_lr, "
+               "beta_1, beta_2 and tau to fedadam and fedyogi; trim to trimmed_mean; byzantine "
+               "to krum.",
+    "MESH511": "Krum tolerating f Byzantine updates needs at least 2f + 3 updates per round "
+               "(participants, and quorum when declared); with fewer, honest updates cannot "
+               "outvote the Byzantine ones.",
 }
 
 STAGES: dict[str, str] = {"1": "syntax", "2": "schema", "3": "references and contracts",

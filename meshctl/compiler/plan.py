@@ -12,7 +12,7 @@ import hashlib
 import tomllib
 import weakref
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field
@@ -178,8 +178,42 @@ class PlanEvaluation(_Frozen):
     metrics: list[str] = Field(default_factory=lambda: ["loss", "accuracy"])
 
 
+STRATEGY_SETTINGS: dict[str, dict[str, float]] = {
+    "fedavg": {},
+    "fedprox": {"mu": 0.01},
+    "fedadam": {"server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedyogi": {"server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "median": {},
+    "trimmed_mean": {"trim": 0.1},
+    "krum": {"byzantine": 1},
+}
+"""Each strategy's settings and their defaults; the plan carries every setting of its strategy."""
+
+
+def aggregation_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """`{strategy, **settings}` with every setting of the strategy, defaults filled in.
+
+    `given` is a model's `aggregation:` as plain data (None for unset settings); what
+    the plan carries and what policies see as `model.aggregation`, at compile and run time.
+    """
+    strategy = given.get("strategy", "fedavg")
+    return {"strategy": strategy, **{k: given[k] if given.get(k) is not None else v
+                                     for k, v in STRATEGY_SETTINGS[strategy].items()}}
+
+
 class PlanAggregation(_Frozen):
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean", "krum"] = "fedavg"
+    mu: float | None = None
+    server_lr: float | None = None
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
+    trim: float | None = None
+    byzantine: int | None = None
+
+    def min_updates(self) -> int:
+        """The fewest updates a round needs under this strategy (krum: 2f + 3)."""
+        return 2 * (self.byzantine or 0) + 3 if self.strategy == "krum" else 1
 
 
 class PlanDp(_Frozen):

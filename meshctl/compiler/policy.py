@@ -21,7 +21,13 @@ from celpy import celtypes
 
 from meshctl.compiler import cel
 from meshctl.compiler.diagnostics import Reporter, YamlPath
-from meshctl.compiler.plan import PlanDecision, PlanPolicy, PlanTensor, mlp_tensors
+from meshctl.compiler.plan import (
+    PlanDecision,
+    PlanPolicy,
+    PlanTensor,
+    aggregation_settings,
+    mlp_tensors,
+)
 from meshctl.compiler.resolve import Resolution, ResolvedAnalysis, ResolvedModel
 from meshctl.compiler.spec import Contract, Domain, MeshSpec, Policy, Product
 
@@ -145,7 +151,7 @@ def activation(resolved: ResolvedModel, spec: MeshSpec,
         "features": list(resolved.features), "target": resolved.target.name,
         "architecture": model.architecture.model_dump(mode="json", exclude_none=True),
         "training": model.training.model_dump(mode="json"),
-        "aggregation": model.aggregation.model_dump(mode="json"),
+        "aggregation": aggregation_settings(model.aggregation.model_dump(mode="json")),
         "privacy": {"secure_aggregation": model.privacy.secure_aggregation,
                     "dp": _dp(model.privacy.dp)},
         "parameters": parameter_count(mlp_tensors(len(resolved.features),

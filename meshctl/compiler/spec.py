@@ -326,7 +326,23 @@ class Aggregation(_Spec):
     strategy: Literal[
         "fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean", "krum"
     ] = "fedavg"
-    """Aggregation strategy (this meshctl plans fedavg)."""
+    """fedavg (weighted mean), fedprox (fedavg plus a proximal term in local training),
+    fedadam / fedyogi (an adaptive server optimizer on the mean update), median or
+    trimmed_mean (coordinate-wise, robust), krum (the update closest to its neighbours)."""
+    mu: float | None = Field(default=None, ge=0)
+    """fedprox: weight of the proximal term (mu/2)·||w - w_global||² (default 0.01)."""
+    server_lr: float | None = Field(default=None, gt=0)
+    """fedadam, fedyogi: the server's learning rate (default 0.01)."""
+    beta_1: float | None = Field(default=None, ge=0, lt=1)
+    """fedadam, fedyogi: first-moment decay (default 0.9)."""
+    beta_2: float | None = Field(default=None, ge=0, lt=1)
+    """fedadam, fedyogi: second-moment decay (default 0.99)."""
+    tau: float | None = Field(default=None, gt=0)
+    """fedadam, fedyogi: adaptivity, added to the root of the second moment (default 0.001)."""
+    trim: float | None = Field(default=None, ge=0, lt=0.5)
+    """trimmed_mean: share of updates cut from each end, per coordinate (default 0.1)."""
+    byzantine: int | None = Field(default=None, ge=0)
+    """krum: how many Byzantine updates to tolerate, f (default 1); needs 2f + 3 participants."""
 
 
 class DifferentialPrivacy(_Spec):

@@ -43,7 +43,7 @@ from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.data import pooled_mean_std
 from meshctl.runtime.governance import RoundGate, RoundUpdate
-from meshctl.runtime.kernels import fedavg, mlp
+from meshctl.runtime.kernels import mlp
 from meshctl.runtime.keys import (
     EVENTS_ZAP_DOMAIN,
     MESH_ZAP_DOMAIN,
@@ -52,6 +52,7 @@ from meshctl.runtime.keys import (
     start_authenticator,
 )
 from meshctl.runtime.run import EVENTS_FILE, RunManifest, last_line
+from meshctl.runtime.strategy import Strategy
 
 POLL_MS = 250
 HEARTBEAT_TIMEOUT_S = 15.0
@@ -321,6 +322,7 @@ class Coordinator:
         started = time.time()
         version = 0
         metrics: dict[str, float] = {}
+        strategy = Strategy(job.aggregation)
         norm = self._standardization(job, participants)
         round_start = {1: time.time()}
         self.sink.emit(ev.RoundStarted(job=job.name, round=1, participants=participants))
@@ -331,8 +333,12 @@ class Coordinator:
             contributors = list(results)
             self._gate_round(job, r, results)
             total = sum(msg.examples for msg, _ in results.values())
-            new = fedavg([[results[d][1][t.name] for t in job.tensors] for d in contributors],
-                         [results[d][0].examples for d in contributors])
+            try:
+                new, note = strategy.aggregate([weights[t.name] for t in job.tensors], contributors,
+                                               [[results[d][1][t.name] for t in job.tensors] for d in contributors],
+                                               [results[d][0].examples for d in contributors])
+            except ValueError as err:
+                raise JobAborted(f"job {job.name} round {r}: {err}") from None
             weights = {t.name: w for t, w in zip(job.tensors, new)}
             version = r
             train_loss = sum(m.loss * m.examples for m, _ in results.values()) / max(total, 1)
@@ -351,7 +357,8 @@ class Coordinator:
             self.sink.emit(ev.RoundCompleted(
                 job=job.name, round=r, rounds=job.training.rounds, participants=contributors,
                 train_loss=train_loss, metrics=metrics, bytes_in=self.bytes_in.pop((job.name, r), 0),
-                bytes_out=self.bytes_out.pop((job.name, r), 0), seconds=time.time() - round_start.pop(r)))
+                bytes_out=self.bytes_out.pop((job.name, r), 0), seconds=time.time() - round_start.pop(r),
+                aggregation=note))
             self._append_metrics(job, r, len(contributors), train_loss, metrics)
             if self.m.checkpoint:
                 path = self.run_dir / "checkpoints" / job.name / f"round-{r:04d}.safetensors"

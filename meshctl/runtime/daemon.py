@@ -373,7 +373,8 @@ class Daemon:
         read = next(r for r in st.job.reads if r.domain == self.cfg.domain)
         loss = train_local(st.model, st.data.x_train, st.data.y_train, epochs=t.local_epochs,
                            batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
-                           weight_decay=t.weight_decay, shuffle_seed=1000 * ins.round + read.client_id)
+                           weight_decay=t.weight_decay, shuffle_seed=1000 * ins.round + read.client_id,
+                           prox_mu=_prox_mu(st.job))
         seconds = time.perf_counter() - start
         st.loaded = -1
         update = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
@@ -425,6 +426,12 @@ class Daemon:
                     self.tap.write(len(f).to_bytes(8, "little"))
                     self.tap.write(f)
                 self.tap.flush()
+
+
+def _prox_mu(job: PlanJob) -> float:
+    """FedProx's proximal weight for local training; 0 for every other strategy."""
+    agg = job.aggregation
+    return (agg.mu or 0.0) if agg.strategy == "fedprox" else 0.0
 
 
 def prepare_fork(plan: Plan | None) -> None:

@@ -175,6 +175,8 @@ class RoundCompleted(Event):
     bytes_in: int
     bytes_out: int
     seconds: float
+    aggregation: str = ""
+    """What a robust strategy did (e.g. which update krum chose); empty for means."""
 
     def message(self) -> str:
         ms = " ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())

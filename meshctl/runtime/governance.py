@@ -127,7 +127,7 @@ def job_activation(plan: Plan, job: PlanJob) -> dict[str, Any]:
         "features": list(job.features), "target": job.target,
         "architecture": {"kind": arch.kind, "hidden": list(arch.hidden), "activation": arch.activation},
         "training": job.training.model_dump(mode="json"),
-        "aggregation": job.aggregation.model_dump(mode="json"),
+        "aggregation": job.aggregation.model_dump(mode="json", exclude_none=True),
         "privacy": {
             "secure_aggregation": job.privacy.secure_aggregation,
             "dp": {"epsilon": dp.epsilon if dp else 0.0, "delta": dp.delta if dp else 0.0,

@@ -18,13 +18,17 @@ def train_local(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     shuffle_seed: int = 0,
+    prox_mu: float = 0.0,
 ) -> float:
     """Minibatch training from the model's current weights; returns the last epoch's mean loss.
 
     A fresh optimizer every call (no momentum carried across rounds). Epoch `e`
     shuffles with `torch.Generator().manual_seed(shuffle_seed + e)`; the last
-    partial batch is kept.
+    partial batch is kept. `prox_mu > 0` adds FedProx's proximal term
+    `(mu/2)·||w - w0||²` (w0: the weights at the call) to every step's gradient as
+    `mu·(w - w0)`; the returned loss is the data loss only.
     """
+    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     if optimizer == "adam":
         opt: torch.optim.Optimizer | _SGD = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
@@ -41,6 +45,10 @@ def train_local(
             opt.zero_grad()
             loss = loss_fn(model(x[b]), y[b])
             loss.backward()
+            if anchor is not None:
+                with torch.no_grad():
+                    for p, p0 in zip(model.parameters(), anchor):
+                        p.grad.add_(p.detach() - p0, alpha=prox_mu)
             opt.step()
             total += loss.item() * len(b)
         mean = total / max(n, 1)
