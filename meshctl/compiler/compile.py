@@ -154,7 +154,7 @@ def _check_aggregation(resolved: ResolvedModel, report: Reporter) -> None:
 
 
 def _check_privacy(model: Model, report: Reporter) -> None:
-    """Secure aggregation and DP training are planned for, but the runtime lacks them yet."""
+    """Secure aggregation is planned for, but the runtime lacks it yet; DP training is DP-SGD."""
     privacy = model.privacy
     if privacy.secure_aggregation:
         report.error("MESH505", f"model '{model.name}' asks for secure aggregation, which the "
@@ -162,7 +162,11 @@ def _check_privacy(model: Model, report: Reporter) -> None:
                                                         "secure_aggregation"),
                      hint="remove it for now; a plan must not promise protection it lacks")
     if privacy.dp is not None:
-        report.error("MESH505", f"model '{model.name}' asks for differentially private "
-                     "training, which the runtime does not implement yet",
-                     (*model.path, "privacy", "dp"),
-                     hint="remove `dp` for now (analyses do support `privacy: {dp: ...}`)")
+        if model.training.optimizer != "sgd":
+            report.error("MESH512", f"model '{model.name}' trains with DP, which meshctl does with "
+                         f"DP-SGD; optimizer {model.training.optimizer} is not private",
+                         (*model.path, "training", "optimizer"), hint="use `optimizer: sgd` (momentum is fine)")
+        if model.training.standardize:
+            report.error("MESH512", f"model '{model.name}' trains with DP, but `standardize` sends "
+                         "exact feature sums, which DP does not cover", (*model.path, "training", "standardize"),
+                         hint="standardize the data in the product, or drop `standardize`")

@@ -160,6 +160,8 @@ class Coordinator:
         self.closed: set[tuple[str, int]] = set()
         """(kind, round) of the current job whose collection is over: later replies are late."""
         self.norms: dict[tuple[int, str], float] = {}
+        self.job_epsilon: dict[tuple[str, str], float] = {}
+        """DP training: ε charged in this run per (job, product)."""
         self.gate: RoundGate | None = None
         self.round = 0
         self.heartbeat_timeout = heartbeat_timeout()
@@ -358,7 +360,8 @@ class Coordinator:
                 job=job.name, round=r, rounds=job.training.rounds, participants=contributors,
                 train_loss=train_loss, metrics=metrics, bytes_in=self.bytes_in.pop((job.name, r), 0),
                 bytes_out=self.bytes_out.pop((job.name, r), 0), seconds=time.time() - round_start.pop(r),
-                aggregation=note))
+                aggregation=note, epsilon=max((v for (j, _), v in self.job_epsilon.items() if j == job.name),
+                                              default=None)))
             self._append_metrics(job, r, len(contributors), train_loss, metrics)
             if self.m.checkpoint:
                 path = self.run_dir / "checkpoints" / job.name / f"round-{r:04d}.safetensors"
@@ -565,6 +568,11 @@ class Coordinator:
             if self.gate is not None and isinstance(msg, wire.TrainRes):
                 self.norms[(msg.round, domain)] = norm
             if isinstance(msg, wire.TrainRes):
+                for c in msg.charges:
+                    key = (msg.job, c.product)
+                    self.job_epsilon[key] = self.job_epsilon.get(key, 0.0) + c.epsilon
+                    self.sink.emit(ev.BudgetSpent(product=c.product, subject=f"model.{msg.job}", epsilon=c.epsilon,
+                                                  total=c.total, cap=c.cap))
                 self.sink.emit(ev.UpdateReceived(job=msg.job, round=msg.round, domain=domain, examples=msg.examples,
                                                  loss=msg.loss, seconds=msg.seconds, bytes=size, update_norm=norm))
         elif not self._handle_other(domain, msg, tensors):
@@ -630,6 +638,9 @@ class Coordinator:
                 return "non-finite training loss", 0.0
             if msg.examples <= 0:
                 return "update trained on no examples", 0.0
+            mine = {r.product for r in job.reads if r.domain == domain}
+            if msg.charges and (job.privacy.dp is None or any(c.product not in mine for c in msg.charges)):
+                return "ledger charges for a product this domain does not train on with DP", 0.0
             norm = math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
                                  for t in tensors.values()))
             if not math.isfinite(norm):

@@ -34,7 +34,8 @@ from meshctl.compiler.plan import Plan, PlanJob
 from meshctl.errors import MeshctlError, UserError
 from meshctl.runtime import governance, wire
 from meshctl.runtime.data import JobData, count_rows, feature_sums, load_job_data
-from meshctl.runtime.kernels import evaluate, mlp, train_local
+from meshctl.runtime.kernels import evaluate, mlp, privacy, train_local
+from meshctl.runtime.kernels.privacy import dp_train_local
 from meshctl.runtime.keys import KeyPair, curve_client, fast_reconnect
 
 if TYPE_CHECKING:
@@ -84,6 +85,10 @@ class _JobState:
     standardized: bool = False
     loaded: int = -1
     """Version the model holds unchanged (-1 after training): no reload needed."""
+    sigma: float = 0.0
+    """DP training: the noise multiplier that spends the job's ε over its rounds on this data."""
+    spent: float = 0.0
+    """DP training: ε of the rounds trained so far (what the ledger has been charged)."""
 
 
 class Daemon:
@@ -371,16 +376,59 @@ class Daemon:
         t = st.job.training
         start = time.perf_counter()
         read = next(r for r in st.job.reads if r.domain == self.cfg.domain)
-        loss = train_local(st.model, st.data.x_train, st.data.y_train, epochs=t.local_epochs,
-                           batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
-                           weight_decay=t.weight_decay, shuffle_seed=1000 * ins.round + read.client_id,
-                           prox_mu=_prox_mu(st.job))
+        charges: list[wire.LedgerCharge] = []
+        if st.job.privacy.dp is not None:
+            charged = self._charge_round(st, read.product, ins.round)
+            if isinstance(charged, wire.ErrorReply):
+                return charged, None
+            charges = [charged]
+            dp = st.job.privacy.dp
+            loss = dp_train_local(st.model, st.data.x_train, st.data.y_train, epochs=t.local_epochs,
+                                  batch_size=t.batch_size, lr=t.lr, clip=dp.clip, sigma=st.sigma,
+                                  momentum=t.momentum, weight_decay=t.weight_decay, prox_mu=_prox_mu(st.job))
+        else:
+            loss = train_local(st.model, st.data.x_train, st.data.y_train, epochs=t.local_epochs,
+                               batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
+                               weight_decay=t.weight_decay, shuffle_seed=1000 * ins.round + read.client_id,
+                               prox_mu=_prox_mu(st.job))
         seconds = time.perf_counter() - start
         st.loaded = -1
         update = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
         res = wire.TrainRes(job=ins.job, round=ins.round, examples=len(st.data.y_train), loss=loss,
-                            seconds=seconds)
+                            seconds=seconds, charges=charges)
         return res, update
+
+    def _charge_round(self, st: _JobState, product: str, rnd: int) -> wire.LedgerCharge | wire.ErrorReply:
+        """Charge the privacy ledger what DP training round `rnd` costs, before training it.
+
+        The noise multiplier is set once per job so that all rounds together spend the
+        job's ε on this domain's data; each round is charged ε(after it) − ε(before it),
+        so the ledger holds exactly what the rounds trained so far have spent.
+        """
+        from meshctl.runtime.ledger import BudgetExceeded, Ledger, ledger_path
+
+        job, dp = st.job, st.job.privacy.dp
+        assert dp is not None
+        t = job.training
+        n = len(st.data.y_train)
+        q = min(1.0, t.batch_size / max(n, 1))
+        per_round = t.local_epochs * privacy.steps_per_epoch(max(n, 1), t.batch_size)
+        if not st.sigma:
+            try:
+                st.sigma = privacy.noise_multiplier(q, per_round * t.rounds, dp.epsilon, dp.delta)
+            except ValueError as err:
+                return wire.ErrorReply(code="policy:privacy-ledger", reason=f"{product}: {err}", job=job.name,
+                                       round=rnd)
+        after = privacy.epsilon(q, st.sigma, per_round * rnd, dp.delta)
+        cost = max(0.0, after - st.spent)
+        try:
+            charge = Ledger(ledger_path(self.cfg.base_dir)).charge(
+                product, cost, self.cfg.plan.product(product).epsilon_budget,
+                subject=f"model:{job.name}", run=self.cfg.run)
+        except BudgetExceeded as err:
+            return wire.ErrorReply(code="policy:privacy-ledger", reason=str(err), job=job.name, round=rnd)
+        st.spent = after
+        return wire.LedgerCharge(product=charge.product, epsilon=charge.epsilon, total=charge.total, cap=charge.cap)
 
     def _round_denied(self, job: PlanJob, ins: wire.TrainIns) -> wire.ErrorReply | None:
         """This domain's own `scope: round` decisions on the round it is asked to train."""

@@ -177,6 +177,8 @@ class RoundCompleted(Event):
     seconds: float
     aggregation: str = ""
     """What a robust strategy did (e.g. which update krum chose); empty for means."""
+    epsilon: float | None = None
+    """DP training: ε this job has spent so far (the most any product was charged in this run)."""
 
     def message(self) -> str:
         ms = " ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())

@@ -167,6 +167,8 @@ class TrainRes(_Msg):
     examples: int = Field(ge=0)
     loss: float
     seconds: float = Field(ge=0)
+    charges: list[LedgerCharge] = Field(default_factory=list, max_length=64)
+    """DP training: the ε this round cost, as charged to the domain's privacy ledger."""
 
 
 class EvalIns(_Msg):
@@ -377,3 +379,6 @@ def _with_messages(*extra: type[_Msg]) -> None:
 
 
 _with_messages(AnalyzeIns, AnalyzeRes)
+
+
+TrainRes.model_rebuild()  # LedgerCharge is defined below TrainRes

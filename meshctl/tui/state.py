@@ -425,7 +425,8 @@ def _round_completed(s: MeshState, e: ev.RoundCompleted) -> None:
     j = s.job(e.job)
     j.current_round, j.rounds_total = max(j.current_round, e.round), e.rounds
     row = RoundRow(e.job, e.round, e.rounds, len(e.participants), e.train_loss,
-                   dict(e.metrics), e.bytes_in, e.bytes_out, e.seconds, j.epsilon)
+                   dict(e.metrics), e.bytes_in, e.bytes_out, e.seconds,
+                   e.epsilon if e.epsilon is not None else j.epsilon)
     j.rounds.append(row)
     s.rounds.append(row)
     for name in e.participants:

@@ -286,11 +286,16 @@ def test_product_warn_policy_is_a_warning() -> None:
 
 # -- models ---------------------------------------------------------------------
 
-def test_model_privacy_is_refused_with_mesh505() -> None:
+def test_dp_training_compiles_and_secure_aggregation_is_refused_with_mesh505() -> None:
     text = _edit(("    training: {rounds: 5, seed: 1}\n", ("    training: {rounds: 5, seed: 1}\n"
                   "    privacy: {dp: {epsilon: 3.0}}\n")))
+    result = _compile(text)
+    assert result.errors == [] and result.plan is not None
+    assert result.plan.jobs[0].privacy.dp is not None and result.plan.jobs[0].privacy.dp.epsilon == 3.0
+    text = _edit(("    training: {rounds: 5, seed: 1}\n", ("    training: {rounds: 5, seed: 1}\n"
+                  "    privacy: {secure_aggregation: true}\n")))
     [diag] = _compile(text).errors
-    assert diag.code == "MESH505" and "differentially private" in diag.message
+    assert diag.code == "MESH505" and "secure aggregation" in diag.message
 
 
 # -- summary, diff, determinism ---------------------------------------------------
