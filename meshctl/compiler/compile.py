@@ -88,7 +88,7 @@ def _compile(raw: bytes, path: str | Path, hashed: bool) -> CompileResult:
     resolution = resolve(parsed, report)
     check_contracts(spec, resolution, report)
     check_sources(spec.products, Path(path).parent, report)
-    _check_jobs(resolution, report)
+    _check_jobs(resolution, report, spec)
     policies = compile_policies(spec, report)
     name = Path(path).name
     decisions: list[PlanDecision] = []
@@ -113,7 +113,7 @@ def _unique(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
     return list(dict.fromkeys(diagnostics))
 
 
-def _check_jobs(resolution: Resolution, report: Reporter) -> None:
+def _check_jobs(resolution: Resolution, report: Reporter, spec: MeshSpec) -> None:
     for resolved in resolution.models:
         model = resolved.model
         if model.architecture.entrypoint is not None:
@@ -122,6 +122,8 @@ def _check_jobs(resolution: Resolution, report: Reporter) -> None:
                          hint="use `architecture: {kind: mlp, hidden: [...]}`")
         _check_aggregation(resolved, report)
         _check_privacy(resolved.model, report)
+        if model.privacy.secure_aggregation:
+            _check_secure_aggregation(resolved, spec, report)
         if model.quorum is not None and model.quorum > len(resolved.participants):
             report.error("MESH504", f"quorum {model.quorum} is larger than the "
                          f"{len(resolved.participants)} participants of model '{model.name}'",
@@ -153,14 +155,30 @@ def _check_aggregation(resolved: ResolvedModel, report: Reporter) -> None:
                          hint="lower `byzantine`, add participants, or use median or trimmed_mean")
 
 
+def _check_secure_aggregation(resolved: ResolvedModel, spec: MeshSpec, report: Reporter) -> None:
+    """The coordinator sees only the sum: no rule that needs single updates, and three or more of them."""
+    model = resolved.model
+    where = (*model.path, "privacy", "secure_aggregation")
+    if model.aggregation.strategy in ("median", "trimmed_mean", "krum"):
+        report.error("MESH513", f"model '{model.name}' uses secure aggregation, but {model.aggregation.strategy} "
+                     "needs every single update, which secure aggregation hides", where,
+                     hint="use fedavg, fedprox, fedadam or fedyogi with secure aggregation")
+    have = min(len(resolved.participants), model.quorum or len(resolved.participants))
+    if have < 3:
+        report.error("MESH513", f"model '{model.name}' uses secure aggregation with {have} participant(s) per "
+                     "round; with fewer than 3 a participant can subtract its own update from the aggregate "
+                     "it receives", where, hint="add participants (and a quorum of at least 3)")
+    local = {p.name: p for d in spec.domains if d.name in resolved.participants for p in d.policies}
+    for policy in [*spec.policies, *local.values()]:
+        if policy.scope == "round" and "update_norm" in f"{policy.when or ''} {policy.require}":
+            report.error("MESH513", f"round policy '{policy.name}' reads update norms, which the coordinator "
+                         f"cannot see under the secure aggregation of model '{model.name}'", where,
+                         hint="drop the norm condition, or secure aggregation")
+
+
 def _check_privacy(model: Model, report: Reporter) -> None:
-    """Secure aggregation is planned for, but the runtime lacks it yet; DP training is DP-SGD."""
+    """DP training is DP-SGD: settings it does not cover are errors."""
     privacy = model.privacy
-    if privacy.secure_aggregation:
-        report.error("MESH505", f"model '{model.name}' asks for secure aggregation, which the "
-                     "runtime does not implement yet", (*model.path, "privacy",
-                                                        "secure_aggregation"),
-                     hint="remove it for now; a plan must not promise protection it lacks")
     if privacy.dp is not None:
         if model.training.optimizer != "sgd":
             report.error("MESH512", f"model '{model.name}' trains with DP, which meshctl does with "

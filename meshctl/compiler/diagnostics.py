@@ -96,8 +96,7 @@ CODES: dict[str, str] = {
     "MESH502": "A model's target must be a category column with declared values.",
     "MESH503": "A model's feature must be numeric (int, float or bool) to feed an MLP.",
     "MESH504": "A model declares a quorum larger than its number of participants.",
-    "MESH505": "A model's architecture (entrypoint) or secure aggregation is not supported by "
-               "this meshctl yet.",
+    "MESH505": "A model's architecture (entrypoint) is not supported by this meshctl yet.",
     "MESH506": "A model or analysis has no participants.",
     "MESH507": "An analysis groups by a column that is not a category; groups must be declared "
                "values.",
@@ -112,6 +111,10 @@ CODES: dict[str, str] = {
                "outvote the Byzantine ones.",
     "MESH512": "A model trained with DP (DP-SGD) uses a setting DP does not cover: an optimizer "
                "other than sgd, or `standardize` (which sends exact feature sums).",
+    "MESH513": "A model with secure aggregation needs what the coordinator cannot see: a robust "
+               "strategy (median, trimmed_mean, krum) or a round policy on update norms; or it has "
+               "fewer than 3 participants per round, so one could subtract its own update from the "
+               "aggregate.",
 }
 
 STAGES: dict[str, str] = {"1": "syntax", "2": "schema", "3": "references and contracts",

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import zmq
 
@@ -131,6 +132,8 @@ class _Peer:
     """Weights version each job's daemon holds."""
     refused: dict[str, str] = field(default_factory=dict)
     """Jobs the domain refused to take part in, with its reasons."""
+    secagg: dict[str, str] = field(default_factory=dict)
+    """Secure aggregation: job -> the domain's X25519 public key for it."""
     state: str = "idle"
     last_seen: float = field(default_factory=time.monotonic)
     last_beat_event: float = 0.0
@@ -328,17 +331,24 @@ class Coordinator:
         norm = self._standardization(job, participants)
         round_start = {1: time.time()}
         self.sink.emit(ev.RoundStarted(job=job.name, round=1, participants=participants))
-        self._broadcast(job, participants, wire.TrainIns(job=job.name, round=1, version=0, participants=participants, **norm), weights, 1)
+        self._broadcast(job, participants, wire.TrainIns(job=job.name, round=1, version=0, participants=participants,
+                                                          peer_keys=self._peer_keys(job, participants), **norm),
+                        weights, 1)
         for r in range(1, job.training.rounds + 1):
             self.round = r
+            asked = list(participants)
             results = self._collect(job, "train_res", r, participants)
             contributors = list(results)
             self._gate_round(job, r, results)
             total = sum(msg.examples for msg, _ in results.values())
             try:
-                new, note = strategy.aggregate([weights[t.name] for t in job.tensors], contributors,
-                                               [[results[d][1][t.name] for t in job.tensors] for d in contributors],
-                                               [results[d][0].examples for d in contributors])
+                if job.privacy.secure_aggregation:
+                    new, note = self._secure_sum(job, r, asked, results, strategy, weights), ""
+                else:
+                    new, note = strategy.aggregate(
+                        [weights[t.name] for t in job.tensors], contributors,
+                        [[results[d][1][t.name] for t in job.tensors] for d in contributors],
+                        [results[d][0].examples for d in contributors])
             except ValueError as err:
                 raise JobAborted(f"job {job.name} round {r}: {err}") from None
             weights = {t.name: w for t, w in zip(job.tensors, new)}
@@ -350,7 +360,8 @@ class Coordinator:
                 round_start[r + 1] = time.time()
                 self.sink.emit(ev.RoundStarted(job=job.name, round=r + 1, participants=participants))
                 self._broadcast(job, participants, wire.TrainIns(job=job.name, round=r + 1, version=r,
-                                                              participants=participants),
+                                                              participants=participants,
+                                                              peer_keys=self._peer_keys(job, participants)),
                                 weights, r + 1)
             evals = self._collect(job, "eval_res", r, participants)
             n = sum(m.examples for m, _ in evals.values())
@@ -474,6 +485,31 @@ class Coordinator:
                 raise JobAborted(f"job {job.name} round {rnd}: policy {d.policy} denies aggregating the round: "
                                  f"{d.reason}")
 
+    def _peer_keys(self, job: PlanJob, participants: list[str]) -> dict[str, str]:
+        """Secure aggregation: the participants' public keys for `job` (empty without it)."""
+        if not job.privacy.secure_aggregation:
+            return {}
+        missing = [d for d in participants if job.name not in getattr(self.peers.get(d), "secagg", {})]
+        if missing:
+            raise JobAborted(f"job {job.name}: domain {missing[0]} sent no secure aggregation key")
+        return {d: self.peers[d].secagg[job.name] for d in participants}
+
+    def _secure_sum(self, job: PlanJob, rnd: int, asked: list[str], results: dict[str, Any],
+                    strategy: Strategy, weights: wire.Tensors) -> list[torch.Tensor]:
+        """The example-weighted mean from masked updates: their sum unmasks only when all are there."""
+        from meshctl.runtime.kernels import secagg
+
+        missing = [d for d in asked if d not in results]
+        if missing:
+            raise ValueError(f"secure aggregation: {missing[0]} sent no update, and its pairwise masks "
+                             "cannot be removed without it")
+        total = secagg.add([results[d][1]["masked"].numpy().view(np.uint64) for d in asked])
+        examples = sum(results[d][0].examples for d in asked)
+        mean = secagg.decode(total, [t.shape for t in job.tensors], float(examples))
+        if strategy.server is not None:  # fedadam / fedyogi step on the mean
+            return strategy.server.step([weights[t.name] for t in job.tensors], mean)
+        return mean
+
     def _broadcast(self, job: PlanJob, participants: list[str], msg: Any, weights: wire.Tensors, rnd: int) -> None:
         for d in participants:
             peer = self.peers.get(d)
@@ -565,7 +601,7 @@ class Coordinator:
                 return
             self.bytes_in[(msg.job, msg.round)] = self.bytes_in.get((msg.job, msg.round), 0) + size
             self.inbox[(msg.type, msg.round, domain)] = (msg, tensors)
-            if self.gate is not None and isinstance(msg, wire.TrainRes):
+            if self.gate is not None and isinstance(msg, wire.TrainRes) and norm is not None:
                 self.norms[(msg.round, domain)] = norm
             if isinstance(msg, wire.TrainRes):
                 for c in msg.charges:
@@ -605,7 +641,8 @@ class Coordinator:
             self.refused[domain] = reason
             self.sink.emit(ev.DomainRefused(domain=domain, reason=reason))
             return
-        self.peers[domain] = _Peer(domain, identity, dict(msg.rows), dict(msg.stats), refused=dict(msg.refused))
+        self.peers[domain] = _Peer(domain, identity, dict(msg.rows), dict(msg.stats), refused=dict(msg.refused),
+                                   secagg=dict(msg.secagg_keys))
         self._send(self.peers[domain], wire.Welcome())
         self.sink.emit(ev.DomainJoined(domain=domain, products=sorted(msg.rows), rows=dict(msg.rows), pid=msg.pid))
         for d in msg.decisions:  # who decided is the Curve-authenticated domain, whatever the message says
@@ -616,8 +653,9 @@ class Coordinator:
                                               observed=c.observed, operator=c.operator, threshold=c.threshold,
                                               passed=c.passed, severity=c.severity))
 
-    def _check_result(self, domain: str, msg: Any, tensors: wire.Tensors) -> tuple[str, float]:
-        """(problem or "", update norm); the norm is finite only if every value is, so one pass checks both."""
+    def _check_result(self, domain: str, msg: Any, tensors: wire.Tensors) -> tuple[str, float | None]:
+        """(problem or "", update norm); the norm is finite only if every value is, so one pass checks both.
+        Under secure aggregation the norm is None: the coordinator sees masked words only."""
         job = self.current
         if job is None or msg.job != job.name:
             return f"{msg.type} for job {msg.job!r}, which is not running", 0.0
@@ -631,6 +669,8 @@ class Coordinator:
             return f"{domain} left job {job.name}: {self.dropped[domain]}", 0.0
         if isinstance(msg, wire.TrainRes):
             expect = [(t.name, t.shape, t.dtype) for t in job.tensors]
+            if job.privacy.secure_aggregation:
+                expect = [("masked", [job.parameters], "int64")]
             got = [(s.name, s.shape, s.dtype) for s in msg.tensors]
             if got != expect:
                 return "update tensors do not match the plan's model", 0.0
@@ -641,6 +681,8 @@ class Coordinator:
             mine = {r.product for r in job.reads if r.domain == domain}
             if msg.charges and (job.privacy.dp is None or any(c.product not in mine for c in msg.charges)):
                 return "ledger charges for a product this domain does not train on with DP", 0.0
+            if job.privacy.secure_aggregation:
+                return "", None  # masked words: no norm to see, and no way to check finiteness
             norm = math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
                                  for t in tensors.values()))
             if not math.isfinite(norm):

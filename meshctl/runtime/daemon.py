@@ -17,6 +17,7 @@ its key), so the daemon stays visibly alive while the main thread trains.
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 import threading
@@ -24,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -102,6 +104,8 @@ class Daemon:
         self.round_gates: dict[str, governance.RoundGate] = {}
         """This domain's own `scope: round` policies per job, compiled on first use."""
         """Jobs this domain will not take part in, with the denying policies."""
+        self.secagg: dict[str, Any] = {}
+        """Secure aggregation: job -> this domain's X25519 private key for it (made at start, never sent)."""
         self.decisions: list[wire.Decision] = []
         self.checks: list[wire.CheckOutcome] = []
         self.beat_every = heartbeat_interval()
@@ -133,6 +137,10 @@ class Daemon:
                 arch = job.architecture
                 model = mlp(arch.input_dim, arch.hidden, arch.output_dim, seed=None)
                 self.jobs[job.name] = _JobState(job, data, model)
+                if job.privacy.secure_aggregation:
+                    from meshctl.runtime.kernels import secagg
+
+                    self.secagg[job.name] = secagg.new_key()
 
     def _spent(self, plan: Plan, jobs: list[PlanJob]) -> dict[str, float]:
         """ε already spent by this domain's capped products read by DP jobs (privacy ledger)."""
@@ -229,7 +237,7 @@ class Daemon:
             if not hello_sent:  # no peer until the handshake succeeds: never block on it
                 hello = wire.Hello(plan_hash=self.cfg.plan.plan.hash, pid=os.getpid(), rows=self.rows,
                                    stats=self._stats(), refused=self.refused, decisions=self.decisions,
-                                   checks=self.checks)
+                                   checks=self.checks, secagg_keys=self._secagg_public())
                 hello_sent = self._send(sock, hello, block=False)
             ready = dict(poller.poll(POLL_MS))
             if monitor in ready:
@@ -396,7 +404,42 @@ class Daemon:
         update = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
         res = wire.TrainRes(job=ins.job, round=ins.round, examples=len(st.data.y_train), loss=loss,
                             seconds=seconds, charges=charges)
+        if st.job.privacy.secure_aggregation:
+            masked = self._masked(st, ins, update, len(st.data.y_train))
+            if isinstance(masked, wire.ErrorReply):
+                return masked, None
+            return res, {"masked": masked}
         return res, update
+
+    def _secagg_public(self) -> dict[str, str]:
+        from meshctl.runtime.kernels import secagg
+
+        return {job: base64.b64encode(secagg.public_bytes(key)).decode() for job, key in self.secagg.items()}
+
+    def _masked(self, st: _JobState, ins: wire.TrainIns, update: dict[str, torch.Tensor],
+                examples: int) -> torch.Tensor | wire.ErrorReply:
+        """The example-weighted update, fixed-point and masked pairwise with the round's other participants."""
+        from meshctl.runtime.kernels import secagg
+
+        me, job = self.cfg.domain, st.job
+        mine = self._secagg_public()[job.name]
+
+        def refuse(why: str) -> wire.ErrorReply:
+            return wire.ErrorReply(code="secagg", reason=f"secure aggregation: {why}", job=job.name, round=ins.round)
+
+        if set(ins.peer_keys) != set(ins.participants) or ins.peer_keys.get(me) != mine:
+            return refuse("the round's keys do not match its participants and this domain's key")
+        if len(ins.participants) < secagg.MIN_PARTICIPANTS:
+            return refuse(f"a round of {len(ins.participants)} would let a participant learn another's update "
+                          f"from the aggregate; it needs {secagg.MIN_PARTICIPANTS}")
+        try:
+            encoded = secagg.encode([update[t.name] for t in job.tensors], float(examples))
+        except secagg.EncodeError as err:
+            return refuse(str(err))
+        peers = {d: base64.b64decode(k) for d, k in ins.peer_keys.items()}
+        context = f"{self.cfg.run}|{job.name}".encode()
+        masked = secagg.mask(encoded, me, self.secagg[job.name], peers, context, ins.round)
+        return torch.from_numpy(masked.view(np.int64))
 
     def _charge_round(self, st: _JobState, product: str, rnd: int) -> wire.LedgerCharge | wire.ErrorReply:
         """Charge the privacy ledger what DP training round `rnd` costs, before training it.

@@ -156,7 +156,8 @@ class UpdateReceived(Event):
     seconds: float
     """Local training time reported by the domain."""
     bytes: int
-    update_norm: float = 0.0
+    update_norm: float | None = 0.0
+    """L2 norm of the update; None under secure aggregation, where the coordinator cannot see it."""
 
     def message(self) -> str:
         return (f"job {self.job} round {self.round}: update from {self.domain} "

@@ -102,6 +102,10 @@ class CheckOutcome(BaseModel):
     severity: Literal["info", "warning", "error"] = "error"
 
 
+SecaggKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")]
+"""A 32-byte X25519 public key, base64."""
+
+
 class Hello(_Msg):
     """Daemon -> coordinator: I am up, these are my products and row counts.
 
@@ -119,6 +123,8 @@ class Hello(_Msg):
     refused: dict[str, Annotated[str, Field(max_length=8192)]] = Field(default_factory=dict)
     decisions: list[Decision] = Field(default_factory=list, max_length=4096)
     checks: list[CheckOutcome] = Field(default_factory=list, max_length=4096)
+    secagg_keys: dict[str, SecaggKey] = Field(default_factory=dict)
+    """Secure aggregation: job -> this domain's X25519 public key for the job (base64)."""
 
 
 class Heartbeat(_Msg):
@@ -156,6 +162,8 @@ class TrainIns(_Msg):
     std: list[float] | None = None
     participants: list[str] = Field(default_factory=list)
     """The round's participants, so that each domain can decide its `scope: round` policies."""
+    peer_keys: dict[str, SecaggKey] = Field(default_factory=dict)
+    """Secure aggregation: every participant's X25519 public key for the job (base64)."""
 
 
 class TrainRes(_Msg):

@@ -90,7 +90,7 @@ class Contribution:
     domain: str
     examples: int
     loss: float
-    update_norm: float
+    update_norm: float | None
     seconds: float
     bytes: int
 

@@ -286,7 +286,7 @@ def test_product_warn_policy_is_a_warning() -> None:
 
 # -- models ---------------------------------------------------------------------
 
-def test_dp_training_compiles_and_secure_aggregation_is_refused_with_mesh505() -> None:
+def test_dp_training_compiles_and_secure_aggregation_needs_three_participants() -> None:
     text = _edit(("    training: {rounds: 5, seed: 1}\n", ("    training: {rounds: 5, seed: 1}\n"
                   "    privacy: {dp: {epsilon: 3.0}}\n")))
     result = _compile(text)
@@ -295,7 +295,14 @@ def test_dp_training_compiles_and_secure_aggregation_is_refused_with_mesh505() -
     text = _edit(("    training: {rounds: 5, seed: 1}\n", ("    training: {rounds: 5, seed: 1}\n"
                   "    privacy: {secure_aggregation: true}\n")))
     [diag] = _compile(text).errors
-    assert diag.code == "MESH505" and "secure aggregation" in diag.message
+    assert diag.code == "MESH513" and "reads update norms" in diag.message
+
+
+def test_a_custom_architecture_is_refused_with_mesh505() -> None:
+    text = _edit(("    architecture: {kind: mlp, hidden: [8]}\n",
+                  "    architecture: {kind: mlp, hidden: [8], entrypoint: 'pkg.mod:factory'}\n"))
+    diags = _compile(text).errors
+    assert [d.code for d in diags] == ["MESH505"] and "entrypoint" in diags[0].message
 
 
 # -- summary, diff, determinism ---------------------------------------------------
@@ -343,7 +350,7 @@ def test_every_code_has_a_golden() -> None:
     goldens = "".join(p.read_text() for p in (SPECS / "invalid").glob("*.expected.txt"))
     reported = set(re.findall(r"\[(MESH\d{3})\]", goldens))
     untestable = {"MESH104", "MESH106", "MESH324", "MESH414", "MESH411", "MESH308",
-                  "MESH310", "MESH504", "MESH506", "MESH503"}  # covered by unit tests instead
+                  "MESH310", "MESH504", "MESH506", "MESH503", "MESH505"}  # covered by unit tests instead
     missing = sorted(set(CODES) - reported - untestable)
     assert missing == [], missing
 
