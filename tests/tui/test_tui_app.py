@@ -15,6 +15,8 @@ from meshctl.tui.widgets._format import fmt_clock
 async def _feed(app: MeshApp, pilot, events: list[ev.Event]) -> None:
     for event in events:
         assert app.feed(event)
+    await pilot.pause()  # the app reduces what was posted
+    app.flush()  # redraws are batched (every refresh_s): draw now, whatever the machine's load
     await pilot.pause()
 
 

@@ -58,6 +58,8 @@ def test_overview_shows_states_jurisdiction_heartbeat_and_progress() -> None:
             assert {r[3] for r in table.plain_rows} == {"62s"}
             for e in events[mid:]:
                 app.feed(e)
+            await pilot.pause()
+            app.flush()
             await pilot.pause(0.3)
             assert "malignancy 15/15 completed" in app.query_one(JobsPanel).text
             assert "done" in app.query_one(JobsPanel).text
@@ -72,11 +74,15 @@ def test_waiting_for_quorum_and_lost_read_differently() -> None:
         async with app.run_test(size=(120, 40)) as pilot:
             for e in sample_run()[:8]:  # three joins, job started, waiting with two of three
                 app.feed(e)
+            await pilot.pause()
+            app.flush()
             await pilot.pause(0.2)
             states = {r[0]: r[1] for r in app.query_one(DomainTable).plain_rows}
             assert states == {"charite": "waiting for quorum", "karolinska": "waiting for quorum",
                               "vhio": "joined"}
             app.feed(ev.DomainLost(domain="vhio", reason="heartbeat timeout"))
+            await pilot.pause()
+            app.flush()
             await pilot.pause(0.2)
             rows = {r[0]: r for r in app.query_one(DomainTable).plain_rows}
             assert rows["vhio"][1] == "lost" and rows["vhio"][5] == "heartbeat timeout"

@@ -26,6 +26,8 @@ def _events() -> list[ev.Event]:
 async def _feed(app: MeshApp, pilot, events: list[ev.Event]) -> None:
     for event in events:
         assert app.feed(event)
+    await pilot.pause()  # the app reduces what was posted
+    app.flush()  # redraws are batched (every refresh_s): draw now, whatever the machine's load
     await pilot.pause()
 
 
