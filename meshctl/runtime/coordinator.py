@@ -93,10 +93,12 @@ class EventSink:
     def __init__(self, path: Path, pub: zmq.Socket, anchor: str | None = None):
         from meshctl.runtime.audit import Chain
 
+        _drop_torn_line(path)
         self.chain = Chain.open(path, anchor)
         self.file = path.open("a", encoding="utf-8")
         self.pub = pub
-        self.seq = 0
+        self.seq = len(self.chain.hashes)
+        """Events so far: a resumed run's coordinator numbers on from the last line."""
 
     def emit(self, event: ev.Event) -> ev.Event:
         self.seq += 1
@@ -122,6 +124,17 @@ class EventSink:
             print(f"warning: audit head not recorded: {err}", file=sys.stderr)
 
 
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line that a killed process left half written (it was never an event)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 @dataclass
 class _Peer:
     domain: str
@@ -142,9 +155,12 @@ class _Peer:
 class Coordinator:
     """Executes a plan. `run()` returns the process exit code (0 ok, 1 a job failed)."""
 
-    def __init__(self, manifest: RunManifest, plan: Plan, children: dict[int, str] | None = None):
+    def __init__(self, manifest: RunManifest, plan: Plan, children: dict[int, str] | None = None,
+                 resumed: str = ""):
         self.m = manifest
         self.plan = plan
+        self.resumed = resumed
+        """Why the previous coordinator process of this run ended, when this one resumes it."""
         self.children = dict(children or {})
         """pid -> domain, for daemons this process forked."""
         self.run_dir = manifest.path
@@ -214,13 +230,17 @@ class Coordinator:
         ok, reason = True, ""
         try:
             self._wait_for_observer()
-            self.sink.emit(ev.RunStarted(run=self.m.run, mesh=self.plan.plan.mesh, plan_hash=self.plan.plan.hash,
-                                         run_dir=str(self.run_dir), jobs=self._work_names(),
-                                         domains=[d.name for d in self.plan.domains]))
-            for d in self.plan.decisions:
-                self.sink.emit(ev.PolicyDecided(policy=d.policy, scope=d.scope, subject=d.subject,
-                                                effect=d.effect, reason=d.reason, at=d.at))
-            self._list_products()
+            if self.resumed:  # what RunStarted and the compile-time decisions said is in the log already
+                self.sink.emit(ev.RunResumed(run=self.m.run, reason=self.resumed, rounds={
+                    j.name: self._checkpoint(j)[0] for j in self.plan.jobs if j.name not in self._completed()}))
+            else:
+                self.sink.emit(ev.RunStarted(run=self.m.run, mesh=self.plan.plan.mesh, plan_hash=self.plan.plan.hash,
+                                             run_dir=str(self.run_dir), jobs=self._work_names(),
+                                             domains=[d.name for d in self.plan.domains]))
+                for d in self.plan.decisions:
+                    self.sink.emit(ev.PolicyDecided(policy=d.policy, scope=d.scope, subject=d.subject,
+                                                    effect=d.effect, reason=d.reason, at=d.at))
+                self._list_products()
             self._work()
         except JobAborted as err:
             ok, reason = False, str(err)
@@ -291,8 +311,35 @@ class Coordinator:
         return [j.name for j in self.plan.jobs]
 
     def _work(self) -> None:
+        done = self._completed()
         for job in self.plan.jobs:
-            self._run_job(job)
+            if job.name not in done:
+                self._run_job(job)
+
+    def _completed(self) -> set[str]:
+        """Jobs a previous coordinator process of this run completed (none for a fresh run)."""
+        if not self.resumed:
+            return set()
+        return {e.job for e in ev.read_events(str(self.run_dir / EVENTS_FILE)) if isinstance(e, ev.JobCompleted)}
+
+    def _checkpoint(self, job: PlanJob) -> tuple[int, wire.Tensors | None]:
+        """(round, weights) of the job's newest checkpoint when resuming, else (0, None)."""
+        if not self.resumed:
+            return 0, None
+        from safetensors import safe_open
+
+        expect = {t.name: (t.shape, t.dtype) for t in job.tensors}
+        for path in sorted((self.run_dir / "checkpoints" / job.name).glob("round-*.safetensors"), reverse=True):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            except Exception:  # noqa: BLE001, S112 - a damaged file: try the one before
+                continue
+            got = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in weights.items()}
+            if got == expect and meta.get("plan_hash") == self.plan.plan.hash:
+                return int(meta["round"]), weights
+        return 0, None
 
     def _list_products(self) -> None:
         """One ProductListed per product of the plan, as the catalog shows it."""
@@ -324,17 +371,22 @@ class Coordinator:
         arch = job.architecture
         model = mlp(arch.input_dim, arch.hidden, arch.output_dim, seed=job.training.seed)
         weights = {t.name: model.state_dict()[t.name].detach().clone() for t in job.tensors}
+        version, resumed = self._checkpoint(job)
+        if resumed is not None:  # a resumed run: on from the newest checkpoint
+            weights = resumed
+            self._trim_metrics(job, version)
         started = time.time()
-        version = 0
         metrics: dict[str, float] = {}
         strategy = Strategy(job.aggregation)
         norm = self._standardization(job, participants)
-        round_start = {1: time.time()}
-        self.sink.emit(ev.RoundStarted(job=job.name, round=1, participants=participants))
-        self._broadcast(job, participants, wire.TrainIns(job=job.name, round=1, version=0, participants=participants,
+        first = version + 1
+        round_start = {first: time.time()}
+        self.sink.emit(ev.RoundStarted(job=job.name, round=first, participants=participants))
+        self._broadcast(job, participants, wire.TrainIns(job=job.name, round=first, version=version,
+                                                          participants=participants,
                                                           peer_keys=self._peer_keys(job, participants), **norm),
-                        weights, 1)
-        for r in range(1, job.training.rounds + 1):
+                        weights, first)
+        for r in range(first, job.training.rounds + 1):
             self.round = r
             asked = list(participants)
             results = self._collect(job, "train_res", r, participants)
@@ -735,6 +787,17 @@ class Coordinator:
             pass
 
     # -- outputs -------------------------------------------------------------------
+    def _trim_metrics(self, job: PlanJob, last: int) -> None:
+        """Drop metrics.csv rows of `job` after round `last` (they are trained again)."""
+        path = self.run_dir / "metrics.csv"
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if not (r[0] == job.name and int(r[1]) > last)]
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
     def _model_meta(self, job: PlanJob, rnd: int, norm: dict[str, list[float]] | None = None) -> dict[str, str]:
         meta = {"job": job.name, "round": str(rnd), "plan_hash": self.plan.plan.hash,
                 "features": ",".join(job.features), "classes": ",".join(job.classes),
@@ -799,8 +862,92 @@ def warm_main() -> int:
     return main(line)
 
 
+MAX_RESUMES = 3
+"""A coordinator that keeps dying without new checkpoints is not restarted more than this."""
+
+
 def main(run_dir: str | Path) -> int:
-    """The coordinator process: fork the local daemons (sharing imported torch), then coordinate.
+    """The coordinator process: a supervisor that forks the coordinator proper and resumes it.
+
+    The coordinator proper (`_coordinate`) runs in a child; when that child dies without
+    ending the run (killed, or an internal error), the supervisor kills what it left
+    behind and forks a new one that takes the run up from its newest checkpoints (a
+    `run_resumed` event) — at most MAX_RESUMES times, and only while checkpoints
+    advance. Analysis runs are not resumed (their ε would be charged twice). SIGTERM
+    and SIGINT are passed on to the child, which ends the run in order.
+    """
+    manifest = RunManifest.read(run_dir)
+    if os.getpgrp() != os.getpid():  # `up` starts us in a session of our own; anyone else: a group
+        os.setpgid(0, 0)             # of our own, so that _kill_leftovers reaches nothing else
+    child = 0
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        if child:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:  # it has ended already
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    resumed, resumes, progress = "", 0, None
+    while True:
+        child = os.fork()
+        if child == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            os._exit(_coordinate(run_dir, resumed))
+        code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        now = _checkpoint_rounds(manifest.path)
+        if (code in (0, 1) or stopping or manifest.analysis or not manifest.checkpoint or resumes >= MAX_RESUMES
+                or (resumes and now == progress) or _run_ended(manifest.path)):
+            for sig in (signal.SIGTERM, signal.SIGINT):  # the run is over: a late signal must not turn
+                signal.signal(sig, signal.SIG_IGN)       # the exit status into "killed"
+            return code if code >= 0 else 2
+        _kill_leftovers()
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        print(f"coordinator {how}; resuming from the newest checkpoints", flush=True)
+        resumed, resumes, progress = f"the coordinator {how}", resumes + 1, now
+
+
+def _checkpoint_rounds(run_dir: Path) -> dict[str, int]:
+    return {d.name: len(list(d.glob("round-*.safetensors")))
+            for d in sorted((run_dir / "checkpoints").glob("*")) if d.is_dir()}
+
+
+def _run_ended(run_dir: Path) -> bool:
+    try:
+        with (run_dir / EVENTS_FILE).open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            return b'"type":"run_completed"' in f.read().splitlines()[-1]
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_leftovers() -> None:
+    """SIGKILL every other process of this process group (the dead coordinator's daemons)."""
+    import psutil
+
+    me, group = os.getpid(), os.getpgrp()
+    for proc in psutil.process_iter(["pid"]):
+        pid = proc.info["pid"]
+        try:
+            if pid != me and os.getpgid(pid) == group:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+    while True:  # reap the ones that are our children
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+
+
+def _coordinate(run_dir: str | Path, resumed: str = "") -> int:
+    """The coordinator proper: fork the local daemons (sharing imported torch), then coordinate.
 
     Forking here, after the heavy imports and before any thread or socket exists,
     is what makes a local mesh start in about the time of one `import torch`.
@@ -826,7 +973,7 @@ def main(run_dir: str | Path) -> int:
     if manifest.analysis:  # an analysis run: meshctl analyze
         from meshctl.runtime.analytics import AnalysisCoordinator as cls
     try:
-        return cls(manifest, plan, children).run(restore_signals=False)
+        return cls(manifest, plan, children, resumed=resumed).run(restore_signals=False)
     except MeshctlError as err:
         print(err.render(), file=sys.stderr)
         for pid in children:

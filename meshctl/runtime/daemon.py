@@ -89,8 +89,12 @@ class _JobState:
     """Version the model holds unchanged (-1 after training): no reload needed."""
     sigma: float = 0.0
     """DP training: the noise multiplier that spends the job's ε over its rounds on this data."""
+    done: tuple[float, int] = (0.0, 0)
+    """DP training, resumed run: (sigma, steps) that a previous process of this run charged."""
+    trained: int = 0
+    """DP training: rounds this process has charged."""
     spent: float = 0.0
-    """DP training: ε of the rounds trained so far (what the ledger has been charged)."""
+    """DP training: ε of the rounds trained so far in this run (what the ledger has been charged)."""
 
 
 class Daemon:
@@ -151,7 +155,8 @@ class Daemon:
         from meshctl.runtime.ledger import Ledger, ledger_path
 
         ledger = Ledger(ledger_path(self.cfg.base_dir))
-        return {pid: ledger.spent(pid) for pid in sorted(ids)}
+        # what this run charged before a coordinator crash is part of the job's own ε, not of the past
+        return {pid: ledger.spent(pid) - ledger.spent(pid, run=self.cfg.run) for pid in sorted(ids)}
 
     def govern(self, today: datetime | None = None, con: duckdb.DuckDBPyConnection | None = None) -> None:
         """Decide every job involving this domain, then check the contracts of what it would read
@@ -456,21 +461,32 @@ class Daemon:
         n = len(st.data.y_train)
         q = min(1.0, t.batch_size / max(n, 1))
         per_round = t.local_epochs * privacy.steps_per_epoch(max(n, 1), t.batch_size)
+        ledger = Ledger(ledger_path(self.cfg.base_dir))
+        subject = f"model:{job.name}"
         if not st.sigma:
             try:
-                st.sigma = privacy.noise_multiplier(q, per_round * t.rounds, dp.epsilon, dp.delta)
+                planned = privacy.noise_multiplier(q, per_round * t.rounds, dp.epsilon, dp.delta)
+                before = ledger.count(product, subject=subject, run=self.cfg.run)
+                if before:  # a resumed run: the rounds charged before the crash were released;
+                    # the rounds left (retrained ones included) get the noise the rest of ε allows
+                    st.done = (planned, before * per_round)
+                    st.spent = ledger.spent(product, subject=subject, run=self.cfg.run)
+                    st.sigma = privacy.noise_multiplier(q, per_round * (t.rounds - rnd + 1), dp.epsilon,
+                                                        dp.delta, done=st.done)
+                else:
+                    st.sigma = planned
             except ValueError as err:
                 return wire.ErrorReply(code="policy:privacy-ledger", reason=f"{product}: {err}", job=job.name,
                                        round=rnd)
-        after = privacy.epsilon(q, st.sigma, per_round * rnd, dp.delta)
+        after = privacy.composed_epsilon(q, [st.done, (st.sigma, per_round * (st.trained + 1))], dp.delta)
         cost = max(0.0, after - st.spent)
         try:
-            charge = Ledger(ledger_path(self.cfg.base_dir)).charge(
+            charge = ledger.charge(
                 product, cost, self.cfg.plan.product(product).epsilon_budget,
                 subject=f"model:{job.name}", run=self.cfg.run)
         except BudgetExceeded as err:
             return wire.ErrorReply(code="policy:privacy-ledger", reason=str(err), job=job.name, round=rnd)
-        st.spent = after
+        st.spent, st.trained = after, st.trained + 1
         return wire.LedgerCharge(product=charge.product, epsilon=charge.epsilon, total=charge.total, cap=charge.cap)
 
     def _round_denied(self, job: PlanJob, ins: wire.TrainIns) -> wire.ErrorReply | None:

@@ -49,6 +49,22 @@ class RunStarted(Event):
         return f"run {self.run} started: mesh {self.mesh}, {len(self.domains)} domains, jobs {', '.join(self.jobs)}"
 
 
+class RunResumed(Event):
+    """The coordinator process died and a new one took the run up from its checkpoints."""
+
+    type: ClassVar[str] = "run_resumed"
+    level: ClassVar[str] = "warning"
+    run: str
+    rounds: dict[str, int]
+    """Job -> the last round whose checkpoint it resumed from (rounds after it are trained again)."""
+    reason: str
+    """How the previous coordinator process ended."""
+
+    def message(self) -> str:
+        where = ", ".join(f"{j} after round {r}" for j, r in self.rounds.items()) or "from the start"
+        return f"run {self.run} resumed ({self.reason}): {where}"
+
+
 class PolicyDecided(Event):
     type: ClassVar[str] = "policy_decided"
     policy: str
@@ -343,7 +359,7 @@ class StragglersDropped(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (RunStarted, PolicyDecided, DomainJoined, DomainRefused, DomainLost,
+    for cls in (RunStarted, RunResumed, PolicyDecided, DomainJoined, DomainRefused, DomainLost,
                 MessageRejected, JobStarted, JobWaiting, RoundStarted, UpdateReceived,
                 RoundCompleted, CheckpointWritten, JobCompleted, JobFailed, RunCompleted,
                 ProductListed, ContractChecked, DomainHeartbeat, BudgetSpent,

@@ -85,11 +85,25 @@ class Ledger:
             raise UserError(f"privacy ledger is not readable: {err}", where=str(self.path)) from None
         return con
 
-    def spent(self, product: str) -> float:
-        """ε spent on `product` so far."""
+    def spent(self, product: str, *, subject: str | None = None, run: str | None = None) -> float:
+        """ε spent on `product` so far (by `subject` in `run` only, when given)."""
         con = self._connect()
         try:
-            return _spent(con, product)
+            if subject is None and run is None:
+                return _spent(con, product)
+            row = con.execute("SELECT coalesce(sum(epsilon), 0) FROM charges WHERE product = ? "
+                              "AND subject = coalesce(?, subject) AND run = coalesce(?, run)",
+                              (product, subject, run)).fetchone()
+            return float(row[0])
+        finally:
+            con.close()
+
+    def count(self, product: str, *, subject: str, run: str) -> int:
+        """How many charges `subject` made on `product` in `run`."""
+        con = self._connect()
+        try:
+            return int(con.execute("SELECT count(*) FROM charges WHERE product = ? AND subject = ? AND run = ?",
+                                   (product, subject, run)).fetchone()[0])
         finally:
             con.close()
 

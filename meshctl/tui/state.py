@@ -506,8 +506,16 @@ def _set_live(d: DomainView, state: DomainStatus) -> None:
         d.state = state
 
 
+def _run_resumed(s: MeshState, e: ev.RunResumed) -> None:
+    """Rounds after the checkpoints resumed from are trained again (their first rows stay, as they happened)."""
+    for name, last in e.rounds.items():
+        if name in s.jobs:
+            s.jobs[name].current_round = min(s.jobs[name].current_round, last)
+
+
 _HANDLERS: dict[type[ev.Event], Callable[[MeshState, ev.Event], None]] = {
     ev.RunStarted: _run_started,
+    ev.RunResumed: _run_resumed,
     ev.PolicyDecided: _policy_decided,
     ev.DomainJoined: _domain_joined,
     ev.DomainRefused: _domain_refused,

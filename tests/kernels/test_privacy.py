@@ -80,3 +80,16 @@ def test_the_noise_is_fresh_unless_a_test_seeds_it():
 
     assert torch.equal(trained(7), trained(7))
     assert not torch.equal(trained(None), trained(None))  # nobody can regenerate and subtract it
+
+
+def test_after_steps_already_taken_the_rest_gets_what_epsilon_is_left():
+    from meshctl.runtime.kernels.privacy import composed_epsilon
+
+    q, delta, target = 0.1, 1e-5, 3.0
+    planned = noise_multiplier(q, 100, target, delta)
+    done = (planned, 60)  # 60 of the 100 steps were taken, then 50 more are needed (10 again)
+    sigma = noise_multiplier(q, 50, target, delta, done=done)
+    assert sigma > planned  # more steps in the same ε: more noise
+    assert composed_epsilon(q, [done, (sigma, 50)], delta) <= target
+    assert composed_epsilon(q, [done, (sigma * 0.99, 50)], delta) > target
+    assert composed_epsilon(q, [(planned, 60), (planned, 40)], delta) == pytest.approx(epsilon(q, planned, 100, delta))

@@ -45,27 +45,38 @@ def rdp(q: float, sigma: float, order: int) -> float:
 
 def epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
     """ε of `steps` compositions at `delta` (the best order wins)."""
-    if steps <= 0 or q <= 0:
+    return composed_epsilon(q, [(sigma, steps)], delta)
+
+
+def composed_epsilon(q: float, parts: list[tuple[float, int]], delta: float) -> float:
+    """ε at `delta` of composing, for each (sigma, steps) of `parts`, that many steps at that sigma."""
+    parts = [(sigma, steps) for sigma, steps in parts if steps > 0]
+    if not parts or q <= 0:
         return 0.0
     best = math.inf
     for a in ORDERS:
-        r = steps * rdp(q, sigma, a)
+        r = sum(steps * rdp(q, sigma, a) for sigma, steps in parts)
         eps = r + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
         best = min(best, eps)
     return max(best, 0.0)
 
 
-def noise_multiplier(q: float, steps: int, target_epsilon: float, delta: float) -> float:
-    """The smallest sigma (to 0.1 %) whose ε after `steps` is at most `target_epsilon`.
+def noise_multiplier(q: float, steps: int, target_epsilon: float, delta: float,
+                     done: tuple[float, int] = (0.0, 0)) -> float:
+    """The smallest sigma (to 0.1 %) such that `steps` more steps at it, after the `done`
+    (sigma, steps) already taken, stay within `target_epsilon`.
 
     Raises ValueError when even sigma = 1000 cannot meet it.
     """
+    def eps(sigma: float) -> float:
+        return composed_epsilon(q, [done, (sigma, steps)], delta)
+
     lo, hi = 0.05, 1000.0
-    if epsilon(q, hi, steps, delta) > target_epsilon:
-        raise ValueError(f"ε {target_epsilon:g} at δ {delta:g} is out of reach in {steps} steps")
+    if eps(hi) > target_epsilon:
+        raise ValueError(f"ε {target_epsilon:g} at δ {delta:g} is out of reach in {steps} more steps")
     while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
-        if epsilon(q, mid, steps, delta) <= target_epsilon:
+        if eps(mid) <= target_epsilon:
             hi = mid
         else:
             lo = mid
