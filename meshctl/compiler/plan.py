@@ -9,6 +9,7 @@ hash (sha256 of the TOML without the hash line) pins what the runtime executes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import tomllib
 import weakref
 from pathlib import Path
@@ -425,7 +426,7 @@ def mlp_tensors(input_dim: int, hidden: list[int], output_dim: int) -> list[Plan
     """
     dims = [input_dim, *hidden, output_dim]
     out: list[PlanTensor] = []
-    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
         layer = 2 * i  # Linear, ReLU, Linear, ...
         out.append(PlanTensor(name=f"{layer}.weight", shape=[d_out, d_in]))
         out.append(PlanTensor(name=f"{layer}.bias", shape=[d_out]))

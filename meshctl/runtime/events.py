@@ -371,7 +371,7 @@ def parse_event(data: dict[str, Any] | str | bytes) -> Event:
     """An Event from its JSON form (a dict or the JSON text). Raises ValueError."""
     obj = json.loads(data) if isinstance(data, (str, bytes)) else dict(data)
     if not isinstance(obj, dict):
-        raise ValueError("event is not a JSON object")
+        raise ValueError("event is not a JSON object")  # noqa: TRY004 - callers catch ValueError for bad input
     kind = obj.pop("type", None)
     obj.pop("prev", None)  # the audit chain's fields (meshctl.runtime.audit), not the event's
     obj.pop("hash", None)

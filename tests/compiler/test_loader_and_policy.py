@@ -24,7 +24,7 @@ def test_yes_and_no_stay_strings() -> None:
     assert source is not None and source.data == {"values": ["yes", "no", True]}
 
 
-def _compile(text: str):  # noqa: ANN202
+def _compile(text: str):
     return compile_bytes(text.encode(), SPECS / "valid" / "mesh.yaml")
 
 

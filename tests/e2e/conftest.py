@@ -27,6 +27,6 @@ def meshctl():
 
     def run(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 180):
         return subprocess.run([sys.executable, "-m", "meshctl", *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, **(env or {})})
+                              timeout=timeout, env={**os.environ, **(env or {})}, check=False)
 
     return run

@@ -144,12 +144,12 @@ def test_ctrl_c_stops_every_process_up_started(hospitals, tmp_path):
     # background job (`cmd &` in a script ignores SIGINT, and children inherit that)
     proc = subprocess.Popen([sys.executable, "-m", "meshctl", "up", "--headless", *FREE], cwd=hospitals.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     for line in proc.stdout:  # wait until training is under way
         if re.match(r"malignancy +round +3/", line):
             break
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "Traceback" not in err
     run = next((hospitals.parent / ".meshctl" / "runs").iterdir())
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]

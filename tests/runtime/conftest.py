@@ -7,9 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from meshctl.compiler.plan import (Plan, PlanArchitecture, PlanColumn, PlanCoordinator, PlanDomain,
-                                   PlanEvaluation, PlanHeader, PlanJob, PlanProduct, PlanRead,
-                                   PlanTraining, mlp_tensors)
+from meshctl.compiler.plan import (
+    Plan,
+    PlanArchitecture,
+    PlanColumn,
+    PlanCoordinator,
+    PlanDomain,
+    PlanEvaluation,
+    PlanHeader,
+    PlanJob,
+    PlanProduct,
+    PlanRead,
+    PlanTraining,
+    mlp_tensors,
+)
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
 

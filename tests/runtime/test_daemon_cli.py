@@ -10,7 +10,7 @@ from meshctl.runtime.keys import KeyPair
 
 def _daemon(*args: str):
     return subprocess.run([sys.executable, "-m", "meshctl", "daemon", *args], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
 
 
 def test_bad_key_file_malformed_plan_and_bad_server_key(tmp_path, make_plan):
