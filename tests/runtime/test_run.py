@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import zmq
 
 from meshctl.runtime import events as ev
@@ -126,13 +127,10 @@ def test_a_storm_of_stop_signals_still_ends_the_run_in_order(mesh_file, make_pla
     assert not any(_alive(p) for p in pids)
 
 
+
 def _alive(pid: int) -> bool:
+    """Running, or at least not a zombie (which is dead for our purposes)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
