@@ -212,9 +212,13 @@ class PlanAggregation(_Frozen):
     trim: float | None = None
     byzantine: int | None = None
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting of the strategy: the plan's value, else the default (a hand-built plan may omit them)."""
+        return aggregation_settings(self.model_dump())
+
     def min_updates(self) -> int:
         """The fewest updates a round needs under this strategy (krum: 2f + 3)."""
-        return 2 * (self.byzantine or 0) + 3 if self.strategy == "krum" else 1
+        return 2 * self.settings()["byzantine"] + 3 if self.strategy == "krum" else 1
 
 
 class PlanDp(_Frozen):

@@ -23,6 +23,7 @@ up to `round_timeout_s` and then goes on without stragglers if quorum replied;
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -127,12 +128,16 @@ class EventSink:
 def _drop_torn_line(path: Path) -> None:
     """Cut a last line that a killed process left half written (it was never an event)."""
     try:
-        data = path.read_bytes()
+        f = path.open("r+b")
     except FileNotFoundError:
         return
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    with f:
+        size = f.seek(0, 2)
+        if not size or (f.seek(size - 1), f.read(1))[1] == b"\n":
+            return
+        f.seek(max(0, size - (1 << 20)))  # a torn line is one event: look back at most 1 MiB
+        tail = f.read()
+        f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
 
 
 @dataclass
@@ -232,7 +237,7 @@ class Coordinator:
             self._wait_for_observer()
             if self.resumed:  # what RunStarted and the compile-time decisions said is in the log already
                 self.sink.emit(ev.RunResumed(run=self.m.run, reason=self.resumed, rounds={
-                    j.name: self._checkpoint(j)[0] for j in self.plan.jobs if j.name not in self._completed()}))
+                    name: rnd for name, (rnd, _) in self.resume_points.items()}))
             else:
                 self.sink.emit(ev.RunStarted(run=self.m.run, mesh=self.plan.plan.mesh, plan_hash=self.plan.plan.hash,
                                              run_dir=str(self.run_dir), jobs=self._work_names(),
@@ -311,21 +316,26 @@ class Coordinator:
         return [j.name for j in self.plan.jobs]
 
     def _work(self) -> None:
-        done = self._completed()
         for job in self.plan.jobs:
-            if job.name not in done:
+            if job.name not in self.completed:
                 self._run_job(job)
 
-    def _completed(self) -> set[str]:
+    @functools.cached_property
+    def completed(self) -> set[str]:
         """Jobs a previous coordinator process of this run completed (none for a fresh run)."""
         if not self.resumed:
             return set()
         return {e.job for e in ev.read_events(str(self.run_dir / EVENTS_FILE)) if isinstance(e, ev.JobCompleted)}
 
-    def _checkpoint(self, job: PlanJob) -> tuple[int, wire.Tensors | None]:
-        """(round, weights) of the job's newest checkpoint when resuming, else (0, None)."""
+    @functools.cached_property
+    def resume_points(self) -> dict[str, tuple[int, wire.Tensors | None]]:
+        """Job -> (round, weights) of its newest checkpoint, for the jobs a resumed run still has to do."""
         if not self.resumed:
-            return 0, None
+            return {}
+        return {j.name: self._checkpoint(j) for j in self.plan.jobs if j.name not in self.completed}
+
+    def _checkpoint(self, job: PlanJob) -> tuple[int, wire.Tensors | None]:
+        """(round, weights) of the job's newest valid checkpoint, else (0, None)."""
         from safetensors import safe_open
 
         expect = {t.name: (t.shape, t.dtype) for t in job.tensors}
@@ -371,7 +381,7 @@ class Coordinator:
         arch = job.architecture
         model = mlp(arch.input_dim, arch.hidden, arch.output_dim, seed=job.training.seed)
         weights = {t.name: model.state_dict()[t.name].detach().clone() for t in job.tensors}
-        version, resumed = self._checkpoint(job)
+        version, resumed = self.resume_points.pop(job.name, (0, None))
         if resumed is not None:  # a resumed run: on from the newest checkpoint
             weights = resumed
             self._trim_metrics(job, version)
@@ -558,9 +568,7 @@ class Coordinator:
         total = secagg.add([results[d][1]["masked"].numpy().view(np.uint64) for d in asked])
         examples = sum(results[d][0].examples for d in asked)
         mean = secagg.decode(total, [t.shape for t in job.tensors], float(examples))
-        if strategy.server is not None:  # fedadam / fedyogi step on the mean
-            return strategy.server.step([weights[t.name] for t in job.tensors], mean)
-        return mean
+        return strategy.from_mean([weights[t.name] for t in job.tensors], mean)
 
     def _broadcast(self, job: PlanJob, participants: list[str], msg: Any, weights: wire.Tensors, rnd: int) -> None:
         for d in participants:
@@ -900,9 +908,9 @@ def main(run_dir: str | Path) -> int:
                 signal.signal(sig, signal.SIG_DFL)
             os._exit(_coordinate(run_dir, resumed))
         code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
-        now = _checkpoint_rounds(manifest.path)
-        if (code in (0, 1) or stopping or manifest.analysis or not manifest.checkpoint or resumes >= MAX_RESUMES
-                or (resumes and now == progress) or _run_ended(manifest.path)):
+        over = code in (0, 1) or bool(stopping) or bool(manifest.analysis) or not manifest.checkpoint
+        now = None if over else _checkpoint_rounds(manifest.path)
+        if over or resumes >= MAX_RESUMES or (resumes and now == progress) or _run_ended(manifest.path):
             for sig in (signal.SIGTERM, signal.SIGINT):  # the run is over: a late signal must not turn
                 signal.signal(sig, signal.SIG_IGN)       # the exit status into "killed"
             return code if code >= 0 else 2

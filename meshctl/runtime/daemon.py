@@ -427,7 +427,7 @@ class Daemon:
         from meshctl.runtime.kernels import secagg
 
         me, job = self.cfg.domain, st.job
-        mine = self._secagg_public()[job.name]
+        mine = base64.b64encode(secagg.public_bytes(self.secagg[job.name])).decode()
 
         def refuse(why: str) -> wire.ErrorReply:
             return wire.ErrorReply(code="secagg", reason=f"secure aggregation: {why}", job=job.name, round=ins.round)
@@ -537,8 +537,7 @@ class Daemon:
 
 def _prox_mu(job: PlanJob) -> float:
     """FedProx's proximal weight for local training; 0 for every other strategy."""
-    agg = job.aggregation
-    return (agg.mu or 0.0) if agg.strategy == "fedprox" else 0.0
+    return job.aggregation.settings()["mu"] if job.aggregation.strategy == "fedprox" else 0.0
 
 
 def prepare_fork(plan: Plan | None) -> None:

@@ -21,8 +21,9 @@ class Strategy:
 
     def __init__(self, agg: PlanAggregation):
         self.agg = agg
-        self.server = (ServerOptimizer(agg.strategy, agg.server_lr or 0.01, agg.beta_1 or 0.9,
-                                       agg.beta_2 or 0.99, agg.tau or 1e-3)
+        self.settings = agg.settings()
+        s = self.settings
+        self.server = (ServerOptimizer(agg.strategy, s["server_lr"], s["beta_1"], s["beta_2"], s["tau"])
                        if agg.strategy in ("fedadam", "fedyogi") else None)
 
     def aggregate(self, weights: Sequence[torch.Tensor], domains: Sequence[str],
@@ -31,16 +32,19 @@ class Strategy:
         kind = self.agg.strategy
         if len(updates) < self.agg.min_updates():
             raise ValueError(f"{kind} needs at least {self.agg.min_updates()} updates per round, got {len(updates)}")
-        if kind in ("fedavg", "fedprox"):
-            return fedavg(updates, examples), ""
-        if self.server is not None:
-            return self.server.step(weights, fedavg(updates, examples)), ""
+        if kind in ("fedavg", "fedprox", "fedadam", "fedyogi"):
+            return self.from_mean(weights, fedavg(updates, examples)), ""
         if kind == "median":
             return coordinate_median(updates), ""
         if kind == "trimmed_mean":
-            cut = int((self.agg.trim or 0.0) * len(updates))
-            return trimmed_mean(updates, self.agg.trim or 0.0), f"trimmed {cut} from each end per coordinate"
+            trim = self.settings["trim"]
+            return trimmed_mean(updates, trim), f"trimmed {int(trim * len(updates))} from each end per coordinate"
         if kind == "krum":
-            chosen, i = krum(updates, self.agg.byzantine or 0)
+            chosen, i = krum(updates, self.settings["byzantine"])
             return chosen, f"krum chose {domains[i]}'s update"
         raise ValueError(f"unknown aggregation strategy {kind!r}")
+
+    def from_mean(self, weights: Sequence[torch.Tensor], mean: list[torch.Tensor]) -> list[torch.Tensor]:
+        """New weights from the example-weighted mean of the updates: the mean itself, or a
+        FedAdam/FedYogi step toward it (also what secure aggregation, which yields only the mean, uses)."""
+        return mean if self.server is None else self.server.step(weights, mean)

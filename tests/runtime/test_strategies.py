@@ -10,13 +10,14 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
-from conftest import DIGITS, digits_plan
 
 from meshctl.compiler.compile import compile_mesh
 from meshctl.compiler.plan import PlanAggregation
 from meshctl.runtime import events as ev
 from meshctl.runtime.launcher import start_run
 from meshctl.runtime.strategy import Strategy
+
+DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
 
 
 def _u(*values: float) -> list[torch.Tensor]:
@@ -62,8 +63,8 @@ def poisoned_mesh(tmp_path: Path) -> Path:
     return mesh
 
 
-def _run(mesh: Path, agg: PlanAggregation) -> tuple[float, set[str]]:
-    plan = digits_plan(n=5, rounds=5)
+def _run(mesh: Path, make_plan, agg: PlanAggregation) -> tuple[float, set[str]]:
+    plan = make_plan(n=5, rounds=5)
     plan = plan.model_copy(update={"jobs": [plan.jobs[0].model_copy(update={"aggregation": agg})]}).with_hash()
     run = start_run(mesh, plan)
     rounds = [e for e in run.follow() if isinstance(e, ev.RoundCompleted)]
@@ -73,12 +74,12 @@ def _run(mesh: Path, agg: PlanAggregation) -> tuple[float, set[str]]:
     return rounds[-1].metrics["accuracy"], {e.aggregation for e in rounds}
 
 
-def test_robust_strategies_hold_against_a_poisoned_domain(poisoned_mesh):
-    fedavg, _ = _run(poisoned_mesh, PlanAggregation())
-    median, _ = _run(poisoned_mesh, PlanAggregation(strategy="median"))
-    trimmed, notes = _run(poisoned_mesh, PlanAggregation(strategy="trimmed_mean", trim=0.2))
+def test_robust_strategies_hold_against_a_poisoned_domain(poisoned_mesh, make_plan):
+    fedavg, _ = _run(poisoned_mesh, make_plan, PlanAggregation())
+    median, _ = _run(poisoned_mesh, make_plan, PlanAggregation(strategy="median"))
+    trimmed, notes = _run(poisoned_mesh, make_plan, PlanAggregation(strategy="trimmed_mean", trim=0.2))
     assert notes == {"trimmed 1 from each end per coordinate"}
-    _, chosen = _run(poisoned_mesh, PlanAggregation(strategy="krum", byzantine=1))
+    _, chosen = _run(poisoned_mesh, make_plan, PlanAggregation(strategy="krum", byzantine=1))
     assert chosen and all(n.startswith("krum chose client-") for n in chosen)
     assert "krum chose client-4's update" not in chosen
     assert median > fedavg + 0.1 and trimmed > fedavg + 0.1, (fedavg, median, trimmed)
