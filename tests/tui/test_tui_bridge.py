@@ -155,6 +155,9 @@ def test_replay_file_and_eventbridge_replay(tmp_path: Path) -> None:
         app = make_app(event_source=replay)
         async with app.run_test(size=(120, 40)) as pilot:
             await _until(pilot, lambda: app.mesh_state.state == "completed")
+            # the feeder thread sets `done` right after posting the last event; the app may reduce
+            # that event first
+            await _until(pilot, replay.done.is_set)
             assert replay.done.is_set()
             assert (replay.received, replay.skipped) == (len(events), 1)
             await _until(pilot, lambda: app.query_one(RoundsTable).row_count == 3)
