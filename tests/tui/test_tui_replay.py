@@ -75,6 +75,7 @@ def test_replay_gives_the_same_state_as_reduce_all(tmp_path: Path, speed: float)
         app = make_app(event_source=replay)
         async with app.run_test(size=(120, 40)) as pilot:
             await _until(pilot, lambda: app.mesh_state.state == "completed")
+            await _until(pilot, replay.done.is_set)  # set by the thread just after its last post
             assert replay.done.is_set()
             assert (replay.received, replay.skipped) == (len(events), 0)
             assert app.mesh_state == expected
