@@ -46,9 +46,9 @@ class CompileResult:
         """The diagnostics that are warnings."""
         return [d for d in self.diagnostics if d.severity == "warning"]
 
-    def render_diagnostics(self) -> str:
-        """Every diagnostic with its source excerpt and hint."""
-        return render_all(self.diagnostics, self.source)
+    def render_diagnostics(self, limit: int | None = None) -> str:
+        """Every diagnostic (the first `limit`, then a count) with its source excerpt and hint."""
+        return render_all(self.diagnostics, self.source, limit=limit)
 
 
 def compile_mesh(path: str | Path, *, hashed: bool = True) -> CompileResult:

@@ -29,6 +29,9 @@ CODES: dict[str, str] = {
     "MESH104": "The file cannot be read: it does not exist, is a directory, or is not UTF-8 text.",
     "MESH105": "The file is empty; a mesh.yaml needs at least apiVersion and mesh.",
     "MESH106": "An alias points back into itself, or expands to an unreasonably large document.",
+    "MESH107": "The document nests mappings or lists deeper than meshctl reads (100 levels); "
+               "a mesh.yaml needs only a few, so the file was generated wrongly or a bracket is "
+               "unclosed.",
     # 2xx: schema
     "MESH201": "The top level of a mesh.yaml must be a mapping of sections.",
     "MESH202": "A key is not part of the mesh.yaml language; unknown keys are errors, not ignored.",
@@ -117,6 +120,9 @@ CODES: dict[str, str] = {
                "aggregate.",
 }
 
+SHOWN = 100
+"""Most diagnostics `validate` and `plan` print as text (the JSON report has every one)."""
+
 STAGES: dict[str, str] = {"1": "syntax", "2": "schema", "3": "references and contracts",
                           "4": "policy", "5": "plan"}
 """The compiler stage of each code range, keyed by the code's first digit."""
@@ -152,8 +158,11 @@ class Diagnostic:
 
     def render(self, source: str | None = None) -> str:
         """Head line, a numbered excerpt with a caret (given the source), then the hint."""
+        return self.render_lines(source.splitlines() if source is not None else [])
+
+    def render_lines(self, lines: Sequence[str]) -> str:
+        """`render` given the source already split into lines (split once for many diagnostics)."""
         out = [f"{self.where}: {self.severity}[{self.code}]: {self.message}"]
-        lines = source.splitlines() if source is not None else []
         if 0 < self.line <= len(lines):
             text = lines[self.line - 1]
             gutter = f"{self.line:>5} | "
@@ -164,9 +173,19 @@ class Diagnostic:
         return "\n".join(out)
 
 
-def render_all(diagnostics: Iterable[Diagnostic], source: str | None = None) -> str:
-    """Every diagnostic rendered, separated by newlines."""
-    return "\n".join(d.render(source) for d in diagnostics)
+def render_all(diagnostics: Iterable[Diagnostic], source: str | None = None, *,
+               limit: int | None = None) -> str:
+    """Every diagnostic rendered, separated by newlines; linear in diagnostics + source.
+
+    With `limit`, only the first `limit` are rendered, then a line `... and N more`.
+    """
+    lines = source.splitlines() if source is not None else []
+    diags = list(diagnostics)
+    shown = diags if limit is None else diags[:limit]
+    out = [d.render_lines(lines) for d in shown]
+    if len(diags) > len(shown):
+        out.append(f"... and {len(diags) - len(shown)} more (--format json lists every one)")
+    return "\n".join(out)
 
 
 def json_report(diagnostics: Sequence[Diagnostic], *, strict: bool = False) -> dict[str, object]:

@@ -35,6 +35,8 @@ from meshctl.compiler.diagnostics import Diagnostic, Reporter, YamlPath
 
 MAX_NODES = 200_000
 """Most nodes a document may expand to through aliases (guards 'billion laughs')."""
+MAX_DEPTH = 100
+"""Deepest nesting of mappings and lists a document may have (MESH107); the builder recurses."""
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
 BOOL_TAG = "tag:yaml.org,2002:bool"
@@ -109,6 +111,14 @@ class _Anchor:
     done: bool = False
 
 
+class _TooDeep(Exception):
+    """The document nests deeper than MAX_DEPTH at `mark`; loading stops."""
+
+    def __init__(self, mark: Any) -> None:
+        super().__init__("too deep")
+        self.mark = mark
+
+
 class _Muted:
     """A reporter that forgets: for parts of the document that are skipped, not built."""
 
@@ -129,6 +139,7 @@ class _Builder:
         self.expanded = 0
         self.stopped = False
         self.muted = False
+        self.depth = 0
 
     def document(self) -> tuple[Any, Entry] | None:
         """The single document's data and root entry; None for an empty stream."""
@@ -152,10 +163,14 @@ class _Builder:
             return self.scalar(event, event.start_mark), event.start_mark, None
         if kind is AliasEvent:
             return self.alias(event)
-        if kind is SequenceStartEvent:
-            return self.sequence(event)
-        if kind is MappingStartEvent:
-            return self.mapping(event)
+        if kind is SequenceStartEvent or kind is MappingStartEvent:
+            if self.depth >= MAX_DEPTH:
+                raise _TooDeep(event.start_mark)
+            self.depth += 1
+            try:
+                return self.sequence(event) if kind is SequenceStartEvent else self.mapping(event)
+            finally:
+                self.depth -= 1
         raise ComposerError(None, None, f"unexpected {kind.__name__}", event.start_mark)
 
     def scalar(self, event: ScalarEvent, where: Any) -> Any:
@@ -376,6 +391,12 @@ def load_text(text: str, file: str) -> tuple[Source | None, list[Diagnostic]]:
             with no_gc():
                 built = _Builder(loader(text), report).document()
             break
+        except _TooDeep as deep:
+            report.diagnostics = []
+            report.error("MESH107", f"the document nests deeper than {MAX_DEPTH} levels",
+                         pos=_pos(deep.mark),
+                         hint=f"meshctl reads at most {MAX_DEPTH} levels; a mesh.yaml needs only a few")
+            return None, report.diagnostics
         except yaml.YAMLError as err:
             error = err  # libyaml's wording differs: the pure-Python parser says it again
     else:
