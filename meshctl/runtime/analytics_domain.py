@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -33,7 +34,7 @@ import numpy as np
 from meshctl.compiler.plan import Plan, PlanAnalysis, PlanProduct
 from meshctl.errors import UserError
 from meshctl.runtime import wire
-from meshctl.runtime.data import first_line, ident, product_view
+from meshctl.runtime.data import DataError, ident, product_view, read_error
 from meshctl.runtime.kernels import aggregates as agg
 from meshctl.runtime.ledger import BudgetExceeded, Ledger, ledger_path
 
@@ -185,8 +186,8 @@ def gate(res: wire.AnalyzeRes, plan: Plan, analysis: PlanAnalysis, product: str 
     seen: set[tuple[str, ...]] = set()
     for g in res.groups:
         key = tuple(g.key)
-        if key not in allowed:
-            raise GateError(f"group {list(key)} is not a declared group of {analysis.name}")
+        if key not in allowed:  # its key is no name from the plan: it is not repeated
+            raise GateError(f"a group that is not a declared group of {analysis.name}")
         if key in seen:
             raise GateError(f"group {list(key)} is listed twice")
         seen.add(key)
@@ -279,7 +280,7 @@ def _exact(plan: Plan, analysis: PlanAnalysis, product: PlanProduct, base_dir: P
             for s in (s for s in stats if s.kind == "hist"):
                 _histogram(con, analysis, rows, s, out)
         except duckdb.Error as err:
-            raise UserError(f"analysis {analysis.name} cannot read product {product.id}: {first_line(err)}") from None
+            raise read_error(con, product, base_dir, err, columns) from None
     _check_groups(plan, analysis, product, out)
     return out
 
@@ -352,8 +353,10 @@ def _check_groups(plan: Plan, analysis: PlanAnalysis, product: PlanProduct,
     allowed = set(declared_groups(plan, analysis))
     bad = sorted({k for k in out if k not in allowed})
     if bad:
-        raise UserError(f"product {product.id}: {analysis.group_by} hold {[list(k) for k in bad[:3]]} "
-                        f"outside the declared values")
+        rows = sum(int(out[k]["count"]) for k in bad)  # type: ignore[arg-type]
+        raise DataError(f"product {product.id}: {rows} rows in {len(bad)} group{'s' if len(bad) > 1 else ''} of "
+                        f"{', '.join(analysis.group_by)} outside the declared values",
+                        detail=f"e.g. {[list(k) for k in bad[:3]]}")
 
 
 # -- answering the coordinator -----------------------------------------------------
@@ -375,9 +378,10 @@ def answer(plan: Plan, domain: str, base_dir: Path, ins: wire.AnalyzeIns, run: s
         return wire.AnalyzeRes(analysis=analysis.name, denied=[denial])
     try:
         release = compute(plan, analysis, product, base_dir, rng)
-    except UserError as err:
-        where = f" ({err.where})" if err.where else ""
-        return wire.ErrorReply(code="data", reason=f"{err.message}{where}")
+    except UserError as err:  # the message is in the domain's own words; the path and detail stay here
+        detail = f" [detail: {err.detail}]" if isinstance(err, DataError) and err.detail else ""
+        print(f"analysis {analysis.name}: {err.render()}{detail}", file=sys.stderr, flush=True)
+        return wire.ErrorReply(code="data", reason=f"analysis {analysis.name}: {err.message}"[:4096])
     res = wire.AnalyzeRes(analysis=analysis.name, suppressed=release.suppressed, groups=[
         wire.GroupAggregates(key=list(k), values=v) for k, v in release.groups.items()])
     try:

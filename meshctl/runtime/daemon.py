@@ -33,9 +33,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from meshctl.compiler.plan import Plan, PlanJob
-from meshctl.errors import MeshctlError, UserError
+from meshctl.errors import InternalError, MeshctlError, UserError
 from meshctl.runtime import governance, wire
-from meshctl.runtime.data import JobData, count_rows, feature_sums, load_job_data
+from meshctl.runtime.data import DataError, JobData, count_rows, feature_sums, load_job_data
 from meshctl.runtime.kernels import evaluate, mlp, privacy, train_local
 from meshctl.runtime.kernels.privacy import dp_train_local
 from meshctl.runtime.keys import KeyPair, curve_client, fast_reconnect
@@ -103,6 +103,8 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
         self.jobs: dict[str, _JobState] = {}
+        self.reserved = False
+        """Whether this daemon holds ε reservations in the privacy ledger (released when it exits)."""
         self.rows: dict[str, int] = {}
         self.refused: dict[str, str] = {}
         self.round_gates: dict[str, governance.RoundGate] = {}
@@ -137,7 +139,11 @@ class Daemon:
                 read = next((r for r in job.reads if r.domain == me), None)
                 if read is None or job.name in self.refused:
                     continue
-                data = load_job_data(job, plan.product(read.product), self.cfg.base_dir, read.client_id, con)
+                try:
+                    data = load_job_data(job, plan.product(read.product), self.cfg.base_dir, read.client_id, con)
+                except DataError as err:
+                    self._refuse_bad_data(job, err)
+                    continue
                 arch = job.architecture
                 model = mlp(arch.input_dim, arch.hidden, arch.output_dim, seed=None)
                 self.jobs[job.name] = _JobState(job, data, model)
@@ -146,17 +152,61 @@ class Daemon:
 
                     self.secagg[job.name] = secagg.new_key()
 
+    def _refuse_bad_data(self, job: PlanJob, err: DataError) -> None:
+        """Refuse `job` over data it cannot train on; the detail stays in this domain's log."""
+        log_locally(err)
+        decision = wire.Decision(policy="data", scope="product", subject=f"model.{job.name}", effect="deny",
+                                 reason=err.message[:4096], domain=self.cfg.domain)
+        self.decisions.append(decision)
+        self.refused[job.name] = governance.refusal([decision])
+
     def _spent(self, plan: Plan, jobs: list[PlanJob]) -> dict[str, float]:
-        """ε already spent by this domain's capped products read by DP jobs (privacy ledger)."""
-        ids = {r.product for j in jobs if j.privacy.dp is not None for r in j.reads
-               if r.domain == self.cfg.domain and plan.product(r.product).epsilon_budget is not None}
+        """ε already spent, or reserved by other live runs, on this domain's capped products read by
+        DP jobs (privacy ledger)."""
+        ids = self._capped(plan, jobs)
         if not ids:
             return {}
         from meshctl.runtime.ledger import Ledger, ledger_path
 
-        ledger = Ledger(ledger_path(self.cfg.base_dir))
+        ledger, run = Ledger(ledger_path(self.cfg.base_dir)), self.cfg.run
         # what this run charged before a coordinator crash is part of the job's own ε, not of the past
-        return {pid: ledger.spent(pid) - ledger.spent(pid, run=self.cfg.run) for pid in sorted(ids)}
+        return {pid: ledger.spent(pid) - ledger.spent(pid, run=run) + ledger.held(pid, exclude_run=run)
+                for pid in sorted(ids)}
+
+    def _capped(self, plan: Plan, jobs: list[PlanJob]) -> set[str]:
+        """This domain's products with an ε budget that DP jobs among `jobs` read."""
+        return {r.product for j in jobs if j.privacy.dp is not None for r in j.reads
+                if r.domain == self.cfg.domain and plan.product(r.product).epsilon_budget is not None}
+
+    def _reserve(self, jobs: list[PlanJob]) -> None:
+        """Admission: reserve each accepted DP job's whole ε on every capped product it reads here,
+        atomically against every other run; a product that cannot pay it refuses the job."""
+        from meshctl.runtime.ledger import BudgetExceeded, Ledger, ledger_path
+
+        plan = self.cfg.plan
+        for job in jobs:
+            dp = job.privacy.dp
+            for pid in sorted(self._capped(plan, [job])):
+                try:
+                    Ledger(ledger_path(self.cfg.base_dir)).reserve(
+                        pid, dp.epsilon, plan.product(pid).epsilon_budget,  # type: ignore[union-attr]
+                        subject=f"model:{job.name}", run=self.cfg.run)
+                    self.reserved = True
+                except BudgetExceeded as err:
+                    denial = wire.Decision(
+                        policy="invariant:epsilon-budget", scope="model", subject=f"model.{job.name}",
+                        effect="deny", domain=self.cfg.domain,
+                        reason=f"cannot reserve the job's ε {err.epsilon:g} on {pid}: {err}")
+                    self.decisions.append(denial)
+                    self.refused[job.name] = governance.refusal([denial])
+                    break
+
+    def _release(self) -> None:
+        """Give back what this daemon's reservations hold and its rounds did not spend."""
+        if self.reserved:
+            from meshctl.runtime.ledger import Ledger, ledger_path
+
+            Ledger(ledger_path(self.cfg.base_dir)).release(self.cfg.run)
 
     def govern(self, today: datetime | None = None, con: duckdb.DuckDBPyConnection | None = None) -> None:
         """Decide every job involving this domain, then check the contracts of what it would read
@@ -176,6 +226,7 @@ class Daemon:
             if reason:
                 self.refused[job.name] = reason
         self._check_contracts([j for j in mine if j.name not in self.refused], con)
+        self._reserve([j for j in mine if j.name not in self.refused])
 
     def _check_contracts(self, jobs: list[PlanJob], con: duckdb.DuckDBPyConnection | None = None) -> None:
         """Run the contract checks of each product the accepted jobs read; a blocking failure refuses them."""
@@ -191,6 +242,9 @@ class Daemon:
             self.checks += [wire.CheckOutcome(product=pid, contract=product.contract, rule=r.rule,
                                               observed=r.observed, operator=r.operator, threshold=r.threshold,
                                               passed=r.passed, severity=r.severity) for r in results]
+            for r in results:
+                if r.log:  # the library's text (it can quote a cell) stays in this domain
+                    print(f"{pid}: rule {r.rule} could not run: {r.detail} [detail: {r.log}]", file=sys.stderr)
             failed = [r for r in results if not r.passed and r.severity == "error"]
             if failed:
                 why = "; ".join(f"{r.rule} observed {_num(r.observed)}, {r.operator} {r.threshold}"
@@ -221,11 +275,13 @@ class Daemon:
         try:
             try:
                 self.load()
-            except MeshctlError as err:
-                self._send(sock, wire.ErrorReply(code="data", reason=err.message), block=False)
-                raise
+            except Exception as err:  # noqa: BLE001 - whatever it was, only our own words leave
+                safe = outbound(err)
+                self._send(sock, wire.ErrorReply(code="data", reason=safe.message[:4096]), block=False)
+                raise safe from None
             return self._serve(sock, monitor)
         finally:
+            self._release()
             self._stop_pulse()
             sock.disable_monitor()
             monitor.close(0)
@@ -558,6 +614,23 @@ def prepare_fork(plan: Plan | None) -> None:
                     governance._program(source)
                 except governance.PolicyError:
                     pass  # the daemon reports it, as a denying decision, when it decides
+
+
+def log_locally(err: MeshctlError) -> None:
+    """Write the full story of `err` (its host path, the library's text) to this domain's log: stderr."""
+    print(err.local() if isinstance(err, DataError) else err.render(), file=sys.stderr, flush=True)
+
+
+def outbound(err: Exception) -> MeshctlError:
+    """What of a failed start may leave the domain: the error's message in the domain's own words,
+    without its host path; the whole of it (or the traceback of a bug) goes to the local log first."""
+    if isinstance(err, MeshctlError):
+        log_locally(err)
+        return (UserError if err.exit_code == 1 else InternalError)(err.message, hint=err.hint)
+    import traceback
+
+    traceback.print_exc()
+    return InternalError(f"the daemon failed to start ({type(err).__name__}); the traceback is in its log")
 
 
 def _num(value: float | None) -> str:

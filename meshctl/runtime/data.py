@@ -37,6 +37,27 @@ SECRET_FILE = "mesh.secret"
 URI_PREFIXES = {"sqlite": "sqlite:", "duckdb": "duckdb:"}
 """Prefix of a database-file source, by format (the path follows it)."""
 
+READ_TYPES = {"float": "FLOAT", "int": "BIGINT", "bool": "BOOLEAN", "date": "DATE", "timestamp": "TIMESTAMP"}
+"""The DuckDB type a declared column type is read as (string and category: any value will do)."""
+
+
+class DataError(UserError):
+    """A data problem told in the domain's own words, safe to send off the domain.
+
+    `message` is built only from names in the plan (product ids, column names, declared
+    types and values, rule names) and counts: never a library's text, a cell value or a
+    host path. `detail` (the library's text, offending values) and `where` (the host
+    path) stay in the domain: its local log and its own terminal.
+    """
+
+    def __init__(self, message: str, *, detail: str = "", where: str | None = None, hint: str | None = None):
+        super().__init__(message, where=where, hint=hint)
+        self.detail = detail
+
+    def local(self) -> str:
+        """The full story for the domain's local log: the one line plus the detail."""
+        return self.render() + (f" [detail: {self.detail}]" if self.detail else "")
+
 
 @dataclass(frozen=True)
 class JobData:
@@ -135,7 +156,8 @@ def register_source(con: duckdb.DuckDBPyConnection, product: PlanProduct, base_d
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {body}")
         con.execute(f"SELECT * FROM {name} LIMIT 0")
     except _duck_error() as err:
-        raise UserError(f"cannot read product {product.id}: {first_line(err)}", where=str(path)) from None
+        raise DataError(f"cannot read product {product.id}: its {product.format} source is unreadable or "
+                        f"malformed ({error_kind(err)})", detail=str(err), where=str(path)) from None
     return name
 
 
@@ -176,7 +198,8 @@ def _sqlite_table(product: PlanProduct, path: Path, columns: Sequence[str] | Non
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as err:
-        raise UserError(f"cannot open sqlite database of {product.id}: {err}", where=str(path)) from None
+        raise DataError(f"cannot open sqlite database of {product.id} ({error_kind(err)})", detail=str(err),
+                        where=str(path)) from None
     try:
         tables = [r[0] for r in db.execute(
             "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')").fetchall()]
@@ -186,7 +209,8 @@ def _sqlite_table(product: PlanProduct, path: Path, columns: Sequence[str] | Non
         names = [d[0] for d in cur.description]
         rows = cur.fetchall()
     except sqlite3.Error as err:
-        raise UserError(f"cannot read product {product.id}: {err}", where=str(path)) from None
+        raise DataError(f"cannot read product {product.id}: its sqlite table is unreadable or lacks a "
+                        f"declared column ({error_kind(err)})", detail=str(err), where=str(path)) from None
     finally:
         db.close()
     declared = {c.name: c.type for c in product.columns}
@@ -223,8 +247,9 @@ def _register_postgres(con: duckdb.DuckDBPyConnection, product: PlanProduct, nam
         raise UserError(f"product {product.id}: postgresql did not answer in 300 s",
                         where=_redact(product.source)) from None
     if out.returncode != 0:
-        why = first_line(Exception(out.stderr.decode(errors="replace"))) or f"psql exit {out.returncode}"
-        raise UserError(f"cannot read product {product.id}: {why}", where=_redact(product.source))
+        raise DataError(f"cannot read product {product.id}: psql exited with code {out.returncode}",
+                        detail=first_line(Exception(out.stderr.decode(errors="replace"))),
+                        where=_redact(product.source))
     import pyarrow.csv as pacsv
 
     table = pacsv.read_csv(_bytes_reader(out.stdout))
@@ -270,8 +295,7 @@ def product_view(con: duckdb.DuckDBPyConnection, product: PlanProduct, base_dir:
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {select} FROM {src}")
         con.execute(f"SELECT * FROM {name} LIMIT 0")
     except _duck_error() as err:
-        raise UserError(f"cannot read product {product.id}: {first_line(err)}",
-                        where=str(_where(product, base_dir))) from None
+        raise read_error(con, product, base_dir, err, [c.name for c, _ in exprs]) from None
     return name
 
 
@@ -327,8 +351,7 @@ def count_rows(product: PlanProduct, base_dir: Path, con: duckdb.DuckDBPyConnect
     try:
         return int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
     except duckdb.Error as err:
-        raise UserError(f"cannot read product {product.id}: {first_line(err)}",
-                        where=str(_where(product, base_dir))) from None
+        raise read_error(con, product, base_dir, err) from None
 
 
 def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id: int,
@@ -360,8 +383,7 @@ def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id:
         total = int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
         arrays = con.execute(f"SELECT * FROM (SELECT {select} FROM {view}) WHERE {not_null}").fetchnumpy()
     except duckdb.Error as err:
-        raise UserError(f"cannot read product {product.id}: {first_line(err)}",
-                        where=str(_where(product, base_dir))) from None
+        raise read_error(con, product, base_dir, err, cols) from None
     return _tensors(job, product, arrays, total, client_id, _where(product, base_dir))
 
 
@@ -370,20 +392,39 @@ def _tensors(job: PlanJob, product: PlanProduct, arrays: dict, total: int, clien
     n = len(arrays[job.target])
     x = np.stack([np.asarray(arrays[f], dtype=np.float32) for f in job.features], axis=1) if n else \
         np.zeros((0, len(job.features)), dtype=np.float32)
+    if n == 0:
+        skipped = f" ({total} with a NULL in a column job {job.name} reads)" if total else ""
+        raise DataError(f"{product.id}: 0 rows{skipped}", where=str(where))
+    _require_finite(job, product, x, where)
     index = {v: i for i, v in enumerate(job.classes)}
     labels = [str(v) for v in arrays[job.target]]
-    bad = sorted({v for v in labels if v not in index})
+    bad = [v for v in labels if v not in index]
     if bad:
-        raise UserError(f"product {product.id}: column {job.target!r} holds {bad[:3]} outside the "
-                        f"declared values {job.classes}", where=str(where))
+        raise DataError(f"{product.id}: {len(bad)} values in {job.target} are outside the declared values "
+                        f"[{', '.join(job.classes)}]", detail=f"e.g. {sorted(set(bad))[:3]}", where=str(where))
     y = np.fromiter((index[v] for v in labels), dtype=np.int64, count=n)
     import torch
 
     test = _holdout_mask(job, arrays, n, client_id)
+    if test.all():
+        raise DataError(f"{product.id}: 0 rows to train job {job.name} on (all {n} are held out)",
+                        where=str(where))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     mask = torch.from_numpy(test)
     x_train, x_test = xt[~mask], xt[mask]
     return JobData(x_train.contiguous(), yt[~mask], x_test.contiguous(), yt[mask], n, total - n)
+
+
+def _require_finite(job: PlanJob, product: PlanProduct, x: np.ndarray, where: Path | str) -> None:
+    """Refuse features holding NaN or infinity: they would poison every sum sent from them."""
+    problems = []
+    for i, name in enumerate(job.features):
+        nan, inf = int(np.isnan(x[:, i]).sum()), int(np.isinf(x[:, i]).sum())
+        problems += [f"{count} {kind} values in {name}" for kind, count in (("NaN", nan), ("infinite", inf))
+                     if count]
+    if problems:
+        raise DataError(f"{product.id}: {'; '.join(problems)}", where=str(where),
+                        hint="remove or impute them; a model cannot train on them")
 
 
 def _holdout_mask(job: PlanJob, arrays: dict, n: int, client_id: int) -> np.ndarray:
@@ -407,7 +448,8 @@ def _where(product: PlanProduct, base_dir: Path) -> Path | str:
 def _existing(product: PlanProduct, base_dir: Path) -> Path:
     path = source_path(product, base_dir)
     if not path.is_file():
-        raise UserError(f"data file of product {product.id} not found", where=str(path))
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        raise UserError(f"data file of product {product.id} {what}", where=str(path))
     return path
 
 
@@ -424,6 +466,42 @@ def first_line(err: Exception) -> str:
 
 
 _first_line = first_line
+
+
+def error_kind(err: Exception) -> str:
+    """What kind of error a library raised, from its class alone (e.g. `Conversion Error`), never its text."""
+    name = type(err).__name__.removesuffix("Exception").removesuffix("Error") or type(err).__name__
+    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", name)
+    return " ".join(words + ["Error"]) if words else "Error"
+
+
+def read_error(con: duckdb.DuckDBPyConnection, product: PlanProduct, base_dir: Path, err: Exception,
+               columns: Sequence[str] | None = None) -> DataError:
+    """A DataError for a failed read of `product`: which declared column is missing or holds values
+    that do not convert to its declared type, found with DuckDB (counts only); the library's text
+    goes to the detail."""
+    wanted = [c for c in product.columns if c.pii != "direct" and (columns is None or c.name in columns)]
+    try:
+        why = _diagnose(con, "src_" + safe_name(product.id), wanted)
+    except _duck_error():
+        why = ""
+    return DataError(f"cannot read product {product.id}: {why or error_kind(err)}", detail=str(err),
+                     where=str(_where(product, base_dir)))
+
+
+def _diagnose(con: duckdb.DuckDBPyConnection, src: str, columns: Sequence[PlanColumn]) -> str:
+    have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    missing = [c.name for c in columns if c.name not in have]
+    if missing:
+        return f"declared column{'s' if len(missing) > 1 else ''} {', '.join(missing)} not in the data"
+    typed = [c for c in columns if c.type in READ_TYPES]
+    if not typed:
+        return ""
+    counts = con.execute("SELECT " + ", ".join(
+        f"count(*) FILTER (WHERE {ident(c.name)} IS NOT NULL AND TRY_CAST({ident(c.name)} AS "
+        f"{READ_TYPES[c.type]}) IS NULL)" for c in typed) + f" FROM {src}").fetchone()
+    bad = [f"{n} values in {c.name} are not {c.type} (its declared type)" for c, n in zip(typed, counts) if n]
+    return "; ".join(bad)
 
 
 def feature_sums(x: torch.Tensor) -> tuple[int, list[float], list[float]]:

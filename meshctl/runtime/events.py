@@ -83,7 +83,8 @@ class PolicyDecided(Event):
         return {"deny": "error", "warn": "warning"}.get(self.effect, "info")
 
     def message(self) -> str:
-        return f"policy {self.policy} {self.effect}s {self.subject}: {self.reason}"
+        verb = "denies" if self.effect == "deny" else f"{self.effect}s"
+        return f"policy {self.policy} {verb} {self.subject}: {self.reason}"
 
 
 class DomainJoined(Event):

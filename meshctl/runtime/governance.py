@@ -148,7 +148,8 @@ def evaluate_job(plan: Plan, job: PlanJob, domain: str, today: date,
                  spent: dict[str, float] | None = None) -> list[Decision]:
     """Every decision `domain` makes on `job`: its policies, then the domain's invariants.
 
-    `spent` is the ε each product has already spent in earlier runs (the privacy ledger).
+    `spent` is the ε each product has already spent in earlier runs, or that other live runs
+    have reserved (the privacy ledger).
     """
     subject = f"model.{job.name}"
     policies = [p for p in plan.policies if p.scope == "model" and p.domain in ("", domain)]
@@ -238,7 +239,7 @@ def _epsilon(job: PlanJob, products: list[PlanProduct], spent: dict[str, float])
     if over:
         return "deny", "; ".join(
             f"the job's ε {dp.epsilon:g} exceeds {p.id}'s budget {p.epsilon_budget:g}"
-            + (f" with {spent[p.id]:g} already spent" if spent.get(p.id) else "") for p in over)
+            + (f" with {spent[p.id]:g} already spent or reserved" if spent.get(p.id) else "") for p in over)
     return "allow", f"ε {dp.epsilon:g} is within every product's budget"
 
 

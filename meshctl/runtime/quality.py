@@ -7,11 +7,14 @@ contract's own rules it checks the declared column ranges and category values
 (as invalidValues rules) and the SLA's freshness (the source file's age).
 A rule that cannot run (a bad SQL query, a column the data lacks) is a failed
 check with a one-line detail; only an unreadable source raises a UserError.
+A detail names the rule, its columns and the kind of error, never the library's
+text (which can quote a cell): that goes to `log`, for the domain's local log.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshctl.compiler.plan import Plan, PlanContract, PlanProduct, PlanQualityRule
 from meshctl.errors import UserError
-from meshctl.runtime.data import first_line, ident, literal, register_source, source_path
+from meshctl.runtime.data import error_kind, ident, literal, register_source, source_path
 
 if TYPE_CHECKING:
     import duckdb
@@ -50,6 +53,8 @@ class CheckResult:
     detail: str = ""
     skipped: bool = False
     """A text or custom rule that no machine can check (passed, severity info)."""
+    log: str = ""
+    """The library's own text of a rule that could not run: for the domain's local log only."""
 
     @property
     def blocking(self) -> bool:
@@ -60,6 +65,7 @@ class CheckResult:
         """The `ContractChecked` fields of this result."""
         out = asdict(self)
         out.pop("skipped")
+        out.pop("log")
         return out
 
 
@@ -129,10 +135,23 @@ def _run(con: duckdb.DuckDBPyConnection, view: str, rule: PlanQualityRule) -> Ch
         sql = _sql_rule(rule, view) if rule.type == "sql" else _metric_sql(rule, view)
         observed = _one_number(con, sql)
         passed = compare(observed, operator, threshold)
-    except (duckdb.Error, ValueError) as err:
+    except duckdb.Error as err:
         return CheckResult(rule.name, None, operator, threshold, False, rule.severity,
-                           first_line(err))
+                           _safe_detail(rule, err), log=str(err))
+    except ValueError as err:  # our own words: a bad rule or a query result of the wrong shape
+        return CheckResult(rule.name, None, operator, threshold, False, rule.severity, str(err))
     return CheckResult(rule.name, observed, operator, threshold, passed, rule.severity)
+
+
+def _safe_detail(rule: PlanQualityRule, err: Exception) -> str:
+    """The detail of a rule DuckDB could not run: the error's kind, and a missing column only
+    when the rule itself names it (the library's text can quote a cell)."""
+    kind = error_kind(err)
+    missing = re.match(r'[\w ]+: Referenced column "([^"]+)" not found', str(err))
+    if missing and (missing.group(1) == rule.column or ident(missing.group(1)) in rule.query
+                    or re.search(rf"\b{re.escape(missing.group(1))}\b", rule.query)):
+        return f'{kind}: Referenced column "{missing.group(1)}" not found'
+    return f"{kind} in rule {rule.name}" + (" (its query)" if rule.type == "sql" else "")
 
 
 def _operator(rule: PlanQualityRule) -> tuple[str, float | list[float] | None]:

@@ -71,10 +71,10 @@ def test_a_dp_analysis_charges_the_ledger_which_meshctl_ledger_prints(analytics,
     ledger = meshctl("ledger", "--mesh", MESH, cwd=analytics)
     assert ledger.returncode == 0, ledger.stderr
     assert ledger.stdout.splitlines() == [
-        "product                 spent ε  budget ε  left ε  runs",
-        "amsterdam-umc.biopsies  1        3         2       1",
-        "charite.biopsies        1        3         2       1",
-        "karolinska.biopsies     1        3         2       1",
+        "product                 spent ε  reserved ε  budget ε  left ε  runs",
+        "amsterdam-umc.biopsies  1        0           3         2       1",
+        "charite.biopsies        1        0           3         2       1",
+        "karolinska.biopsies     1        0           3         2       1",
     ]
     assert (analytics / "examples" / "analytics" / ".meshctl" / "ledger.db").is_file()
 

@@ -64,9 +64,9 @@ def test_rows_and_the_printed_table(tmp_path):
     rows = ledger.rows({"a.p": 2.0})
     assert rows == [LedgerRow("a.p", 0.0, 2.0, 0), LedgerRow("b.q", 0.75, None, 2)]
     assert render_ledger(rows).splitlines() == [
-        "product  spent ε  budget ε  left ε  runs",
-        "a.p      0        2         2       0",
-        "b.q      0.75     -         -       2",
+        "product  spent ε  reserved ε  budget ε  left ε  runs",
+        "a.p      0        0           2         2       0",
+        "b.q      0.75     0           -         -       2",
     ]
     assert render_ledger([]).startswith("no product")
 
