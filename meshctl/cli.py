@@ -35,9 +35,9 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MeshctlError as err:
             click.echo(err.render(), err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:  # launcher.Interrupted carries SIGTERM, SIGHUP, ...
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            sys.exit(128 + getattr(err, "signum", 2))
         except Exception as err:
             if os.environ.get("MESHCTL_DEBUG"):
                 raise
@@ -62,13 +62,14 @@ def main() -> None:
 def _compile_or_exit(file: Path, *, hashed: bool = True):
     """Compile FILE; on errors print every diagnostic and `N errors`, then exit 1."""
     from meshctl.compiler.compile import compile_mesh
+    from meshctl.compiler.diagnostics import SHOWN
     from meshctl.errors import UserError
 
     if not file.is_file():
         raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
     result = compile_mesh(file, hashed=hashed)
     if result.diagnostics:
-        click.echo(result.render_diagnostics(), err=True)
+        click.echo(result.render_diagnostics(limit=SHOWN), err=True)
     if result.plan is None:
         n = len(result.errors)
         click.echo(f"{n} error{'s' if n != 1 else ''}", err=True)
@@ -222,7 +223,27 @@ def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
         run = start_run(file, plan, address=address, threads=threads, warm=warm)
     finally:
         warm.discard()
-    result = _attend(run, headless)
+    _end(_attend(run, headless))
+
+
+@main.command()
+@click.argument("run", default="latest")
+@click.option("--mesh", "mesh_file", type=click.Path(dir_okay=False, path_type=Path), default="mesh.yaml",
+              show_default=True, help="The mesh.yaml whose .meshctl/runs/ holds RUN.")
+@click.option("--headless", is_flag=True, help="Print one line per round instead of the dashboard.")
+@reports_errors
+def resume(run: str, mesh_file: Path, headless: bool) -> None:
+    """Go on with a killed run RUN (id, directory or `latest`) from its newest checkpoints."""
+    from meshctl.runtime.launcher import resume_run
+
+    _end(_attend(resume_run(run, mesh_file), headless))
+
+
+def _end(result: Any) -> None:
+    """Exit as the attended run ended: 128+N after signal N stopped it, 1 when it failed."""
+    if result is not None and result.signal:
+        click.echo(f"error: run stopped: {result.reason}", err=True)
+        sys.exit(128 + result.signal)
     if result is not None and not result.ok:
         raise UserError(result.reason or "run failed") from None
 
@@ -233,9 +254,14 @@ def _attend(run: Any, headless: bool) -> Any:
 
     if headless or not sys.stdout.isatty():
         return run_headless(run, click.echo)
+    from meshctl.runtime.launcher import interrupted, stop_on_signals
     from meshctl.tui.run import run_dashboard
 
-    result = run_dashboard(run)
+    try:
+        with stop_on_signals():  # SIGTERM/SIGHUP/SIGQUIT stop the run as the dashboard's quit does
+            result = run_dashboard(run)
+    except KeyboardInterrupt as err:
+        return interrupted(run, getattr(err, "signum", 2), click.echo)
     if result.detached:  # the run goes on in the background
         click.echo(result.reason)
         return None
@@ -246,7 +272,8 @@ def _attend(run: Any, headless: bool) -> Any:
 @main.command(hidden=True)
 @click.option("--run-dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--warm", is_flag=True, help="Import first, then read the run directory from stdin.")
-def coordinator(run_dir: str | None, warm: bool) -> None:
+@click.option("--resume", is_flag=True, help="Take the run up from its newest checkpoints (meshctl resume).")
+def coordinator(run_dir: str | None, warm: bool, resume: bool) -> None:
     """Internal: the coordinator process of a run prepared by `meshctl up`."""
     from meshctl.runtime.coordinator import main as coordinator_main
     from meshctl.runtime.coordinator import warm_main
@@ -255,7 +282,7 @@ def coordinator(run_dir: str | None, warm: bool) -> None:
         sys.exit(warm_main())
     if run_dir is None:
         raise click.UsageError("give --run-dir or --warm")
-    sys.exit(coordinator_main(run_dir))
+    sys.exit(coordinator_main(run_dir, resume=resume))
 
 
 @main.command()
@@ -685,6 +712,8 @@ def analyze(name: str, file: Path, headless: bool, output: Path | None, address:
     result = _attend(run, headless)
     if result is None:  # detached: the result is written when the run ends
         return
+    if result.signal:
+        _end(result)
     if not result.ok:
         raise UserError(result.reason or "analysis failed") from None
     click.echo(analytics.render_result(analytics.read_result(result.run_dir, name, output)))

@@ -353,8 +353,14 @@ def verify_run(run_dir: Path) -> Verification:
             problems.append(
                 f"{show_path(plan_file)}: content does not match its hash (changed after the run?)"
             )
+    if not events.exists() and not manifest.audit_head and not problems:  # a failed start
+        v = Verification(head=run_anchor(recorded or "", manifest.run))
+        v.notes.append(f"{show_path(run_dir)}: run {manifest.run} never started (no events)")
+        return v
     v = check_chain(events, None if recorded is None else run_anchor(recorded, manifest.run))
     v.problems[:0] = problems
+    v.problems.extend(check_rounds(v, events))
+    v.problems.extend(check_metrics(run_dir / "metrics.csv"))
     if not manifest.audit_head:
         v.notes.append(
             f"{show_path(run_dir / 'run.json')}: no head recorded (the run has not ended, or its "
@@ -367,6 +373,47 @@ def verify_run(run_dir: Path) -> Verification:
             "(last entries removed or added?)"
         )
     return v
+
+
+def check_rounds(v: Verification, events: Path) -> list[str]:
+    """Rounds completed again or out of order, unless a run_resumed before them says the job went
+    back to an earlier checkpoint (a run restarted from round 1 repeats its rounds)."""
+    problems: list[str] = []
+    done: dict[str, int] = {}
+    for obj, lineno in zip(v.objects, v.lines, strict=True):
+        kind = obj.get("type") if obj else None
+        if kind == "run_resumed" and isinstance(obj.get("rounds"), dict):
+            for job, rnd in obj["rounds"].items():
+                done[job] = min(done.get(job, 0), int(rnd)) if job in done else int(rnd)
+        elif kind == "round_completed":
+            job, rnd = str(obj.get("job")), int(obj.get("round") or 0)
+            if rnd <= done.get(job, 0):
+                problems.append(f"{show_path(events)}:{lineno}: job {job} round {rnd} completed again after "
+                                f"round {done[job]} (duplicated or restarted round, no run_resumed explains it)")
+            done[job] = max(done.get(job, 0), rnd)
+    return problems
+
+
+def check_metrics(path: Path) -> list[str]:
+    """metrics.csv rows that repeat a (job, round): a round recorded twice."""
+    import csv
+
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError:
+        return []
+    seen: dict[tuple[str, str], int] = {}
+    problems: list[str] = []
+    for lineno, row in enumerate(rows[1:], 2):
+        if len(row) < 2:
+            continue
+        key = (row[0], row[1])
+        if key in seen:
+            problems.append(f"{show_path(path)}:{lineno}: job {row[0]} round {row[1]} recorded again "
+                            f"(first at line {seen[key]}; duplicated or restarted round)")
+        seen.setdefault(key, lineno)
+    return problems
 
 
 def verify_mesh(state: Path) -> Verification:

@@ -32,6 +32,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from meshctl.runtime.keys import (
     curve_server,
     start_authenticator,
 )
-from meshctl.runtime.run import EVENTS_FILE, RunManifest, last_line
+from meshctl.runtime.run import DETACHED_FILE, EVENTS_FILE, RunManifest, hold_run, last_line, run_ended
 from meshctl.runtime.strategy import Strategy
 
 POLL_MS = 250
@@ -61,6 +62,9 @@ HEARTBEAT_TIMEOUT_S = 15.0
 """A joined domain that sends nothing for this long is lost (MESHCTL_HEARTBEAT_TIMEOUT_S overrides)."""
 HEARTBEAT_EVENT_S = 5.0
 """At most one DomainHeartbeat event per domain this often."""
+INTERNAL_ERROR = 2
+"""Exit status (meshctl.errors.InternalError's) of a coordinator whose run ended on an unexpected error;
+it wrote run_completed ok=false with the reason, so the run is over and not to be resumed."""
 REJECTION_CODES = frozenset({"refused", "unknown-job", "bad-round", "bad-weights", "stale",
                              "bad-standardization", "unexpected"})
 """ErrorReply codes by which a domain rejects one instruction (it leaves the job, not the run)."""
@@ -158,7 +162,7 @@ class _Peer:
 
 
 class Coordinator:
-    """Executes a plan. `run()` returns the process exit code (0 ok, 1 a job failed)."""
+    """Executes a plan. `run()` returns the process exit code (0 ok, 1 a job failed, 2 an internal error)."""
 
     def __init__(self, manifest: RunManifest, plan: Plan, children: dict[int, str] | None = None,
                  resumed: str = ""):
@@ -194,6 +198,8 @@ class Coordinator:
         self.closing = False
         self.checkpoints: queue.Queue[tuple[Path, dict[str, torch.Tensor], dict[str, str]] | None] = queue.Queue()
         self.written: queue.Queue[tuple[str, int, Path]] = queue.Queue()
+        self.write_error = ""
+        """Why the checkpoint writer failed (a full disk, say); the run fails with it."""
 
     # -- lifecycle -----------------------------------------------------------------
     def run(self, *, restore_signals: bool = True) -> int:
@@ -209,7 +215,7 @@ class Coordinator:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 1000
         self.router.router_mandatory = True
-        self.router.maxmsgsize = wire.CHUNK_BYTES + wire.MAX_HEADER_BYTES
+        self.router.maxmsgsize = wire.MAX_HEADER_BYTES + self.limits[0]  # ZeroMQ drops a larger frame unread
         curve_server(self.router, keys, MESH_ZAP_DOMAIN)
         self.router.bind(self.m.router)
         self.pub = self.ctx.socket(zmq.XPUB)
@@ -232,7 +238,7 @@ class Coordinator:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         started = time.time()
-        ok, reason = True, ""
+        code, ok, reason = 1, True, ""
         try:
             self._wait_for_observer()
             if self.resumed:  # what RunStarted and the compile-time decisions said is in the log already
@@ -251,11 +257,16 @@ class Coordinator:
             ok, reason = False, str(err)
         except Stopped:
             ok, reason = False, self.stop_reason
+        except Exception as err:  # noqa: BLE001 - a bug or an I/O fault: a failed run, never a success
+            traceback.print_exc()  # into the coordinator's own log; the event says what and where
+            code, ok, reason = INTERNAL_ERROR, False, f"internal error: {type(err).__name__}: {err}"
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the
                 signal.signal(signum, signal.SIG_IGN)      # run's last events short
             self.checkpoints.put(None)
             writer.join()
+            if ok and self.write_error:  # the final model (or a checkpoint) was not written
+                ok, reason = False, self.write_error
             self._report_checkpoints()
             self.sink.emit(ev.RunCompleted(run=self.m.run, ok=ok, seconds=time.time() - started, reason=reason))
             self._shutdown_daemons(reason or "run completed")
@@ -271,7 +282,7 @@ class Coordinator:
             wake_w.close()
             for sig, handler in previous.items() if restore_signals else ():  # never leave a host process
                 signal.signal(sig, handler)  # (or its children, which inherit SIG_IGN) deaf to Ctrl-C
-        return 0 if ok else 1
+        return 0 if ok else code
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         """Record a stop request; `_check_stop` acts on it where the state is consistent."""
@@ -440,6 +451,8 @@ class Coordinator:
                 path = self.run_dir / "checkpoints" / job.name / f"round-{r:04d}.safetensors"
                 self.checkpoints.put((path, weights, self._model_meta(job, r, norm)))
             self._report_checkpoints()
+            if self.write_error:
+                raise JobAborted(f"job {job.name} round {r}: {self.write_error}")
         model_path = self.run_dir / "models" / f"{job.name}.safetensors"
         self.checkpoints.put((model_path, weights, self._model_meta(job, version, norm)))
         self.sink.emit(ev.JobCompleted(job=job.name, rounds=version, metrics=metrics,
@@ -605,7 +618,17 @@ class Coordinator:
                 self._handle(frames)
         else:
             self._reap()
+        self._report_refusals()
         self._check_liveness()
+
+    def _report_refusals(self) -> None:
+        """A MessageRejected for each Curve handshake the authenticator refused (and logged) since."""
+        while True:
+            try:
+                line = self.auth.refusals.get_nowait()
+            except queue.Empty:
+                return
+            self.sink.emit(ev.MessageRejected(sender="unknown peer", reason=line))
 
     def _check_liveness(self) -> None:
         """Declare lost every joined domain silent for the heartbeat timeout (after draining the socket)."""
@@ -623,10 +646,14 @@ class Coordinator:
         if len(frames) < 2:
             return
         user = frames[1].get("User-Id")
-        domain = self.by_key.get(user.encode() if isinstance(user, str) else user)
+        self._dispatch(identity, self.by_key.get(user.encode() if isinstance(user, str) else user), frames[1:])
+
+    def _dispatch(self, identity: bytes, domain: str | None, body: list[Any]) -> None:
+        """Handle one message from connection `identity`, whose Curve key belongs to `domain` (None: no domain)."""
+        frames = [identity, *body]
         who = domain or "unknown peer"
         try:
-            msg, tensors = wire.decode(frames[1:])
+            msg, tensors = wire.decode(frames[1:], max_bytes=self.limits[1])
         except wire.WireError as err:
             self.sink.emit(ev.MessageRejected(sender=who, reason=str(err)))
             if "protocol version" in str(err):
@@ -637,6 +664,10 @@ class Coordinator:
                                               f"belongs to {domain!r}"))
             return
         size = wire.frames_size(frames[1:])
+        peer = self.peers.get(domain)
+        if (peer is not None and peer.identity != identity and not isinstance(msg, wire.Heartbeat)
+                and self._other_connection(peer, identity, msg)):  # (a daemon beats on a socket of its own)
+            return
         peer = self.peers.get(domain)
         if peer is not None:
             peer.last_seen = time.monotonic()
@@ -678,6 +709,39 @@ class Coordinator:
         """Handle a message kind the training loop does not know; False rejects it."""
         return False
 
+    def _other_connection(self, peer: _Peer, identity: bytes, msg: Any) -> bool:
+        """A message (not a heartbeat) from a joined domain over a connection other than the one it
+        joined on: True if refused.
+
+        The joined connection keeps the domain while the domain is alive (heard from within the
+        heartbeat timeout): anything else from the key is refused, a second Hello with a Refused reply.
+        A Hello after the domain went silent for longer declares it lost first, then joins.
+        """
+        silent = time.monotonic() - peer.last_seen
+        if isinstance(msg, wire.Hello) and silent > self.heartbeat_timeout:
+            self._fail(peer.domain, f"no heartbeat for {silent:.0f}s")
+            return False
+        if isinstance(msg, wire.Hello):
+            reason = (f"second Hello from {peer.domain} on a new connection refused: its joined connection "
+                      f"is alive (heard from {silent:.0f}s ago)")
+            self._reply(identity, wire.Refused(reason=reason))
+        else:
+            reason = f"{msg.type} from {peer.domain} on a connection other than the one it joined on"
+        self.sink.emit(ev.MessageRejected(sender=peer.domain, reason=reason))
+        return True
+
+    @functools.cached_property
+    def limits(self) -> tuple[int, int]:
+        """(largest tensor frame, largest tensor payload of one message) in bytes the plan lets a domain send."""
+        frame = total = 0
+        for job in self.plan.jobs:
+            sizes = [math.prod(t.shape) * wire.DTYPES[t.dtype].itemsize for t in job.tensors]
+            if job.privacy.secure_aggregation:
+                sizes = [job.parameters * 8]  # the masked update: one int64 word per parameter
+            frame = max(frame, min(wire.CHUNK_BYTES, max(sizes, default=0)))
+            total = max(total, sum(sizes))
+        return frame, total
+
     def _heartbeat(self, peer: _Peer | None, msg: wire.Heartbeat) -> None:
         if peer is None:  # not joined (or already lost): liveness is only tracked for peers
             return
@@ -695,6 +759,10 @@ class Coordinator:
             self.dropped.setdefault(domain, f"rejected {what}: {msg.reason}")
 
     def _hello(self, domain: str, identity: bytes, msg: wire.Hello) -> None:
+        if domain in self.peers:  # joined on this very connection already: a daemon says Hello once
+            self.sink.emit(ev.MessageRejected(sender=domain, reason=f"second Hello from {domain} on its joined "
+                                              "connection: ignored"))
+            return
         if msg.plan_hash != self.plan.plan.hash:
             reason = f"plan hash differs: domain has {msg.plan_hash[:19]}, coordinator runs {self.plan.plan.hash[:19]}"
             self._reply(identity, wire.Refused(reason=reason))
@@ -725,6 +793,8 @@ class Coordinator:
             return f"duplicate {msg.type} for round {msg.round}", 0.0
         if (msg.type, msg.round) in self.closed:
             return f"late {msg.type} for round {msg.round}, which went on without it", 0.0
+        if not self.round <= msg.round <= self.round + 1:  # kept until collected: only what is next
+            return f"{msg.type} for round {msg.round} while round {self.round} runs", 0.0
         if domain in self.dropped:
             return f"{domain} left job {job.name}: {self.dropped[domain]}", 0.0
         if isinstance(msg, wire.TrainRes):
@@ -750,6 +820,10 @@ class Coordinator:
             return "", norm
         if tensors:
             return "evaluation results carry tensors", 0.0
+        if not (math.isfinite(msg.loss_sum) and msg.loss_sum >= 0):
+            return "evaluation loss is negative or not finite", 0.0
+        if msg.correct > msg.examples:
+            return f"evaluation counts {msg.correct} correct of {msg.examples} examples", 0.0
         return "", 0.0
 
     def _fail(self, domain: str, reason: str) -> None:
@@ -775,8 +849,7 @@ class Coordinator:
                 continue
             code = os.waitstatus_to_exitcode(status)
             if domain in self.peers or self.current is not None or code != 0:
-                log = self.run_dir / "logs" / f"{domain}.log"
-                self._fail(domain, f"daemon exited with code {code}: {last_line(log)}")
+                self._fail(domain, f"daemon exited with code {code}: {_daemon_said(self.run_dir, domain)}")
 
     def _send(self, peer: _Peer, msg: Any, tensors: wire.Tensors | None = None) -> int:
         frames = wire.encode(msg.model_copy(update={"run": self.m.run, "sender": "coordinator"}), tensors)
@@ -817,12 +890,15 @@ class Coordinator:
     def _append_metrics(self, job: PlanJob, rnd: int, participants: int, loss: float, metrics: dict[str, float]) -> None:
         path = self.run_dir / "metrics.csv"
         new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["job", "round", "participants", "train_loss", "test_loss", "test_accuracy"])
-            w.writerow([job.name, rnd, participants, f"{loss:.6f}", f"{metrics['loss']:.6f}",
-                        f"{metrics['accuracy']:.6f}"])
+        try:
+            with path.open("a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["job", "round", "participants", "train_loss", "test_loss", "test_accuracy"])
+                w.writerow([job.name, rnd, participants, f"{loss:.6f}", f"{metrics['loss']:.6f}",
+                            f"{metrics['accuracy']:.6f}"])
+        except OSError as err:  # a full disk, say: the run fails with the reason
+            raise JobAborted(f"job {job.name} round {rnd}: cannot write {path}: {err.strerror or err}") from None
 
     def _write_checkpoints(self) -> None:
         """Writer thread: safetensors files (weights only), atomically; reports what it wrote."""
@@ -830,10 +906,16 @@ class Coordinator:
 
         while (item := self.checkpoints.get()) is not None:
             path, weights, meta = item
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=meta)
-            tmp.replace(path)
+            if self.write_error:  # after a failed write the rest is drained, not written
+                continue
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=meta)
+                tmp.replace(path)
+            except Exception as err:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+                self.write_error = f"cannot write {path}: {getattr(err, 'strerror', None) or err}"
+                continue
             self.written.put((meta["job"], int(meta["round"]), path))
 
     def _report_checkpoints(self) -> None:
@@ -872,9 +954,11 @@ def warm_main() -> int:
 
 MAX_RESUMES = 3
 """A coordinator that keeps dying without new checkpoints is not restarted more than this."""
+WATCH_S = 0.2
+"""How often the supervisor and the coordinator proper check that their parent is still there."""
 
 
-def main(run_dir: str | Path) -> int:
+def main(run_dir: str | Path, resume: bool = False) -> int:
     """The coordinator process: a supervisor that forks the coordinator proper and resumes it.
 
     The coordinator proper (`_coordinate`) runs in a child; when that child dies without
@@ -883,8 +967,22 @@ def main(run_dir: str | Path) -> int:
     `run_resumed` event) — at most MAX_RESUMES times, and only while checkpoints
     advance. Analysis runs are not resumed (their ε would be charged twice). SIGTERM
     and SIGINT are passed on to the child, which ends the run in order.
+
+    The process that started the supervisor (`meshctl up` or `meshctl resume`) owns the run:
+    when it dies without having detached (the `detached` marker), the run is stopped in
+    order. A run directory that has events already is only taken up with `resume`.
     """
+    import sys
+
     manifest = RunManifest.read(run_dir)
+    starter, label = os.getppid(), "meshctl resume" if resume else "meshctl up"
+    has_events = (manifest.path / EVENTS_FILE).is_file() and (manifest.path / EVENTS_FILE).stat().st_size > 0
+    if has_events != resume:
+        print(f"{manifest.path}: error: " + (f"run {manifest.run} has events already: continue it with "
+              f"`meshctl resume {manifest.run}`" if has_events else "the run never started: nothing to resume"),
+              file=sys.stderr, flush=True)
+        return 1
+    hold_run(manifest.path)  # held (and inherited by every child) until the run's last process exits
     if os.getpgrp() != os.getpid():  # `up` starts us in a session of our own; anyone else: a group
         os.setpgid(0, 0)             # of our own, so that _kill_leftovers reaches nothing else
     child = 0
@@ -894,30 +992,105 @@ def main(run_dir: str | Path) -> int:
         stopping.append(signum)
         if child:
             try:
-                os.kill(child, signum)
+                os.kill(child, signal.SIGTERM if signum == signal.SIGHUP else signum)  # its SIGHUP: starter gone
             except ProcessLookupError:  # it has ended already
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    resumed, resumes, progress = "", 0, None
+    resumed = f"resumed by {label} (its previous processes were gone)" if resume else ""
+    resumes, progress = 0, None
     while True:
         child = os.fork()
         if child == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
-            os._exit(_coordinate(run_dir, resumed))
-        code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
-        over = code in (0, 1) or bool(stopping) or bool(manifest.analysis) or not manifest.checkpoint
+            _child(run_dir, resumed, f"{label} (pid {starter}) is gone")
+        code, orphaned = _wait_child(child, manifest.path, starter)
+        started = (manifest.path / EVENTS_FILE).is_file()
+        over = (code in (0, 1, INTERNAL_ERROR) or bool(stopping) or orphaned or bool(manifest.analysis)
+                or not manifest.checkpoint or not started or _run_ended(manifest.path))
         now = None if over else _checkpoint_rounds(manifest.path)
-        if over or resumes >= MAX_RESUMES or (resumes and now == progress) or _run_ended(manifest.path):
-            for sig in (signal.SIGTERM, signal.SIGINT):  # the run is over: a late signal must not turn
-                signal.signal(sig, signal.SIG_IGN)       # the exit status into "killed"
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        if code > 0:
+            how += f" ({last_line(manifest.path / 'logs' / 'coordinator.log')})"
+        if over or resumes >= MAX_RESUMES or (resumes and now == progress):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the run is over: a late signal
+                signal.signal(sig, signal.SIG_IGN)                     # must not make it "killed"
+            if not _run_ended(manifest.path):
+                why = ("it never started" if not started else
+                       "analysis runs are not resumed" if manifest.analysis else
+                       "checkpoints are off" if not manifest.checkpoint else
+                       "stopped" if stopping or orphaned else
+                       f"{resumes} resumes (at most {MAX_RESUMES})" if resumes >= MAX_RESUMES else
+                       "no new checkpoint since the last resume")
+                _kill_leftovers()
+                reason = f"the coordinator {how}; gave up: {why}"
+                _end_run(manifest, reason)
+                print(f"coordinator {how}; gave up resuming the run: {why}", flush=True)
+            _remove_secrets(manifest.path)
             return code if code >= 0 else 2
         _kill_leftovers()
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         print(f"coordinator {how}; resuming from the newest checkpoints", flush=True)
         resumed, resumes, progress = f"the coordinator {how}", resumes + 1, now
+
+
+def _child(run_dir: str | Path, resumed: str, gone: str) -> None:
+    """Body of the forked coordinator proper: never returns into the supervisor's code."""
+    import traceback
+
+    code = 2
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        code = _coordinate(run_dir, resumed, gone)
+    except BaseException:  # noqa: BLE001 - e.g. a port taken between the check and the bind
+        traceback.print_exc()
+    finally:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait_child(child: int, run_dir: Path, starter: int) -> tuple[int, bool]:
+    """Wait for the coordinator proper; SIGHUP it once when `starter` dies without detaching.
+
+    Returns (exit code, whether the run was stopped because its starter is gone).
+    """
+    orphaned = False
+    while True:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            return os.waitstatus_to_exitcode(status), orphaned
+        if not orphaned and os.getppid() != starter and not (run_dir / DETACHED_FILE).exists():
+            orphaned = True
+            try:
+                os.kill(child, signal.SIGHUP)  # the coordinator proper ends the run: "... is gone"
+            except ProcessLookupError:
+                pass
+        time.sleep(WATCH_S)
+
+
+def _end_run(manifest: RunManifest, reason: str) -> None:
+    """Append run_completed ok=false to the audit chain (no coordinator is left to do it)."""
+    from meshctl.runtime.audit import Chain
+
+    path = manifest.path / EVENTS_FILE
+    _drop_torn_line(path)
+    chain = Chain.open(path)
+    event = ev.RunCompleted(run=manifest.run, ok=False, seconds=0.0, reason=reason)
+    event = event.model_copy(update={"seq": len(chain.hashes) + 1, "ts": time.time()})
+    with path.open("a", encoding="utf-8") as f:
+        f.write(chain.seal(event.to_dict()) + "\n")
+    try:
+        chain.finish(manifest.path)
+    except (OSError, ValueError) as err:
+        print(f"warning: audit head not recorded: {err}", flush=True)
+
+
+def _remove_secrets(run_dir: Path) -> None:
+    for secret in (run_dir / "keys").glob("*.key_secret"):
+        secret.unlink(missing_ok=True)
 
 
 def _checkpoint_rounds(run_dir: Path) -> dict[str, int]:
@@ -926,12 +1099,7 @@ def _checkpoint_rounds(run_dir: Path) -> dict[str, int]:
 
 
 def _run_ended(run_dir: Path) -> bool:
-    try:
-        with (run_dir / EVENTS_FILE).open("rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 4096))
-            return b'"type":"run_completed"' in f.read().splitlines()[-1]
-    except (OSError, IndexError):
-        return False
+    return run_ended(run_dir)
 
 
 def _kill_leftovers() -> None:
@@ -954,16 +1122,28 @@ def _kill_leftovers() -> None:
             break
 
 
-def _coordinate(run_dir: str | Path, resumed: str = "") -> int:
+def _coordinate(run_dir: str | Path, resumed: str = "", gone: str = "") -> int:
     """The coordinator proper: fork the local daemons (sharing imported torch), then coordinate.
 
     Forking here, after the heavy imports and before any thread or socket exists,
     is what makes a local mesh start in about the time of one `import torch`.
+    SIGHUP (from the supervisor: the run's starter is gone, `gone` says so) and the death of
+    the supervisor itself end the run in order, with that reason.
     """
     import sys
 
     from meshctl.errors import MeshctlError
 
+    reasons: list[str] = []
+    coordinator: list[Coordinator] = []
+    supervisor = os.getppid()
+
+    def hang_up(_signum: int, _frame: Any) -> None:  # also wakes the coordinator's poller
+        reasons.append(gone or "stopped by SIGHUP")
+        if coordinator and not coordinator[0].stop_reason:
+            coordinator[0].stop_reason = reasons[0]
+
+    signal.signal(signal.SIGHUP, hang_up)
     manifest = RunManifest.read(run_dir)
     plan = Plan.read(manifest.path / "plan.toml")
     if manifest.local_domains:
@@ -981,12 +1161,35 @@ def _coordinate(run_dir: str | Path, resumed: str = "") -> int:
     if manifest.analysis:  # an analysis run: meshctl analyze
         from meshctl.runtime.analytics import AnalysisCoordinator as cls
     try:
-        return cls(manifest, plan, children, resumed=resumed).run(restore_signals=False)
+        coordinator.append(cls(manifest, plan, children, resumed=resumed))
+        if reasons:
+            coordinator[0].stop_reason = reasons[0]
+        threading.Thread(target=_watch_supervisor, args=(supervisor, reasons), name="supervisor",
+                         daemon=True).start()
+        return coordinator[0].run(restore_signals=False)
     except MeshctlError as err:
         print(err.render(), file=sys.stderr)
         for pid in children:
             os.kill(pid, signal.SIGTERM)
         return err.exit_code
+
+
+def _watch_supervisor(supervisor: int, reasons: list[str]) -> None:
+    """Thread of the coordinator proper: when the supervisor dies, end the run ("supervisor gone")."""
+    while os.getppid() == supervisor:
+        time.sleep(WATCH_S)
+    reasons.insert(0, f"supervisor gone (pid {supervisor} died)")
+    os.kill(os.getpid(), signal.SIGHUP)  # the handler runs in the main thread and wakes its poller
+
+
+def _daemon_said(run_dir: Path, domain: str) -> str:
+    """The last line of a forked daemon's log when it is one of the daemon's own closing lines
+    (`error: …`, `internal error: …`, built from the domain's vocabulary); anything else in that
+    log (a library's text, a traceback, a host path) stays in the log."""
+    line = last_line(run_dir / "logs" / f"{domain}.log")
+    if line.startswith(("error: ", "internal error: ")) or line in ("no log", "no output"):
+        return line
+    return "see its log"
 
 
 def _daemon_child(manifest: RunManifest, plan: Plan, domain: str, key_file: str) -> int:
@@ -1010,10 +1213,14 @@ def _daemon_child(manifest: RunManifest, plan: Plan, domain: str, key_file: str)
                            threads=manifest.threads, parent_pid=os.getppid())
         code = Daemon(cfg).run()
     except MeshctlError as err:
-        print(err.render(), file=sys.stderr)
+        if err.where:  # the full story (a host path) for this log; its last line travels in DomainLost
+            print(err.render(), file=sys.stderr)
+        print(f"error: {err.message}" + (f" (hint: {err.hint})" if err.hint else ""), file=sys.stderr)
         code = err.exit_code
-    except BaseException:  # noqa: BLE001 - a daemon must never die silently
-        traceback.print_exc()
+    except BaseException as err:  # noqa: BLE001 - a daemon must never die silently
+        traceback.print_exc()  # may quote a value: it stays here; the last line, which travels, does not
+        print(f"internal error: the daemon failed ({type(err).__name__}); the traceback is above",
+              file=sys.stderr)
         code = 2
     finally:
         sys.stdout.flush()

@@ -10,7 +10,11 @@ client only if its public key is one the run lists for that ZAP domain
 
 from __future__ import annotations
 
+import hashlib
 import os
+import queue
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,23 +82,63 @@ def _cert(public: bytes, secret: bytes | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+REFUSAL_LOG_S = 60.0
+"""A refused key is logged at most this often per address (a client retries its handshake)."""
+
+
+def fingerprint(key: str | bytes) -> str:
+    """A short name for a Z85 public key in logs: the first 8 hex digits of its SHA-256."""
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()[:8]
+
+
 class _AllowList:
-    """ZAP credentials provider: a fixed set of Z85 public keys per ZAP domain."""
+    """ZAP credentials provider: a fixed set of Z85 public keys per ZAP domain; logs each refusal."""
 
     def __init__(self, allowed: dict[str, set[bytes]]):
         self.allowed = allowed
+        self.address = ""
+        """Peer address of the ZAP request being decided (the authenticator sets it)."""
+        self.refusals: queue.SimpleQueue[str] = queue.SimpleQueue()
+        """One line per logged refusal, for the coordinator to turn into events."""
+        self.logged: dict[tuple[str, str], float] = {}
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.allowed.get(domain, set())
+        if key in self.allowed.get(domain, set()):
+            return True
+        fp, address, now = fingerprint(key), self.address or "an unknown address", time.monotonic()
+        if now - self.logged.get((fp, address), -REFUSAL_LOG_S) >= REFUSAL_LOG_S:
+            if len(self.logged) >= 4096:  # many keys: start over rather than grow
+                self.logged.clear()
+            self.logged[(fp, address)] = now
+            line = f"refused Curve handshake: key {fp} from {address} is not a {domain} key of this run"
+            print(line, file=sys.stderr, flush=True)
+            self.refusals.put(line)
+        return False
+
+
+class _Authenticator(ThreadAuthenticator):
+    """A ThreadAuthenticator that tells its allow-list the address of the request it decides."""
+
+    provider: _AllowList
+
+    def handle_zap_message(self, msg: list[bytes]):  # type: ignore[override]  # sync or async per pyzmq
+        if len(msg) >= 4:
+            self.provider.address = msg[3].decode("utf-8", "replace")
+        return super().handle_zap_message(msg)
 
 
 def start_authenticator(ctx: zmq.Context, allowed: dict[str, set[bytes]]) -> ThreadAuthenticator:
-    """Start a ZAP handler admitting exactly `allowed[zap_domain]` keys."""
-    auth = ThreadAuthenticator(ctx)
+    """Start a ZAP handler admitting exactly `allowed[zap_domain]` keys.
+
+    Refused keys are logged to stderr by fingerprint and address, and queued on the
+    returned authenticator's `refusals`.
+    """
+    auth = _Authenticator(ctx)
+    auth.provider = _AllowList(allowed)
+    auth.refusals = auth.provider.refusals
     auth.start()
-    provider = _AllowList(allowed)
     for zap_domain in allowed:
-        auth.configure_curve_callback(domain=zap_domain, credentials_provider=provider)
+        auth.configure_curve_callback(domain=zap_domain, credentials_provider=auth.provider)
     return auth
 
 

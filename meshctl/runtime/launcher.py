@@ -14,8 +14,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
@@ -24,7 +26,18 @@ from meshctl.compiler.plan import Plan
 from meshctl.errors import UserError
 from meshctl.runtime import events as ev
 from meshctl.runtime.keys import KeyPair, check_public_key, curve_client, fast_reconnect
-from meshctl.runtime.run import EVENTS_FILE, RunManifest, last_line, new_run_id
+from meshctl.runtime.run import (
+    DETACHED_FILE,
+    EVENTS_FILE,
+    RunManifest,
+    claim_run,
+    hold_run,
+    last_line,
+    new_run_id,
+    remove_dead_secrets,
+    run_ended,
+    run_live,
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,8 @@ class RunResult:
     events: tuple[ev.Event, ...] = ()
     detached: bool = False
     """The dashboard left the run going in the background (re-attach with `meshctl dash`)."""
+    signal: int = 0
+    """The signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) that made `up` stop the run, else 0."""
 
 
 def state_dir(mesh_file: Path) -> Path:
@@ -45,12 +60,14 @@ def state_dir(mesh_file: Path) -> Path:
 def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1,
                 wait_for_observer_s: float = 10.0, analysis: str = "") -> tuple[RunManifest, KeyPair]:
     """Make the run directory, its ephemeral keys and manifest; return it and the observer's keys."""
+    router, events = _endpoints(address or plan.coordinator.address)  # a busy port leaves no run directory
     run = new_run_id()
     run_dir = state_dir(mesh_file) / "runs" / run
+    remove_dead_secrets(run_dir.parent)
     (run_dir / "logs").mkdir(parents=True)
+    _HELD[str(run_dir)] = hold_run(run_dir)  # before the keys: no cleanup may take them from a starting run
     keys_dir = run_dir / "keys"
     plan.write(run_dir / "plan.toml")
-    router, events = _endpoints(address or plan.coordinator.address)
     coordinator = KeyPair.generate()
     coordinator_file = coordinator.save(keys_dir, "coordinator")
     domain_keys: dict[str, str] = {}
@@ -76,6 +93,17 @@ def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, thre
     return manifest, observer
 
 
+_HELD: dict[str, int] = {}
+"""Run directory -> fd of this process's shared lock on it (released by LocalRun.finish)."""
+
+
+def release_run(run_dir: str | Path) -> None:
+    """Let go of this process's lock on a run (the run's own processes keep theirs)."""
+    fd = _HELD.pop(str(run_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _endpoints(address: str) -> tuple[str, str]:
     """(router, events) endpoints: the events socket takes the next port; port 0 picks free ones."""
     parts = urlsplit(address)
@@ -83,7 +111,8 @@ def _endpoints(address: str) -> tuple[str, str]:
         raise UserError(f"coordinator address {address!r} is not tcp://HOST:PORT")
     host = parts.hostname
     if parts.port == 0:
-        return f"tcp://{host}:{_free_port(host)}", f"tcp://{host}:{_free_port(host)}"
+        router, events = _free_ports(host, 2)
+        return f"tcp://{host}:{router}", f"tcp://{host}:{events}"
     for port in (parts.port, parts.port + 1):
         if not _port_free(host, port):
             raise UserError(f"port {port} on {host} is in use (another `meshctl up`?)",
@@ -91,10 +120,16 @@ def _endpoints(address: str) -> tuple[str, str]:
     return f"tcp://{host}:{parts.port}", f"tcp://{host}:{parts.port + 1}"
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def _free_ports(host: str, n: int) -> list[int]:
+    """`n` distinct free ports: each socket stays bound until all are picked, so no port is picked twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -183,15 +218,17 @@ class LocalRun:
     def log(self) -> Path:
         return self.m.path / "logs" / "coordinator.log"
 
-    def start(self, warm: WarmCoordinator | None = None) -> None:
-        """Start the coordinator: hand the run to `warm` when it is still waiting, else spawn one."""
+    def start(self, warm: WarmCoordinator | None = None, *, resume: bool = False) -> None:
+        """Start the coordinator: hand the run to `warm` when it is still waiting, else spawn one
+        (with `resume`, one that takes the run up from its newest checkpoints)."""
         if warm is not None:
             self.proc = warm.take(self.m.run_dir, self.log)
             if self.proc is not None:
                 return
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "meshctl", "coordinator", "--run-dir", self.m.run_dir],
+                [sys.executable, "-m", "meshctl", "coordinator", "--run-dir", self.m.run_dir,
+                 *(["--resume"] if resume else [])],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)  # Ctrl-C reaches `up` only; `up` stops the rest in order
 
@@ -240,9 +277,19 @@ class LocalRun:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def detach(self) -> None:
+        """Leave the run going: from now on the exit of this process does not stop it."""
+        (self.m.path / DETACHED_FILE).touch()
+        release_run(self.m.path)
+
     def finish(self) -> RunResult:
-        """Wait for the coordinator, remove secret keys, and say how the run ended."""
+        """Wait for the coordinator (and any process of the run it left), remove secret keys,
+        and say how the run ended."""
         code = self.wait()
+        release_run(self.m.path)
+        deadline = time.monotonic() + 20.0  # a killed supervisor's coordinator ends the run itself
+        while run_live(self.m.path) and not run_ended(self.m.path) and time.monotonic() < deadline:
+            time.sleep(0.1)
         for f in (self.m.path / "keys").glob("*.key_secret"):
             f.unlink()
         self._update_catalog()
@@ -286,6 +333,72 @@ def start_run(mesh_file: Path, plan: Plan, *, address: str | None = None, thread
     return run
 
 
+def resume_run(spec: str, mesh_file: Path) -> LocalRun:
+    """`meshctl resume RUN`: take a killed run up from its newest checkpoints with fresh keys.
+
+    RUN is a run id, a run directory or `latest`. Refused for a run that ended, one that is
+    still live (a process holds its lock), one that never started, and analysis runs.
+    """
+    from meshctl.runtime.audit import resolve_run, show_path
+
+    runs = state_dir(mesh_file) / "runs"
+    remove_dead_secrets(runs)
+    if spec == "latest":
+        found = sorted(p for p in runs.glob("*") if (p / "run.json").is_file()) if runs.is_dir() else []
+        if not found:
+            raise UserError("no runs to resume", where=show_path(runs), hint="start one with `meshctl up`")
+        spec = str(found[-1])
+    run_dir = resolve_run(spec, mesh_file.resolve().parent)
+    m = RunManifest.read(run_dir)
+    where = show_path(run_dir)
+    if run_live(run_dir):
+        raise UserError(f"run {m.run} is still running", where=where,
+                        hint=f"watch it with `meshctl dash {m.run}`, or stop it first")
+    if run_ended(run_dir):
+        raise UserError(f"run {m.run} has ended: nothing to resume", where=where,
+                        hint="start a new run with `meshctl up`")
+    if not (run_dir / EVENTS_FILE).is_file() or not (run_dir / EVENTS_FILE).stat().st_size:
+        raise UserError(f"run {m.run} never started: nothing to resume", where=where,
+                        hint="start a new run with `meshctl up`")
+    if m.analysis:
+        raise UserError(f"run {m.run} is an analysis: it cannot be resumed (its ε would be charged twice)",
+                        where=where, hint=f"run `meshctl analyze {m.analysis}` again")
+    fd = claim_run(run_dir)
+    if fd is None:  # it came alive just now (another `meshctl resume`)
+        raise UserError(f"run {m.run} is still running", where=where,
+                        hint=f"watch it with `meshctl dash {m.run}`, or stop it first")
+    _HELD[str(run_dir)] = fd
+    manifest, observer = _fresh_keys(m)
+    (run_dir / DETACHED_FILE).unlink(missing_ok=True)
+    run = LocalRun(manifest, observer)
+    run.start(resume=True)
+    return run
+
+
+def _fresh_keys(m: RunManifest) -> tuple[RunManifest, KeyPair]:
+    """New ephemeral keys for the coordinator, the local domains and the observer (the old secrets are
+    gone with the processes that used them); remote domains keep the public keys mesh.yaml gives."""
+    keys_dir = m.path / "keys"
+    for f in keys_dir.glob("*.key_secret"):
+        f.unlink()
+    for port in {urlsplit(e).port for e in (m.router, m.events)}:
+        host = urlsplit(m.router).hostname or "127.0.0.1"
+        if port and not _port_free(host, port):
+            raise UserError(f"port {port} on {host} is in use (another `meshctl up`?)", where=m.router,
+                            hint="stop whatever holds it, then resume again")
+    coordinator = KeyPair.generate()
+    local = {d: str(KeyPair.generate().save(keys_dir, d)) for d in m.local_domains}
+    domain_keys = {**m.domain_keys, **{d: KeyPair.load(f).public.decode() for d, f in local.items()}}
+    observer = KeyPair.generate()
+    observer.save(keys_dir, "observer")
+    manifest = m.model_copy(update={
+        "coordinator_key": str(coordinator.save(keys_dir, "coordinator")),
+        "coordinator_public": coordinator.public.decode(), "domain_keys": domain_keys,
+        "local_domains": local, "observer_keys": [observer.public.decode()]})
+    manifest.write()
+    return manifest, observer
+
+
 # -- the headless printer ------------------------------------------------------------
 
 def human_bytes(n: float) -> str:
@@ -313,19 +426,61 @@ def render_event(event: ev.Event) -> str | None:
     return event.message()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+"""What stops a run that `up` attends: Ctrl-C, kill, systemctl/docker stop, timeout, a hang-up, Ctrl-\\."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """One of STOP_SIGNALS reached the process that attends a run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn the first of STOP_SIGNALS into `Interrupted`, then ignore them while the run is stopped in
+    order (until the caller restores them); a signal ignored when we started (nohup, `cmd &`) stays so."""
+    fired: list[int] = []
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        fired.append(signum)
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
+    for sig in previous:
+        signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items() if not fired else ():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def interrupted(run: LocalRun, signum: int, echo) -> RunResult:
+    """Stop the run in order after `signum` reached `up`; the result carries the signal."""
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    echo(f"stopping the run ({name})...")
+    run.stop()
+    result = run.finish()
+    return RunResult(False, result.run_dir, f"interrupted by {signal.Signals(signum).name}", result.events,
+                     signal=signum)
+
+
 def run_headless(run: LocalRun, echo) -> RunResult:
     """Print one line per round (and notable events) until the run ends."""
     started = time.time()
     try:
-        for event in run.follow():
-            line = render_event(event)
-            if line:
-                echo(line)
-    except KeyboardInterrupt:
-        echo("stopping the run (Ctrl-C)...")
-        run.stop()
-        result = run.finish()
-        return RunResult(False, result.run_dir, "interrupted", result.events)
+        with stop_on_signals():
+            for event in run.follow():
+                line = render_event(event)
+                if line:
+                    echo(line)
+    except KeyboardInterrupt as err:
+        return interrupted(run, getattr(err, "signum", signal.SIGINT), echo)
     result = run.finish()
     for e in result.events:
         if isinstance(e, ev.JobCompleted):

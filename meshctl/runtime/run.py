@@ -9,11 +9,15 @@
       metrics.csv       one row per completed round
       checkpoints/<job>/round-NNNN.safetensors
       models/<job>.safetensors
+      run.lock          held (flock, shared) by every process of a live run; free once it is over
+      detached          written by `meshctl up` when the user leaves the run going in the background
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import secrets
 import time
 from pathlib import Path
@@ -24,6 +28,10 @@ RUNS_DIR = Path(".meshctl") / "runs"
 """Where `meshctl up` keeps runs, relative to the mesh.yaml's directory."""
 EVENTS_FILE = "events.jsonl"
 """A run's event log (and audit chain), inside its run directory."""
+LOCK_FILE = "run.lock"
+"""Every process of a live run holds a shared flock on it (forked children inherit it)."""
+DETACHED_FILE = "detached"
+"""Marker: the process that started the run left it going on purpose (its exit must not stop it)."""
 
 
 class RunManifest(BaseModel):
@@ -87,3 +95,59 @@ def last_line(path: Path) -> str:
     except OSError:
         return "no log"
     return lines[-1].strip() if lines else "no output"
+
+
+def hold_run(run_dir: str | Path) -> int:
+    """Take a shared lock on the run's lock file; the returned fd holds it until closed (or exit)."""
+    fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def claim_run(run_dir: str | Path) -> int | None:
+    """Hold the run's lock (shared) if no process holds it; None while the run is live."""
+    fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def run_live(run_dir: str | Path) -> bool:
+    """True while some process (coordinator, daemon, `meshctl up`) holds the run's lock."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_dead_secrets(runs_dir: Path) -> list[Path]:
+    """Delete the secret key files of runs no process holds any more (killed runs); the deleted files."""
+    removed: list[Path] = []
+    for run_dir in sorted(runs_dir.glob("*")) if runs_dir.is_dir() else []:
+        secrets_left = list((run_dir / "keys").glob("*.key_secret"))
+        if secrets_left and not run_live(run_dir):
+            for f in secrets_left:
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
+
+
+def run_ended(run_dir: Path) -> bool:
+    """True when the run's last event is run_completed."""
+    try:
+        with (run_dir / EVENTS_FILE).open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            return b'"type":"run_completed"' in f.read().splitlines()[-1]
+    except (OSError, IndexError):
+        return False

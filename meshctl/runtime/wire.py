@@ -28,6 +28,10 @@ CHUNK_BYTES = 64 * 1024 * 1024
 """Largest tensor frame; bigger tensors are split into several frames."""
 MAX_HEADER_BYTES = 1024 * 1024
 """A header frame larger than this is rejected before parsing."""
+MAX_DEPTH = 16
+"""Deepest nesting of JSON arrays and objects in a header (the messages here need 5)."""
+MAX_COUNT = 2**53
+"""Largest integer a header may hold: every count, size and dimension is exact as a float below it."""
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -248,23 +252,21 @@ def encode(msg: Any, tensors: Tensors | None = None, *, chunk_bytes: int = CHUNK
     return [header.model_dump_json().encode(), *buffers]
 
 
-def decode(frames: Sequence[Any]) -> tuple[Any, Tensors]:
-    """The message and tensors of `frames` (bytes or zmq.Frame). Raises WireError.
+def decode(frames: Sequence[Any], *, max_bytes: int | None = None) -> tuple[Any, Tensors]:
+    """The message and tensors of `frames` (bytes or zmq.Frame). Raises WireError, never anything else.
 
     Every size is checked against the header before a tensor is built; tensors
-    are views of the received buffers when they came in one chunk.
+    are views of the received buffers when they came in one chunk. `max_bytes`
+    bounds the tensor frames together (a receiver knows the largest message it expects).
     """
     if not frames:
         raise WireError("empty message")
     head = _buffer(frames[0])
     if len(head) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        raw = json.loads(bytes(head))
-    except (ValueError, UnicodeDecodeError):
-        raise WireError("header is not JSON") from None
-    if not isinstance(raw, dict):
-        raise WireError("header is not a JSON object")
+    if max_bytes is not None and (size := frames_size(frames[1:])) > max_bytes:
+        raise WireError(f"tensor frames of {size} bytes exceed the {max_bytes} this peer accepts")
+    raw = _parse_header(bytes(head))
     if raw.get("v") != PROTOCOL_VERSION:
         raise WireError(f"protocol version {raw.get('v')!r} differs from this peer's {PROTOCOL_VERSION}")
     try:
@@ -281,7 +283,7 @@ def decode(frames: Sequence[Any]) -> tuple[Any, Tensors]:
     i = 0
     for spec in msg.tensors:
         dtype = DTYPES[spec.dtype]
-        numel = math.prod(spec.shape)
+        numel = math.prod(spec.shape)  # exact: Python ints do not overflow
         if numel * dtype.itemsize != spec.nbytes:
             raise WireError(f"tensor {spec.name!r}: shape {spec.shape} does not match {spec.nbytes} bytes")
         parts = [_buffer(f) for f in body[i:i + spec.chunks]]
@@ -290,8 +292,58 @@ def decode(frames: Sequence[Any]) -> tuple[Any, Tensors]:
             raise WireError(f"tensor {spec.name!r}: frames hold {sum(len(p) for p in parts)} bytes, header says {spec.nbytes}")
         if spec.name in tensors:
             raise WireError(f"tensor {spec.name!r} listed twice")
-        tensors[spec.name] = _tensor(parts, dtype, spec.shape, spec.nbytes)
+        try:
+            tensors[spec.name] = _tensor(parts, dtype, spec.shape, spec.nbytes)
+        except (RuntimeError, ValueError, TypeError, OverflowError) as err:  # a shape torch cannot hold
+            raise WireError(f"tensor {spec.name!r}: shape {spec.shape}: {str(err).splitlines()[0]:.200}") from None
     return msg, tensors
+
+
+def _parse_header(head: bytes) -> dict[str, Any]:
+    """The header's JSON object: at most MAX_DEPTH deep, integers within ±MAX_COUNT, numbers finite."""
+    try:
+        raw = json.loads(head, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError:
+        raise WireError(f"header nests deeper than {MAX_DEPTH}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise err if isinstance(err, WireError) else WireError("header is not JSON") from None
+    if not isinstance(raw, dict):
+        raise WireError("header is not a JSON object")
+    if _depth(raw) > MAX_DEPTH:
+        raise WireError(f"header nests deeper than {MAX_DEPTH}")
+    return raw
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 17 or abs(value := int(text)) > MAX_COUNT:  # 2**53 has 16 digits
+        raise WireError(f"header number {text:.20} is out of range (at most {MAX_COUNT})")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise WireError(f"header number {text:.20} is not finite")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise WireError(f"header holds {text}, which is not a number")
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return deepest
 
 
 def frames_size(frames: Sequence[Any]) -> int:

@@ -31,6 +31,7 @@ def run_dashboard(run: LocalRun) -> RunResult:
         if not detached:
             run.stop()  # a no-op when the run already ended
     if detached:
+        run.detach()  # `up` exits now: the run must not take that for `up` being killed
         hint = reattach_hint(run.m.path)
         return RunResult(False, run.m.path, f"run {run.m.run} keeps running in the background; "
                          f"re-attach with: {hint}", detached=True)
