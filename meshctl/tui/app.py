@@ -14,6 +14,8 @@ Rounds (rounds table, contributions, plots), Policies (every decision), Catalog
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -120,6 +122,14 @@ class MeshApp(App[MeshState]):
         self.ask_on_quit = ask_on_quit
         self.quit_choice: str | None = None
         """`stop` or `detach` when the quit dialog answered, else None."""
+        self.stop_signals: tuple[int, ...] = ()
+        """Signals that close the app (`meshctl up`: SIGTERM, SIGHUP, ...), handled by its event loop."""
+        self.stopped_by: int | None = None
+        """The first of `stop_signals` that arrived, if one did."""
+        self.on_stop_signal: Callable[[int], None] | None = None
+        """Called (in the event loop) with the first of `stop_signals`, before the app exits."""
+        self.unmounted = threading.Event()
+        """Set when the app starts to close (a watchdog can tell a close that never ends)."""
         self.refresh_s = refresh_s
         self.redraws = 0
         """How many times the widgets were redrawn (batched: not once per event)."""
@@ -163,8 +173,19 @@ class MeshApp(App[MeshState]):
         self._clock_timer = self.set_interval(1.0, self._tick_clock)
         if self.event_source is not None:
             self.event_source.start(self)
+        loop = asyncio.get_running_loop()
+        for sig in self.stop_signals:  # in the loop, not raised into it: the app closes in order
+            loop.add_signal_handler(sig, self._stop_signal, sig)
+
+    def _stop_signal(self, sig: int) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
+            if self.on_stop_signal is not None:
+                self.on_stop_signal(sig)
+        self.exit()
 
     def on_unmount(self) -> None:
+        self.unmounted.set()
         self._views = None  # timers that still fire find nothing to draw
         if self._clock_timer is not None:
             self._clock_timer.stop()

@@ -40,7 +40,10 @@ def _kill_tree_after_checkpoint(hospitals: Path, rounds: int) -> tuple[Path, lis
         time.sleep(0.05)
     procs = [psutil.Process(up.pid), *psutil.Process(up.pid).children(recursive=True)]
     for p in procs:  # as the OOM killer or a power cut would: no one gets to clean up
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # it ended between listing and killing (a daemon whose parent died)
+            pass
     up.communicate(timeout=10)
     psutil.wait_procs(procs, timeout=10)
     return run, procs
