@@ -205,6 +205,12 @@ def schema() -> None:
 # (filled in by the runtime work)
 
 
+COORDINATOR_KEY = click.option(
+    "--coordinator-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Secret key file of the coordinator key mesh.yaml declares "
+         "[default: .meshctl/keys/coordinator.key_secret beside it].")
+
+
 @main.command()
 @MESH_FILE
 @click.option("--headless", is_flag=True, help="Print one line per round instead of the dashboard.")
@@ -212,15 +218,16 @@ def schema() -> None:
               help="Coordinator address instead of mesh.yaml's; port 0 picks free ports.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
               help="torch threads per daemon.")
+@COORDINATOR_KEY
 @reports_errors
-def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
+def up(file: Path, headless: bool, address: str | None, threads: int, coordinator_key: Path | None) -> None:
     """Compile FILE, start a coordinator and one daemon per local domain, and train."""
     from meshctl.runtime.launcher import WarmCoordinator, start_run
 
     warm = WarmCoordinator()  # imports torch while this process compiles
     try:
         plan = _compile_or_exit(file).plan
-        run = start_run(file, plan, address=address, threads=threads, warm=warm)
+        run = start_run(file, plan, address=address, threads=threads, warm=warm, coordinator_key=coordinator_key)
     finally:
         warm.discard()
     _end(_attend(run, headless))
@@ -231,12 +238,82 @@ def up(file: Path, headless: bool, address: str | None, threads: int) -> None:
 @click.option("--mesh", "mesh_file", type=click.Path(dir_okay=False, path_type=Path), default="mesh.yaml",
               show_default=True, help="The mesh.yaml whose .meshctl/runs/ holds RUN.")
 @click.option("--headless", is_flag=True, help="Print one line per round instead of the dashboard.")
+@COORDINATOR_KEY
 @reports_errors
-def resume(run: str, mesh_file: Path, headless: bool) -> None:
+def resume(run: str, mesh_file: Path, headless: bool, coordinator_key: Path | None) -> None:
     """Go on with a killed run RUN (id, directory or `latest`) from its newest checkpoints."""
     from meshctl.runtime.launcher import resume_run
 
-    _end(_attend(resume_run(run, mesh_file), headless))
+    _end(_attend(resume_run(run, mesh_file, coordinator_key), headless))
+
+
+# runs, status, logs, stop: operating runs from another shell (docs/operations.md)
+RUNS_MESH = click.option("--mesh", "mesh_file", type=click.Path(dir_okay=False, path_type=Path),
+                         default="mesh.yaml", show_default=True,
+                         help="The mesh.yaml whose .meshctl/runs/ holds the runs.")
+RUNS_FORMAT = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+                           show_default=True)
+
+
+@main.command()
+@RUNS_MESH
+@RUNS_FORMAT
+@reports_errors
+def runs(mesh_file: Path, fmt: str) -> None:
+    """The mesh's runs, newest first: status, start, duration, jobs, rounds, metric, why one failed."""
+    from meshctl.runview import render_runs
+
+    click.echo(render_runs(mesh_file, fmt))
+
+
+@main.command()
+@click.argument("run", default="latest")
+@RUNS_MESH
+@RUNS_FORMAT
+@reports_errors
+def status(run: str, mesh_file: Path, fmt: str) -> None:
+    """Where RUN (id, directory or `latest`, the default) stands: its domains connected, missing or
+    lost and its jobs' progress while it runs; its outcome once it has ended."""
+    from meshctl.runtime.run import resolve_run
+    from meshctl.runview import render_status
+
+    click.echo(render_status(resolve_run(run, mesh_file), fmt))
+
+
+@main.command()
+@click.argument("run", default="latest")
+@click.option("--domain", "domains", multiple=True, metavar="D", help="Only domain D's log (repeatable).")
+@click.option("--coordinator", "coord", is_flag=True, help="Only the coordinator's log (with --domain: too).")
+@click.option("-n", "--lines", "n", type=click.IntRange(min=0), metavar="N",
+              help="Only the last N lines of each log.")
+@click.option("-f", "--follow", is_flag=True, help="Go on printing new lines until the run's processes end.")
+@RUNS_MESH
+@reports_errors
+def logs(run: str, domains: tuple[str, ...], coord: bool, n: int | None, follow: bool, mesh_file: Path) -> None:
+    """Print the log files of RUN (id, directory or `latest`): logs/coordinator.log, logs/DOMAIN.log."""
+    from meshctl.runtime.operate import follow_logs, log_files, read_logs
+    from meshctl.runtime.run import resolve_run
+
+    run_dir = resolve_run(run, mesh_file)
+    files = log_files(run_dir, domains, coord)
+    if follow:
+        return follow_logs(run_dir, files, click.echo, n=10 if n is None else n)
+    for line in read_logs(files, n):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("run")
+@RUNS_MESH
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Seconds to wait for the run to end.")
+@reports_errors
+def stop(run: str, mesh_file: Path, timeout: float) -> None:
+    """Stop the live RUN (id, directory or `latest`) in order, from any shell, and say how it ended."""
+    from meshctl.runtime.operate import stop_run
+    from meshctl.runview import render_stopped
+
+    click.echo(render_stopped(stop_run(run, mesh_file, timeout_s=timeout)))
 
 
 def _end(result: Any) -> None:
@@ -290,28 +367,78 @@ def coordinator(run_dir: str | None, warm: bool, resume: bool) -> None:
               help="The mesh.plan.toml both sides share.")
 @click.option("--domain", required=True, help="Which domain of the plan this daemon serves.")
 @click.option("--coordinator", "endpoint", required=True, metavar="tcp://HOST:PORT")
-@click.option("--server-key", required=True, help="The coordinator's Z85 Curve public key.")
+@click.option("--server-key", default=None,
+              help="The coordinator's Z85 Curve public key [default: the plan's mesh.coordinator.public_key].")
 @click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="This domain's Curve secret key file.")
 @click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory product sources are relative to (default: the plan's).")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
 @reports_errors
-def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str, key_file: Path,
+def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str | None, key_file: Path,
            base_dir: Path | None, threads: int) -> None:
     """Run one domain's daemon on this host and connect it to a coordinator."""
     from meshctl.compiler.plan import Plan
     from meshctl.runtime.daemon import Daemon, DaemonConfig
-    from meshctl.runtime.keys import KeyPair, check_public_key
+    from meshctl.runtime.keys import KeyPair, coordinator_server_key
 
     try:
         plan = Plan.read(plan_file)
     except (ValueError, OSError) as err:  # tomllib and pydantic errors are ValueErrors
         raise UserError(f"not a meshctl plan: {str(err).splitlines()[0]}", where=str(plan_file)) from None
+    server = coordinator_server_key(plan.coordinator.public_key, server_key)
     cfg = DaemonConfig(domain=domain, plan=plan, base_dir=base_dir or plan_file.parent,
-                       coordinator=endpoint, server_key=check_public_key(server_key, where="--server-key"),
+                       coordinator=endpoint, server_key=server,
                        keys=KeyPair.load(key_file), threads=threads)
     sys.exit(Daemon(cfg).run())
+
+
+# ---------------------------------------------------------------------------
+# identity: keys generate / show  (meshctl.runtime.keys)
+# ---------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Curve key pairs: public keys go into mesh.yaml, secrets stay on their host."""
+
+
+KEYS_MESH = click.option("--mesh", "mesh_file", type=click.Path(dir_okay=False, path_type=Path),
+                         default="mesh.yaml", show_default=True,
+                         help="The mesh.yaml beside whose .meshctl/keys/ keys live.")
+KEYS_DIR = click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Directory of the key files [default: .meshctl/keys/ beside the mesh.yaml].")
+
+
+@keys.command("generate")
+@click.argument("name")
+@KEYS_MESH
+@KEYS_DIR
+@click.option("--force", is_flag=True, help="Replace an existing key pair (a rotation).")
+@reports_errors
+def keys_generate(name: str, mesh_file: Path, directory: Path | None, force: bool) -> None:
+    """Make key pair NAME (a domain, or `coordinator`) and print the public_key line for mesh.yaml."""
+    from meshctl.runtime.keys import fingerprint, generate_key, keys_dir, paste_line
+
+    pair, secret = generate_key(name, directory or keys_dir(mesh_file), force=force)
+    click.echo(f"wrote {secret} (mode 0600: it never leaves this host) and {secret.with_suffix('.key')}", err=True)
+    click.echo(f"key {name}, fingerprint {fingerprint(pair.public)}; put this line under "
+               f"{'mesh.coordinator' if name == 'coordinator' else 'the domain ' + name} in mesh.yaml:", err=True)
+    click.echo(paste_line(pair.public))
+
+
+@keys.command("show")
+@click.argument("name")
+@KEYS_MESH
+@KEYS_DIR
+@reports_errors
+def keys_show(name: str, mesh_file: Path, directory: Path | None) -> None:
+    """Print the public_key line and fingerprint of key pair NAME."""
+    from meshctl.runtime.keys import fingerprint, keys_dir, paste_line, read_public
+
+    public, _ = read_public(name, directory or keys_dir(mesh_file))
+    click.echo(paste_line(public))
+    click.echo(f"fingerprint: {fingerprint(public)}")
 
 
 # ---------------------------------------------------------------------------
@@ -647,8 +774,8 @@ def audit_verify(run: str | None, audit_mesh: Path) -> None:
 @AUDIT_MESH
 @reports_errors
 def audit_report(run: str, output: Path | None, audit_mesh: Path) -> None:
-    """Write a compliance report of RUN as Markdown and JSON. RUN is a run id or a run directory."""
-    from meshctl.runtime.audit import resolve_run
+    """Write a compliance report of RUN as Markdown and JSON. RUN is a run id, a run directory or `latest`."""
+    from meshctl.runtime.run import resolve_run
     from meshctl.runtime.audit_report import write_report
 
     md, js, report = write_report(resolve_run(run, audit_mesh.resolve().parent), output)
@@ -669,10 +796,10 @@ def lineage() -> None:
 @AUDIT_MESH
 @reports_errors
 def lineage_export(run: str, output: Path | None, audit_mesh: Path) -> None:
-    """Print RUN's OpenLineage RunEvents as JSON lines. RUN is a run id or a run directory."""
+    """Print RUN's OpenLineage RunEvents as JSON lines. RUN is a run id, a run directory or `latest`."""
     import json
 
-    from meshctl.runtime.audit import resolve_run
+    from meshctl.runtime.run import resolve_run
     from meshctl.runtime.lineage import write_events
 
     events, path = write_events(resolve_run(run, audit_mesh.resolve().parent), output)

@@ -13,6 +13,7 @@ findings out.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -101,7 +102,7 @@ RULES: dict[str, Rule] = {
     "INF003": Rule("info", "product changed (source, table, tags, non-contract columns)"),
     "INF004": Rule("info", "model or analysis removed"),
     "INF005": Rule("info", "model or analysis changed (training, participants, metrics, ...)"),
-    "INF006": Rule("info", "domain or coordinator added, removed or moved"),
+    "INF006": Rule("info", "domain or coordinator added, removed, moved or given another public key"),
     "INF007": Rule("info", "grant bookkeeping changed (requested_by, reason)"),
 }
 """Every rule id, its class and meaning; docs/ci.md lists them (a test checks it)."""
@@ -203,6 +204,9 @@ def _mesh(d: _Diff) -> None:
     if old.mesh.coordinator.address != new.mesh.coordinator.address:
         d.add("INF006", "head", ("mesh", "coordinator", "address"), "coordinator",
               f"address {old.mesh.coordinator.address} -> {new.mesh.coordinator.address}")
+    if old.mesh.coordinator.public_key != new.mesh.coordinator.public_key:
+        d.add("INF006", "head", ("mesh", "coordinator"), "coordinator",
+              f"public key {_key(old.mesh.coordinator.public_key)} -> {_key(new.mesh.coordinator.public_key)}")
     if old.mesh.description != new.mesh.description:
         d.add("INF001", "head", ("mesh", "description"), "mesh", "description changed")
     before = {x.name: x for x in old.domains}
@@ -218,11 +222,19 @@ def _mesh(d: _Diff) -> None:
         if dom.address != now.address:
             d.add("INF006", "head", (*now.path, "address"), f"domain {name}",
                   f"address {dom.address} -> {now.address}")
+        if dom.public_key != now.public_key:
+            d.add("INF006", "head", now.path, f"domain {name}",
+                  f"public key {_key(dom.public_key)} -> {_key(now.public_key)}")
         if (dom.owner, dom.description) != (now.owner, now.description):
             d.add("INF001", "head", now.path, f"domain {name}", "owner or description changed")
     for name, dom in after.items():
         if name not in before:
             d.add("INF006", "head", dom.path, f"domain {name}", "domain added")
+
+
+def _key(public_key: str) -> str:
+    """A public key as its fingerprint (sha256, first 8 hex digits, as `meshctl keys show`), or none."""
+    return hashlib.sha256(public_key.encode()).hexdigest()[:8] if public_key else "none"
 
 
 # -- contracts -------------------------------------------------------------------------

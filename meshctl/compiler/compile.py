@@ -3,7 +3,8 @@
 The stages run in order (load, parse, resolve (models, analyses, grants),
 contracts, sources, policies, plan (build.py)); every stage reports into one Reporter and later stages work on whatever
 earlier ones could make sense of, so one run shows every problem. Pure: reads
-the mesh.yaml and checks that source files exist, nothing else.
+the mesh.yaml and checks that source files of `local` domains exist, nothing else
+(a remote domain's data lives on its own host: its daemon checks it there).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from meshctl.compiler.build import build_plan
 from meshctl.compiler.contracts import check_contracts
 from meshctl.compiler.diagnostics import Diagnostic, Reporter, YamlPath, render_all
+from meshctl.compiler.identity import check_identity, remote_domains
 from meshctl.compiler.loader import Source, SourceMap, load_bytes, no_gc
 from meshctl.compiler.parse import parse_spec
 from meshctl.compiler.plan import STRATEGY_SETTINGS, Plan, PlanDecision
@@ -87,7 +89,8 @@ def _compile(raw: bytes, path: str | Path, hashed: bool) -> CompileResult:
     spec = parsed.spec
     resolution = resolve(parsed, report)
     check_contracts(spec, resolution, report)
-    check_sources(spec.products, Path(path).parent, report)
+    check_identity(spec, report)
+    check_sources(spec.products, Path(path).parent, report, remote=remote_domains(spec))
     _check_jobs(resolution, report, spec)
     policies = compile_policies(spec, report)
     name = Path(path).name

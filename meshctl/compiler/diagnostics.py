@@ -60,6 +60,16 @@ CODES: dict[str, str] = {
                "go only with invalidValues, missingValues only with the missingValues metric.",
     "MESH216": "A sql quality rule's query uses an unknown placeholder; only {object} (the "
                "product's table) and {property} (the rule's column) are replaced.",
+    "MESH217": "An address is malformed: the coordinator's must be tcp://HOST:PORT, a domain's "
+               "`local` (forked by `meshctl up`) or tcp://HOST[:PORT] (its daemon runs on its own host).",
+    "MESH218": "A remote domain (address tcp://...) declares no public_key, so the coordinator could "
+               "not tell its daemon from anyone else's; run `meshctl keys generate DOMAIN` on the "
+               "domain's host and paste the public_key line it prints.",
+    "MESH219": "A public_key is not a CurveZMQ public key: 40 Z85 characters, as printed by "
+               "`meshctl keys generate` or `meshctl keys show`.",
+    "MESH220": "A `local` domain declares a public_key; `meshctl up` forks local domains with a key "
+               "made per run, so the key would be ignored. Remove it, or give the domain's host as "
+               "its address.",
     # 3xx: references and contracts
     "MESH301": "Two items of the same kind have the same name (or id).",
     "MESH302": "A reference names a domain that is not declared.",

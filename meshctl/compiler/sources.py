@@ -2,8 +2,9 @@
 
 A source is a csv or parquet file (format by extension), or a URI: `sqlite:PATH`,
 `duckdb:PATH` (paths relative to the mesh.yaml) or `postgresql://...`; a URI
-needs a `table`, a file must not have one. Only local files are checked for
-existence; a postgresql server is the runtime's business.
+needs a `table`, a file must not have one. Only files of `local` domains are checked
+for existence (a remote domain's files are on its own host); a postgresql server is
+the runtime's business.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ def source_kind(source: str) -> SourceKind | None:
     return SourceKind(fmt, source) if fmt else None
 
 
-def check_sources(products: list[Product], base: Path, report: Reporter) -> None:
-    """Report unsupported sources, missing local files and a wrong `table`."""
+def check_sources(products: list[Product], base: Path, report: Reporter,
+                  remote: set[str] | frozenset[str] = frozenset()) -> None:
+    """Report unsupported sources, missing local files and a wrong `table`.
+
+    Files of products of `remote` domains are not looked for: they live on the domain's host.
+    """
     for product in products:
         at = (*product.path, "source")
         label = f"{product.domain}.{product.name}"
@@ -69,7 +74,7 @@ def check_sources(products: list[Product], base: Path, report: Reporter) -> None
                               "postgresql://...")
             continue
         _check_table(product, kind, label, report)
-        if kind.path is not None:
+        if kind.path is not None and product.domain not in remote:
             _check_file(kind.path, label, base, at, report)
 
 

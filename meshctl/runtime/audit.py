@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.errors import UserError
-from meshctl.runtime.run import EVENTS_FILE, RUNS_DIR, RunManifest
+from meshctl.runtime.run import EVENTS_FILE, RunManifest, show_path
+from meshctl.runtime.run import resolve_run as run_resolver
 
 MESH_LOG = "audit.jsonl"
 HASH_PREFIX = "sha256:"
@@ -179,32 +180,13 @@ def append_to_mesh_log(log: Path, run: str, entries: list[dict[str, Any]]) -> in
 
 
 def resolve_run(spec: str | Path, root: str | Path | None = None) -> Path:
-    """The directory of RUN: a run directory, its events.jsonl, or a run id in ROOT/.meshctl/runs/.
+    """The directory of RUN (an id, a run directory, its events.jsonl, or `latest`): see
+    meshctl.runtime.run.resolve_run, the one resolver every command uses.
 
     Raises:
         UserError: nothing matches, or the directory is not a run directory.
     """
-    text = str(spec)
-    path = Path(text).expanduser()
-    if path.is_file() and path.name == EVENTS_FILE:
-        path = path.parent
-    if path.is_dir():
-        if not (path / "run.json").is_file():
-            raise UserError(
-                "not a run directory (no run.json)",
-                where=text,
-                hint=f"runs live under {RUNS_DIR}/ beside mesh.yaml",
-            )
-        return path
-    base = Path.cwd() if root is None else Path(root)
-    if text and "/" not in text and text not in (".", ".."):
-        candidate = base / RUNS_DIR / text
-        if candidate.is_dir():
-            return resolve_run(candidate)
-    raise UserError(
-        f"no such run: {text}",
-        hint=f"pass a run directory or a run id under {show_path(base / RUNS_DIR)}/",
-    )
+    return run_resolver(spec, root)
 
 
 def read_manifest(run_dir: Path) -> RunManifest:
@@ -232,15 +214,6 @@ def plan_hash_of(path: Path) -> tuple[str, str]:
     start = section.start() + found.start()
     unhashed = text[:start] + 'hash = ""' + text[section.start() + found.end() :]
     return found.group(1), sha256_text(unhashed)
-
-
-def show_path(path: Path) -> str:
-    """A path as the user would type it: relative to the working directory when below it."""
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return str(path)
-    return rel if not rel.startswith("..") else str(path)
 
 
 # -- verifying -------------------------------------------------------------------------

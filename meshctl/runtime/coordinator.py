@@ -55,6 +55,7 @@ from meshctl.runtime.keys import (
     start_authenticator,
 )
 from meshctl.runtime.run import DETACHED_FILE, EVENTS_FILE, RunManifest, hold_run, last_line, run_ended
+from meshctl.runtime.run import PID_FILE, stop_reason
 from meshctl.runtime.strategy import Strategy
 
 POLL_MS = 250
@@ -286,7 +287,8 @@ class Coordinator:
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         """Record a stop request; `_check_stop` acts on it where the state is consistent."""
-        self.stop_reason = self.stop_reason or f"stopped by {signal.Signals(signum).name}"
+        self.stop_reason = (self.stop_reason or stop_reason(self.run_dir)  # `meshctl stop` says who asked
+                            or f"stopped by {signal.Signals(signum).name}")
 
     def _check_stop(self) -> None:
         if self.stop_reason:
@@ -663,6 +665,9 @@ class Coordinator:
             self.sink.emit(ev.MessageRejected(sender=who, reason=f"sender claims {msg.sender!r} but its Curve key "
                                               f"belongs to {domain!r}"))
             return
+        if isinstance(msg, wire.Knock):  # a daemon without a run id asks which run this is, before Hello
+            self._reply(identity, wire.RunInfo(plan_hash=self.plan.plan.hash))
+            return
         size = wire.frames_size(frames[1:])
         peer = self.peers.get(domain)
         if (peer is not None and peer.identity != identity and not isinstance(msg, wire.Heartbeat)
@@ -771,7 +776,7 @@ class Coordinator:
             return
         self.peers[domain] = _Peer(domain, identity, dict(msg.rows), dict(msg.stats), refused=dict(msg.refused),
                                    secagg=dict(msg.secagg_keys))
-        self._send(self.peers[domain], wire.Welcome())
+        self._send(self.peers[domain], wire.Welcome(plan_hash=self.plan.plan.hash))
         self.sink.emit(ev.DomainJoined(domain=domain, products=sorted(msg.rows), rows=dict(msg.rows), pid=msg.pid))
         for d in msg.decisions:  # who decided is the Curve-authenticated domain, whatever the message says
             self.sink.emit(ev.PolicyDecided(policy=d.policy, scope=d.scope, subject=d.subject, effect=d.effect,
@@ -983,6 +988,7 @@ def main(run_dir: str | Path, resume: bool = False) -> int:
               file=sys.stderr, flush=True)
         return 1
     hold_run(manifest.path)  # held (and inherited by every child) until the run's last process exits
+    (manifest.path / PID_FILE).write_text(f"{os.getpid()}\n")  # whom `meshctl stop` signals
     if os.getpgrp() != os.getpid():  # `up` starts us in a session of our own; anyone else: a group
         os.setpgid(0, 0)             # of our own, so that _kill_leftovers reaches nothing else
     child = 0

@@ -1,7 +1,11 @@
 """One domain's daemon: holds its data warm, trains and evaluates where the data is.
 
 The daemon connects a DEALER (Curve client) to the coordinator's ROUTER, says
-Hello with its row counts, then serves TrainIns / EvalIns until Shutdown. It reads
+Hello with its row counts, then serves TrainIns / EvalIns until Shutdown. One
+started without a run id (`meshctl daemon` on another host) first asks the
+coordinator which run it serves (Knock -> RunInfo): its secure-aggregation masks and
+its privacy ledger are bound to that run id. It says each state change in one line
+on stderr (`say`). It reads
 its products once, at start, through `data.py`; what it sends is the header of
 each reply plus model tensors. Rows and PII never reach this module's sockets.
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import sys
 import threading
 import time
@@ -38,7 +43,7 @@ from meshctl.runtime import governance, wire
 from meshctl.runtime.data import DataError, JobData, count_rows, feature_sums, load_job_data
 from meshctl.runtime.kernels import evaluate, mlp, privacy, train_local
 from meshctl.runtime.kernels.privacy import dp_train_local
-from meshctl.runtime.keys import KeyPair, curve_client, fast_reconnect
+from meshctl.runtime.keys import KeyPair, curve_client, fast_reconnect, fingerprint
 
 if TYPE_CHECKING:
     import duckdb
@@ -117,6 +122,8 @@ class Daemon:
         self.beat_every = heartbeat_interval()
         self.state = "idle"
         """What the main thread is doing, as heartbeats report it."""
+        self.link = "connecting"
+        """The coordinator connection: connecting, up (handshake done) or lost (dropped since)."""
         self.tap_lock = threading.Lock()
         tap = os.environ.get("MESHCTL_WIRE_TAP")
         self.tap = open(Path(tap) / f"{cfg.domain}.tap", "ab") if tap else None  # noqa: SIM115
@@ -169,9 +176,10 @@ class Daemon:
         from meshctl.runtime.ledger import Ledger, ledger_path
 
         ledger, run = Ledger(ledger_path(self.cfg.base_dir)), self.cfg.run
-        # what this run charged before a coordinator crash is part of the job's own ε, not of the past
-        return {pid: ledger.spent(pid) - ledger.spent(pid, run=run) + ledger.held(pid, exclude_run=run)
-                for pid in sorted(ids)}
+        # what this run charged before a coordinator crash is part of the job's own ε, not of the past;
+        # without a run id nothing is this run's own (an empty id would match every run that had none)
+        return {pid: ledger.spent(pid) - (ledger.spent(pid, run=run) if run else 0.0)
+                + ledger.held(pid, exclude_run=run or None) for pid in sorted(ids)}
 
     def _capped(self, plan: Plan, jobs: list[PlanJob]) -> set[str]:
         """This domain's products with an ε budget that DP jobs among `jobs` read."""
@@ -260,6 +268,8 @@ class Daemon:
 
     # -- serving -----------------------------------------------------------------
     def run(self) -> int:
+        if self.cfg.domain not in {d.name for d in self.cfg.plan.domains}:  # before waiting for anyone
+            raise UserError(f"domain {self.cfg.domain!r} is not in the plan")
         torch.set_num_threads(max(1, self.cfg.threads))
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
@@ -270,9 +280,13 @@ class Daemon:
         if self.cfg.parent_pid is not None:  # forked by a coordinator that is binding right now
             fast_reconnect(sock)
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+                                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                          | zmq.EVENT_DISCONNECTED)
+        say(f"connecting to {self.cfg.coordinator} (coordinator key {fingerprint(self.cfg.server_key)})")
         sock.connect(self.cfg.coordinator)
         try:
+            if not self.cfg.run and not self._await_run(sock, monitor):
+                return 0
             try:
                 self.load()
             except Exception as err:  # noqa: BLE001 - whatever it was, only our own words leave
@@ -294,6 +308,8 @@ class Daemon:
         poller.register(monitor, zmq.POLLIN)
         joined = hello_sent = False
         started = time.monotonic()
+        for job, why in sorted(self.refused.items()):
+            say(f"refused job {job}: {why}")
         while True:
             if not hello_sent:  # no peer until the handshake succeeds: never block on it
                 hello = wire.Hello(plan_hash=self.cfg.plan.plan.hash, pid=os.getpid(), rows=self.rows,
@@ -301,13 +317,8 @@ class Daemon:
                                    checks=self.checks, secagg_keys=self._secagg_public())
                 hello_sent = self._send(sock, hello, block=False)
             ready = dict(poller.poll(POLL_MS))
-            if monitor in ready:
-                evt = recv_monitor_message(monitor)
-                if evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    raise UserError(f"coordinator at {self.cfg.coordinator} refused domain "
-                                    f"{self.cfg.domain!r}: its Curve key is not the one in the plan")
-                raise UserError(f"Curve handshake with {self.cfg.coordinator} failed "
-                                f"(is the coordinator's public key right?)")
+            if monitor in ready and sock not in ready:  # what came before a drop is read first
+                self._link_event(recv_monitor_message(monitor))
             if sock in ready:
                 frames = sock.recv_multipart(copy=False)
                 try:
@@ -318,11 +329,13 @@ class Daemon:
                     print(f"dropped malformed message from coordinator: {err}", file=sys.stderr)
                     continue
                 if isinstance(msg, wire.Welcome):
+                    self._welcomed(msg)
                     joined = True
                     self._start_pulse(sock.context)
                 elif isinstance(msg, wire.Refused):
                     raise UserError(f"coordinator refused domain {self.cfg.domain!r}: {msg.reason}")
                 elif isinstance(msg, wire.Shutdown):
+                    say(f"coordinator said shutdown: {msg.reason or 'no reason given'}")
                     return 0
                 else:
                     self._dispatch(sock, msg, tensors)
@@ -334,11 +347,87 @@ class Daemon:
                 raise UserError(f"no answer from the coordinator at {self.cfg.coordinator} within "
                                 f"{self.cfg.join_timeout_s:.0f}s")
 
+    # -- the run and the link: what this daemon learns, and says, as it goes -----------
+    def _await_run(self, sock: zmq.Socket, monitor: zmq.Socket) -> bool:
+        """Ask the coordinator which run it serves (Knock -> RunInfo) and take that run id, before
+        anything bound to the run is decided; False when the coordinator ended the run first."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        sent, started = False, time.monotonic()
+        while True:
+            if not sent:  # no peer until the handshake succeeds: never block on it
+                sent = self._send(sock, wire.Knock(), block=False)
+            ready = dict(poller.poll(POLL_MS))
+            if monitor in ready:
+                self._link_event(recv_monitor_message(monitor))
+            if sock in ready:
+                try:
+                    msg, _ = wire.decode(sock.recv_multipart(copy=False))
+                except wire.WireError as err:
+                    if "protocol version" in str(err):
+                        raise UserError(f"coordinator speaks another protocol: {err}") from None
+                    print(f"dropped malformed message from coordinator: {err}", file=sys.stderr)
+                    continue
+                if isinstance(msg, wire.RunInfo):
+                    self.cfg.run = self._checked_run(msg.run)
+                    if msg.plan_hash != self.cfg.plan.plan.hash:
+                        say(f"plan out of date: the coordinator runs plan {_short(msg.plan_hash)}, this domain "
+                            f"has {_short(self.cfg.plan.plan.hash)}")
+                    return True
+                if isinstance(msg, wire.Refused):
+                    raise UserError(f"coordinator refused domain {self.cfg.domain!r}: {msg.reason}")
+                if isinstance(msg, wire.Shutdown):
+                    say(f"coordinator said shutdown: {msg.reason or 'no reason given'}")
+                    return False
+            if time.monotonic() - started > self.cfg.join_timeout_s:
+                raise UserError(f"no answer from the coordinator at {self.cfg.coordinator} within "
+                                f"{self.cfg.join_timeout_s:.0f}s")
+
+    def _checked_run(self, run: str) -> str:
+        """The run id a coordinator sent, if it is one (it keys this domain's ledger and masks)."""
+        if not RUN_ID.fullmatch(run):
+            raise UserError(f"coordinator at {self.cfg.coordinator} sent no usable run id ({run[:40]!r})")
+        return run
+
+    def _welcomed(self, msg: wire.Welcome) -> None:
+        """Joined: check the run and plan the Welcome names against this daemon's, and say so."""
+        mine = self.cfg.plan.plan.hash
+        if msg.plan_hash and msg.plan_hash != mine:
+            raise UserError(f"plan out of date: the coordinator runs plan {_short(msg.plan_hash)}, "
+                            f"this domain has {_short(mine)}")
+        if msg.run != self.cfg.run:
+            raise UserError(f"the coordinator runs run {msg.run[:40]!r}, this daemon was started for "
+                            f"run {self.cfg.run!r}")
+        jobs = ", ".join(sorted(self.jobs)) or "none"
+        refused = f"; refused: {', '.join(sorted(self.refused))}" if self.refused else ""
+        say(f"joined run {self.cfg.run} (plan {_short(mine)}; jobs: {jobs}{refused})")
+
+    def _link_event(self, evt: dict[str, Any]) -> None:
+        """A monitor event of the coordinator connection: a failed handshake ends the daemon;
+        a dropped or restored connection is said once."""
+        kind = evt["event"]
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise UserError(f"coordinator at {self.cfg.coordinator} refused domain "
+                            f"{self.cfg.domain!r}: its Curve key is not the one in the plan")
+        if kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            raise UserError(f"Curve handshake with {self.cfg.coordinator} failed "
+                            f"(is the coordinator's public key right?)")
+        if kind == zmq.EVENT_DISCONNECTED and self.link == "up":
+            self.link = "lost"
+            say("lost the coordinator (its connection closed); reconnecting")
+        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if self.link == "lost":
+                say("reconnected")
+            self.link = "up"
+
     def _dispatch(self, sock: zmq.Socket, msg: object, tensors: wire.Tensors) -> None:
         """Serve one instruction; anything this daemon's plan does not allow gets an ErrorReply."""
         if isinstance(msg, wire.TrainIns):
             self.state = "training"
-            self._send(sock, *self._train(msg, tensors))
+            reply, update = self._train(msg, tensors)
+            self._send(sock, reply, update)
+            say(_trained(msg, reply))
         elif isinstance(msg, wire.EvalIns):
             self.state = "evaluating"
             self._send(sock, self._evaluate(msg, tensors))
@@ -522,7 +611,7 @@ class Daemon:
         if not st.sigma:
             try:
                 planned = privacy.noise_multiplier(q, per_round * t.rounds, dp.epsilon, dp.delta)
-                before = ledger.count(product, subject=subject, run=self.cfg.run)
+                before = ledger.count(product, subject=subject, run=self.cfg.run) if self.cfg.run else 0
                 if before:  # a resumed run: the rounds charged before the crash were released;
                     # the rounds left (retrained ones included) get the noise the rest of ε allows
                     st.done = (planned, before * per_round)
@@ -589,6 +678,27 @@ class Daemon:
                     self.tap.write(len(f).to_bytes(8, "little"))
                     self.tap.write(f)
                 self.tap.flush()
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""What a run id from the coordinator may look like (runs are named `20260101-120000-ab12`)."""
+
+
+def say(line: str) -> None:
+    """One line of this daemon's story (its state changes) on stderr: its log, or the operator's terminal."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _short(plan_hash: str) -> str:
+    return plan_hash[:19] + "…" if len(plan_hash) > 19 else plan_hash or "(none)"
+
+
+def _trained(ins: wire.TrainIns, reply: object) -> str:
+    """The line for one round: plan names and counts (and the training loss), never data."""
+    if isinstance(reply, wire.TrainRes):
+        return f"job {ins.job} round {ins.round}: trained {reply.examples} examples, loss {reply.loss:.4g}"
+    code = getattr(reply, "code", "error")
+    return f"job {ins.job} round {ins.round}: not trained ({code})"
 
 
 def _prox_mu(job: PlanJob) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -72,6 +73,110 @@ def check_public_key(key: str | bytes, *, where: str) -> bytes:
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"bad Curve public key: {err}", where=where) from None
     return raw
+
+
+KEYS_DIR = Path(".meshctl") / "keys"
+"""Where `meshctl keys generate` keeps key pairs, relative to the mesh.yaml's directory."""
+COORDINATOR_KEY = "coordinator"
+"""Name of the coordinator's key pair: `.meshctl/keys/coordinator.key_secret` on the coordinator host."""
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def keys_dir(mesh_file: str | Path) -> Path:
+    """`.meshctl/keys/` beside mesh.yaml."""
+    return Path(mesh_file).resolve().parent / KEYS_DIR
+
+
+def paste_line(public: bytes | str) -> str:
+    """The mesh.yaml line that declares a public key."""
+    return f'public_key: "{public.decode() if isinstance(public, bytes) else public}"'
+
+
+def generate_key(name: str, directory: Path, *, force: bool = False) -> tuple[KeyPair, Path]:
+    """`meshctl keys generate`: a new pair as NAME.key and NAME.key_secret (0600) in `directory`.
+
+    An existing pair is refused unless `force` (a rotation: the new public key must then
+    replace the old one in mesh.yaml). A `.meshctl/keys` directory gets a `.gitignore` of `*`
+    so a secret can never be committed with the mesh.
+    """
+    if not _KEY_NAME.match(name):
+        raise UserError(f"key name {name!r} is not a plain file name",
+                        hint="use letters, digits, '-', '_' and '.', e.g. the domain's name or `coordinator`")
+    secret, public = directory / f"{name}.key_secret", directory / f"{name}.key"
+    if not force and (secret.exists() or public.exists()):
+        raise UserError(f"key {name} exists already", where=str(secret if secret.exists() else public),
+                        hint=f"`meshctl keys show {name}` prints its public key; --force replaces it "
+                             "(then the new public_key must replace the old one in mesh.yaml)")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if directory.parent.name == ".meshctl" and directory.name == "keys":
+        ignore = directory / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("# secret keys never go into git\n*\n")
+    for f in (secret, public):  # a replaced file keeps its mode; start afresh so the secret is 0600
+        if f.is_symlink() or f.exists():
+            f.unlink()
+    pair = KeyPair.generate()
+    return pair, pair.save(directory, name)
+
+
+def read_public(name: str, directory: Path) -> tuple[bytes, Path]:
+    """The public key of key pair NAME in `directory` (from NAME.key, else NAME.key_secret)."""
+    for f in (directory / f"{name}.key", directory / f"{name}.key_secret"):
+        if f.is_file():
+            try:
+                public, _ = zmq.auth.load_certificate(str(f))
+            except (OSError, ValueError) as err:
+                raise UserError(f"cannot read key file: {err}", where=str(f)) from None
+            if public is None or len(public) != 40:
+                raise UserError("not a Curve key file (no public-key)", where=str(f))
+            return public, f
+    raise UserError(f"no key {name} in {directory}", where=str(directory / f"{name}.key"),
+                    hint=f"make one with `meshctl keys generate {name}`")
+
+
+def declared_coordinator_keys(declared: str, mesh_file: str | Path,
+                              explicit: Path | None = None) -> tuple[Path, KeyPair]:
+    """The coordinator's key pair for a mesh that declares `mesh.coordinator.public_key`.
+
+    The secret is `explicit` (`--coordinator-key FILE`) or `.meshctl/keys/coordinator.key_secret`
+    beside mesh.yaml. Missing, readable by others, unreadable, or not the declared key: a
+    UserError that says which and how to fix it.
+    """
+    path = (explicit or keys_dir(mesh_file) / f"{COORDINATOR_KEY}.key_secret").resolve()
+    want = fingerprint(declared)
+    if not path.is_file():
+        raise UserError(f"mesh.coordinator.public_key ({want}) is declared but its secret key is not on this host",
+                        where=str(path), hint="copy the coordinator's secret key here or pass --coordinator-key "
+                        "FILE; a new mesh makes one with `meshctl keys generate coordinator`")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UserError(f"the coordinator's secret key is readable by others (mode {mode:04o})", where=str(path),
+                        hint=f"chmod 600 {path}")
+    pair = KeyPair.load(path)
+    if pair.public.decode() != declared:
+        raise UserError(f"secret key {fingerprint(pair.public)} is not the coordinator key mesh.yaml declares "
+                        f"({want})", where=str(path),
+                        hint="use the secret of the declared key (--coordinator-key FILE), or change "
+                             "mesh.coordinator.public_key in a reviewed pull request")
+    return path, pair
+
+
+def coordinator_server_key(declared: str, given: str | None) -> bytes:
+    """The coordinator key a daemon trusts: `given` (--server-key), else the plan's declared one.
+
+    Both, and different: refused (the plan, reviewed in git, is the source of identity)."""
+    if given is None:
+        if not declared:
+            raise UserError("the plan declares no coordinator key (mesh.coordinator.public_key), so --server-key "
+                            "is needed", where="--server-key", hint="the coordinator's run.json has it as "
+                            "coordinator_public; or declare the coordinator's key in mesh.yaml")
+        return check_public_key(declared, where="mesh.coordinator.public_key")
+    key = check_public_key(given, where="--server-key")
+    if declared and key.decode() != declared:
+        raise UserError(f"--server-key {fingerprint(key)} is not the coordinator key the plan declares "
+                        f"({fingerprint(declared)})", where="--server-key",
+                        hint="leave --server-key out to use the plan's key")
+    return key
 
 
 def _cert(public: bytes, secret: bytes | None) -> str:

@@ -25,7 +25,13 @@ import zmq
 from meshctl.compiler.plan import Plan
 from meshctl.errors import UserError
 from meshctl.runtime import events as ev
-from meshctl.runtime.keys import KeyPair, check_public_key, curve_client, fast_reconnect
+from meshctl.runtime.keys import (
+    KeyPair,
+    check_public_key,
+    curve_client,
+    declared_coordinator_keys,
+    fast_reconnect,
+)
 from meshctl.runtime.run import (
     DETACHED_FILE,
     EVENTS_FILE,
@@ -58,8 +64,15 @@ def state_dir(mesh_file: Path) -> Path:
 
 
 def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1,
-                wait_for_observer_s: float = 10.0, analysis: str = "") -> tuple[RunManifest, KeyPair]:
-    """Make the run directory, its ephemeral keys and manifest; return it and the observer's keys."""
+                wait_for_observer_s: float = 10.0, analysis: str = "",
+                coordinator_key: Path | None = None) -> tuple[RunManifest, KeyPair]:
+    """Make the run directory, its ephemeral keys and manifest; return it and the observer's keys.
+
+    A mesh that declares `mesh.coordinator.public_key` runs with that key pair (its secret:
+    `coordinator_key`, else `.meshctl/keys/coordinator.key_secret`); else the coordinator's
+    key is ephemeral too.
+    """
+    declared = _coordinator_identity(mesh_file, plan, coordinator_key)  # before anything starts
     router, events = _endpoints(address or plan.coordinator.address)  # a busy port leaves no run directory
     run = new_run_id()
     run_dir = state_dir(mesh_file) / "runs" / run
@@ -68,8 +81,11 @@ def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, thre
     _HELD[str(run_dir)] = hold_run(run_dir)  # before the keys: no cleanup may take them from a starting run
     keys_dir = run_dir / "keys"
     plan.write(run_dir / "plan.toml")
-    coordinator = KeyPair.generate()
-    coordinator_file = coordinator.save(keys_dir, "coordinator")
+    if declared is None:
+        coordinator = KeyPair.generate()
+        coordinator_file = coordinator.save(keys_dir, "coordinator")
+    else:
+        coordinator_file, coordinator = declared
     domain_keys: dict[str, str] = {}
     local: dict[str, str] = {}
     for d in plan.domains:
@@ -91,6 +107,18 @@ def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, thre
         threads=threads, wait_for_observer_s=wait_for_observer_s, analysis=analysis)
     manifest.write()
     return manifest, observer
+
+
+def _coordinator_identity(mesh_file: Path, plan: Plan, explicit: Path | None) -> tuple[Path, KeyPair] | None:
+    """The declared coordinator key pair (secret file, pair), or None for an ephemeral one."""
+    declared = plan.coordinator.public_key
+    if not declared:
+        if explicit is not None:
+            raise UserError("--coordinator-key given, but mesh.yaml declares no mesh.coordinator.public_key",
+                            where=str(explicit), hint="declare its public key in mesh.yaml (`meshctl keys show "
+                            "coordinator` prints the line), or leave --coordinator-key out for an ephemeral key")
+        return None
+    return declared_coordinator_keys(declared, mesh_file, explicit)
 
 
 _HELD: dict[str, int] = {}
@@ -324,31 +352,28 @@ def _read_log(path: Path) -> list[ev.Event]:
 
 
 def start_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1,
-              analysis: str = "", warm: WarmCoordinator | None = None) -> LocalRun:
+              analysis: str = "", warm: WarmCoordinator | None = None,
+              coordinator_key: Path | None = None) -> LocalRun:
     """Prepare a run and start its coordinator (`warm`'s, when given); `analysis` names an
-    analysis to run instead of training."""
-    manifest, observer = prepare_run(mesh_file, plan, address=address, threads=threads, analysis=analysis)
+    analysis to run instead of training; `coordinator_key` is the secret of a declared coordinator key."""
+    manifest, observer = prepare_run(mesh_file, plan, address=address, threads=threads, analysis=analysis,
+                                     coordinator_key=coordinator_key)
     run = LocalRun(manifest, observer)
     run.start(warm)
     return run
 
 
-def resume_run(spec: str, mesh_file: Path) -> LocalRun:
+def resume_run(spec: str, mesh_file: Path, coordinator_key: Path | None = None) -> LocalRun:
     """`meshctl resume RUN`: take a killed run up from its newest checkpoints with fresh keys.
 
     RUN is a run id, a run directory or `latest`. Refused for a run that ended, one that is
     still live (a process holds its lock), one that never started, and analysis runs.
     """
-    from meshctl.runtime.audit import resolve_run, show_path
+    from meshctl.runtime.audit import show_path
+    from meshctl.runtime.run import STOP_FILE, resolve_run
 
-    runs = state_dir(mesh_file) / "runs"
-    remove_dead_secrets(runs)
-    if spec == "latest":
-        found = sorted(p for p in runs.glob("*") if (p / "run.json").is_file()) if runs.is_dir() else []
-        if not found:
-            raise UserError("no runs to resume", where=show_path(runs), hint="start one with `meshctl up`")
-        spec = str(found[-1])
-    run_dir = resolve_run(spec, mesh_file.resolve().parent)
+    remove_dead_secrets(state_dir(mesh_file) / "runs")
+    run_dir = resolve_run(spec, mesh_file.resolve().parent)  # an id, a directory or `latest`
     m = RunManifest.read(run_dir)
     where = show_path(run_dir)
     if run_live(run_dir):
@@ -368,16 +393,36 @@ def resume_run(spec: str, mesh_file: Path) -> LocalRun:
         raise UserError(f"run {m.run} is still running", where=where,
                         hint=f"watch it with `meshctl dash {m.run}`, or stop it first")
     _HELD[str(run_dir)] = fd
-    manifest, observer = _fresh_keys(m)
+    try:
+        declared = _resumed_coordinator(m, coordinator_key)
+    except UserError:
+        release_run(run_dir)
+        raise
+    manifest, observer = _fresh_keys(m, declared)
     (run_dir / DETACHED_FILE).unlink(missing_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # an earlier `meshctl stop` is not this run's reason
     run = LocalRun(manifest, observer)
     run.start(resume=True)
     return run
 
 
-def _fresh_keys(m: RunManifest) -> tuple[RunManifest, KeyPair]:
+def _resumed_coordinator(m: RunManifest, explicit: Path | None) -> tuple[Path, KeyPair] | None:
+    """The declared coordinator key pair a resumed run must keep (remote daemons trust only it), or None
+    when the run's plan declares none. Its secret: `explicit`, else the file the run started with."""
+    declared = Plan.read(m.path / "plan.toml").coordinator.public_key
+    if not declared:
+        if explicit is not None:
+            raise UserError("--coordinator-key given, but this run's plan declares no coordinator key",
+                            where=str(explicit), hint="leave --coordinator-key out: the run gets fresh keys")
+        return None
+    return declared_coordinator_keys(declared, Path(m.base_dir) / "mesh.yaml",
+                                     explicit or Path(m.coordinator_key))
+
+
+def _fresh_keys(m: RunManifest, declared: tuple[Path, KeyPair] | None = None) -> tuple[RunManifest, KeyPair]:
     """New ephemeral keys for the coordinator, the local domains and the observer (the old secrets are
-    gone with the processes that used them); remote domains keep the public keys mesh.yaml gives."""
+    gone with the processes that used them); remote domains keep the public keys mesh.yaml gives, and a
+    `declared` coordinator key pair (mesh.coordinator.public_key) is kept."""
     keys_dir = m.path / "keys"
     for f in keys_dir.glob("*.key_secret"):
         f.unlink()
@@ -386,13 +431,17 @@ def _fresh_keys(m: RunManifest) -> tuple[RunManifest, KeyPair]:
         if port and not _port_free(host, port):
             raise UserError(f"port {port} on {host} is in use (another `meshctl up`?)", where=m.router,
                             hint="stop whatever holds it, then resume again")
-    coordinator = KeyPair.generate()
+    if declared is None:
+        coordinator = KeyPair.generate()
+        coordinator_file = coordinator.save(keys_dir, "coordinator")
+    else:
+        coordinator_file, coordinator = declared
     local = {d: str(KeyPair.generate().save(keys_dir, d)) for d in m.local_domains}
     domain_keys = {**m.domain_keys, **{d: KeyPair.load(f).public.decode() for d, f in local.items()}}
     observer = KeyPair.generate()
     observer.save(keys_dir, "observer")
     manifest = m.model_copy(update={
-        "coordinator_key": str(coordinator.save(keys_dir, "coordinator")),
+        "coordinator_key": str(coordinator_file),
         "coordinator_public": coordinator.public.decode(), "domain_keys": domain_keys,
         "local_domains": local, "observer_keys": [observer.public.decode()]})
     manifest.write()

@@ -11,18 +11,31 @@
       models/<job>.safetensors
       run.lock          held (flock, shared) by every process of a live run; free once it is over
       detached          written by `meshctl up` when the user leaves the run going in the background
+      coordinator.pid   the pid of the run's supervisor (the coordinator process `meshctl stop` signals)
+      stop              written by `meshctl stop` before it signals: who asked (the run's stop reason)
+
+`resolve_run` turns what a user types (a run id, a run directory, its events.jsonl, or
+`latest`) into a run directory; `RunDir` reads one run: manifest, events, status, jobs
+and domains. Every command that takes RUN goes through them.
 """
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import json
 import os
 import secrets
 import time
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from meshctl.errors import UserError
+from meshctl.runtime import events as ev
 
 RUNS_DIR = Path(".meshctl") / "runs"
 """Where `meshctl up` keeps runs, relative to the mesh.yaml's directory."""
@@ -32,6 +45,10 @@ LOCK_FILE = "run.lock"
 """Every process of a live run holds a shared flock on it (forked children inherit it)."""
 DETACHED_FILE = "detached"
 """Marker: the process that started the run left it going on purpose (its exit must not stop it)."""
+PID_FILE = "coordinator.pid"
+"""The pid of the run's supervisor (the coordinator process), written when it starts."""
+STOP_FILE = "stop"
+"""Written by `meshctl stop` just before it signals the supervisor: the run's stop reason."""
 
 
 class RunManifest(BaseModel):
@@ -151,3 +168,315 @@ def run_ended(run_dir: Path) -> bool:
             return b'"type":"run_completed"' in f.read().splitlines()[-1]
     except (OSError, IndexError):
         return False
+
+
+def stop_reason(run_dir: str | Path) -> str:
+    """What `meshctl stop` wrote into the run's stop file (the run's stop reason), or ''."""
+    try:
+        return (Path(run_dir) / STOP_FILE).read_text(encoding="utf-8").strip().splitlines()[0][:200]
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+# -- finding runs ----------------------------------------------------------------------
+
+LATEST = "latest"
+"""The run id that means the newest run of the mesh."""
+
+
+def runs_dir(root: str | Path | None = None) -> Path:
+    """The runs directory of a mesh: ROOT is its mesh.yaml, the directory holding it, or its `.meshctl/`
+    (the working directory when None)."""
+    base = Path.cwd() if root is None else Path(root)
+    if base.name == ".meshctl":
+        return base / "runs"
+    if base.suffix in (".yaml", ".yml") or base.is_file():
+        base = base.parent
+    return base / RUNS_DIR
+
+
+def show_path(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when below it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
+def _age_key(run_dir: Path) -> tuple[str, float, str]:
+    """Newest last: the id's UTC time, then when its plan was written (two runs in one second)."""
+    try:
+        written = (run_dir / "plan.toml").stat().st_mtime
+    except OSError:
+        written = 0.0
+    return run_dir.name[:15], written, run_dir.name
+
+
+def list_runs(root: str | Path | None = None) -> list[Path]:
+    """Every run directory (one with a run.json) of the mesh at ROOT, newest first."""
+    runs = runs_dir(root)
+    if not runs.is_dir():
+        return []
+    found = [p for p in runs.iterdir() if p.is_dir() and (p / "run.json").is_file()]
+    return sorted(found, key=_age_key, reverse=True)
+
+
+def resolve_run(spec: str | Path, root: str | Path | None = None) -> Path:
+    """The directory of RUN: `latest` (the newest run), a run directory, its events.jsonl, or a run id
+    under ROOT's `.meshctl/runs/` (ROOT: a mesh.yaml, its directory or its `.meshctl/`; default: here).
+
+    Raises:
+        UserError: no runs yet (for `latest`), nothing matches (with the nearest run ids), or the
+            directory is not a run directory.
+    """
+    text = str(spec)
+    runs = runs_dir(root)
+    if text == LATEST:
+        found = list_runs(root)
+        if not found:
+            raise UserError("no runs yet", where=show_path(runs), hint="start one with `meshctl up`")
+        return found[0]
+    path = Path(text).expanduser()
+    if path.is_file() and path.name == EVENTS_FILE:
+        path = path.parent
+    if not path.is_dir() and text and "/" not in text and text not in (".", ".."):
+        path = runs / text
+    if path.is_dir():
+        if not (path / "run.json").is_file():
+            raise UserError("not a run directory (no run.json)", where=text,
+                            hint=f"runs live under {RUNS_DIR}/ beside mesh.yaml")
+        return path
+    ids = [p.name for p in list_runs(root)]
+    near = [i for i in ids if text and (i.startswith(text) or i.endswith(text))]
+    near = near or difflib.get_close_matches(text, ids, n=1, cutoff=0.6)
+    hint = (f"did you mean {' or '.join(near[:3])}?" if near else
+            f"`meshctl runs` lists the {len(ids)} runs under {show_path(runs)}/, or give `latest`" if ids else
+            f"no runs yet under {show_path(runs)}/; pass a run directory, or start one with `meshctl up`")
+    raise UserError(f"no such run: {text}", hint=hint)
+
+
+# -- reading one run -------------------------------------------------------------------
+
+RUNNING, COMPLETED, FAILED, STOPPED, KILLED, NEVER_STARTED = (
+    "running", "completed", "failed", "stopped", "killed", "never started")
+"""A run's states: live; ended ok; ended not ok; ended not ok because a signal or `meshctl stop`
+asked it to (its reason says `stopped by ...`); its processes gone without run_completed; no events."""
+
+
+def read_run_events(path: Path) -> list[ev.Event]:
+    """The events of an events.jsonl, skipping lines that do not parse (a live run's torn last line)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    found: list[ev.Event] = []
+    for raw in data.splitlines():
+        if raw.strip():
+            try:
+                found.append(ev.parse_event(raw))
+            except ValueError:  # JSON, UTF-8 and pydantic errors
+                continue
+    return found
+
+
+@dataclass
+class JobProgress:
+    """One job (or analysis) of a run, as its events tell it."""
+
+    name: str
+    rounds: int | None = None
+    """Rounds in all (None until known)."""
+    done: int = 0
+    """The last completed round."""
+    state: str = "pending"
+    """pending | waiting | training | completed | failed"""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last round's evaluation."""
+    detail: str = ""
+    """Why it failed, or what it waits for."""
+
+
+@dataclass
+class DomainState:
+    """One domain of a run: connected, missing (never joined), lost or refused."""
+
+    name: str
+    state: str = "missing"
+    reason: str = ""
+    pid: int = 0
+    last_seen: float = 0.0
+    activity: str = ""
+    """idle | training | evaluating | analyzing (the last heartbeat)."""
+
+
+class RunDir:
+    """One run directory, read on demand (a new RunDir reads a live run afresh)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @cached_property
+    def manifest(self) -> RunManifest:
+        """run.json; a one-line UserError if it cannot be read."""
+        where = show_path(self.path / "run.json")
+        try:
+            return RunManifest.read(self.path)
+        except OSError as err:
+            raise UserError(f"cannot read run.json: {err.strerror or err}", where=where) from None
+        except ValueError as err:  # pydantic and UTF-8 errors
+            raise UserError(f"not a run manifest: {str(err).splitlines()[0]}", where=where) from None
+
+    @cached_property
+    def events(self) -> list[ev.Event]:
+        return read_run_events(self.path / EVENTS_FILE)
+
+    @cached_property
+    def live(self) -> bool:
+        return run_live(self.path)
+
+    @cached_property
+    def completion(self) -> ev.RunCompleted | None:
+        """The run's last run_completed, or None."""
+        return next((e for e in reversed(self.events) if isinstance(e, ev.RunCompleted)), None)
+
+    @cached_property
+    def status(self) -> tuple[str, str]:
+        """(state, reason): running, completed, failed or stopped (why), killed, or never started."""
+        done = self.completion
+        if done is not None:
+            if done.ok:
+                return COMPLETED, ""
+            return (STOPPED if done.reason.startswith("stopped by") else FAILED), done.reason
+        if self.live:
+            return RUNNING, ""
+        if not self.events:
+            return NEVER_STARTED, ""
+        return KILLED, "its processes ended without run_completed (`meshctl resume` goes on with it)"
+
+    @property
+    def started(self) -> float | None:
+        """When its first event happened (unix time), None if it never started."""
+        return next((e.ts for e in self.events if e.ts), None)
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from the first event to run_completed (or to now while it runs, to its last event if killed)."""
+        start = self.started
+        if start is None:
+            return None
+        end = self.completion.ts if self.completion is not None else (
+            time.time() if self.status[0] == RUNNING else max(e.ts for e in self.events))
+        return max(0.0, end - start)
+
+    @cached_property
+    def plan(self) -> Any:
+        """plan.toml, or None when it cannot be read (listings go on without it)."""
+        from meshctl.compiler.plan import Plan
+
+        try:
+            return Plan.read(self.path / "plan.toml")
+        except (OSError, ValueError):
+            return None
+
+    def jobs(self) -> list[JobProgress]:
+        """Every job of the run (or its analysis), in plan order, with its progress."""
+        jobs: dict[str, JobProgress] = {}
+        analysis = self._analysis_name()
+        if analysis:
+            jobs[analysis] = JobProgress(analysis, rounds=1)
+        elif self.plan is not None:
+            for job in self.plan.jobs:
+                jobs[job.name] = JobProgress(job.name, rounds=job.training.rounds)
+        for e in self.events:
+            if isinstance(e, ev.RunStarted):
+                for name in e.jobs:
+                    jobs.setdefault(name, JobProgress(name))
+            name = getattr(e, "job", None) or getattr(e, "analysis", None)
+            if not isinstance(name, str) or not name:
+                continue
+            job = jobs.setdefault(name, JobProgress(name))
+            if isinstance(e, ev.JobStarted):
+                job.rounds, job.state, job.detail = e.rounds, "training", ""
+            elif isinstance(e, ev.JobWaiting):
+                job.state, job.detail = "waiting", f"quorum: {len(e.have)}/{e.need} domains"
+            elif isinstance(e, (ev.RoundStarted, ev.AnalysisStarted)):
+                job.state, job.detail = ("analyzing" if isinstance(e, ev.AnalysisStarted) else "training"), ""
+            elif isinstance(e, ev.RoundCompleted):
+                job.done, job.rounds, job.metrics = e.round, e.rounds, dict(e.metrics)
+            elif isinstance(e, ev.JobCompleted):
+                job.state, job.done = "completed", e.rounds
+                job.metrics = dict(e.metrics) or job.metrics
+            elif isinstance(e, ev.AnalysisCompleted):
+                job.state, job.done = "completed", 1
+            elif isinstance(e, ev.JobFailed):
+                job.state, job.detail = "failed", e.reason
+        if self.status[0] != RUNNING:  # nothing goes on any more
+            for job in jobs.values():
+                if job.state in ("training", "waiting", "analyzing"):
+                    job.state, job.detail = "stopped", job.detail
+        return list(jobs.values())
+
+    def domains(self) -> list[DomainState]:
+        """Every domain of the run with what its events last said about it."""
+        names = [d.name for d in self.plan.domains] if self.plan is not None else []
+        states = {n: DomainState(n) for n in names}
+        for e in self.events:
+            if isinstance(e, ev.RunStarted):
+                for n in e.domains:
+                    states.setdefault(n, DomainState(n))
+            name = getattr(e, "domain", None) if not isinstance(e, ev.PolicyDecided) else None
+            if not isinstance(name, str) or not name or isinstance(e, (ev.ProductListed, ev.ContractChecked)):
+                continue
+            d = states.setdefault(name, DomainState(name))
+            if isinstance(e, ev.DomainJoined):
+                d.state, d.reason, d.pid, d.last_seen = "connected", "", e.pid, e.ts
+            elif isinstance(e, ev.DomainLost):
+                d.state, d.reason = "lost", e.reason
+            elif isinstance(e, ev.DomainRefused):
+                d.state, d.reason = "refused", e.reason
+            elif isinstance(e, ev.DomainHeartbeat):
+                d.last_seen, d.activity = e.ts, e.state
+            elif isinstance(e, ev.UpdateReceived):
+                d.last_seen = e.ts
+        return list(states.values())
+
+    def _analysis_name(self) -> str:
+        try:
+            return self.manifest.analysis
+        except UserError:
+            return ""
+
+    def summary(self) -> dict[str, Any]:
+        """What `meshctl runs --format json` prints for this run."""
+        state, reason = self.status
+        jobs = self.jobs()
+        return {
+            "run": self.id, "path": str(self.path), "status": state, "reason": reason,
+            "started": self.started, "seconds": self.duration,
+            "analysis": self._analysis_name(),
+            "jobs": [{"name": j.name, "state": j.state, "rounds_done": j.done, "rounds": j.rounds,
+                      "metrics": j.metrics, "detail": j.detail} for j in jobs],
+        }
+
+    def supervisor_pid(self) -> int | None:
+        """The pid in coordinator.pid when that process still runs meshctl's coordinator, else None."""
+        try:
+            pid = int((self.path / PID_FILE).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:  # no /proc here: trust the file while the process exists
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            return pid
+        return pid if b"meshctl" in cmdline and b"coordinator" in cmdline else None

@@ -139,9 +139,29 @@ class Heartbeat(_Msg):
 
 
 class Welcome(_Msg):
-    """Coordinator -> daemon: you are in."""
+    """Coordinator -> daemon: you are in, to run `run` (set on every coordinator message) of the
+    plan `plan_hash`; the daemon checks both against what it knows."""
 
     type: Literal["welcome"] = "welcome"
+    plan_hash: str = Field(default="", max_length=128)
+
+
+class Knock(_Msg):
+    """Daemon -> coordinator, before Hello: which run do you serve?
+
+    A daemon started without a run id (`meshctl daemon` on another host) asks this before
+    it decides anything bound to the run: its secure-aggregation key context and its
+    privacy-ledger reservations and charges are booked under the run id of the answer.
+    """
+
+    type: Literal["knock"] = "knock"
+
+
+class RunInfo(_Msg):
+    """Coordinator -> daemon, the answer to Knock: the run it serves (`run`) and its plan's hash."""
+
+    type: Literal["run_info"] = "run_info"
+    plan_hash: str = Field(default="", max_length=128)
 
 
 class Refused(_Msg):
@@ -439,6 +459,7 @@ def _with_messages(*extra: type[_Msg]) -> None:
 
 
 _with_messages(AnalyzeIns, AnalyzeRes)
+_with_messages(Knock, RunInfo)
 
 
 TrainRes.model_rebuild()  # LedgerCharge is defined below TrainRes

@@ -19,8 +19,9 @@ from meshctl.errors import UserError
 from meshctl.runtime.events import Event, parse_event
 from meshctl.runtime.keys import KeyPair, check_public_key
 from meshctl.runtime.run import RunManifest
+from meshctl.runtime.run import resolve_run as run_resolver
 from meshctl.tui.bridge import EventBridge
-from meshctl.tui.replay import EVENTS_FILE, RUNS_DIR
+from meshctl.tui.replay import EVENTS_FILE
 
 __all__ = ["OBSERVER_KEY", "AttachTarget", "LiveAttach", "resolve_run", "run_finished"]
 
@@ -40,16 +41,15 @@ class AttachTarget:
 
 
 def resolve_run(run: str, *, root: Path | None = None) -> Path:
-    """The directory of RUN: a run directory, or a run id under `root/.meshctl/runs/`."""
-    path = Path(run).expanduser()
-    if path.is_dir() and (path / "run.json").is_file():
-        return path
-    base = Path.cwd() if root is None else root
-    candidate = base / RUNS_DIR / run
-    if "/" not in run and (candidate / "run.json").is_file():
-        return candidate
-    raise UserError(f"no such run: {run}", hint=f"pass a run directory or a run id under {RUNS_DIR}/;"
-                    " or --address tcp://HOST:PORT --server-key KEY --key FILE")
+    """The directory of RUN: `latest`, a run directory, or a run id under `root/.meshctl/runs/`
+    (meshctl.runtime.run.resolve_run; an unknown run also hints at attaching by address)."""
+    try:
+        return run_resolver(run, root)
+    except UserError as err:
+        if not err.message.startswith("no such run"):
+            raise
+        raise UserError(err.message, hint=f"{err.hint}; or --address tcp://HOST:PORT --server-key KEY "
+                        "--key FILE") from None
 
 
 def run_finished(run_dir: Path) -> bool:

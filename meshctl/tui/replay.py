@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from meshctl.errors import UserError
 from meshctl.runtime.events import Event, parse_event
-from meshctl.runtime.run import EVENTS_FILE, RUNS_DIR
+from meshctl.runtime.run import EVENTS_FILE, LATEST, RUNS_DIR, resolve_run
 from meshctl.tui.bridge import _Feeder, _short
 from meshctl.tui.messages import BridgeNote, FrameSkipped
 
@@ -28,12 +28,14 @@ __all__ = ["EVENTS_FILE", "PacedReplay", "ScrubReplay", "find_events", "round_ma
 
 
 def find_events(run: str | Path, *, root: str | Path | None = None) -> Path:
-    """The `events.jsonl` of RUN: that file, a run directory, or a run id under `root/.meshctl/runs/`.
+    """The `events.jsonl` of RUN: that file, a run directory, a run id under `root/.meshctl/runs/`, or `latest`.
 
     Raises:
         UserError: nothing matches, or the run directory holds no events.
     """
     spec = str(run)
+    if spec == LATEST:  # the newest run (meshctl.runtime.run.resolve_run)
+        return resolve_run(spec, root) / EVENTS_FILE
     path = Path(spec).expanduser()
     if path.is_file():
         return path

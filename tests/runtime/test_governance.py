@@ -400,11 +400,14 @@ def test_a_daemon_answers_instructions_its_plan_forbids_with_errors_and_never_tr
         router.send_multipart([identity, *wire.encode(msg.model_copy(update={"sender": "coordinator"}), tensors)])
 
     try:
+        identity, knock = receive()  # a daemon started without a run id asks for it first
+        assert isinstance(knock, wire.Knock)
+        send(identity, wire.RunInfo(run="r1", plan_hash=plan.plan.hash))
         identity, hello = receive()
         assert isinstance(hello, wire.Hello)
         assert "invariant:no-pii-features" in hello.refused["digits"]
         assert any(d.policy == "invariant:no-pii-features" and d.effect == "deny" for d in hello.decisions)
-        send(identity, wire.Welcome())
+        send(identity, wire.Welcome(run="r1", plan_hash=plan.plan.hash))
         weights = {t.name: torch.zeros(t.shape) for t in plan.jobs[0].tensors}
         send(identity, wire.TrainIns(job="digits", round=1, version=0), weights)
         send(identity, wire.EvalIns(job="digits", round=1, version=1), weights)
