@@ -247,6 +247,10 @@ class Daemon:
         for pid in products:
             product = plan.product(pid)
             results = check_product(con, product, contracts.get(product.contract), self.cfg.base_dir)
+            local = {r.rule: r.observed for r in results if r.author_query}
+            if local:  # a SQL rule's result may be a data value: it stays in this domain's log
+                print(f"{pid}: SQL rules observed {local}", file=sys.stderr)
+            results = [r.shared() for r in results]
             self.checks += [wire.CheckOutcome(product=pid, contract=product.contract, rule=r.rule,
                                               observed=r.observed, operator=r.operator, threshold=r.threshold,
                                               passed=r.passed, severity=r.severity) for r in results]

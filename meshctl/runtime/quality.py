@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,13 @@ class CheckResult:
     """A text or custom rule that no machine can check (passed, severity info)."""
     log: str = ""
     """The library's own text of a rule that could not run: for the domain's local log only."""
+    author_query: bool = False
+    """A SQL rule: `observed` is whatever its author's query returns, which may be a data value
+    (`max(age)`), so only the verdict leaves the domain (`shared`)."""
+
+    def shared(self) -> CheckResult:
+        """What of this result may leave the domain: all of it, but a SQL rule's observed value."""
+        return replace(self, observed=None) if self.author_query else self
 
     @property
     def blocking(self) -> bool:
@@ -66,6 +73,7 @@ class CheckResult:
         out = asdict(self)
         out.pop("skipped")
         out.pop("log")
+        out.pop("author_query")
         return out
 
 
@@ -140,7 +148,8 @@ def _run(con: duckdb.DuckDBPyConnection, view: str, rule: PlanQualityRule) -> Ch
                            _safe_detail(rule, err), log=str(err))
     except ValueError as err:  # our own words: a bad rule or a query result of the wrong shape
         return CheckResult(rule.name, None, operator, threshold, False, rule.severity, str(err))
-    return CheckResult(rule.name, observed, operator, threshold, passed, rule.severity)
+    return CheckResult(rule.name, observed, operator, threshold, passed, rule.severity,
+                       author_query=rule.type == "sql")
 
 
 def _safe_detail(rule: PlanQualityRule, err: Exception) -> str:

@@ -188,3 +188,27 @@ def test_a_dead_daemons_log_line_travels_only_when_it_is_the_daemons_own_closing
     log.write_text("…\nerror: cannot read product karolinska.biopsies: 3 values in radius_mean are not float\n")
     assert _daemon_said(tmp_path, "karolinska").startswith("error: cannot read product karolinska.biopsies")
     assert _daemon_said(tmp_path, "charite") == "no log"
+
+
+def test_a_sql_rules_result_stays_in_the_domain_and_only_its_verdict_leaves(hospitals, capsys) -> None:
+    """A SQL rule's observed value is whatever its author's query returns (here the largest tumour radius
+    of a patient): the Hello carries only the rule's verdict; the value is in the domain's log."""
+    from meshctl.compiler.compile import compile_mesh
+    from meshctl.runtime.daemon import Daemon, DaemonConfig
+    from meshctl.runtime.keys import KeyPair
+
+    rule = """    quality:
+      - {name: oldest, type: sql, mustBeGreaterThan: 0, query: 'SELECT max(radius_mean) FROM {object}'}
+"""
+    anchor = "    purposes: [cancer-research]\n"
+    hospitals.write_text(hospitals.read_text().replace(anchor, anchor + rule, 1))
+    plan = compile_mesh(hospitals).plan
+    assert plan is not None
+    daemon = Daemon(DaemonConfig(domain="charite", plan=plan, base_dir=hospitals.parent,
+                                 coordinator="tcp://127.0.0.1:1", server_key=b"", keys=KeyPair.generate()))
+    daemon._check_contracts(list(plan.jobs))
+    [check] = [c for c in daemon.checks if c.rule == "oldest"]
+    assert check.passed and check.observed is None
+    assert all(c.observed is not None for c in daemon.checks if c.rule != "oldest" and c.passed)
+    oldest = duckdb.sql(f"SELECT max(radius_mean) FROM '{hospitals.parent / 'examples/hospitals/data/charite.parquet'}'")
+    assert f"'oldest': {float(oldest.fetchall()[0][0])}" in capsys.readouterr().err
