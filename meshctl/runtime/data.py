@@ -14,9 +14,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import sqlite3
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +144,7 @@ def register_source(con: duckdb.DuckDBPyConnection, product: PlanProduct, base_d
     path = _existing(product, base_dir)
     try:
         if product.format == "sqlite":
-            con.register(name + "_arrow", _sqlite_table(product, path, columns))
-            body = f"SELECT * FROM {name}_arrow"
+            body = f"SELECT * FROM {_load_sqlite(con, product, path, columns, name + '_rows')}"
         elif product.format == "duckdb":
             body = f"SELECT * FROM {_attach(con, product, path)}.{ident(_table(product))}"
         else:
@@ -188,13 +185,16 @@ def _require_table(product: PlanProduct, path: Path | str, tables: list[str]) ->
                         where=str(path))
 
 
-def _sqlite_table(product: PlanProduct, path: Path, columns: Sequence[str] | None):
-    """The product's sqlite table as a pyarrow Table, read with Python's sqlite3 (read-only).
+def _load_sqlite(con: duckdb.DuckDBPyConnection, product: PlanProduct, path: Path,
+                 columns: Sequence[str] | None, table: str) -> str:
+    """Copy the product's sqlite table into the DuckDB temp table `table`; return its name.
 
-    DuckDB's sqlite extension is not bundled and needs a download, so it is not used.
+    Read with Python's sqlite3 (read-only): DuckDB's sqlite extension is not bundled and
+    needs a download. The copy needs neither pyarrow nor pandas (a runtime install has
+    neither) and registers no Python object, so a result left open on `con` cannot block
+    it (DuckDB 2 refuses `register` then): each column goes in as one typed list,
+    `unnest`ed in the table's row order.
     """
-    import pyarrow as pa
-
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as err:
@@ -214,58 +214,144 @@ def _sqlite_table(product: PlanProduct, path: Path, columns: Sequence[str] | Non
     finally:
         db.close()
     declared = {c.name: c.type for c in product.columns}
-    arrays = [_arrow_column([r[i] for r in rows], declared.get(n, "")) for i, n in enumerate(names)]
-    return pa.table(arrays, names=names)
+    typed = [_sqlite_column([r[i] for r in rows], declared.get(n, "")) for i, n in enumerate(names)]
+    select = ", ".join(f"unnest(?::{kind}[]) AS {ident(n)}" for n, (kind, _) in zip(names, typed))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT {select}", [values for _, values in typed])
+    return table
 
 
-def _arrow_column(values: list, kind: str):
-    """One sqlite column as an Arrow array; sqlite's loose typing falls back to strings."""
-    import pyarrow as pa
+def _sqlite_column(values: list, kind: str) -> tuple[str, list]:
+    """One sqlite column as (DuckDB type, values), NULLs kept.
 
-    wanted = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}.get(kind)
-    try:
-        return pa.array(values, type=wanted) if wanted else pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+    A declared int, float or bool column is BIGINT, DOUBLE or BOOLEAN when every value is
+    one (an integral real counts as an int, 0 and 1 as booleans); another column takes the
+    type all its values share (BIGINT; DOUBLE for ints and reals; VARCHAR; BLOB). What
+    sqlite's loose typing leaves mixed becomes text, so the view's casts and the contract
+    checks count the values that are not of the declared type.
+    """
+    present = [v for v in values if v is not None]
+    found = {type(v) for v in present}
+    numeric = found <= {int, float}
+    if kind == "int" and numeric and all(isinstance(v, int) or v.is_integer() for v in present):
+        return "BIGINT", [None if v is None else int(v) for v in values]
+    if kind == "float" and numeric:
+        return "DOUBLE", [None if v is None else float(v) for v in values]
+    if kind == "bool" and numeric and all(v in (0, 1) for v in present):
+        return "BOOLEAN", [None if v is None else bool(v) for v in values]
+    if not present:
+        return {"int": "BIGINT", "float": "DOUBLE", "bool": "BOOLEAN"}.get(kind, "VARCHAR"), values
+    if kind not in ("int", "float", "bool"):
+        if found == {int}:
+            return "BIGINT", values
+        if numeric:
+            return "DOUBLE", [None if v is None else float(v) for v in values]
+        if found == {bytes}:
+            return "BLOB", values
+    return "VARCHAR", [None if v is None else v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                       for v in values]
+
+
+PG_TYPES = {"int2": "SMALLINT", "int4": "INTEGER", "int8": "BIGINT", "float4": "FLOAT", "float8": "DOUBLE",
+            "bool": "BOOLEAN", "text": "VARCHAR", "varchar": "VARCHAR", "bpchar": "VARCHAR",
+            "name": "VARCHAR", "date": "DATE", "time": "TIME", "timestamp": "TIMESTAMP",
+            "timestamptz": "TIMESTAMPTZ"}
+"""The DuckDB type a PostgreSQL column is copied as; `numeric` is read as DOUBLE, any other type as text."""
+
+PG_CHUNK = 50_000
+"""Rows fetched from the server (a server-side cursor) and inserted into DuckDB at a time."""
 
 
 def _register_postgres(con: duckdb.DuckDBPyConnection, product: PlanProduct, name: str,
                        columns: Sequence[str] | None) -> None:
-    """Copy a postgresql table into DuckDB with the `psql` client (no extension needed)."""
-    psql = shutil.which("psql")
-    if psql is None:
-        raise UserError(f"product {product.id}: postgresql sources need the `psql` client on PATH",
-                        where=_redact(product.source),
-                        hint="install postgresql-client, or export the table to parquet")
-    select = "*" if columns is None else ", ".join(ident(c) for c in columns)
-    query = f"\\copy (SELECT {select} FROM {ident(_table(product))}) TO STDOUT WITH CSV HEADER"
+    """Copy a postgresql table into a typed DuckDB temp table with psycopg (no DuckDB extension).
+
+    Values arrive as the server holds them: NULL stays NULL, text stays text ('00123' too),
+    booleans, integers, floats, dates and timestamps keep their types. `table` may be
+    schema-qualified (`schema.name`). The password comes from the URI, PGPASSWORD or ~/.pgpass
+    (libpq); errors leave the domain as plan names and counts only.
+    """
     try:
-        out = subprocess.run([psql, "--no-psqlrc", "-X", "-v", "ON_ERROR_STOP=1", "-c", query,
-                              product.source], capture_output=True, timeout=300, check=False,
-                             env={**os.environ, "PGCONNECT_TIMEOUT": "10"})
-    except subprocess.TimeoutExpired:
-        raise UserError(f"product {product.id}: postgresql did not answer in 300 s",
-                        where=_redact(product.source)) from None
-    if out.returncode != 0:
-        raise DataError(f"cannot read product {product.id}: psql exited with code {out.returncode}",
-                        detail=first_line(Exception(out.stderr.decode(errors="replace"))),
-                        where=_redact(product.source))
-    import pyarrow.csv as pacsv
+        import psycopg
+        from psycopg import sql
+    except ImportError:
+        raise UserError(f"product {product.id}: postgresql sources need the psycopg package",
+                        where=_redact(product.source), hint="pip install 'psycopg[binary]>=3.2,<4'") from None
+    where = _redact(product.source)
+    table = sql.Identifier(*_table(product).split(".", 1))
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(product.source)
+    except psycopg.Error as err:
+        raise DataError(f"cannot read product {product.id}: its postgresql URI is malformed",
+                        detail=_redact(first_line(err)), where=where) from None
+    params.setdefault("connect_timeout", "10")
+    params.setdefault("options", "-c statement_timeout=300000")
+    try:
+        with psycopg.connect(**params) as db:
+            db.read_only = True
+            cur = db.execute(sql.SQL("SELECT * FROM {} LIMIT 0").format(table))
+            have = {d.name: db.adapters.types.get(d.type_code) for d in cur.description}
+            wanted = list(have) if columns is None else list(columns)
+            missing = [c for c in wanted if c not in have]
+            if missing:
+                plural = "s" if len(missing) > 1 else ""
+                raise DataError(f"cannot read product {product.id}: declared column{plural} "
+                                f"{', '.join(missing)} not in the data", where=where)
+            kinds = {c: getattr(have[c], "name", "") for c in wanted}
+            ducks = [PG_TYPES.get(kinds[c], "DOUBLE" if kinds[c] == "numeric" else "VARCHAR") for c in wanted]
+            select = sql.SQL(", ").join(_pg_select(sql, c, kinds[c]) for c in wanted)
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {name}_pg ("
+                        + ", ".join(f"{ident(c)} {t}" for c, t in zip(wanted, ducks)) + ")")
+            insert = (f"INSERT INTO {name}_pg SELECT "
+                      + ", ".join(f"UNNEST(?::{t}[])" for t in ducks))
+            with db.cursor(name="meshctl_read") as rows:
+                rows.execute(sql.SQL("SELECT {} FROM {}").format(select, table))
+                while chunk := rows.fetchmany(PG_CHUNK):
+                    con.execute(insert, [list(col) for col in zip(*chunk)])
+    except psycopg.Error as err:
+        raise DataError(f"cannot read product {product.id}: {_pg_why(product, err)}",
+                        detail=_redact(first_line(err)), where=where) from None
+    except _duck_error() as err:
+        raise DataError(f"cannot read product {product.id}: its postgresql rows do not fit the DuckDB copy "
+                        f"({error_kind(err)})", detail=first_line(err), where=where) from None
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM {name}_pg")
 
-    table = pacsv.read_csv(_bytes_reader(out.stdout))
-    con.register(name + "_arrow", table)
-    con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM {name}_arrow")
+
+def _pg_select(sql, column: str, kind: str):
+    """One column of the SELECT: numeric as float8, types without a DuckDB twin as text."""
+    if kind in PG_TYPES:
+        return sql.Identifier(column)
+    cast = sql.SQL("float8" if kind == "numeric" else "text")
+    return sql.SQL("{}::{}").format(sql.Identifier(column), cast)
 
 
-def _bytes_reader(data: bytes):
-    import pyarrow as pa
+PG_REFUSED = {"28P01", "28000", "3D000"}
+"""SQLSTATEs of a refused login: wrong password, no such role or no such database."""
 
-    return pa.BufferReader(data)
+
+def _pg_why(product: PlanProduct, err: Exception) -> str:
+    """Why a postgresql read failed, in plan words: from the SQLSTATE and class, never the server's text."""
+    state = getattr(err, "sqlstate", None) or ""
+    text = str(err)
+    if state in PG_REFUSED or (state == "" and "authentication failed" in text) or \
+            (state == "" and re.search(r"database .* does not exist|role .* does not exist", text)):
+        return "the postgresql server refused the login (user, password or database)"
+    if state == "42P01":
+        return f"no table {product.table!r} in the postgresql database"
+    if state == "42501":
+        return f"the postgresql user may not read table {product.table!r}"
+    if state == "57014":
+        return "postgresql did not answer in 300 s"
+    import psycopg
+
+    if state == "" and isinstance(err, psycopg.OperationalError):
+        return "cannot reach the postgresql server"
+    return f"postgresql error ({error_kind(err)}{', SQLSTATE ' + state if state else ''})"
 
 
 def _redact(uri: str) -> str:
-    """A connection URI without its password."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", uri)
+    """A connection URI (or libpq text) without its password."""
+    uri = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", uri)
+    return re.sub(r"(password\s*=\s*)('[^']*'|[^&\s]+)", r"\1***", uri)
 
 
 # -- the masked view ----------------------------------------------------------
@@ -349,7 +435,7 @@ def count_rows(product: PlanProduct, base_dir: Path, con: duckdb.DuckDBPyConnect
             return count_rows(product, base_dir, own)
     view = product_view(con, product, base_dir)
     try:
-        return int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
+        return int(con.execute(f"SELECT count(*) FROM {view}").fetchall()[0][0])
     except duckdb.Error as err:
         raise read_error(con, product, base_dir, err) from None
 
@@ -380,7 +466,7 @@ def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id:
     not_null = " AND ".join(f"{ident(c)} IS NOT NULL" for c in cols)
     view = product_view(con, product, base_dir, columns=cols)
     try:
-        total = int(con.execute(f"SELECT count(*) FROM {view}").fetchone()[0])
+        total = int(con.execute(f"SELECT count(*) FROM {view}").fetchall()[0][0])
         arrays = con.execute(f"SELECT * FROM (SELECT {select} FROM {view}) WHERE {not_null}").fetchnumpy()
     except duckdb.Error as err:
         raise read_error(con, product, base_dir, err, cols) from None
@@ -499,7 +585,7 @@ def _diagnose(con: duckdb.DuckDBPyConnection, src: str, columns: Sequence[PlanCo
         return ""
     counts = con.execute("SELECT " + ", ".join(
         f"count(*) FILTER (WHERE {ident(c.name)} IS NOT NULL AND TRY_CAST({ident(c.name)} AS "
-        f"{READ_TYPES[c.type]}) IS NULL)" for c in typed) + f" FROM {src}").fetchone()
+        f"{READ_TYPES[c.type]}) IS NULL)" for c in typed) + f" FROM {src}").fetchall()[0]
     bad = [f"{n} values in {c.name} are not {c.type} (its declared type)" for c, n in zip(typed, counts) if n]
     return "; ".join(bad)
 

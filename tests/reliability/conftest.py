@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 _TESTS = Path(__file__).resolve().parents[1]
@@ -17,6 +18,8 @@ def _load(name: str, path: Path):
     return module
 
 
+if str(_TESTS / "runtime") not in sys.path:  # what pytest's prepend mode does for tests/runtime's own
+    sys.path.insert(0, str(_TESTS / "runtime"))  # conftest, whose imports (pg_server) expect it
 _e2e = _load("_reliability_e2e_fixtures", _TESTS / "e2e" / "conftest.py")
 _runtime = _load("_reliability_runtime_fixtures", _TESTS / "runtime" / "conftest.py")
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from pg_server import pg_server  # noqa: F401  (a throwaway PostgreSQL server, session-scoped)
 
 from meshctl.compiler.plan import (
     Plan,
