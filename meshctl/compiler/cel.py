@@ -7,12 +7,16 @@ literals, identifiers, `a.b`, `a[i]`, `in`, comparisons, + - * / %, && || !, ?:,
 list and map literals, size, has, contains/startsWith/endsWith/matches,
 int/double/string, and the all/exists/exists_one/map/filter macros.
 
-The fast path only ever answers where the answer is certain: it is strict about
-types (1 == 1.0 is no overload in celpy; bool is not int) and any error, type
-mismatch or unusual case makes it hand that one evaluation to celpy's
-interpreter, whose result or CELEvalError is then the answer. An expression
-outside the subset is always evaluated by celpy. So results never differ from
-celpy's; only the time does.
+The fast path follows the CEL specification where celpy 0.5 does not: numbers
+compare across int and double (`rounds <= 20.0`, `1 == 1.0`), values of different
+types are unequal (`true == 1` is false, `m != null` is true), a negative list
+index is an error, NaN is unequal to everything (only `!=` is true) and
+`matches()` uses RE2 (google-re2): an invalid RE2 pattern (look-arounds,
+backreferences) is an evaluation error, so a policy using it fails closed. `&&`,
+`||`, `all` and `exists` absorb an error where the other side decides, as CEL does.
+Any other type mismatch or unusual case makes it hand that one evaluation to
+celpy's interpreter, whose result or CELEvalError is then the answer; an
+expression outside the subset is always evaluated by celpy.
 
     env = Environment()
     program = env.program(env.compile("size(model.participants) >= 2"))
@@ -28,6 +32,7 @@ from functools import cached_property
 from typing import Any
 
 import celpy
+import re2
 from celpy import celtypes
 from lark import Token, Tree
 
@@ -144,6 +149,8 @@ class Program:
             return _FALLBACK
         try:
             return self._fast(plain)
+        except _Error as err:  # certain: the specification says this is an error
+            raise CelError(err.args[0]) from None
         except Exception:  # noqa: BLE001 - any doubt goes to celpy, which decides
             return _FALLBACK
 
@@ -224,12 +231,18 @@ class _Translator:
     def t_conditionalor(self, kids: list) -> str:
         if len(kids) == 1:
             return self.node(kids[0])
-        return f"(True if _bool({self.node(kids[0])}) else _bool({self.node(kids[1])}))"
+        left, right = self.node(kids[0]), self.node(kids[1])
+        if _may_fail(left):  # an error on the left is absorbed if the right is true
+            return f"_or(lambda: {left}, lambda: {right})"
+        return f"(True if _bool({left}) else _bool({right}))"
 
     def t_conditionaland(self, kids: list) -> str:
         if len(kids) == 1:
             return self.node(kids[0])
-        return f"(_bool({self.node(kids[1])}) if _bool({self.node(kids[0])}) else False)"
+        left, right = self.node(kids[0]), self.node(kids[1])
+        if _may_fail(left):  # an error on the left is absorbed if the right is false
+            return f"_and(lambda: {left}, lambda: {right})"
+        return f"(_bool({right}) if _bool({left}) else False)"
 
     def _binary(self, kids: list) -> str:
         if len(kids) == 1:
@@ -355,6 +368,11 @@ class _Translator:
         return str(node.children[0])
 
 
+def _may_fail(source: str) -> bool:
+    """Whether generated code can raise a certain _Error (the helpers that raise it)."""
+    return "_index(" in source or "_matches(" in source
+
+
 _WRAPPERS = frozenset({"expr", "conditionalor", "conditionaland", "relation", "addition",
                        "multiplication", "unary", "member", "primary", "paren_expr"})
 
@@ -379,10 +397,15 @@ class _Doubt(Exception):
     """The fast path cannot be sure: celpy evaluates."""
 
 
+class _Error(Exception):
+    """A certain evaluation error (the CEL specification's, where celpy differs)."""
+
+
 _CEL_TYPES = (celtypes.BoolType, celtypes.IntType, celtypes.UintType, celtypes.DoubleType,
               celtypes.StringType, celtypes.ListType, celtypes.MapType, celtypes.BytesType)
 _SCALARS = (bool, int, float, str, type(None))
 _NUMBERS = (int, float)
+_PLAIN_TYPES = (*_SCALARS, list, dict)
 
 
 def _bool(value: Any) -> bool:
@@ -398,18 +421,51 @@ def _same(a: Any, b: Any) -> type:
     return kind
 
 
+def _or(left: Callable[[], Any], right: Callable[[], Any]) -> bool:
+    """CEL `||`: true if either side is true, even where the other is an error."""
+    try:
+        first: Any = _bool(left())
+    except _Error as err:
+        first = err
+    if first is True or _bool(right()):
+        return True
+    if isinstance(first, _Error):
+        raise first
+    return False
+
+
+def _and(left: Callable[[], Any], right: Callable[[], Any]) -> bool:
+    """CEL `&&`: false if either side is false, even where the other is an error."""
+    try:
+        first: Any = _bool(left())
+    except _Error as err:
+        first = err
+    if first is False or not _bool(right()):
+        return False
+    if isinstance(first, _Error):
+        raise first
+    return True
+
+
 def _eq(a: Any, b: Any) -> bool:
-    kind = _same(a, b)
+    """CEL equality: numbers across int and double; other different types are unequal."""
+    kind, other = type(a), type(b)
+    if kind in _NUMBERS and other in _NUMBERS:
+        return a == b  # exact across int and double; NaN is unequal to everything
+    if kind is not other:
+        if kind in _PLAIN_TYPES and other in _PLAIN_TYPES:
+            return False  # true == 1, {...} == null: different types, not equal
+        raise _Doubt
     if kind in _SCALARS:
         return a == b
     if kind is list:
         if len(a) != len(b):
-            raise _Doubt
+            return False
         results = [_eq(x, y) for x, y in zip(a, b, strict=True)]  # every pair is checked
         return all(results)
     if kind is dict:
         if a.keys() != b.keys():
-            raise _Doubt
+            return False
         results = [_eq(a[k], b[k]) for k in a]
         return all(results)
     raise _Doubt
@@ -420,7 +476,11 @@ def _ne(a: Any, b: Any) -> bool:
 
 
 def _ordered(a: Any, b: Any) -> None:
-    if _same(a, b) not in (int, float, str, bool):
+    """Ordering is defined within a type, and across int and double (NaN: false)."""
+    kind, other = type(a), type(b)
+    if kind in _NUMBERS and other in _NUMBERS:
+        return
+    if kind is not other or kind not in (str, bool):
         raise _Doubt
 
 
@@ -522,6 +582,8 @@ def _field(target: Any, name: str) -> Any:
 def _index(target: Any, key: Any) -> Any:
     kind = type(target)
     if kind is list and type(key) is int:
+        if key < 0:
+            raise _Error(f"index out of range: {key}")
         return target[key]
     if kind is dict and type(key) is str:
         return target[key]
@@ -569,15 +631,29 @@ def _ends(text: Any, part: Any) -> bool:
     return text.endswith(part)
 
 
-_PATTERNS: dict[str, re.Pattern[str]] = {}
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # an invalid pattern is our error, not a line on stderr
+_PATTERNS: dict[str, Any] = {}
 
 
 def _matches(text: Any, pattern: Any) -> bool:
+    """RE2 semantics, as cel-go, cel-cpp and celpy: an invalid RE2 pattern is an error."""
     _strings(text, pattern)
     compiled = _PATTERNS.get(pattern)
     if compiled is None:
-        compiled = _PATTERNS.setdefault(pattern, re.compile(pattern))
+        try:
+            compiled = re2.compile(pattern, _RE2_OPTIONS)
+        except re2.error as err:
+            compiled = _Error(f"invalid RE2 pattern {pattern!r}: {_re2_reason(err)}")
+        compiled = _PATTERNS.setdefault(pattern, compiled)
+    if isinstance(compiled, _Error):
+        raise compiled
     return compiled.search(text) is not None
+
+
+def _re2_reason(err: Exception) -> str:
+    reason = err.args[0] if err.args else type(err).__name__
+    return reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
 
 
 def _int(value: Any) -> int:
@@ -591,12 +667,17 @@ def _int(value: Any) -> int:
     raise _Doubt
 
 
+_DOUBLE_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|NaN|-?Infinity")
+
+
 def _double(value: Any) -> float:
     kind = type(value)
     if kind is float:
         return value
     if kind is int:
         return float(value)
+    if kind is str and _DOUBLE_TEXT.fullmatch(value):
+        return float(value)  # double('NaN'), double('1.5e3')
     raise _Doubt
 
 
@@ -618,14 +699,35 @@ def _items(target: Any) -> list:
     raise _Doubt
 
 
+def _verdicts(target: Any, predicate: Callable[[Any], Any]) -> list[Any]:
+    """Each element's bool, or its certain _Error (doubts raise: celpy decides)."""
+    out: list[Any] = []
+    for x in _items(target):  # no short cut: doubts anywhere count
+        try:
+            out.append(_bool(predicate(x)))
+        except _Error as err:
+            out.append(err)
+    return out
+
+
 def _all(target: Any, predicate: Callable[[Any], Any]) -> bool:
-    results = [_bool(predicate(x)) for x in _items(target)]  # no short cut: errors count
-    return all(results)
+    results = _verdicts(target, predicate)
+    if False in results:
+        return False
+    for result in results:
+        if isinstance(result, _Error):
+            raise result
+    return True
 
 
 def _exists(target: Any, predicate: Callable[[Any], Any]) -> bool:
-    results = [_bool(predicate(x)) for x in _items(target)]
-    return any(results)
+    results = _verdicts(target, predicate)
+    if True in results:
+        return True
+    for result in results:
+        if isinstance(result, _Error):
+            raise result
+    return False
 
 
 def _exists_one(target: Any, predicate: Callable[[Any], Any]) -> bool:
