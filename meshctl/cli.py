@@ -38,6 +38,9 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt as err:  # launcher.Interrupted carries SIGTERM, SIGHUP, ...
             click.echo("interrupted", err=True)
             sys.exit(128 + getattr(err, "signum", 2))
+        except BrokenPipeError:  # `meshctl ... | head` stopped reading: end quietly, as git does
+            _silence_stdout()
+            sys.exit(141)  # 128 + SIGPIPE, the status a shell shows for git in the same pipe
         except Exception as err:
             if os.environ.get("MESHCTL_DEBUG"):
                 raise
@@ -46,6 +49,15 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit cannot fail on the closed pipe again
+    (the recipe of Python's `signal` documentation, "Note on SIGPIPE")."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (CliRunner): nothing to flush there
+        pass
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -190,6 +202,7 @@ def explain(code: str | None) -> None:
 
 
 @main.command()
+@reports_errors
 def schema() -> None:
     """Print the JSON Schema of mesh.yaml, for editor completion."""
     import json
@@ -552,7 +565,14 @@ def contract_export(name: str, mesh: Path, fmt: str, output: Path | None) -> Non
     if output is None:
         click.echo(text, nl=False)
     else:
-        output.write_text(text, encoding="utf-8")
+        if not output.parent.is_dir():  # as `terraform plan -out`: an error, no directories made
+            raise UserError(f"cannot write {output}: directory {output.parent} does not exist",
+                            hint="create it first, or name another -o path")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as err:
+            reason = (err.strerror or type(err).__name__).lower()
+            raise UserError(f"cannot write {output}: {reason}") from None
         click.echo(f"wrote {output} ({fmt} {found.name} {found.version})")
 
 

@@ -23,6 +23,10 @@ from meshctl.compiler.spec import SECTIONS
 from meshctl.errors import UserError
 
 
+class UnknownRevision(UserError):
+    """A revision git does not know (its message says so; `load_side` may say "no such file")."""
+
+
 @dataclass(frozen=True)
 class Revision:
     """A mesh.yaml read from git: the revision, its path in the repository, its bytes."""
@@ -62,7 +66,7 @@ def read_revision(arg: str, mesh: Path) -> Revision:
             raise UserError(f"{mesh} is not inside the git repository at {top}") from None
     if _git(cwd, "rev-parse", "--verify", "--quiet", "--end-of-options",
             f"{rev}^{{commit}}").returncode != 0:
-        raise UserError(f"unknown git revision '{rev}'",
+        raise UnknownRevision(f"unknown git revision '{rev}'",
                         hint="`git branch -a` lists branches; fetch first in a shallow clone")
     shown = _git(cwd, "show", "--end-of-options", f"{rev}:{path}")
     if shown.returncode != 0:
@@ -87,7 +91,15 @@ def load_side(arg: str, mesh: Path) -> Side:
     if file.is_file():
         label, raw, where = arg, file.read_bytes(), file
     else:
-        revision = read_revision(arg, mesh)
+        if _looks_like_file(arg):
+            raise UserError("not a file" if file.exists() else "no such file", where=arg)
+        try:
+            revision = read_revision(arg, mesh)
+        except UnknownRevision:
+            if "/" not in arg or ":" in arg:
+                raise
+            raise UserError("no such file or git revision", where=arg,
+                            hint="BASE and HEAD are mesh.yaml files or revisions (main, HEAD~1)") from None
         label, raw, where = revision.label, revision.raw, mesh
     result = compile_bytes(raw, where, hashed=False)  # a diff reads the spec, not the plan
     source = result.loaded
@@ -97,6 +109,11 @@ def load_side(arg: str, mesh: Path) -> Side:
                         hint="`meshctl validate` shows every problem")
     assert result.spec is not None and source is not None  # _unusable checked both
     return Side(result.spec, source.map, label)
+
+
+def _looks_like_file(arg: str) -> bool:
+    """`old/mesh.yaml` or `x.yml`, not `REV:PATH`: an argument no revision could mean."""
+    return ":" not in arg and arg.endswith((".yaml", ".yml"))
 
 
 def _unusable(result: CompileResult, source: Source | None) -> str | None:

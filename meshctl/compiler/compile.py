@@ -124,6 +124,7 @@ def _check_jobs(resolution: Resolution, report: Reporter, spec: MeshSpec) -> Non
                          "the plan yet", (*model.path, "architecture", "entrypoint"),
                          hint="use `architecture: {kind: mlp, hidden: [...]}`")
         _check_aggregation(resolved, report)
+        _check_metrics(model, report)
         _check_privacy(resolved.model, report)
         if model.privacy.secure_aggregation:
             _check_secure_aggregation(resolved, spec, report)
@@ -156,6 +157,36 @@ def _check_aggregation(resolved: ResolvedModel, report: Reporter) -> None:
                          f"updates per round; model '{model.name}' has {have} {what}",
                          (*path, "byzantine") if agg.byzantine is not None else (*path, "strategy"),
                          hint="lower `byzantine`, add participants, or use median or trimmed_mean")
+    if agg.strategy == "trimmed_mean":
+        trim = agg.trim if agg.trim is not None else own["trim"]
+        have = min(len(resolved.participants), model.quorum or len(resolved.participants))
+        if have and trim > 0 and int(trim * have) == 0:
+            low = "quorum" if model.quorum is not None and model.quorum < len(resolved.participants) \
+                else "participants"
+            least = -(-1000 // have) / 1000  # 1/have rounded up to 3 decimals: cuts 1
+            raise_trim = f"raise trim to {least:g} or more, " if least < 0.5 else ""
+            need = have + 1
+            while need < 10**6 and int(trim * need) == 0:
+                need += 1
+            report.warning("MESH515", f"trimmed_mean with trim {trim} cuts floor({trim} x {have}) = 0 updates "
+                           f"from each end: with {have} {low}, model '{model.name}' takes a plain mean",
+                           (*path, "trim") if agg.trim is not None else (*path, "strategy"),
+                           hint=f"{raise_trim}have {need} or more updates per round, or use median"
+                           if need < 10**6 else f"{raise_trim}or use median")
+
+
+COMPUTED_METRICS = ("loss", "accuracy")
+"""The evaluation metrics the coordinator computes from what daemons send (loss sums, correct counts)."""
+
+
+def _check_metrics(model: Model, report: Reporter) -> None:
+    """Every evaluation metric must be computed: auroc and f1 would need per-example scores."""
+    for i, metric in enumerate(model.evaluation.metrics):
+        if metric not in COMPUTED_METRICS:
+            report.error("MESH514", f"evaluation metric '{metric}' of model '{model.name}' is not "
+                         "computed: daemons report only loss sums and correct counts",
+                         (*model.path, "evaluation", "metrics", i),
+                         hint=f"remove it; the supported metrics are {' and '.join(COMPUTED_METRICS)}")
 
 
 def _check_secure_aggregation(resolved: ResolvedModel, spec: MeshSpec, report: Reporter) -> None:

@@ -128,6 +128,10 @@ CODES: dict[str, str] = {
                "strategy (median, trimmed_mean, krum) or a round policy on update norms; or it has "
                "fewer than 3 participants per round, so one could subtract its own update from the "
                "aggregate.",
+    "MESH514": "An evaluation metric is not computed: daemons send loss sums and correct counts, "
+               "so loss and accuracy are; auroc and f1 would need per-example scores.",
+    "MESH515": "trimmed_mean cuts floor(trim x updates) from each end per coordinate; with "
+               "the model's participants (or quorum) that is 0, so it is a plain unweighted mean.",
 }
 
 SHOWN = 100

@@ -376,7 +376,7 @@ class Evaluation(_Spec):
     """Value of holdout_column that marks holdout rows."""
     metrics: list[Literal["loss", "accuracy", "auroc", "f1"]] = Field(
         default_factory=lambda: ["loss", "accuracy"])
-    """Metrics reported each round."""
+    """Metrics reported each round: loss and accuracy (auroc and f1 are not computed: MESH514)."""
 
 
 class Model(_Item):
