@@ -324,14 +324,10 @@ class Daemon:
             if monitor in ready and sock not in ready:  # what came before a drop is read first
                 self._link_event(recv_monitor_message(monitor))
             if sock in ready:
-                frames = sock.recv_multipart(copy=False)
-                try:
-                    msg, tensors = wire.decode(frames)
-                except wire.WireError as err:
-                    if "protocol version" in str(err):
-                        raise UserError(f"coordinator speaks another protocol: {err}") from None
-                    print(f"dropped malformed message from coordinator: {err}", file=sys.stderr)
+                got = _receive(sock)
+                if got is None:
                     continue
+                msg, tensors = got
                 if isinstance(msg, wire.Welcome):
                     self._welcomed(msg)
                     joined = True
@@ -366,13 +362,10 @@ class Daemon:
             if monitor in ready:
                 self._link_event(recv_monitor_message(monitor))
             if sock in ready:
-                try:
-                    msg, _ = wire.decode(sock.recv_multipart(copy=False))
-                except wire.WireError as err:
-                    if "protocol version" in str(err):
-                        raise UserError(f"coordinator speaks another protocol: {err}") from None
-                    print(f"dropped malformed message from coordinator: {err}", file=sys.stderr)
+                got = _receive(sock)
+                if got is None:
                     continue
+                msg = got[0]
                 if isinstance(msg, wire.RunInfo):
                     self.cfg.run = self._checked_run(msg.run)
                     if msg.plan_hash != self.cfg.plan.plan.hash:
@@ -684,6 +677,16 @@ class Daemon:
                 self.tap.flush()
 
 
+def read_tap(path: Path) -> list[bytes]:
+    """The frames a daemon's audit tap (MESHCTL_WIRE_TAP) recorded, in the order they were sent."""
+    raw, frames, i = path.read_bytes(), [], 0
+    while i < len(raw):
+        n = int.from_bytes(raw[i:i + 8], "little")
+        frames.append(raw[i + 8:i + 8 + n])
+        i += 8 + n
+    return frames
+
+
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """What a run id from the coordinator may look like (runs are named `20260101-120000-ab12`)."""
 
@@ -728,6 +731,18 @@ def prepare_fork(plan: Plan | None) -> None:
                     governance._program(source)
                 except governance.PolicyError:
                     pass  # the daemon reports it, as a denying decision, when it decides
+
+
+def _receive(sock: zmq.Socket) -> tuple[object, wire.Tensors] | None:
+    """The coordinator's next message; None for a malformed one (dropped, and said in the log).
+    Another protocol version is a UserError: nothing this daemon says could be understood."""
+    try:
+        return wire.decode(sock.recv_multipart(copy=False))
+    except wire.WireError as err:
+        if "protocol version" in str(err):
+            raise UserError(f"coordinator speaks another protocol: {err}") from None
+        print(f"dropped malformed message from coordinator: {err}", file=sys.stderr)
+        return None
 
 
 def log_locally(err: MeshctlError) -> None:

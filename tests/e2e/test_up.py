@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 
 from meshctl.runtime import wire
+from meshctl.runtime.daemon import read_tap
 
 FREE = ["--address", "tcp://127.0.0.1:0"]
 
@@ -48,15 +49,6 @@ def test_up_trains_the_hospitals_model_and_leaves_the_run(hospitals, meshctl):
     assert "warning[MESH411]" in out.stderr  # the warn decision is shown, not hidden
 
 
-def _tap_frames(path: Path) -> list[bytes]:
-    raw, frames, i = path.read_bytes(), [], 0
-    while i < len(raw):
-        n = int.from_bytes(raw[i:i + 8], "little")
-        frames.append(raw[i + 8:i + 8 + n])
-        i += 8 + n
-    return frames
-
-
 def test_no_pii_and_no_raw_row_leaves_a_domain(hospitals, meshctl, tmp_path):
     tap = tmp_path / "tap"
     tap.mkdir()
@@ -65,7 +57,7 @@ def test_no_pii_and_no_raw_row_leaves_a_domain(hospitals, meshctl, tmp_path):
     data = hospitals.parent / "examples" / "hospitals" / "data"
     for domain, src in [("charite", "charite.parquet"), ("karolinska", "karolinska.parquet"),
                         ("amsterdam-umc", "amsterdam-umc.csv")]:
-        frames = _tap_frames(tap / f"{domain}.tap")
+        frames = read_tap(tap / f"{domain}.tap")
         assert frames, f"{domain} sent nothing?"
         blob = b"\0".join(frames)
         rows = duckdb.sql(f"SELECT * FROM '{data / src}'").fetchall()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import duckdb
 
+from meshctl.runtime.daemon import read_tap
+
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "hospitals" / "data"
 SOURCES = {"charite": "charite.parquet", "karolinska": "karolinska.parquet", "amsterdam-umc": "amsterdam-umc.csv"}
@@ -29,15 +31,6 @@ def _secrets() -> set[str]:
     return out
 
 
-def _frames(path: Path) -> list[bytes]:
-    raw, frames, i = path.read_bytes(), [], 0
-    while i < len(raw):
-        n = int.from_bytes(raw[i:i + 8], "little")
-        frames.append(raw[i + 8:i + 8 + n])
-        i += 8 + n
-    return frames
-
-
 def _run_dir(stdout: str) -> Path:
     return Path(stdout.strip().splitlines()[-1].rsplit(": ", 1)[-1])
 
@@ -45,7 +38,7 @@ def _run_dir(stdout: str) -> Path:
 def _outputs(mesh_dir: Path, tap: Path, out) -> dict[str, bytes]:
     """Everything that left the domains or was written mesh-wide, by where it was found."""
     run = _run_dir(out.stdout)
-    blobs = {f"tap {p.name}": b"\0".join(_frames(p)) for p in sorted(tap.glob("*.tap"))}
+    blobs = {f"tap {p.name}": b"\0".join(read_tap(p)) for p in sorted(tap.glob("*.tap"))}
     blobs |= {"events.jsonl": (run / "events.jsonl").read_bytes(),
               "audit.jsonl": (mesh_dir / ".meshctl" / "audit.jsonl").read_bytes(),
               "catalog.db": (mesh_dir / ".meshctl" / "catalog.db").read_bytes(),

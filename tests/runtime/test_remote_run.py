@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,20 +222,26 @@ def _wait_line(proc, text: str, seen: list[str], timeout: float = 60.0) -> None:
             seen.append(line.rstrip("\n"))
 
 
+def _standalone_daemon(plan, tmp_path: Path, mesh_file: Path, server: KeyPair, client: KeyPair,
+                      port: int) -> subprocess.Popen[str]:
+    """`meshctl daemon` for client-0 of `plan`, dialling a coordinator on `port` with `server`'s key."""
+    plan_file = tmp_path / "plan.toml"
+    plan.write(plan_file)
+    key_file = client.save(tmp_path / "keys", "client-0")
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshctl", "daemon", "--plan", str(plan_file), "--domain", "client-0",
+         "--coordinator", f"tcp://127.0.0.1:{port}", "--server-key", server.public.decode(),
+         "--key", str(key_file), "--base-dir", str(mesh_file.parent)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_the_daemon_says_when_it_loses_the_coordinator_and_when_it_is_back(make_plan, tmp_path, mesh_file):
     from meshctl.runtime.keys import fingerprint
 
     plan = make_plan(n=2)
-    plan_file = tmp_path / "plan.toml"
-    plan.write(plan_file)
     server, client = KeyPair.generate(), KeyPair.generate()
-    key_file = client.save(tmp_path / "keys", "client-0")
     coord = _FakeCoordinator(server, client)
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "meshctl", "daemon", "--plan", str(plan_file), "--domain", "client-0",
-         "--coordinator", f"tcp://127.0.0.1:{coord.port}", "--server-key", server.public.decode(),
-         "--key", str(key_file), "--base-dir", str(mesh_file.parent)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = _standalone_daemon(plan, tmp_path, mesh_file, server, client, coord.port)
     seen: list[str] = []
     try:
         identity, _ = coord.receive(wire.Knock)  # nothing run-bound before the run id is known
@@ -260,16 +267,9 @@ def test_the_daemon_says_when_it_loses_the_coordinator_and_when_it_is_back(make_
 
 def test_a_daemon_behind_the_coordinators_plan_says_so_and_exits_with_the_refusal(make_plan, tmp_path, mesh_file):
     plan = make_plan(n=2)
-    plan_file = tmp_path / "plan.toml"
-    plan.write(plan_file)
     server, client = KeyPair.generate(), KeyPair.generate()
-    key_file = client.save(tmp_path / "keys", "client-0")
     coord = _FakeCoordinator(server, client)
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "meshctl", "daemon", "--plan", str(plan_file), "--domain", "client-0",
-         "--coordinator", f"tcp://127.0.0.1:{coord.port}", "--server-key", server.public.decode(),
-         "--key", str(key_file), "--base-dir", str(mesh_file.parent)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = _standalone_daemon(plan, tmp_path, mesh_file, server, client, coord.port)
     try:
         identity, _ = coord.receive(wire.Knock)
         coord.send(identity, wire.RunInfo(run="r-2", plan_hash="sha256:" + "0" * 64))

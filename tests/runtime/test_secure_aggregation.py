@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from meshctl.compiler.plan import PlanPrivacy
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
+from meshctl.runtime.daemon import read_tap
 from meshctl.runtime.launcher import start_run
 
 
@@ -27,15 +28,6 @@ def _secure(plan, quorum: int | None = None):
 
 def _model(result) -> dict[str, torch.Tensor]:
     return load_file(str(next((result.run_dir / "models").glob("*.safetensors"))))
-
-
-def _frames(path):
-    data, out, i = path.read_bytes(), [], 0
-    while i < len(data):
-        n = int.from_bytes(data[i:i + 8], "little")
-        out.append(data[i + 8:i + 8 + n])
-        i += 8 + n
-    return out
 
 
 def test_the_securely_aggregated_model_is_fedavgs_and_the_wire_carries_only_masks(mesh_file, make_plan,
@@ -57,7 +49,7 @@ def test_the_securely_aggregated_model_is_fedavgs_and_the_wire_carries_only_mask
     received = [e for e in events if isinstance(e, ev.UpdateReceived)]
     assert len(received) == 12 and all(e.update_norm is None for e in received)
     # what client-1 sent: headers, and for each round one int64 tensor that decodes to noise
-    frames = _frames(tap / "client-1.tap")
+    frames = read_tap(tap / "client-1.tap")
     i, masked = 0, []
     while i < len(frames):
         k = 1 + sum(t["chunks"] for t in json.loads(frames[i])["tensors"])
