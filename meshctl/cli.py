@@ -207,9 +207,9 @@ def schema() -> None:
     """Print the JSON Schema of mesh.yaml, for editor completion."""
     import json
 
-    from meshctl.compiler.spec import MeshSpec
+    from meshctl.compiler.schema import mesh_json_schema
 
-    click.echo(json.dumps(MeshSpec.model_json_schema(by_alias=True), indent=2))
+    click.echo(json.dumps(mesh_json_schema(), indent=2))
 
 
 # ---------------------------------------------------------------------------
@@ -827,7 +827,8 @@ def lineage_export(run: str, output: Path | None, audit_mesh: Path) -> None:
         for e in events:
             click.echo(json.dumps(e, separators=(",", ":")))
     else:
-        click.echo(f"wrote {len(events)} RunEvents to {path}", err=True)
+        failed = sum(e["eventType"] == "FAIL" for e in events)
+        click.echo(f"wrote {len(events)} RunEvents ({failed} FAIL) to {path}", err=True)
 
 
 # ---------------------------------------------------------------------------

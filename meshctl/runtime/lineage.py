@@ -1,14 +1,18 @@
 """A run's lineage as OpenLineage RunEvents (JSON lines), for Marquez, OpenMetadata or DataHub.
 
-Per model job and per analysis of the plan: one START event (when it started) and one
-COMPLETE or FAIL event (when it ended), built from the run's audit log and plan.toml:
+Per model job and per analysis the run attempted: one START event (when it started, or began
+waiting for its domains) and one COMPLETE or FAIL event (when it ended), built from the run's
+audit log and plan.toml. A job that fails before its first round (no quorum) gets its START
+and FAIL too. Every FAIL carries the standard `errorMessage` run facet.
 
 - `run.runId`: a UUID derived from the meshctl run id and the job (uuid5), so exporting the
   same run twice gives the same ids; a `parent` facet names the meshctl run itself.
 - `job`: namespace = the mesh's name, name = `model.<name>` or `analysis.<name>`.
-- `inputs`: the products read, namespace `meshctl://<domain>`, name = the product id, with
-  a `schema` facet (column names and types only, never a value) and a custom
-  `meshctl_pii` facet (each column's pii flag), plus `meshctl_contract`.
+- `inputs`: the products read, named as the OpenLineage naming spec names the data they read
+  (`dataset_name`), so that lineage joins up with other tools reading the same data, with
+  a `symlinks` facet naming the product (`meshctl://<domain>`, the product id), a `schema`
+  facet (column names and types only, never a value), a custom `meshctl_pii` facet (each
+  column's pii flag), plus `meshctl_contract`.
 - `outputs`: the model file (or analysis result) as a `file` dataset.
 """
 
@@ -16,8 +20,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from meshctl import __version__
 from meshctl.errors import UserError
@@ -29,13 +34,12 @@ PRODUCER = f"{MESHCTL_URL}/tree/v{__version__}"
 """`producer` of every event and facet: meshctl's URL at this version."""
 SPEC = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
 RUN_EVENT_SCHEMA = f"{SPEC}#/$defs/RunEvent"
-SCHEMA_FACET = (
-    "https://openlineage.io/spec/facets/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet"
-)
-PARENT_FACET = "https://openlineage.io/spec/facets/1-0-1/ParentRunFacet.json#/$defs/ParentRunFacet"
-JOB_TYPE_FACET = (
-    "https://openlineage.io/spec/facets/2-0-3/JobTypeJobFacet.json#/$defs/JobTypeJobFacet"
-)
+_FACETS = "https://openlineage.io/spec/facets"
+SCHEMA_FACET = f"{_FACETS}/1-2-0/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet"
+SYMLINKS_FACET = f"{_FACETS}/1-0-1/SymlinksDatasetFacet.json#/$defs/SymlinksDatasetFacet"
+PARENT_FACET = f"{_FACETS}/1-2-0/ParentRunFacet.json#/$defs/ParentRunFacet"
+JOB_TYPE_FACET = f"{_FACETS}/2-0-4/JobTypeJobFacet.json#/$defs/JobTypeJobFacet"
+ERROR_FACET = f"{_FACETS}/1-0-1/ErrorMessageRunFacet.json#/$defs/ErrorMessageRunFacet"
 CUSTOM_FACET = f"{MESHCTL_URL}/blob/main/docs/audit.md#lineage-facets"
 RUN_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, MESHCTL_URL + "/openlineage")
 REQUIRED = ("eventTime", "producer", "schemaURL", "run.runId", "job.namespace", "job.name")
@@ -51,14 +55,69 @@ def _facet(schema_url: str, **fields: Any) -> dict[str, Any]:
     return {"_producer": PRODUCER, "_schemaURL": schema_url, **fields}
 
 
-def _dataset(plan: Any, product_id: str) -> dict[str, Any]:
+def _host(address: str) -> str:
+    """HOST of a domain address tcp://HOST[:PORT]."""
+    netloc = urlsplit(address).netloc
+    return netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
+
+
+def _postgres_name(source: str, table: str) -> tuple[str, str]:
+    """`postgres://{host}:{port}` and `{database}.{schema}.{table}`; never user or password."""
+    parts = urlsplit(source)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    server = parts.netloc.rsplit("@", 1)[-1].split(",")[0]  # libpq allows host1:p1,host2:p2
+    host, sep, port = server.rpartition(":") if not server.endswith("]") else (server, "", "")
+    if not sep or not port.isdigit():
+        host, port = server, ""
+    user = unquote(parts.netloc.rsplit("@", 1)[0].split(":")[0]) if "@" in parts.netloc else ""
+    host = unquote(host) or query.get("host", "")
+    if not host or host.startswith("/"):  # no host, or a Unix socket directory: this host
+        host = "localhost"
+    port = port or query.get("port", "") or "5432"
+    database = unquote(parts.path.lstrip("/")) or query.get("dbname", "") or user or "postgres"
+    schema, _, name = table.rpartition(".")
+    return f"postgres://{host}:{port}", f"{database}.{schema or 'public'}.{name}"
+
+
+def dataset_name(product: Any, address: str, base_dir: Path) -> tuple[str, str]:
+    """(namespace, name) of the data a product reads, per the OpenLineage naming spec.
+
+    Files: `file` and the absolute path (a remote domain's: `file://{host}` and the path as
+    declared, relative to the mesh.yaml on that host). PostgreSQL: `postgres://{host}:{port}`
+    and `{database}.{schema}.{table}`. DuckDB, which the spec does not list: as OpenLineage's
+    own dbt integration names it, `duckdb://{path}` and `{database}.{schema}.{table}`. SQLite,
+    listed by neither: the same way, `sqlite://{path}` and the table.
+    """
+    source, fmt = product.source, product.format
+    if fmt == "postgresql":
+        return _postgres_name(source, product.table)
+    path = source.split(":", 1)[1] if fmt in ("sqlite", "duckdb") else source
+    if address == "local":
+        where, full = "", str((base_dir / path).resolve())
+    else:
+        where, full = _host(address), PurePosixPath(path).as_posix()
+    if fmt == "duckdb":
+        schema, _, table = product.table.rpartition(".")
+        root = full if full.startswith("/") else "/" + full
+        return f"duckdb://{where}{root}", f"{PurePosixPath(full).stem}.{schema or 'main'}.{table}"
+    if fmt == "sqlite":
+        root = full if full.startswith("/") else "/" + full
+        return f"sqlite://{where}{root}", product.table
+    return (f"file://{where}" if where else "file"), full
+
+
+def _dataset(plan: Any, product_id: str, base_dir: Path) -> dict[str, Any]:
     p = plan.product(product_id)
     fields = [{"name": c.name, "type": c.type} for c in p.columns]
     pii = {c.name: c.pii for c in p.columns}
+    address = next((d.address for d in plan.domains if d.name == p.domain), "local")
+    namespace, name = dataset_name(p, address, base_dir)
+    product = {"namespace": f"meshctl://{p.domain}", "name": p.id, "type": "DATA_PRODUCT"}
     return {
-        "namespace": f"meshctl://{p.domain}",
-        "name": p.id,
+        "namespace": namespace,
+        "name": name,
         "facets": {
+            "symlinks": _facet(SYMLINKS_FACET, identifiers=[product]),
             "schema": _facet(SCHEMA_FACET, fields=fields),
             "meshctl_pii": _facet(CUSTOM_FACET, columns=pii),
             "meshctl_contract": _facet(
@@ -135,17 +194,24 @@ def export_events(run_dir: Path) -> list[dict[str, Any]]:
         )
         for a in plan.analyses
     ]
+    base_dir = Path(manifest.base_dir)
+    begun = audit.find_event(events, "run_started") or {}
     out: list[dict[str, Any]] = []
     for kind, name, job_type, reads, (start_type, end_type, key) in units:
         started = audit.find_event(events, start_type, **{key: name})
-        if started is None:
-            continue
         finished = audit.find_event(events, end_type, **{key: name})
         failed = audit.find_event(events, "job_failed", job=name) if kind == "model" else None
+        if started is None:  # failed before its first round: from when it waited, or failed
+            waiting = audit.find_event(events, "job_waiting", job=name) if kind == "model" else None
+            if kind == "analysis" and f"analysis:{name}" in begun.get("jobs", []) and done:
+                waiting = {"ts": begun.get("ts", 0.0)}  # an analysis run: the analysis is its work
+            started = waiting or failed
+            if started is None or finished is not None:
+                continue  # never attempted (an earlier job failed, or not this run's work)
         extra = {
             "meshctl_run": run,
             "plan_hash": plan.plan.hash,
-            "participants": started.get("participants", []),
+            "participants": started.get("participants", started.get("have", [])),
         }
         args = (
             run_uuid(run, f"{kind}.{name}"),
@@ -153,7 +219,7 @@ def export_events(run_dir: Path) -> list[dict[str, Any]]:
             mesh,
             parent,
             job_type,
-            [_dataset(plan, r.product) for r in reads],
+            [_dataset(plan, r.product, base_dir) for r in reads],
         )
         out.append(_event("START", started.get("ts", 0.0), *args, [], extra))
         if finished:
@@ -166,10 +232,14 @@ def export_events(run_dir: Path) -> list[dict[str, Any]]:
             out.append(
                 _event("COMPLETE", finished.get("ts", 0.0), *args, _output(run_dir, path), extra)
             )
-        else:
+        elif failed or done:  # else the run is still going: START only, its end comes later
             reason = (failed or {}).get("reason") or done.get("reason") or "did not complete"
             ts = (failed or done).get("ts", started.get("ts", 0.0))
-            out.append(_event("FAIL", ts, *args, [], {**extra, "reason": reason}))
+            event = _event("FAIL", ts, *args, [], {**extra, "reason": reason})
+            event["run"]["facets"]["errorMessage"] = _facet(
+                ERROR_FACET, message=reason, programmingLanguage="python"
+            )
+            out.append(event)
     return sorted(out, key=lambda e: e["eventTime"])
 
 

@@ -197,7 +197,8 @@ def test_lineage_export_writes_valid_runevents(mesh, tmp_path):
     for e in events:
         assert {"eventType", "eventTime", "run", "job", "producer", "schemaURL"} <= set(e)
         assert e["job"] == {**e["job"], "namespace": "oncology-network", "name": "model.malignancy"}
-        assert [d["namespace"] for d in e["inputs"]] == [
+        assert [d["namespace"] for d in e["inputs"]] == ["file", "file", "file"]  # OpenLineage naming
+        assert [d["facets"]["symlinks"]["identifiers"][0]["namespace"] for d in e["inputs"]] == [
             "meshctl://charite",
             "meshctl://karolinska",
             "meshctl://amsterdam-umc",
