@@ -581,16 +581,21 @@ def contract_export(name: str, mesh: Path, fmt: str, output: Path | None) -> Non
 @MESH_OPTION
 @click.option("--replace", is_flag=True, help="Replace the contract of the same name and major.")
 @click.option("--name", help="Contract name to use instead of the document's name or id.")
+@click.option("-v", "--verbose", is_flag=True, help="One warning line per dropped ODCS field.")
 @reports_errors
-def contract_import(file: Path, mesh: Path, replace: bool, name: str | None) -> None:
+def contract_import(file: Path, mesh: Path, replace: bool, name: str | None,
+                    verbose: bool) -> None:
     """Add the ODCS v3 contract in FILE to mesh.yaml, keeping its comments and order.
 
-    Every ODCS field meshctl cannot express is reported as a warning, one per line.
+    An ODCS field meshctl cannot express is dropped with a warning: one line per dropped
+    column, quality rule or SLA property, and one line naming the other fields (--verbose:
+    one line per field).
     """
+    from meshctl.compiler.odcs import summarize
     from meshctl.specedit import import_odcs
 
     status, imported = import_odcs(mesh, file, replace=replace, name=name)
-    for line in imported.dropped:
+    for line in imported.dropped if verbose else summarize(imported.dropped):
         click.echo(f"{file}: warning: dropped {line}", err=True)
     c = imported.contract
     click.echo(f"{mesh}: {status} contract {c['name']} {c['version']} "

@@ -1,13 +1,16 @@
 """Contracts to and from the Open Data Contract Standard (ODCS) v3.
 
-`export_contract` turns a meshctl contract into an ODCS v3.2.0 document (the
-version of the JSON Schema the `open-data-contract-standard` package ships):
-one schema object whose properties are the contract's columns, quality rules
-in the ODCS library vocabulary (which meshctl's rules already use), the SLA as
-`slaProperties`, and meshctl-only things (purposes, pii, masking) as
-`customProperties`. `import_contract` goes the other way and reports, one line
-each, every field meshctl cannot express instead of silently losing it.
-Export then import gives back the same contract. Pure: data in, data out.
+`export_contract` turns a meshctl contract into an ODCS v3.1.0 document (the
+newest approved version; v3.2.0 is in progress upstream): one schema object
+whose properties are the contract's columns, quality rules in the ODCS library
+vocabulary (which meshctl's rules already use), the SLA as `slaProperties`, and
+meshctl-only things (purposes, pii, masking, optional columns) as
+`customProperties`. Each keeps its ODCS meaning: `required: true` is written for
+a column that must not be null; a category's values are an invalidValues rule;
+a `validRange` (not an ODCS argument) is a sql rule that counts the same rows.
+`import_contract` goes the other way, lenient per field: what meshctl cannot
+express (or run) is dropped with a line saying where and why, and the contract
+imports. Export then import gives back the same contract. Pure: data in, data out.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from meshctl.compiler.diagnostics import did_you_mean
+from meshctl.compiler.contracts import _quality as check_rule
+from meshctl.compiler.diagnostics import Reporter, did_you_mean
 from meshctl.compiler.spec import OPERATORS, Column, Contract, MeshSpec, QualityRule, Sla
 
-API_VERSION = "v3.2.0"
-"""ODCS version written (library metrics are v3.1+, `enum` values v3.2)."""
+API_VERSION = "v3.1.0"
+"""ODCS version written: the newest approved one (library metrics are v3.1+; v3.2.0, with
+`enum` values, is still in progress upstream)."""
 
 LOGICAL = {"string": "string", "int": "integer", "float": "number", "bool": "boolean",
            "date": "date", "timestamp": "timestamp", "category": "string"}
@@ -92,10 +98,10 @@ def export_contract(contract: Contract, classification: str | None = None) -> di
                            "version": contract.version, "status": "active"}
     if contract.description:
         doc["description"] = {"purpose": contract.description}
-    obj: dict[str, Any] = {"name": contract.name, "logicalType": "object",
+    obj: dict[str, Any] = {"name": contract.object_name or contract.name, "logicalType": "object",
                            "properties": [_property(c, contract.quality, classification)
                                           for c in contract.columns]}
-    table_rules = [_rule(r) for r in contract.quality if r.column is None]
+    table_rules = [_rule(r, None) for r in contract.quality if r.column is None]
     if table_rules:
         obj["quality"] = table_rules
     doc["schema"] = [obj]
@@ -124,21 +130,31 @@ def _custom(name: str, value: Any) -> dict[str, Any]:
 def _property(column: Column, quality: list[QualityRule],
               classification: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {"name": column.name, "logicalType": LOGICAL[column.type],
-                           "physicalType": PHYSICAL[column.type], "required": column.required}
+                           "physicalType": PHYSICAL[column.type]}
+    own = [r for r in quality if r.column == column.name]
+    if any(_not_null(r) for r in own):  # ODCS `required` means: never null
+        out["required"] = True
     if column.range is not None and column.type in ("int", "float"):
         out["logicalTypeOptions"] = {"minimum": _scalar(column.range[0]),
                                      "maximum": _scalar(column.range[1])}
-    if column.values:
-        out["enum"] = [{"value": v} for v in column.values]
     if classification:
         out["classification"] = classification
     if column.description:
         out["description"] = column.description
-    rules = [_rule(r) for r in quality if r.column == column.name]
+    rules = [_rule(r, column) for r in own]
+    if column.values:  # v3.1.0 has no `enum`: the values are an invalidValues rule
+        rules.insert(0, {"name": f"values({column.name})", "type": "library",
+                         "metric": "invalidValues",
+                         "arguments": {"validValues": list(column.values)}, "mustBe": 0,
+                         "unit": "rows", "severity": "error"})
     if rules:
         out["quality"] = rules
     custom = [_custom(k, getattr(column, k)) for k in ("masking", "generalize")
               if getattr(column, k) is not None]
+    if column.values:
+        custom.insert(0, _custom("values", list(column.values)))
+    if not column.required:  # meshctl: the column may be absent (ODCS has no such notion)
+        custom.insert(0, _custom("optional", True))
     if column.pii != "none":
         custom.insert(0, _custom("pii", column.pii))
     if custom:
@@ -146,7 +162,15 @@ def _property(column: Column, quality: list[QualityRule],
     return out
 
 
-def _rule(rule: QualityRule) -> dict[str, Any]:
+def _not_null(rule: QualityRule) -> bool:
+    """A rule that says what ODCS `required: true` says: no null in the column."""
+    return (rule.metric == "nullValues" and rule.mustBe == 0 and rule.severity == "error"
+            and rule.operators() == ["mustBe"])
+
+
+def _rule(rule: QualityRule, column: Column | None) -> dict[str, Any]:
+    if rule.validRange is not None:
+        return _range_rule(rule, column)
     out: dict[str, Any] = {}
     if rule.name:
         out["name"] = rule.name
@@ -172,6 +196,33 @@ def _rule(rule: QualityRule) -> dict[str, Any]:
     elif rule.dimension:
         out["customProperties"] = [_custom("dimension", rule.dimension)]
     out["severity"] = rule.severity
+    return out
+
+
+def _range_rule(rule: QualityRule, column: Column | None) -> dict[str, Any]:
+    """An invalidValues rule with `validRange` (not an ODCS argument) as an ODCS sql rule that
+    counts the same values (in DuckDB's SQL, the dialect meshctl runs); the meshctl rule
+    travels in a custom property `meshctl`, so that import gives it back."""
+    assert rule.validRange is not None
+    low, high = (_scalar(v) for v in rule.validRange)
+    bad = [(f"TRY_CAST({{property}} AS DOUBLE) IS NULL OR TRY_CAST({{property}} AS DOUBLE) "
+            f"NOT BETWEEN {low} AND {high}")]
+    if rule.validValues is not None:
+        listed = ", ".join("'" + str(v).replace("'", "''") + "'" for v in rule.validValues)
+        bad.append(f"CAST({{property}} AS VARCHAR) NOT IN ({listed})")
+    if rule.pattern is not None:
+        bad.append(f"NOT regexp_full_match(CAST({{property}} AS VARCHAR), "
+                   f"'{rule.pattern.replace(chr(39), chr(39) * 2)}')")
+    where = "{property} IS NOT NULL AND (" + " OR ".join(f"({b})" for b in bad) + ")"
+    count = f"SUM(CASE WHEN {where} THEN 1 ELSE 0 END)"
+    query = (f"SELECT {count} FROM {{object}}" if rule.unit == "rows"
+             else f"SELECT COALESCE(100.0 * {count} / NULLIF(COUNT(*), 0), 0) FROM {{object}}")
+    meshctl = {k: _scalar(v) for k, v in rule.model_dump(exclude_defaults=True).items()
+               if k not in ("name", "description", "column", "severity", "dimension")}
+    out = _rule(rule.model_copy(update={"type": "sql", "query": query, "metric": None,
+                                        "validRange": None, "validValues": None,
+                                        "pattern": None}), column)
+    out.setdefault("customProperties", []).append(_custom("meshctl", meshctl))
     return out
 
 
@@ -236,8 +287,35 @@ def import_contract(doc: Any, name: str | None = None,
     sla = imp.sla(doc.get("slaProperties") or [])
     if sla:
         out["sla"] = sla
+    first = objects[0] if objects and isinstance(objects[0], dict) else {}
+    if first.get("name") and str(first["name"]) != out["name"]:
+        out["object_name"] = str(first["name"])
     Contract.model_validate(out)  # a ValueError (pydantic) if the result is not a contract
     return Imported(out, imp.dropped)
+
+
+_WHOLE = re.compile(r"(^|\.)(schema|properties|quality|slaProperties)\[\d+\]$")
+"""Where a whole schema object, column, quality rule or SLA property was dropped."""
+
+
+def summarize(dropped: list[str], limit: int = 10) -> list[str]:
+    """The warning lines of an import: one per dropped column, rule, SLA property or schema
+    object (each loses a check or a column), then one line naming the other fields by their
+    key with a count, e.g. `14 fields meshctl does not use: servers, primaryKey (5), ...`."""
+    lines = [d for d in dropped if _WHOLE.search(d.split(": ", 1)[0])]
+    keys: dict[str, int] = {}
+    for d in dropped:
+        where = d.split(": ", 1)[0]
+        if not _WHOLE.search(where):
+            key = re.sub(r"\[\d+\]", "", where).rsplit(".", 1)[-1]
+            keys[key] = keys.get(key, 0) + 1
+    if keys:
+        names = [k if n == 1 else f"{k} ({n})" for k, n in keys.items()]
+        more = f", and {len(names) - limit} more" if len(names) > limit else ""
+        n = sum(keys.values())
+        lines.append(f"{n} field{'s' if n != 1 else ''} meshctl does not use: "
+                     f"{', '.join(names[:limit])}{more}")
+    return lines
 
 
 def _name(obj: Any) -> str:
@@ -310,10 +388,17 @@ class _Importer:
             if column is None:
                 continue
             columns.append(column)
+            own = []
             for k, rule in enumerate(prop.get("quality") or []):
+                if _is_values_rule(rule, column):
+                    continue  # the category's own values, as export writes them
                 got = self.rule(rule, f"{where}.quality[{k}]", column["name"])
                 if got is not None:
-                    quality.append(got)
+                    own.append(got)
+            if prop.get("required") is True and not any(
+                    _not_null(QualityRule.model_validate(r)) for r in own):
+                own.insert(0, {"column": column["name"], "metric": "nullValues", "mustBe": 0})
+            quality += own
         for k, rule in enumerate(obj.get("quality") or []):
             got = self.rule(rule, f"schema[0].quality[{k}]", None)
             if got is not None:
@@ -347,8 +432,8 @@ class _Importer:
                     self.rest(f"{where}.enum[{n}]", e, {"value"})
         self.options(prop, out, where)
         self.custom_column(prop, out, where)
-        if prop.get("required") is not True:
-            out["required"] = False
+        if prop.get("required") not in (None, True, False):
+            self.drop(f"{where}.required", prop["required"])
         if prop.get("description"):
             out["description"] = str(prop["description"])
         if prop.get("classification") not in (None, self.classification):
@@ -373,15 +458,45 @@ class _Importer:
     def custom_column(self, prop: dict[str, Any], out: dict[str, Any], where: str) -> None:
         for i, cp in enumerate(prop.get("customProperties") or []):
             key = cp.get("property") if isinstance(cp, dict) else None
-            if key in ("pii", "masking", "generalize"):
+            if key == "pii":
+                out[key] = self.pii(cp.get("value"), f"{where}.customProperties[{i}]")
+            elif key == "optional" and cp.get("value") is True:
+                out["required"] = False
+            elif key == "values" and isinstance(cp.get("value"), list) and out["type"] == "string":
+                out["type"] = "category"
+                out["values"] = [str(_scalar(v)) for v in cp["value"]]
+            elif key in ("masking", "generalize"):
                 out[key] = cp.get("value")
             else:
                 self.drop(f"{where}.customProperties[{i}]", cp)
+
+    def pii(self, value: Any, where: str) -> str:
+        """meshctl's pii of a custom property `pii`: true (as datacontract-cli writes it) is
+        `direct`, the strictest (never selected); an unknown value is `direct` too."""
+        text = str(value).strip().lower()
+        if text in ("none", "direct", "indirect"):
+            return text
+        if text in ("false", "no", "0"):
+            return "none"
+        if text not in ("true", "yes", "1"):
+            self.drop(where, f"pii '{value}' read as direct (meshctl knows none, indirect, direct)")
+        return "direct"
 
     def rule(self, rule: Any, where: str, column: str | None) -> dict[str, Any] | None:
         if not isinstance(rule, dict):
             self.drop(where, rule)
             return None
+        mine = [cp.get("value") for cp in rule.get("customProperties") or []
+                if isinstance(cp, dict) and cp.get("property") == "meshctl"]
+        if rule.get("type") == "sql" and mine and isinstance(mine[0], dict):
+            # a rule meshctl exported as sql (validRange): take back meshctl's own rule
+            rule = {k: v for k, v in rule.items() if k not in ("query", "unit", "type", *OPERATORS)}
+            rule = {**rule, "type": "library", **mine[0]}
+            rule["customProperties"] = [cp for cp in rule.get("customProperties") or []
+                                        if not (isinstance(cp, dict)
+                                                and cp.get("property") == "meshctl")]
+            args = {k: rule.pop(k) for k in ARGUMENTS if k in rule}
+            rule["arguments"] = args
         kind = rule.get("type", "library")
         metric = rule.get("metric") or (rule.get("rule") if rule.get("rule") in METRICS
                                         else None)
@@ -404,7 +519,7 @@ class _Importer:
             out["metric"] = metric
             self.arguments(rule.get("arguments") or {}, out, where)
         elif kind == "sql":
-            out["query"] = rule.get("query")
+            out["query"] = _placeholders(rule.get("query"))
             used.add("query")
         elif kind == "custom" and rule.get("engine") == "meshctl":
             used |= {"engine", "implementation"}
@@ -420,12 +535,21 @@ class _Importer:
                 self.drop(f"{where}.{op}", f"{_short(rule[op])} (meshctl compares numbers)")
         self.qualifiers(rule, out, where)
         self.rest(where, rule, used)
+        problem = _rule_problem(out)
+        if problem:
+            self.drop(where, f"{_rule_label(rule)} ({problem}: meshctl cannot run it)")
+            return None
         return out
 
     def arguments(self, args: dict[str, Any], out: dict[str, Any], where: str) -> None:
+        if not isinstance(args, dict):
+            self.drop(f"{where}.arguments", args)
+            return
         for key in ARGUMENTS:
             if key in args:
                 out[key] = args[key]
+        if isinstance(out.get("validValues"), list):  # null is never invalid: invalidValues
+            out["validValues"] = [v for v in out["validValues"] if v is not None]  # counts non-nulls
         self.rest(f"{where}.arguments", args, set(ARGUMENTS))
 
     def qualifiers(self, rule: dict[str, Any], out: dict[str, Any], where: str) -> None:
@@ -444,13 +568,20 @@ class _Importer:
 
     def sla(self, props: list[Any]) -> dict[str, str]:
         out: dict[str, str] = {}
+        if not isinstance(props, list):
+            self.drop("slaProperties", props)
+            return out
         for i, prop in enumerate(props):
             key = SLA_IMPORT.get(prop.get("property")) if isinstance(prop, dict) else None
             if key is None or key in out:
                 self.drop(f"slaProperties[{i}]", prop)
                 continue
-            value, unit = _scalar(prop.get("value")), prop.get("unit") or ""
-            out[key] = f"{value}{unit}"
+            text = _sla_text(key, prop.get("value"), prop.get("unit"))
+            if text is None:
+                self.drop(f"slaProperties[{i}]", f"{_short(prop)} (not a "
+                          f"{'percentage' if key == 'availability' else 'duration'} meshctl reads)")
+                continue
+            out[key] = text
             self.rest(f"slaProperties[{i}]", prop, {"property", "value", "unit"})
         return out
 
@@ -497,3 +628,102 @@ def _short(value: Any) -> str:
                           allow_unicode=True).strip()
     text = text.removesuffix("...").strip()
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+_UNITS = {"s": "s", "sec": "s", "secs": "s", "second": "s", "seconds": "s", "m": "m", "min": "m",
+          "mins": "m", "minute": "m", "minutes": "m", "h": "h", "hr": "h", "hrs": "h",
+          "hour": "h", "hours": "h", "d": "d", "day": "d", "days": "d", "w": "w", "wk": "w",
+          "week": "w", "weeks": "w", "y": "y", "yr": "y", "yrs": "y", "year": "y", "years": "y"}
+"""ODCS unit spellings ("**d**, day, days for days; **y**, yr, years for years") -> meshctl's."""
+
+_SECONDS = {"y": 365 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_ISO = re.compile(r"^P(?:(\d+)Y)?(?:(\d+)W)?(?:(\d+)D)?"
+                  r"(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+"""An ISO-8601 duration without months (a month has no fixed length), e.g. P1Y, P30D, PT1H."""
+
+
+def _sla_text(key: str, value: Any, unit: Any) -> str | None:
+    """The mesh.yaml text of an ODCS SLA value and unit, or None when meshctl cannot read it:
+    `7, day` -> 7d, `P1Y` -> 1y, `500, ms` -> 0.5s, `95%, %` -> 95%."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(_scalar(value)).strip()
+    unit = str(unit or "").strip().lower()
+    if key == "availability":
+        if unit not in ("", "%", "percent"):
+            return None
+        text = text.removesuffix("%").strip()
+        ok = re.fullmatch(r"\d+(\.\d+)?", text) and float(text) <= 100
+        return f"{text}%" if ok else None
+    m = _DURATION.match(text)
+    number, spelled = (m.group(1), m.group(2).lower()) if m else (text, unit)
+    if re.fullmatch(r"\d+(\.\d+)?", number) and spelled in _UNITS:
+        return f"{_scalar(float(number))}{_UNITS[spelled]}"  # the unit as written: 7d stays 7d
+    seconds = _seconds(text, unit)
+    if seconds is None:
+        return None
+    for name, size in _SECONDS.items():
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{name}"
+    return f"{_scalar(round(seconds, 6))}s"
+
+
+def _seconds(text: str, unit: str) -> float | None:
+    iso = _ISO.match(text.upper()) if text.upper().startswith("P") else None
+    if iso and any(iso.groups()):
+        parts = [float(g) if g else 0.0 for g in iso.groups()]
+        return sum(n * size for n, size in zip(parts, (_SECONDS["y"], _SECONDS["w"], _SECONDS["d"],
+                                                      3600, 60, 1), strict=True))
+    m = _DURATION.match(text)
+    number, unit = (float(m.group(1)), m.group(2).lower()) if m else (None, unit)
+    if number is None:
+        if not re.fullmatch(r"\d+(\.\d+)?", text):
+            return None
+        number = float(text)
+    if unit in ("ms", "millisecond", "milliseconds"):
+        return number / 1000
+    return number * _SECONDS[_UNITS[unit]] if unit in _UNITS else None
+
+
+_PEER_PLACEHOLDERS = {"model": "object", "table": "object", "field": "property",
+                      "column": "property"}
+"""Placeholders datacontract-cli replaces as ODCS's {object} and {property}."""
+
+
+def _placeholders(query: Any) -> Any:
+    """`{model}`/`{table}` as `{object}`, `{field}`/`{column}` as `{property}`, as the peer reads them."""
+    if not isinstance(query, str):
+        return query
+    return re.sub(r"(\$?)\{(model|table|field|column)\}",
+                  lambda m: m.group(1) + "{" + _PEER_PLACEHOLDERS[m.group(2)] + "}", query)
+
+
+def _rule_problem(rule: dict[str, Any]) -> str | None:
+    """Why meshctl cannot check `rule` (mesh.yaml data), in the compiler's words; None if it can."""
+    try:
+        parsed = QualityRule.model_validate(rule)
+    except ValidationError as err:
+        e = err.errors()[0]
+        return f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}".lower()
+    columns = [Column.model_construct(name=rule["column"])] if rule.get("column") else []
+    holder = Contract.model_construct(name="odcs", version="1.0.0", columns=columns,
+                                      quality=[parsed])
+    report = Reporter("odcs", lambda path, key: (0, 0))
+    check_rule(holder, 0, report)
+    errors = [d.message for d in report.diagnostics if d.severity == "error"]
+    return errors[0] if errors else None
+
+
+def _rule_label(rule: dict[str, Any]) -> str:
+    kind = rule.get("type", "library")
+    what = rule.get("metric") or rule.get("rule") or ""
+    return f"{kind} rule" + (f" '{what}'" if what else "") + (
+        f" {rule['name']!r}" if rule.get("name") else "")
+
+
+def _is_values_rule(rule: Any, column: dict[str, Any]) -> bool:
+    """The invalidValues rule export writes for a category's values."""
+    return (isinstance(rule, dict) and column.get("type") == "category"
+            and rule.get("name") == f"values({column['name']})"
+            and rule.get("metric") == "invalidValues" and rule.get("mustBe") == 0
+            and (rule.get("arguments") or {}).get("validValues") == column.get("values"))

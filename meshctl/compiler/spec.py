@@ -259,6 +259,9 @@ class Contract(_Item):
     """ODCS v3 quality rules."""
     sla: Sla | None = None
     """Service levels."""
+    object_name: str = ""
+    """Name of the ODCS schema object (the table) the contract describes, kept from an ODCS
+    import; `contract export` writes the contract's name when empty."""
 
     @property
     def major(self) -> int:

@@ -4,7 +4,8 @@
 inside the domain (the checks see every column, PII included) and returns only
 observed numbers: a count, a percentage, an age in seconds. Besides the
 contract's own rules it checks the declared column ranges and category values
-(as invalidValues rules) and the SLA's freshness (the source file's age).
+(as invalidValues rules), that every declared column is in the data with values
+of its type (`type(column)`), and the SLA's freshness (the source file's age).
 A rule that cannot run (a bad SQL query, a column the data lacks) is a failed
 check with a one-line detail; only an unreadable source raises a UserError.
 A detail names the rule, its columns and the kind of error, never the library's
@@ -22,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from meshctl.compiler.plan import Plan, PlanContract, PlanProduct, PlanQualityRule
 from meshctl.errors import UserError
-from meshctl.runtime.data import error_kind, ident, literal, register_source, source_path
+from meshctl.runtime.data import (
+    READ_TYPES,
+    error_kind,
+    ident,
+    literal,
+    register_source,
+    source_path,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -110,9 +118,55 @@ def check_product(con: duckdb.DuckDBPyConnection | None, product: PlanProduct,
             return check_product(own, product, contract, base_dir, now)
     view = register_source(con, product, base_dir)
     rules = [*(contract.quality if contract else []), *implicit_rules(product, contract)]
-    results = [_run(con, view, rule) for rule in rules]
+    results = [_run(con, view, rule) for rule in rules] + column_checks(con, view, product, contract)
     fresh = _freshness(product, contract, base_dir, time.time() if now is None else now)
     return results + ([fresh] if fresh else [])
+
+
+def column_checks(con: duckdb.DuckDBPyConnection, view: str, product: PlanProduct,
+                  contract: PlanContract | None) -> list[CheckResult]:
+    """`type(column)` per declared column: present in the data, every non-null value of its type.
+
+    The product's columns must be present; a contract column the product does not declare
+    (an optional one) is checked only when the data has it. The contract's type wins where
+    both declare a column: the contract is the interface. `observed` counts the non-null
+    values that do not convert to the type (as `meshctl up` reads them); no value is shown.
+    """
+    declared = {c.name: c.type for c in product.columns}
+    contract_types = {c.name: c.type for c in (contract.columns if contract else [])}
+    have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {view}").fetchall()}
+    names = [*declared, *(n for n in contract_types if n not in declared and n in have)]
+    out, typed = [], []
+    for name in names:
+        kind = contract_types.get(name, declared.get(name, "string"))
+        if name not in have:
+            out.append(CheckResult(f"type({name})", None, "mustBe", 0.0, False, "error",
+                                   f"declared column {name} is not in the data"))
+        elif kind in READ_TYPES:
+            typed.append((name, kind))
+        else:  # string and category: any value is one (category values: `values(column)`)
+            out.append(CheckResult(f"type({name})", 0.0, "mustBe", 0.0, True, "error"))
+    if typed:
+        counts = con.execute("SELECT " + ", ".join(
+            f"count(*) FILTER (WHERE {ident(n)} IS NOT NULL AND ({_not_of_type(n, k)}))"
+            for n, k in typed) + f" FROM {view}").fetchall()[0]
+        for (name, kind), bad in zip(typed, counts, strict=True):
+            out.append(CheckResult(
+                f"type({name})", float(bad), "mustBe", 0.0, bad == 0, "error",
+                "" if bad == 0 else f"{bad} value{'s' if bad != 1 else ''} of {name} "
+                f"{'are' if bad != 1 else 'is'} not {kind} (its declared type)"))
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(out, key=lambda r: order[r.rule[5:-1]])
+
+
+def _not_of_type(name: str, kind: str) -> str:
+    """SQL true for a value of column `name` that is not a `kind` (an int must be whole)."""
+    col = ident(name)
+    bad = f"TRY_CAST({col} AS {READ_TYPES[kind]}) IS NULL"
+    if kind == "int":  # TRY_CAST rounds 1.5 to 2: an int must be whole
+        bad += (f" OR TRY_CAST({col} AS DOUBLE) IS DISTINCT FROM "
+                f"CAST(TRY_CAST({col} AS BIGINT) AS DOUBLE)")
+    return bad
 
 
 def implicit_rules(product: PlanProduct, contract: PlanContract | None) -> list[PlanQualityRule]:
@@ -195,9 +249,12 @@ def _metric_sql(rule: PlanQualityRule, view: str) -> str:
     if metric == "rowCount":
         return f"SELECT count(*) FROM {view}"
     if metric == "duplicateValues":
-        dup = (f"count({col}) - count(DISTINCT {col})" if col
-               else f"count(*) - (SELECT count(*) FROM (SELECT DISTINCT * FROM {view}))")
-        return _as_unit(rule, dup, view)
+        # as ODCS and datacontract-cli count: values that occur more than once (NULL is never a
+        # duplicate, as with SQL UNIQUE); without a column, whole rows that occur more than once
+        groups = (f"SELECT 1 FROM {view} WHERE {col} IS NOT NULL GROUP BY {col}" if col
+                  else f"SELECT * FROM {view} GROUP BY ALL")
+        dup = f"(SELECT count(*) FROM ({groups} HAVING count(*) > 1))"
+        return _as_unit(rule, dup, view) if rule.unit == "percent" else f"SELECT {dup}"
     if not col:
         raise ValueError(f"metric {metric} needs a column")
     conditions = {"nullValues": lambda: f"{col} IS NULL", "missingValues": lambda: _missing(rule, col),

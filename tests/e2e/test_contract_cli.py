@@ -90,7 +90,9 @@ def test_passing_contracts_exit_0_and_print_observed_values(tmp_path, meshctl):
     assert table[("amsterdam-umc.biopsies", "rowCount")][0] == "164"
     assert table[("charite.biopsies", "freshness")][1:4] == ["mustBeLessOrEqualTo", "604800", "pass"]
     assert table[("charite.biopsies", "values(diagnosis)")][3] == "pass"
-    assert out.stdout.splitlines()[-1].startswith("12 checks on 2 products: 12 passed, 0 failed")
+    assert table[("charite.biopsies", "type(radius_mean)")][:4] == ["0", "mustBe", "0", "pass"]
+    # 6 rules and 6 type(column) checks per product
+    assert out.stdout.splitlines()[-1].startswith("24 checks on 2 products: 24 passed, 0 failed")
 
 
 def test_a_failing_error_rule_exits_1(tmp_path, meshctl):
@@ -146,7 +148,7 @@ def test_contract_results_reach_the_catalog(tmp_path, meshctl):
     out = meshctl("catalog", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     listed = {ln.split()[0]: ln.split() for ln in out.stdout.splitlines()[1:]}
-    assert listed["charite.biopsies"][-2:] == ["6/7", "92.9%"]  # 6 of 7 checks, freshness met
+    assert listed["charite.biopsies"][-2:] == ["12/13", "96.2%"]  # 12 of 13 checks (6 type checks), freshness met
     shown = meshctl("catalog", "show", "charite.biopsies", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     text = shown.stdout
@@ -168,3 +170,19 @@ def test_a_broken_mesh_is_one_line(tmp_path, meshctl, args):
     out = meshctl(*args, cwd=tmp_path)
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
     assert "mesh does not compile" in out.stderr and "meshctl validate" in out.stderr
+
+
+def test_a_value_of_the_wrong_type_fails_contract_test_before_up(hospitals, meshctl):
+    """Issue 11: a perimeter_mean holding 'n/a' passed `contract test`, then `up` failed converting it."""
+    csv = hospitals.parent / "examples" / "hospitals" / "data" / "amsterdam-umc.csv"
+    lines = csv.read_text().splitlines(keepends=True)
+    cells = lines[1].split(",")
+    cells[5] = "n/a"  # perimeter_mean of the first row
+    csv.write_text(lines[0] + ",".join(cells) + "".join(lines[2:]))
+    out = meshctl("contract", "test", "amsterdam-umc.biopsies", cwd=hospitals.parent)
+    assert out.returncode == 1, out.stdout + out.stderr
+    bad = rows(out.stdout)[("amsterdam-umc.biopsies", "type(perimeter_mean)")]
+    assert bad[:5] == ["1", "mustBe", "0", "FAIL", "error"]
+    assert " ".join(bad[5:]) == "1 value of perimeter_mean is not float (its declared type)"
+    assert "n/a" not in out.stdout + out.stderr  # counts only, never a cell
+    assert rows(out.stdout)[("amsterdam-umc.biopsies", "type(radius_mean)")][3] == "pass"

@@ -88,13 +88,14 @@ def test_bad_cells_are_named_by_product_and_column_never_by_value(hospitals, mes
     out = _up(meshctl, mesh_dir, tmp_path / "tap")
 
     last = out.stderr.strip().splitlines()[-1]
-    assert "amsterdam-umc.biopsies: 164 values in radius_mean are not float (its declared type)" in last
-    assert "charite.biopsies: 1 values in texture_mean are not float (its declared type)" in last
+    # the contract check finds them before any read (issue 11: a declared column's type is checked)
+    assert "amsterdam-umc.biopsies fails its contract: type(radius_mean) observed 164" in last
+    assert "charite.biopsies fails its contract: type(texture_mean) observed 1" in last
     assert "karolinska.biopsies fails its contract: values(diagnosis) observed 1" in last
     _assert_nothing_leaked(mesh_dir, _outputs(mesh_dir, tmp_path / "tap", out))
-    logs = _run_dir(out.stdout) / "logs"  # the detail stays with the domain, for its operator
-    for domain in ("amsterdam-umc", "charite"):
-        assert "Could not convert string" in (logs / f"{domain}.log").read_text()
+    logs = _run_dir(out.stdout) / "logs"  # each domain's log tells its operator which column
+    for domain, column in (("amsterdam-umc", "radius_mean"), ("charite", "texture_mean")):
+        assert f"fails its contract: type({column}) observed" in (logs / f"{domain}.log").read_text()
 
 
 BAD_SQL = """    quality:

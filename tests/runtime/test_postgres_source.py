@@ -144,8 +144,8 @@ def test_contract_test_training_and_analysis_read_a_postgres_product(pg_server, 
 
     checked = _meshctl("contract", "test", "charite.biopsies", cwd=hospitals)
     assert checked.returncode == 0, checked.stderr + checked.stdout
-    assert checked.stdout.splitlines()[-1] == ("4 checks on 1 product: 4 passed, 0 failed (0 errors, 0 warnings), "
-                                               "0 skipped")
+    assert checked.stdout.splitlines()[-1] == ("18 checks on 1 product: 18 passed, 0 failed (0 errors, 0 warnings), "
+                                               "0 skipped")  # 4 rules, 14 type(column) checks
     assert re.search(r"^charite\.biopsies +rowCount +\d+ +mustBeGreaterThan +100 +pass", checked.stdout,
                      re.MULTILINE)
     refused = _meshctl("contract", "test", "charite.biopsies", cwd=hospitals, password="wrong-pass-9X")

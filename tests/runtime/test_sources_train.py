@@ -146,7 +146,7 @@ def meshctl(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
 def test_contract_test_passes_on_every_source_kind(mesh):
     out = meshctl("contract", "test", cwd=mesh)
     assert out.returncode == 0, out.stderr + out.stdout
-    assert out.stdout.splitlines()[-1] == "16 checks on 4 products: 16 passed, 0 failed (0 errors, 0 warnings), 0 skipped"
+    assert out.stdout.splitlines()[-1] == "40 checks on 4 products: 40 passed, 0 failed (0 errors, 0 warnings), 0 skipped"  # 6 type(column) each
     assert re.search(r"^sqlite-site\.biopsies +rowCount +130 ", out.stdout, re.M)
     assert re.search(r"^duckdb-site\.biopsies +rowCount +129 ", out.stdout, re.M)
 
@@ -196,7 +196,7 @@ def test_contract_test_on_sqlite_needs_no_pyarrow(mesh, tmp_path):
     assert probe.returncode == 1 and "pyarrow is not installed" in probe.stderr
     out = meshctl("contract", "test", "sqlite-site.biopsies", cwd=mesh, env=env)
     assert out.returncode == 0, out.stderr + out.stdout
-    assert out.stdout.splitlines()[-1].startswith("4 checks on 1 product: 4 passed")
+    assert out.stdout.splitlines()[-1].startswith("10 checks on 1 product: 10 passed")
 
 
 def _sqlite_product(tmp: Path, columns: list[dict], rows: list[tuple], decl: str = ""):
