@@ -44,6 +44,9 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:
             if os.environ.get("MESHCTL_DEBUG"):
                 raise
+            if isinstance(err, OSError) and err.filename:  # a path given (-o missing/dir/x): where and why
+                click.echo(f"error: {err.filename}: {err.strerror or err}", err=True)
+                sys.exit(1)
             click.echo(f"internal error: {type(err).__name__}: {err} (set MESHCTL_DEBUG=1 for the traceback)",
                        err=True)
             sys.exit(2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import tomllib
 import weakref
 from pathlib import Path
@@ -419,7 +420,17 @@ class Plan(_Frozen):
         return cls.from_toml(Path(path).read_text(encoding="utf-8"))
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_toml(), encoding="utf-8")
+        """Write the plan atomically: a failed write (full disk, a missing folder) leaves the
+        previous plan at `path` as it was."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(self.to_toml(), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as err:  # name the file asked for, not the temporary one
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def mlp_tensors(input_dim: int, hidden: list[int], output_dim: int) -> list[PlanTensor]:

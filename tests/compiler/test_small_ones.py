@@ -53,6 +53,24 @@ def test_contract_export_into_a_missing_directory_is_one_line(tmp_path: Path) ->
     assert not out.parent.exists()  # Terraform-like: no directories made
 
 
+def test_plan_into_a_missing_directory_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    mesh = _root_mesh_copy(tmp_path)
+    out = _meshctl_shell(f"plan {mesh.name} -o missing/dir/plan.toml", tmp_path)
+    assert out.stdout.strip().endswith("rc=1"), out.stdout
+    assert out.stderr.strip().splitlines()[-1] == "error: missing/dir/plan.toml: No such file or directory"
+    assert "internal error" not in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+def test_plan_write_replaces_the_previous_plan_whole(tmp_path: Path) -> None:
+    mesh = _root_mesh_copy(tmp_path)
+    (tmp_path / "old.toml").write_text("previous plan, not TOML\n")
+    out = _meshctl_shell(f"plan {mesh.name} -o old.toml", tmp_path)
+    assert out.stdout.strip().endswith("rc=0"), out.stdout + out.stderr
+    assert compile_mesh(mesh).plan.to_toml() == (tmp_path / "old.toml").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
 def test_diff_of_a_missing_file_says_so(tmp_path: Path) -> None:
     for arg in ("/no/such.yaml", "old/mesh.yml", "no/such/dir"):
         result = CliRunner().invoke(main, ["diff", arg, "--mesh", str(MINIMAL)])
