@@ -18,7 +18,7 @@ from meshctl.compiler.diagnostics import Diagnostic, Reporter, YamlPath, render_
 from meshctl.compiler.identity import check_identity, remote_domains
 from meshctl.compiler.loader import Source, SourceMap, load_bytes, no_gc
 from meshctl.compiler.parse import parse_spec
-from meshctl.compiler.plan import STRATEGY_SETTINGS, Plan, PlanDecision
+from meshctl.compiler.plan import ROBUST_STRATEGIES, STRATEGY_SETTINGS, Plan, PlanDecision
 from meshctl.compiler.policy import compile_policies, decide, plan_policies
 from meshctl.compiler.resolve import Resolution, ResolvedModel, resolve
 from meshctl.compiler.sources import check_sources
@@ -135,28 +135,20 @@ def _check_jobs(resolution: Resolution, report: Reporter, spec: MeshSpec) -> Non
 
 
 def _check_aggregation(resolved: ResolvedModel, report: Reporter) -> None:
-    """Settings belong to their strategy; krum needs 2f + 3 participants (and quorum)."""
+    """Settings belong to their strategy; krum and multi_krum need 2f + 3 participants (and
+    quorum), bulyan 4f + 3; multi_krum selects at most the participants."""
     model = resolved.model
     agg = model.aggregation
     own = STRATEGY_SETTINGS[agg.strategy]
     path = (*model.path, "aggregation")
-    for name in ("mu", "server_lr", "beta_1", "beta_2", "tau", "trim", "byzantine"):
+    for name in dict.fromkeys(k for settings in STRATEGY_SETTINGS.values() for k in settings):
         if getattr(agg, name) is not None and name not in own:
             users = sorted(s for s, settings in STRATEGY_SETTINGS.items() if name in settings)
             report.error("MESH510", f"'{name}' does not apply to strategy {agg.strategy} "
-                         f"(it is a setting of {' and '.join(users)})", (*path, name),
+                         f"(it is a setting of {', '.join(users[:-1]) + ' and ' if users[1:] else ''}{users[-1]})", (*path, name),
                          hint=f"remove it, or use strategy: {users[0]}")
-    if agg.strategy == "krum":
-        f = agg.byzantine if agg.byzantine is not None else own["byzantine"]
-        need = 2 * int(f) + 3
-        have = min(len(resolved.participants), model.quorum or len(resolved.participants))
-        if have < need:
-            what = "quorum" if model.quorum is not None and model.quorum < len(resolved.participants) \
-                else "participants"
-            report.error("MESH511", f"krum tolerating {f} Byzantine update(s) needs at least {need} "
-                         f"updates per round; model '{model.name}' has {have} {what}",
-                         (*path, "byzantine") if agg.byzantine is not None else (*path, "strategy"),
-                         hint="lower `byzantine`, add participants, or use median or trimmed_mean")
+    if agg.strategy in ("krum", "multi_krum", "bulyan"):
+        _check_byzantine(resolved, report)
     if agg.strategy == "trimmed_mean":
         trim = agg.trim if agg.trim is not None else own["trim"]
         have = min(len(resolved.participants), model.quorum or len(resolved.participants))
@@ -173,6 +165,28 @@ def _check_aggregation(resolved: ResolvedModel, report: Reporter) -> None:
                            (*path, "trim") if agg.trim is not None else (*path, "strategy"),
                            hint=f"{raise_trim}have {need} or more updates per round, or use median"
                            if need < 10**6 else f"{raise_trim}or use median")
+
+
+def _check_byzantine(resolved: ResolvedModel, report: Reporter) -> None:
+    """Krum and multi_krum tolerate f with 2f + 3 updates a round, bulyan with 4f + 3 (MESH511);
+    multi_krum cannot select more updates than a round has (MESH516)."""
+    model = resolved.model
+    agg = model.aggregation
+    path = (*model.path, "aggregation")
+    f = int(agg.byzantine if agg.byzantine is not None else STRATEGY_SETTINGS[agg.strategy]["byzantine"])
+    need = (4 if agg.strategy == "bulyan" else 2) * f + 3
+    have = min(len(resolved.participants), model.quorum or len(resolved.participants))
+    what = "quorum" if model.quorum is not None and model.quorum < len(resolved.participants) else "participants"
+    if have < need:
+        rule = "4f + 3" if agg.strategy == "bulyan" else "2f + 3"
+        report.error("MESH511", f"{agg.strategy} tolerating {f} Byzantine update(s) needs at least {need} "
+                     f"({rule}) updates per round; model '{model.name}' has {have} {what}",
+                     (*path, "byzantine") if agg.byzantine is not None else (*path, "strategy"),
+                     hint="lower `byzantine`, add participants, or use median, trimmed_mean or centered_clip")
+    if agg.strategy == "multi_krum" and agg.select is not None and agg.select > have:
+        report.error("MESH516", f"multi_krum selects {agg.select} updates per round; model '{model.name}' "
+                     f"has {have} {what}", (*path, "select"),
+                     hint=f"select at most {have}, or leave `select` out for n - f")
 
 
 COMPUTED_METRICS = ("loss", "accuracy")
@@ -193,10 +207,10 @@ def _check_secure_aggregation(resolved: ResolvedModel, spec: MeshSpec, report: R
     """The coordinator sees only the sum: no rule that needs single updates, and three or more of them."""
     model = resolved.model
     where = (*model.path, "privacy", "secure_aggregation")
-    if model.aggregation.strategy in ("median", "trimmed_mean", "krum"):
+    if model.aggregation.strategy in ROBUST_STRATEGIES:
         report.error("MESH513", f"model '{model.name}' uses secure aggregation, but {model.aggregation.strategy} "
                      "needs every single update, which secure aggregation hides", where,
-                     hint="use fedavg, fedprox, fedadam or fedyogi with secure aggregation")
+                     hint="use fedavg, fedprox, fedadam, fedyogi or fedavgm with secure aggregation")
     have = min(len(resolved.participants), model.quorum or len(resolved.participants))
     if have < 3:
         report.error("MESH513", f"model '{model.name}' uses secure aggregation with {have} participant(s) per "

@@ -116,22 +116,27 @@ CODES: dict[str, str] = {
     "MESH508": "An analysis aggregates a column that is not numeric (int or float).",
     "MESH509": "A histogram or quantile metric needs a range: on the metric or on the contract "
                "column.",
-    "MESH510": "An aggregation setting belongs to another strategy: mu to fedprox; server_lr, "
-               "beta_1, beta_2 and tau to fedadam and fedyogi; trim to trimmed_mean; byzantine "
-               "to krum.",
-    "MESH511": "Krum tolerating f Byzantine updates needs at least 2f + 3 updates per round "
-               "(participants, and quorum when declared); with fewer, honest updates cannot "
-               "outvote the Byzantine ones.",
+    "MESH510": "An aggregation setting belongs to another strategy: mu to fedprox; server_lr "
+               "to fedadam, fedyogi and fedavgm; beta_1, beta_2 and tau to fedadam and fedyogi; "
+               "server_momentum to fedavgm; trim to trimmed_mean; byzantine to krum, multi_krum "
+               "and bulyan; select to multi_krum; radius and iterations to centered_clip.",
+    "MESH511": "Krum and Multi-Krum tolerating f Byzantine updates need at least 2f + 3 updates "
+               "per round, Bulyan 4f + 3 (participants, and quorum when declared); with fewer, "
+               "honest updates cannot outvote the Byzantine ones.",
     "MESH512": "A model trained with DP (DP-SGD) uses a setting DP does not cover: an optimizer "
                "other than sgd, or `standardize` (which sends exact feature sums).",
     "MESH513": "A model with secure aggregation needs what the coordinator cannot see: a robust "
-               "strategy (median, trimmed_mean, krum) or a round policy on update norms; or it has "
+               "strategy (median, trimmed_mean, krum, multi_krum, bulyan, centered_clip: each "
+               "needs every single update, the coordinator sees only their sum; fedavgm needs only "
+               "the sum) or a round policy on update norms; or it has "
                "fewer than 3 participants per round, so one could subtract its own update from the "
                "aggregate.",
     "MESH514": "An evaluation metric is not computed: daemons send loss sums and correct counts, "
                "so loss and accuracy are; auroc and f1 would need per-example scores.",
     "MESH515": "trimmed_mean cuts floor(trim x updates) from each end per coordinate; with "
                "the model's participants (or quorum) that is 0, so it is a plain unweighted mean.",
+    "MESH516": "multi_krum averages `select` updates per round, so `select` can be at most the "
+               "model's participants (or quorum); leave it out for n - f.",
 }
 
 SHOWN = 100

@@ -183,13 +183,22 @@ class PlanEvaluation(_Frozen):
 STRATEGY_SETTINGS: dict[str, dict[str, float]] = {
     "fedavg": {},
     "fedprox": {"mu": 0.01},
-    "fedadam": {"server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
-    "fedyogi": {"server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedadam": {"server_lr": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedyogi": {"server_lr": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedavgm": {"server_lr": 1.0, "server_momentum": 0.9},
     "median": {},
     "trimmed_mean": {"trim": 0.1},
     "krum": {"byzantine": 1},
+    "multi_krum": {"byzantine": 1, "select": 0, "server_momentum": 0.0},
+    "bulyan": {"byzantine": 1, "server_momentum": 0.0},
+    "centered_clip": {"radius": 0.0, "iterations": 3, "server_momentum": 0.0},
 }
-"""Each strategy's settings and their defaults; the plan carries every setting of its strategy."""
+"""Each strategy's settings and their defaults; the plan carries every setting of its strategy.
+`select: 0` is n - f of the round's updates; `radius: 0` is the median distance of the round's
+updates from the centre."""
+
+ROBUST_STRATEGIES = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "centered_clip")
+"""Rules that need every single update (so none combines with secure aggregation)."""
 
 
 def aggregation_settings(given: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +213,8 @@ def aggregation_settings(given: dict[str, Any]) -> dict[str, Any]:
 
 
 class PlanAggregation(_Frozen):
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean", "krum"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "median", "trimmed_mean", "krum",
+                      "multi_krum", "bulyan", "centered_clip"] = "fedavg"
     mu: float | None = None
     server_lr: float | None = None
     beta_1: float | None = None
@@ -212,14 +222,22 @@ class PlanAggregation(_Frozen):
     tau: float | None = None
     trim: float | None = None
     byzantine: int | None = None
+    select: int | None = None
+    server_momentum: float | None = None
+    radius: float | None = None
+    iterations: int | None = None
 
     def settings(self) -> dict[str, Any]:
         """Every setting of the strategy: the plan's value, else the default (a hand-built plan may omit them)."""
         return aggregation_settings(self.model_dump())
 
     def min_updates(self) -> int:
-        """The fewest updates a round needs under this strategy (krum: 2f + 3)."""
-        return 2 * self.settings()["byzantine"] + 3 if self.strategy == "krum" else 1
+        """The fewest updates a round needs under this strategy (krum, multi_krum: 2f + 3; bulyan: 4f + 3)."""
+        if self.strategy in ("krum", "multi_krum"):
+            return 2 * int(self.settings()["byzantine"]) + 3
+        if self.strategy == "bulyan":
+            return 4 * int(self.settings()["byzantine"]) + 3
+        return 1
 
 
 class PlanDp(_Frozen):

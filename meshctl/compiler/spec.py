@@ -327,25 +327,39 @@ class Aggregation(_Spec):
     """How updates are combined."""
 
     strategy: Literal[
-        "fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean", "krum"
+        "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "median", "trimmed_mean", "krum",
+        "multi_krum", "bulyan", "centered_clip"
     ] = "fedavg"
     """fedavg (weighted mean), fedprox (fedavg plus a proximal term in local training),
-    fedadam / fedyogi (an adaptive server optimizer on the mean update), median or
-    trimmed_mean (coordinate-wise, robust), krum (the update closest to its neighbours)."""
+    fedadam / fedyogi (an adaptive server optimizer on the mean update), fedavgm (server
+    momentum on the mean update), median or trimmed_mean (coordinate-wise, robust), krum
+    (the update closest to its neighbours), multi_krum (the mean of the `select` closest),
+    bulyan (Krum selection, then a trimmed mean around the median), centered_clip (the
+    mean of updates clipped around the last global update)."""
     mu: float | None = Field(default=None, ge=0)
     """fedprox: weight of the proximal term (mu/2)·||w - w_global||² (default 0.01)."""
     server_lr: float | None = Field(default=None, gt=0)
-    """fedadam, fedyogi: the server's learning rate (default 0.01)."""
+    """fedadam, fedyogi: the server's learning rate (default 0.03); fedavgm: (default 1.0)."""
     beta_1: float | None = Field(default=None, ge=0, lt=1)
     """fedadam, fedyogi: first-moment decay (default 0.9)."""
     beta_2: float | None = Field(default=None, ge=0, lt=1)
     """fedadam, fedyogi: second-moment decay (default 0.99)."""
     tau: float | None = Field(default=None, gt=0)
     """fedadam, fedyogi: adaptivity, added to the root of the second moment (default 0.001)."""
+    server_momentum: float | None = Field(default=None, ge=0, lt=1)
+    """fedavgm: the server momentum beta in v = beta v + delta (default 0.9)."""
     trim: float | None = Field(default=None, ge=0, lt=0.5)
     """trimmed_mean: share of updates cut from each end, per coordinate (default 0.1)."""
     byzantine: int | None = Field(default=None, ge=0)
-    """krum: how many Byzantine updates to tolerate, f (default 1); needs 2f + 3 participants."""
+    """krum, multi_krum: Byzantine updates tolerated, f (default 1), needs 2f + 3 participants;
+    bulyan: needs 4f + 3."""
+    select: int | None = Field(default=None, ge=1)
+    """multi_krum: how many updates (lowest Krum scores) are averaged (default n - f)."""
+    radius: float | None = Field(default=None, gt=0)
+    """centered_clip: the clipping radius tau, in weight-space L2 (default: each round, the
+    median distance of the updates from the centre)."""
+    iterations: int | None = Field(default=None, ge=1, le=100)
+    """centered_clip: clipping iterations L per round (default 3)."""
 
 
 class DifferentialPrivacy(_Spec):

@@ -9,8 +9,17 @@ daemons send them), and returns new float32 tensors; arithmetic is in float64.
   values and average the rest (Yin et al. 2018).
 - `krum`: the update whose summed squared distance to its `n - f - 2` nearest
   neighbours is smallest (Blanchard et al. 2017); needs `n >= 2f + 3`.
+- `multi_krum`: the example-weighted mean of the `m` updates with the lowest Krum
+  scores (Blanchard et al. 2017); `m = 1` is Krum.
+- `bulyan`: Krum, applied again and again, selects `n - 2f` updates; per coordinate,
+  the mean of the `n - 4f` of them closest to their median (El Mhamdi et al. 2018);
+  needs `n >= 4f + 3`.
+- `centered_clip`: from a centre `v` (the caller's: the weights plus the last global
+  step), `L` times
+  `v = v + sum_i p_i clip(x_i - v, radius)` (Karimireddy, He and Jaggi 2021).
 - `ServerOptimizer`: FedAdam / FedYogi (Reddi et al. 2021): the mean update minus
   the global weights is a pseudo-gradient that an Adam or Yogi step applies.
+- `ServerMomentum`: FedAvgM (Hsu et al. 2019): `v = beta v + delta`, `w = w + lr v`.
 """
 
 from __future__ import annotations
@@ -79,6 +88,96 @@ def krum(updates: Sequence[Sequence[torch.Tensor]], byzantine: int) -> tuple[lis
     return [t.clone() for t in updates[best]], best
 
 
+def _weighted_mean(updates: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> list[torch.Tensor]:
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("the weights of the chosen updates sum to zero")
+    return [sum((u[k].to(torch.float64) * (w / total) for u, w in zip(updates, weights)),
+                torch.zeros(updates[0][k].shape, dtype=torch.float64)).to(updates[0][k].dtype)
+            for k in range(len(updates[0]))]
+
+
+def multi_krum(updates: Sequence[Sequence[torch.Tensor]], examples: Sequence[float], byzantine: int,
+               select: int) -> tuple[list[torch.Tensor], list[int]]:
+    """The example-weighted mean of the `select` updates with the lowest Krum scores, and their
+    indices (ascending score; ties: the first). Scores are computed once, over all `n` updates."""
+    scores = krum_scores(updates, byzantine)
+    if not 1 <= select <= len(updates):
+        raise ValueError(f"multi_krum selects between 1 and {len(updates)} updates, not {select}")
+    chosen = sorted(range(len(scores)), key=lambda i: (scores[i], i))[:select]
+    return _weighted_mean([updates[i] for i in chosen], [examples[i] for i in chosen]), chosen
+
+
+def bulyan(updates: Sequence[Sequence[torch.Tensor]], byzantine: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Bulyan over Krum (El Mhamdi, Guerraoui and Rouault 2018), and the indices Krum selected.
+
+    Selection: Krum (tolerating f) picks one update from those left, `n - 2f` times, the
+    scores recomputed over what is left each time. Aggregation: per coordinate, the mean
+    of the `beta = n - 4f` selected values closest to the selected values' median.
+    """
+    _check(updates)
+    n, f = len(updates), byzantine
+    if n < 4 * f + 3:
+        raise ValueError(f"bulyan tolerating {f} Byzantine update(s) needs at least {4 * f + 3} "
+                         f"updates, got {n}")
+    flat = torch.stack([torch.cat([t.to(torch.float64).reshape(-1) for t in u]) for u in updates])
+    full = torch.cdist(flat, flat).pow(2)
+    left, chosen = list(range(n)), []
+    while len(chosen) < n - 2 * f:
+        # Krum over the k updates left, n - f - 2 nearest clamped to what is left (as Flower does)
+        dist = full[left][:, left]
+        k = len(left)
+        nearest = max(1, min(k - 1, k - f - 2))
+        scores = [float(torch.cat([dist[j, :j], dist[j, j + 1:]]).sort().values[:nearest].sum())
+                  if k > 1 else 0.0 for j in range(k)]
+        j = min(range(k), key=scores.__getitem__)
+        chosen.append(left.pop(j))
+    beta = n - 4 * f
+    out = []
+    for k in range(len(updates[0])):
+        sel = torch.stack([updates[i][k].to(torch.float64) for i in chosen])
+        med = sel.median(dim=0).values if len(chosen) % 2 else sel.sort(dim=0).values[
+            len(chosen) // 2 - 1:len(chosen) // 2 + 1].mean(dim=0)
+        closest = (sel - med).abs().argsort(dim=0, stable=True)[:beta]
+        out.append(sel.gather(0, closest).mean(dim=0).to(updates[0][k].dtype))
+    return out, chosen
+
+
+def centered_clip(updates: Sequence[Sequence[torch.Tensor]], examples: Sequence[float],
+                  centre: Sequence[torch.Tensor], radius: float,
+                  iterations: int) -> tuple[list[torch.Tensor], float, int]:
+    """Centered clipping (Karimireddy, He and Jaggi 2021), the radius it used, and how many
+    updates the first iteration clipped (those farther than the radius from the centre).
+
+    From `v = centre`, `iterations` times: `v = v + sum_i p_i clip(x_i - v, radius)`, where
+    `clip(z, r) = z min(1, r / ||z||)` over all of an update's tensors at once and `p_i` is
+    update i's share of the examples. `radius = 0` takes the median of `||x_i - centre||`.
+    """
+    _check(updates)
+    if iterations < 1 or radius < 0:
+        raise ValueError("centered clipping needs iterations >= 1 and radius >= 0")
+    total = float(sum(examples))
+    if total <= 0:
+        raise ValueError("centered clipping: the examples sum to zero")
+    flat = torch.stack([torch.cat([t.to(torch.float64).reshape(-1) for t in u]) for u in updates])
+    v = torch.cat([t.to(torch.float64).reshape(-1) for t in centre])
+    if radius == 0:
+        radius = float((flat - v).norm(dim=1).median())  # torch: the lower middle for an even count
+    p = torch.tensor([e / total for e in examples], dtype=torch.float64)
+    far = -1
+    for _ in range(iterations):
+        diff = flat - v
+        norms = diff.norm(dim=1)
+        far = int((norms > radius).sum()) if far < 0 else far
+        scale = torch.where(norms > radius, radius / norms.clamp_min(1e-300), torch.ones_like(norms))
+        v = v + (p * scale) @ diff
+    out, at = [], 0
+    for t in updates[0]:
+        out.append(v[at:at + t.numel()].reshape(t.shape).to(t.dtype))
+        at += t.numel()
+    return out, radius, far
+
+
 class ServerOptimizer:
     """FedAdam or FedYogi over the pseudo-gradient `mean update - global weights`.
 
@@ -111,3 +210,21 @@ class ServerOptimizer:
             new = w.to(torch.float64) + self.lr * self.m[i] / (self.v[i].sqrt() + self.tau)
             out.append(new.to(w.dtype))
         return out
+
+
+class ServerMomentum:
+    """FedAvgM (Hsu, Qi and Brown 2019): server momentum on the mean update.
+
+    `delta = mean update - global weights`; v starts at zero; each round
+    `v = momentum v + delta` and `w = w + lr v`. `momentum = 0, lr = 1` is FedAvg.
+    """
+
+    def __init__(self, lr: float, momentum: float):
+        self.lr, self.momentum = lr, momentum
+        self.v: list[torch.Tensor] | None = None
+
+    def step(self, weights: Sequence[torch.Tensor], mean: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """New global weights from the current ones and the (weighted) mean of the updates."""
+        delta = [a.to(torch.float64) - w.to(torch.float64) for a, w in zip(mean, weights)]
+        self.v = delta if self.v is None else [self.momentum * v + d for v, d in zip(self.v, delta)]
+        return [(w.to(torch.float64) + self.lr * v).to(w.dtype) for w, v in zip(weights, self.v)]
