@@ -235,15 +235,20 @@ COORDINATOR_KEY = click.option(
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
               help="torch threads per daemon.")
 @COORDINATOR_KEY
+@click.option("--join-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Give up on remote domains that have not joined after SECONDS "
+                   "[default: wait for them; local domains: 60 s].")
 @reports_errors
-def up(file: Path, headless: bool, address: str | None, threads: int, coordinator_key: Path | None) -> None:
+def up(file: Path, headless: bool, address: str | None, threads: int, coordinator_key: Path | None,
+       join_timeout: float | None) -> None:
     """Compile FILE, start a coordinator and one daemon per local domain, and train."""
     from meshctl.runtime.launcher import WarmCoordinator, start_run
 
     warm = WarmCoordinator()  # imports torch while this process compiles
     try:
         plan = _compile_or_exit(file).plan
-        run = start_run(file, plan, address=address, threads=threads, warm=warm, coordinator_key=coordinator_key)
+        run = start_run(file, plan, address=address, threads=threads, warm=warm, coordinator_key=coordinator_key,
+                        join_timeout=join_timeout)
     finally:
         warm.discard()
     _end(_attend(run, headless))
@@ -409,6 +414,28 @@ def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str | None, 
     sys.exit(Daemon(cfg).run())
 
 
+@main.command()
+@click.option("--domain", required=True, help="The domain of the mesh this host serves.")
+@click.option("--mesh", "mesh_file", type=click.Path(dir_okay=False, path_type=Path), default="mesh.yaml",
+              show_default=True, help="This host's checkout of the reviewed mesh.yaml.")
+@click.option("--coordinator", "endpoint", metavar="tcp://HOST:PORT", default=None,
+              help="Where to dial [default: mesh.coordinator.address].")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="This domain's Curve secret key [default: .meshctl/keys/DOMAIN.key_secret beside the mesh].")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory the domain's product sources are relative to [default: the mesh's].")
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="torch threads.")
+@reports_errors
+def serve(domain: str, mesh_file: Path, endpoint: str | None, key_file: Path | None, data_root: Path | None,
+          threads: int) -> None:
+    """Serve DOMAIN run after run: dial the coordinator, rejoin after any loss, reload the mesh on change."""
+    from meshctl.runtime.domain.service import Service, ServiceConfig
+
+    cfg = ServiceConfig(domain=domain, mesh=mesh_file, coordinator=endpoint, key_file=key_file,
+                        data_root=data_root, threads=threads)
+    sys.exit(Service(cfg).run())
+
+
 # ---------------------------------------------------------------------------
 # identity: keys generate / show  (meshctl.runtime.keys)
 # ---------------------------------------------------------------------------
@@ -455,6 +482,45 @@ def keys_show(name: str, mesh_file: Path, directory: Path | None) -> None:
     public, _ = read_public(name, directory or keys_dir(mesh_file))
     click.echo(paste_line(public))
     click.echo(f"fingerprint: {fingerprint(public)}")
+
+
+# ---------------------------------------------------------------------------
+# deployment: deploy k8s  (meshctl.deploy; systemd unit and Containerfile in deploy/)
+# ---------------------------------------------------------------------------
+
+
+@main.group()
+def deploy() -> None:
+    """Deployment artefacts for a domain's service (`meshctl serve`) on its own host."""
+
+
+@deploy.command("k8s")
+@click.option("--domain", required=True, help="The domain whose service to deploy.")
+@click.option("--mesh", "mesh_file", type=click.Path(dir_okay=False, path_type=Path), default="mesh.yaml",
+              show_default=True, help="The reviewed mesh.yaml the service runs.")
+@click.option("--image", default=None, help="Container image with meshctl [default: meshctl:VERSION].")
+@click.option("--coordinator", default=None, metavar="tcp://HOST:PORT",
+              help="Where the domain dials the coordinator [default: mesh.coordinator.address].")
+@click.option("--coordinator-cidr", default=None, metavar="CIDR",
+              help="The coordinator's addresses, for the egress rule [default: HOST if it is an IP].")
+@click.option("--data-claim", default=None, metavar="NAME",
+              help="PersistentVolumeClaim of the domain's data, mounted read-only [default: meshctl-DOMAIN-data].")
+@click.option("-o", "--output", default="-", show_default=True, metavar="DIR|-",
+              help="Write DIR/meshctl-DOMAIN.yaml, or print to stdout (-).")
+@reports_errors
+def deploy_k8s(domain: str, mesh_file: Path, image: str | None, coordinator: str | None,
+               coordinator_cidr: str | None, data_claim: str | None, output: str) -> None:
+    """Print (or write) the Kubernetes manifests of DOMAIN's service; no key material."""
+    from meshctl.deploy import DEFAULT_IMAGE, k8s_manifests
+
+    manifests = k8s_manifests(mesh_file, domain, image=image or DEFAULT_IMAGE, coordinator=coordinator,
+                              coordinator_cidr=coordinator_cidr, data_claim=data_claim)
+    if output == "-":
+        click.echo(manifests.render(), nl=False)
+        return
+    path = manifests.write(Path(output))
+    kinds = ", ".join(o["kind"] for o in manifests.objects)
+    click.echo(f"wrote {path} ({kinds}); create the Secret meshctl-{domain}-key first (see its head)", err=True)
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,12 @@ never loaded, and an instruction for it is answered with an ErrorReply.
 Once joined, a small thread sends a Heartbeat every `HEARTBEAT_S` seconds on a
 second DEALER socket under the same Curve key (the coordinator knows a domain by
 its key), so the daemon stays visibly alive while the main thread trains.
+
+The link itself carries ZMTP heartbeats (`dial`): a coordinator that is gone, or
+silent past `lost_after()`, closes the connection. A one-run daemon whose
+connection stays down that long ends with CoordinatorLost (exit 1); the
+long-lived `meshctl serve` (meshctl.runtime.domain.service) dials again instead,
+on a new socket, and serves run after run.
 """
 
 from __future__ import annotations
@@ -52,6 +58,25 @@ POLL_MS = 500
 SEND_TIMEOUT_MS = 120_000
 HEARTBEAT_S = 2.0
 """A joined daemon sends a Heartbeat this often, also while it trains."""
+
+
+LOST_AFTER_S = 15.0
+"""A one-run daemon whose coordinator connection stays down this long gives up (exit 1); the same
+default as the coordinator's heartbeat timeout, and MESHCTL_HEARTBEAT_TIMEOUT_S overrides both."""
+
+
+def lost_after() -> float:
+    """`LOST_AFTER_S`, or MESHCTL_HEARTBEAT_TIMEOUT_S when set to a positive number."""
+    try:
+        value = float(os.environ.get("MESHCTL_HEARTBEAT_TIMEOUT_S", ""))
+    except ValueError:
+        return LOST_AFTER_S
+    return value if value > 0 else LOST_AFTER_S
+
+
+class CoordinatorLost(UserError):
+    """The coordinator connection closed (or went silent past the ZMTP heartbeat timeout) and did not
+    come back within the daemon's grace (`Daemon.lost_grace`)."""
 
 
 def heartbeat_interval() -> float:
@@ -124,6 +149,10 @@ class Daemon:
         """What the main thread is doing, as heartbeats report it."""
         self.link = "connecting"
         """The coordinator connection: connecting, up (handshake done) or lost (dropped since)."""
+        self.lost_at = 0.0
+        self.lost_grace = lost_after()
+        """Seconds `_serve` waits for a lost connection to come back before it raises CoordinatorLost
+        (`meshctl serve` sets 0: it reconnects on a new socket at once)."""
         self.tap_lock = threading.Lock()
         tap = os.environ.get("MESHCTL_WIRE_TAP")
         self.tap = open(Path(tap) / f"{cfg.domain}.tap", "ab") if tap else None  # noqa: SIM115
@@ -276,16 +305,7 @@ class Daemon:
             raise UserError(f"domain {self.cfg.domain!r} is not in the plan")
         torch.set_num_threads(max(1, self.cfg.threads))
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 1000
-        sock.sndtimeo = SEND_TIMEOUT_MS
-        sock.maxmsgsize = wire.CHUNK_BYTES + wire.MAX_HEADER_BYTES
-        curve_client(sock, self.cfg.keys, self.cfg.server_key)
-        if self.cfg.parent_pid is not None:  # forked by a coordinator that is binding right now
-            fast_reconnect(sock)
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                          | zmq.EVENT_DISCONNECTED)
+        sock, monitor = self.open_link(ctx)
         say(f"connecting to {self.cfg.coordinator} (coordinator key {fingerprint(self.cfg.server_key)})")
         sock.connect(self.cfg.coordinator)
         try:
@@ -305,6 +325,11 @@ class Daemon:
             monitor.close(0)
             sock.close()
             ctx.term()
+
+    def open_link(self, ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+        """A new DEALER to the coordinator and its monitor (see `dial`); not connected yet."""
+        return dial(ctx, self.cfg.keys, self.cfg.server_key, beat_every=self.beat_every,
+                    fast=self.cfg.parent_pid is not None)  # forked by a coordinator that is binding right now
 
     def _serve(self, sock: zmq.Socket, monitor: zmq.Socket) -> int:
         poller = zmq.Poller()
@@ -343,6 +368,10 @@ class Daemon:
             if self.cfg.parent_pid is not None and os.getppid() != self.cfg.parent_pid:
                 print("launcher is gone; exiting", file=sys.stderr)
                 return 1
+            if self.link == "lost" and time.monotonic() - self.lost_at >= self.lost_grace:
+                raise CoordinatorLost(f"lost the coordinator at {self.cfg.coordinator}: no connection for "
+                                      f"{time.monotonic() - self.lost_at:.0f}s",
+                                      hint="`meshctl serve` reconnects and serves run after run")
             if not joined and time.monotonic() - started > self.cfg.join_timeout_s:
                 raise UserError(f"no answer from the coordinator at {self.cfg.coordinator} within "
                                 f"{self.cfg.join_timeout_s:.0f}s")
@@ -408,10 +437,12 @@ class Daemon:
             raise UserError(f"coordinator at {self.cfg.coordinator} refused domain "
                             f"{self.cfg.domain!r}: its Curve key is not the one in the plan")
         if kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            if self.link == "lost":  # the key worked before: the link is what fails (the grace decides)
+                return
             raise UserError(f"Curve handshake with {self.cfg.coordinator} failed "
                             f"(is the coordinator's public key right?)")
         if kind == zmq.EVENT_DISCONNECTED and self.link == "up":
-            self.link = "lost"
+            self.link, self.lost_at = "lost", time.monotonic()
             say("lost the coordinator (its connection closed); reconnecting")
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             if self.link == "lost":
@@ -449,6 +480,7 @@ class Daemon:
         if getattr(self, "pulse", None) is not None:
             self.pulse_stop.set()
             self.pulse.join(5)
+            self.pulse = None
 
     def _pulse(self, ctx: zmq.Context) -> None:
         """Heartbeat thread: its own socket (zmq sockets are not shared across threads)."""
@@ -675,6 +707,28 @@ class Daemon:
                     self.tap.write(len(f).to_bytes(8, "little"))
                     self.tap.write(f)
                 self.tap.flush()
+
+
+def dial(ctx: zmq.Context, keys: KeyPair, server_key: bytes, *, beat_every: float,
+         fast: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
+    """A new DEALER (Curve client, a new identity) to the coordinator and a monitor of its link.
+
+    ZMTP heartbeats (a PING every `beat_every` seconds) close a connection whose coordinator went
+    silent for `lost_after()` seconds, so a link that dies without a FIN is noticed as one that closed.
+    """
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 1000
+    sock.sndtimeo = SEND_TIMEOUT_MS
+    sock.maxmsgsize = wire.CHUNK_BYTES + wire.MAX_HEADER_BYTES
+    sock.heartbeat_ivl = int(beat_every * 1000)
+    sock.heartbeat_timeout = sock.heartbeat_ttl = int(lost_after() * 1000)
+    curve_client(sock, keys, server_key)
+    if fast:
+        fast_reconnect(sock)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                      | zmq.EVENT_DISCONNECTED)
+    return sock, monitor
 
 
 def read_tap(path: Path) -> list[bytes]:

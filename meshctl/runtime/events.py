@@ -120,6 +120,61 @@ class DomainLost(Event):
         return f"domain {self.domain} lost: {self.reason}"
 
 
+class DomainRejoined(Event):
+    """A domain that was lost (or whose daemon restarted) said Hello again and was re-admitted
+    at a round boundary: it takes part again from `round` of `job` (0: before the job's first round)."""
+
+    type: ClassVar[str] = "domain_rejoined"
+    domain: str
+    job: str = ""
+    round: int = 0
+    was: str = ""
+    """Why it had left: the loss it comes back from."""
+    pid: int = 0
+    """The process id of the daemon that said Hello again."""
+
+    def message(self) -> str:
+        at = f" at job {self.job} round {self.round}" if self.job and self.round else (
+            f" before job {self.job}" if self.job else "")
+        return f"domain {self.domain} rejoined{at}" + (f" (was lost: {self.was})" if self.was else "")
+
+
+class DomainsAwaited(Event):
+    """A job still waits for domains that have not joined (every AWAIT_EVENT_S while it waits);
+    `commands` holds, for each remote one, what its operator runs to bring it."""
+
+    type: ClassVar[str] = "domains_awaited"
+    level: ClassVar[str] = "warning"
+    job: str
+    domains: list[str]
+    waited_s: float
+    commands: dict[str, str] = Field(default_factory=dict)
+
+    def message(self) -> str:
+        head = f"job {self.job} waits for {', '.join(self.domains)} (for {self.waited_s:.0f}s)"
+        return head + "".join(f"\n  {d}: {cmd}" for d, cmd in self.commands.items())
+
+
+class RoundRetried(Event):
+    """A round fell below quorum because participants were lost, and they came back within the rejoin
+    grace: its `phase` (`train` or `eval`) runs again, attempt `attempt`, with the same global weights;
+    `domains` are those back (re-admitted, each also a DomainRejoined)."""
+
+    type: ClassVar[str] = "round_retried"
+    level: ClassVar[str] = "warning"
+    job: str
+    round: int
+    attempt: int
+    phase: str
+    domains: list[str] = Field(default_factory=list)
+    reason: str = ""
+    """Why the attempt before it stopped: each domain's loss."""
+
+    def message(self) -> str:
+        return (f"job {self.job} round {self.round}: {self.phase} re-run (attempt {self.attempt}) with "
+                f"{', '.join(self.domains)} back" + (f" (was {self.reason})" if self.reason else ""))
+
+
 class MessageRejected(Event):
     type: ClassVar[str] = "message_rejected"
     level: ClassVar[str] = "warning"
@@ -221,10 +276,16 @@ class JobCompleted(Event):
     metrics: dict[str, float]
     model_path: str
     seconds: float
+    domains: list[str] = Field(default_factory=list)
+    """The domains whose updates the model holds (one or more rounds)."""
+    left_out: dict[str, str] = Field(default_factory=dict)
+    """Participants whose updates it does not hold, each with why (lost, refused, rejected)."""
 
     def message(self) -> str:
         ms = " ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())
-        return f"job {self.job} completed after {self.rounds} rounds: {ms}; model {self.model_path}"
+        covers = f"; covers {', '.join(self.domains)}" if self.domains else ""
+        out = "".join(f"; without {d} ({why})" for d, why in self.left_out.items())
+        return f"job {self.job} completed after {self.rounds} rounds: {ms}; model {self.model_path}{covers}{out}"
 
 
 class JobFailed(Event):
@@ -360,11 +421,12 @@ class StragglersDropped(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (RunStarted, RunResumed, PolicyDecided, DomainJoined, DomainRefused, DomainLost,
+    for cls in (RunStarted, RunResumed, PolicyDecided, DomainJoined, DomainRefused, DomainLost, DomainRejoined,
+                DomainsAwaited,
                 MessageRejected, JobStarted, JobWaiting, RoundStarted, UpdateReceived,
                 RoundCompleted, CheckpointWritten, JobCompleted, JobFailed, RunCompleted,
                 ProductListed, ContractChecked, DomainHeartbeat, BudgetSpent,
-                AnalysisStarted, AnalysisCompleted, StragglersDropped)
+                AnalysisStarted, AnalysisCompleted, StragglersDropped, RoundRetried)
 }
 
 

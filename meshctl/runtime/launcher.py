@@ -65,8 +65,12 @@ def state_dir(mesh_file: Path) -> Path:
 
 def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1,
                 wait_for_observer_s: float = 10.0, analysis: str = "",
-                coordinator_key: Path | None = None) -> tuple[RunManifest, KeyPair]:
+                coordinator_key: Path | None = None,
+                join_timeout: float | None = None) -> tuple[RunManifest, KeyPair]:
     """Make the run directory, its ephemeral keys and manifest; return it and the observer's keys.
+
+    A job waits `join_timeout` seconds for remote domains to join (None: for ever); local
+    ones, the coordinator's own children, keep the manifest's `join_timeout_s`.
 
     A mesh that declares `mesh.coordinator.public_key` runs with that key pair (its secret:
     `coordinator_key`, else `.meshctl/keys/coordinator.key_secret`); else the coordinator's
@@ -104,7 +108,8 @@ def prepare_run(mesh_file: Path, plan: Plan, *, address: str | None = None, thre
         run=run, run_dir=str(run_dir), base_dir=str(mesh_file.resolve().parent), router=router, events=events,
         coordinator_key=str(coordinator_file), coordinator_public=coordinator.public.decode(),
         domain_keys=domain_keys, observer_keys=[observer.public.decode()], local_domains=local,
-        threads=threads, wait_for_observer_s=wait_for_observer_s, analysis=analysis)
+        threads=threads, wait_for_observer_s=wait_for_observer_s, analysis=analysis,
+        remote_join_timeout_s=join_timeout)
     manifest.write()
     return manifest, observer
 
@@ -353,11 +358,12 @@ def _read_log(path: Path) -> list[ev.Event]:
 
 def start_run(mesh_file: Path, plan: Plan, *, address: str | None = None, threads: int = 1,
               analysis: str = "", warm: WarmCoordinator | None = None,
-              coordinator_key: Path | None = None) -> LocalRun:
+              coordinator_key: Path | None = None, join_timeout: float | None = None) -> LocalRun:
     """Prepare a run and start its coordinator (`warm`'s, when given); `analysis` names an
-    analysis to run instead of training; `coordinator_key` is the secret of a declared coordinator key."""
+    analysis to run instead of training; `coordinator_key` is the secret of a declared coordinator key;
+    `join_timeout` bounds the wait for remote domains (None: for ever)."""
     manifest, observer = prepare_run(mesh_file, plan, address=address, threads=threads, analysis=analysis,
-                                     coordinator_key=coordinator_key)
+                                     coordinator_key=coordinator_key, join_timeout=join_timeout)
     run = LocalRun(manifest, observer)
     run.start(warm)
     return run

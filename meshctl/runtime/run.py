@@ -78,6 +78,9 @@ class RunManifest(BaseModel):
     wait_for_observer_s: float = 0.0
     """Wait this long for a first subscriber before publishing events."""
     join_timeout_s: float = 60.0
+    """How long a job waits for a local domain (a child of the coordinator) to join."""
+    remote_join_timeout_s: float | None = None
+    """How long a job waits for a remote domain to join (`up --join-timeout`); None: for ever."""
     checkpoint: bool = True
     analysis: str = ""
     """Name of the analysis this run computes (`meshctl analyze`); empty for a training run."""
@@ -404,6 +407,10 @@ class RunDir:
                 job.rounds, job.state, job.detail = e.rounds, "training", ""
             elif isinstance(e, ev.JobWaiting):
                 job.state, job.detail = "waiting", f"quorum: {len(e.have)}/{e.need} domains"
+            elif isinstance(e, ev.DomainsAwaited):
+                job.state, job.detail = "waiting", f"waits for {', '.join(e.domains)} ({e.waited_s:.0f}s)"
+            elif isinstance(e, ev.RoundRetried):
+                job.detail = f"round {e.round} re-run (attempt {e.attempt}): {', '.join(e.domains)} back"
             elif isinstance(e, (ev.RoundStarted, ev.AnalysisStarted)):
                 job.state, job.detail = ("analyzing" if isinstance(e, ev.AnalysisStarted) else "training"), ""
             elif isinstance(e, ev.RoundCompleted):
@@ -429,6 +436,12 @@ class RunDir:
             if isinstance(e, ev.RunStarted):
                 for n in e.domains:
                     states.setdefault(n, DomainState(n))
+            if isinstance(e, ev.DomainsAwaited):  # still missing: what brings each one
+                for n in e.domains:
+                    d = states.setdefault(n, DomainState(n))
+                    if d.state == "missing":
+                        d.reason = f"awaited for {e.waited_s:.0f}s" + (
+                            f": {e.commands[n]}" if n in e.commands else "")
             name = getattr(e, "domain", None) if not isinstance(e, ev.PolicyDecided) else None
             if not isinstance(name, str) or not name or isinstance(e, (ev.ProductListed, ev.ContractChecked)):
                 continue
@@ -437,6 +450,8 @@ class RunDir:
                 d.state, d.reason, d.pid, d.last_seen = "connected", "", e.pid, e.ts
             elif isinstance(e, ev.DomainLost):
                 d.state, d.reason = "lost", e.reason
+            elif isinstance(e, ev.DomainRejoined):
+                d.state, d.reason, d.pid, d.last_seen = "connected", "", e.pid or d.pid, e.ts
             elif isinstance(e, ev.DomainRefused):
                 d.state, d.reason = "refused", e.reason
             elif isinstance(e, ev.DomainHeartbeat):

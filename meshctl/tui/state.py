@@ -376,6 +376,13 @@ def _domain_lost(s: MeshState, e: ev.DomainLost) -> None:
     d.state, d.reason = "lost", e.reason
 
 
+def _domain_rejoined(s: MeshState, e: ev.DomainRejoined) -> None:
+    """Back from a loss (or a restart) at a round boundary: it takes part again."""
+    d = s.domain(e.domain)
+    d.state, d.reason = "joined", ""
+    d.last_seen = max(d.last_seen, e.ts)
+
+
 def _domain_heartbeat(s: MeshState, e: ev.DomainHeartbeat) -> None:
     d = s.domain(e.domain)
     d.last_seen = max(d.last_seen, e.ts)
@@ -520,6 +527,7 @@ _HANDLERS: dict[type[ev.Event], Callable[[MeshState, ev.Event], None]] = {
     ev.DomainJoined: _domain_joined,
     ev.DomainRefused: _domain_refused,
     ev.DomainLost: _domain_lost,
+    ev.DomainRejoined: _domain_rejoined,
     ev.DomainHeartbeat: _domain_heartbeat,
     ev.MessageRejected: _message_rejected,
     ev.JobStarted: _job_started,

@@ -13,12 +13,12 @@ import random
 
 import pytest
 import torch
-import zmq
 
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.coordinator import Coordinator
 from meshctl.runtime.launcher import prepare_run
+from meshctl.runtime.transport.memory import FakeClock, MemoryHub
 
 SEED = 9
 CASES = 2000
@@ -158,19 +158,16 @@ def coordinator(mesh_file, make_plan):
     """A coordinator of a 2-domain digits plan in the middle of round 1 of its job, both domains joined."""
     plan = make_plan(n=2, rounds=3)
     manifest, _ = prepare_run(mesh_file, plan)
-    c = Coordinator(manifest, plan)
-    ctx = zmq.Context()
-    c.router = ctx.socket(zmq.ROUTER)  # real socket; what it sends to the (absent) peers is dropped
-    c.router.bind("inproc://fuzz")
+    hub = MemoryHub(FakeClock())
+    c = Coordinator(manifest, plan, link=hub)  # what it sends to the peers is kept on the hub, unread
     c.sink = _Sink()
     for domain in ("client-0", "client-1"):
+        hub.connect(domain, identity=domain.encode())
         hello = wire.Hello(plan_hash=plan.plan.hash, pid=1, rows={f"{domain}.digits": 10}, sender=domain)
         c._dispatch(domain.encode(), domain, [bytes(f) for f in wire.encode(hello)])
     assert sorted(c.peers) == ["client-0", "client-1"]
     c.current, c.round = plan.jobs[0], 1
     yield c
-    c.router.close(0)
-    ctx.term()
 
 
 def test_fuzzed_frames_are_decoded_or_rejected_never_raised(coordinator):

@@ -22,12 +22,14 @@ from meshctl.runtime.launcher import LocalRun, prepare_run, start_run
 FLOOD = 400
 
 
-def _plan(make_plan, hidden: int = 32, rounds: int = 2, remote: dict[str, str] | None = None) -> Plan:
+def _plan(make_plan, hidden: int = 32, rounds: int = 2, remote: dict[str, str] | None = None,
+          quorum: int = 2) -> Plan:
     """The `make_plan` digits plan of two domains, with `hidden` units."""
     plan = make_plan(n=2, rounds=rounds, remote=remote)
     job = plan.jobs[0]
     tensors = mlp_tensors(64, [hidden], 10)
     job = job.model_copy(update={"architecture": job.architecture.model_copy(update={"hidden": [hidden]}),
+                                 "quorum": quorum,
                                  "tensors": tensors, "parameters": sum(math.prod(t.shape) for t in tensors)})
     return plan.model_copy(update={"jobs": [job]}).with_hash()
 
@@ -47,8 +49,8 @@ def _recv(s: zmq.Socket, timeout_s: float = 30.0):
 
 
 class HostilePeer(threading.Thread):
-    """Joins as client-1 with its real key, attacks once the job starts, then answers every round
-    honestly (it echoes the weights it gets back as its update)."""
+    """Joins as client-1 with its real key, attacks once the job starts, "restarts" (a Hello on a new
+    connection), then answers every round honestly there (it echoes the weights it gets back as its update)."""
 
     def __init__(self, run, keys: KeyPair, plan: Plan):
         super().__init__(daemon=True)
@@ -72,7 +74,7 @@ class HostilePeer(threading.Thread):
         ctx = zmq.Context()
         s = _dealer(ctx, self.keys, self.local)
         self._send(s, wire.Hello(plan_hash=self.plan.plan.hash, pid=os.getpid(), rows={"client-1.digits": 100}))
-        job, weights, deadline = self.plan.jobs[0], {}, time.monotonic() + 120
+        job, weights, deadline, old = self.plan.jobs[0], {}, time.monotonic() + 120, None
         while not self.stop.is_set() and time.monotonic() < deadline:
             if not s.poll(100):
                 continue
@@ -81,7 +83,8 @@ class HostilePeer(threading.Thread):
             self._send(s, wire.Heartbeat(state="training"))
             if isinstance(msg, wire.TrainIns):
                 if not self.flooded.is_set():
-                    self._attack(ctx, s, job, weights)
+                    old, s = s, self._attack(ctx, s, job, weights)  # old stays open: its flood is queued
+                    continue  # the old connection's round is lost with it; the new one joins at the next
                 self._send(s, wire.TrainRes(job=job.name, round=msg.round, examples=100, loss=0.5, seconds=0.01),
                            weights)
             elif isinstance(msg, wire.EvalIns):
@@ -89,9 +92,11 @@ class HostilePeer(threading.Thread):
             elif isinstance(msg, wire.Shutdown):
                 break
         s.close()
+        if old is not None:
+            old.close()
         ctx.term()
 
-    def _attack(self, ctx: zmq.Context, s: zmq.Socket, job, weights) -> None:
+    def _attack(self, ctx: zmq.Context, s: zmq.Socket, job, weights) -> zmq.Socket:
         head = {"v": 1, "run": self.local.m.run, "sender": "client-1"}
         s.send_multipart([json.dumps({**head, "type": "train_res", "x": "@"}).encode().replace(
             b'"@"', b"[" * 100_000 + b"]" * 100_000)])
@@ -106,27 +111,32 @@ class HostilePeer(threading.Thread):
         for i in range(FLOOD):  # far-future rounds, each with a full-size update
             self._send(s, wire.TrainRes(job=job.name, round=10 + i, examples=100, loss=0.5, seconds=0.01),
                        weights)
-        second = _dealer(ctx, self.keys, self.local)  # the same key on a new connection
+        self._send(s, wire.Knock())  # answered after the flood: one connection's messages stay in order
+        while not isinstance(_recv(s)[0], wire.RunInfo):
+            pass
+        second = _dealer(ctx, self.keys, self.local)  # the same key on a new connection: a restart
         self._send(second, wire.Hello(plan_hash=self.plan.plan.hash, pid=os.getpid(), rows={"client-1.digits": 9}))
         self.second_hello_reply = _recv(second)[0]
-        second.close()
         stranger = _dealer(ctx, self.stranger, self.local)  # a key the run does not know
         stranger.send_multipart(wire.encode(wire.Heartbeat(sender="client-1")))
         time.sleep(0.3)  # the handshake is refused (and logged) meanwhile
         stranger.close()
         self.flooded.set()
+        return second
 
 
 def test_a_hostile_domain_key_holder_is_rejected_and_the_run_completes(mesh_file, make_plan):
     keys = KeyPair.generate()
-    plan = _plan(make_plan, hidden=1024, rounds=2, remote={"client-1": keys.public.decode()})
+    plan = _plan(make_plan, hidden=1024, rounds=2, remote={"client-1": keys.public.decode()}, quorum=1)
     update_bytes = plan.jobs[0].parameters * 4
     run = start_run(mesh_file, plan)
     peer = HostilePeer(run, keys, plan)
     peer.start()
     coordinator, rss, kinds = None, {}, []
     rejected: list[ev.MessageRejected] = []
+    events = []
     for e in run.follow():
+        events.append(e)
         kinds.append(type(e).__name__)
         if isinstance(e, ev.MessageRejected):
             rejected.append(e)
@@ -150,8 +160,12 @@ def test_a_hostile_domain_key_holder_is_rejected_and_the_run_completes(mesh_file
     assert any("18446744073709551616" in r and "out of range" in r for r in reasons), reasons[:10]
     assert any("1000000000" in r and "out of range" in r for r in reasons), reasons[:10]
     assert sum("while round" in r for r in reasons) == FLOOD
-    assert isinstance(peer.second_hello_reply, wire.Refused)
-    assert any("second Hello from client-1 on a new connection refused" in r for r in reasons)
+    assert isinstance(peer.second_hello_reply, wire.Welcome)  # a restart: the new connection replaces the old
+    assert [(e.domain, e.reason) for e in events if isinstance(e, ev.DomainLost)] == [
+        ("client-1", f"restarted: said Hello again on a new connection (pid {os.getpid()})")]
+    assert [(e.domain, e.round) for e in events if isinstance(e, ev.DomainRejoined)] == [("client-1", 2)]
+    rounds = [e.participants for e in events if isinstance(e, ev.RoundCompleted)]
+    assert rounds == [["client-0"], ["client-0", "client-1"]]
     refusals = [r for r in reasons if "refused Curve handshake" in r]
     assert len(refusals) == 1 and f"key {fingerprint(peer.stranger.public)} from 127.0.0.1" in refusals[0], reasons
     log = (result.run_dir / "logs" / "coordinator.log").read_text()

@@ -1,0 +1,180 @@
+"""The outputs room: the event log (EventSink), checkpoints, metrics.csv and resume points."""
+
+from __future__ import annotations
+
+import csv
+import json
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meshctl.compiler.plan import Plan, PlanJob
+from meshctl.runtime import events as ev
+from meshctl.runtime import wire
+
+
+class EventSink:
+    """Numbers events, appends them hash-chained to events.jsonl and publishes them.
+
+    Each line carries the audit chain's `prev` and `hash` (meshctl.runtime.audit); `close()`
+    records the head in run.json and appends the run to the mesh-wide `.meshctl/audit.jsonl`.
+    `pub` is an XPUB socket or a Link (anything with `send_string` or `publish`);
+    `anchor` defaults to the one computed from the run directory's run.json and plan.toml.
+    """
+
+    def __init__(self, path: Path, pub: Any, anchor: str | None = None):
+        from meshctl.runtime.audit import Chain
+
+        _drop_torn_line(path)
+        self.chain = Chain.open(path, anchor)
+        self.file = path.open("a", encoding="utf-8")
+        self.pub = pub
+        self.publish = pub.send_string if hasattr(pub, "send_string") else pub.publish
+        self.seq = len(self.chain.hashes)
+        """Events so far: a resumed run's coordinator numbers on from the last line."""
+
+    def emit(self, event: ev.Event) -> ev.Event:
+        self.seq += 1
+        event = event.model_copy(update={"seq": self.seq, "ts": time.time()})
+        try:
+            line = self.chain.seal(event.to_dict())
+            self.file.write(line + "\n")
+            self.file.flush()
+        except BaseException:  # e.g. KeyboardInterrupt in a host process, between sealing and writing
+            self.file.flush()
+            self.chain.resync(Path(self.file.name))
+            raise
+        self.publish(line)
+        return event
+
+    def close(self) -> None:
+        self.file.close()
+        try:
+            self.chain.finish(Path(self.file.name).parent)
+        except (OSError, ValueError) as err:  # the run's own log is complete; say what is missing
+            print(f"warning: audit head not recorded: {err}", file=sys.stderr)
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line that a killed process left half written (it was never an event)."""
+    try:
+        f = path.open("r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, 2)
+        if not size or (f.seek(size - 1), f.read(1))[1] == b"\n":
+            return
+        f.seek(max(0, size - (1 << 20)))  # a torn line is one event: look back at most 1 MiB
+        tail = f.read()
+        f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+
+
+class Checkpoints:
+    """A writer thread for safetensors files (weights only, written atomically); reports what it wrote."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.todo: queue.Queue[tuple[Path, dict[str, torch.Tensor], dict[str, str]] | None] = queue.Queue()
+        self.written: queue.Queue[tuple[str, int, Path]] = queue.Queue()
+        self.error = ""
+        """Why a write failed (a full disk, say); the run fails with it."""
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._write, name="checkpoints", daemon=True)
+        self.thread.start()
+
+    def put(self, path: Path, weights: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        self.todo.put((path, weights, meta))
+
+    def stop(self) -> None:
+        """Write what is queued, then end the thread."""
+        self.todo.put(None)
+        if self.thread is not None:
+            self.thread.join()
+
+    def report(self, sink: Any) -> None:
+        """Emit CheckpointWritten for every per-round file written so far (main thread only)."""
+        while True:
+            try:
+                job, rnd, path = self.written.get_nowait()
+            except queue.Empty:
+                return
+            if path.parent.name == job:  # per-round checkpoints; the final model has its own event
+                sink.emit(ev.CheckpointWritten(job=job, round=rnd, path=str(path.relative_to(self.run_dir))))
+
+    def _write(self) -> None:
+        from safetensors.torch import save_file
+
+        while (item := self.todo.get()) is not None:
+            path, weights, meta = item
+            if self.error:  # after a failed write the rest is drained, not written
+                continue
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=meta)
+                tmp.replace(path)
+            except Exception as err:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+                self.error = f"cannot write {path}: {getattr(err, 'strerror', None) or err}"
+                continue
+            self.written.put((meta["job"], int(meta["round"]), path))
+
+
+def newest_checkpoint(run_dir: Path, plan: Plan, job: PlanJob) -> tuple[int, wire.Tensors | None]:
+    """(round, weights) of the job's newest valid checkpoint, else (0, None)."""
+    from safetensors import safe_open
+
+    expect = {t.name: (t.shape, t.dtype) for t in job.tensors}
+    for path in sorted((run_dir / "checkpoints" / job.name).glob("round-*.safetensors"), reverse=True):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        except Exception:  # noqa: BLE001, S112 - a damaged file: try the one before
+            continue
+        got = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in weights.items()}
+        if got == expect and meta.get("plan_hash") == plan.plan.hash:
+            return int(meta["round"]), weights
+    return 0, None
+
+
+def model_meta(plan: Plan, job: PlanJob, rnd: int, norm: dict[str, list[float]] | None = None) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint or model: what a reader needs to use the weights."""
+    meta = {"job": job.name, "round": str(rnd), "plan_hash": plan.plan.hash,
+            "features": ",".join(job.features), "classes": ",".join(job.classes),
+            "architecture": job.architecture.model_dump_json()}
+    if norm:
+        meta["standardize"] = json.dumps(norm)
+    return meta
+
+
+def trim_metrics(run_dir: Path, job: PlanJob, last: int) -> None:
+    """Drop metrics.csv rows of `job` after round `last` (they are trained again)."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if not (r[0] == job.name and int(r[1]) > last)]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+def append_metrics(run_dir: Path, job: PlanJob, rnd: int, participants: int, loss: float,
+                   metrics: dict[str, float]) -> None:
+    """One metrics.csv row for a completed round. Raises OSError (a full disk, say)."""
+    path = run_dir / "metrics.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["job", "round", "participants", "train_loss", "test_loss", "test_accuracy"])
+        w.writerow([job.name, rnd, participants, f"{loss:.6f}", f"{metrics['loss']:.6f}",
+                    f"{metrics['accuracy']:.6f}"])
