@@ -582,7 +582,7 @@ class Daemon:
         st.loaded = -1
         update = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
         res = wire.TrainRes(job=ins.job, round=ins.round, examples=len(st.data.y_train), loss=loss,
-                            seconds=seconds, charges=charges)
+                            seconds=seconds, charges=charges, attempt=ins.attempt)
         if st.job.privacy.secure_aggregation:
             masked = self._masked(st, ins, update, len(st.data.y_train))
             if isinstance(masked, wire.ErrorReply):
@@ -616,7 +616,8 @@ class Daemon:
         except secagg.EncodeError as err:
             return refuse(str(err))
         peers = {d: base64.b64decode(k) for d, k in ins.peer_keys.items()}
-        context = f"{self.cfg.run}|{job.name}".encode()
+        context = f"{self.cfg.run}|{job.name}" + (f"|{ins.attempt}" if ins.attempt > 1 else "")
+        context = context.encode()  # a re-run round (attempt 2, ...) gets masks no earlier attempt used
         masked = secagg.mask(encoded, me, self.secagg[job.name], peers, context, ins.round)
         return torch.from_numpy(masked.view(np.int64))
 

@@ -188,6 +188,9 @@ class TrainIns(_Msg):
     """The round's participants, so that each domain can decide its `scope: round` policies."""
     peer_keys: dict[str, SecaggKey] = Field(default_factory=dict)
     """Secure aggregation: every participant's X25519 public key for the job (base64)."""
+    attempt: int = Field(default=1, ge=1, le=1_000)
+    """Which run of this round (a round re-run after a loss is attempt 2, ...): secure aggregation
+    derives fresh pairwise masks per attempt, so no two masked updates share a mask."""
 
 
 class TrainRes(_Msg):
@@ -201,6 +204,8 @@ class TrainRes(_Msg):
     seconds: float = Field(ge=0)
     charges: list[LedgerCharge] = Field(default_factory=list, max_length=64)
     """DP training: the ε this round cost, as charged to the domain's privacy ledger."""
+    attempt: int = Field(default=1, ge=1, le=1_000)
+    """The TrainIns attempt this answers."""
 
 
 class EvalIns(_Msg):

@@ -50,3 +50,36 @@ def test_an_update_too_large_to_encode_is_refused():
         secagg.encode([torch.tensor([1e9])], 1e6)
     with pytest.raises(secagg.EncodeError):
         secagg.encode([torch.tensor([float("nan")])], 1.0)
+
+
+def test_a_re_run_round_masks_afresh_so_two_attempts_reveal_no_difference():
+    """The daemon's mask context for attempt 2+ of a round (a re-run after a loss) differs from
+    attempt 1's: the coordinator, holding a survivor's masked update of both attempts, must not
+    be able to subtract them and learn the difference of the two updates."""
+    from types import SimpleNamespace
+
+    from meshctl.compiler.plan import PlanTensor
+    from meshctl.runtime import wire
+    from meshctl.runtime.daemon import Daemon
+
+    keys, pubs = _parties(3)
+    peer_keys = {d: __import__("base64").b64encode(p).decode() for d, p in pubs.items()}
+    job = SimpleNamespace(name="digits", tensors=[PlanTensor(name="w", shape=[4], dtype="float32")])
+    g = torch.Generator().manual_seed(1)
+    updates = {d: {"w": torch.randn(4, generator=g)} for d in keys}
+
+    def masked(d: str, attempt: int) -> np.ndarray:
+        me = SimpleNamespace(cfg=SimpleNamespace(domain=d, run="20261206-1"), secagg={"digits": keys[d]})
+        ins = wire.TrainIns(sender="coordinator", job="digits", round=2, version=1, participants=sorted(keys),
+                            peer_keys=peer_keys, attempt=attempt)
+        out = Daemon._masked(me, SimpleNamespace(job=job), ins, updates[d], 10)
+        assert isinstance(out, torch.Tensor), out
+        return out.numpy().view(np.uint64)
+
+    for attempt in (1, 2):  # each attempt's masks cancel among its own replies
+        total = secagg.add([masked(d, attempt) for d in keys])
+        assert np.array_equal(total, secagg.add([secagg.encode([updates[d]["w"]], 10.0) for d in keys]))
+    # the same survivor, same update, two attempts: different masks, so subtracting reveals nothing
+    diff = (masked("d0", 1) - masked("d0", 2)).view(np.int64).astype(np.float64)
+    assert np.abs(diff).mean() > 2.0**58
+    assert np.array_equal(masked("d0", 1), masked("d0", 1))  # attempt 1 unchanged: deterministic

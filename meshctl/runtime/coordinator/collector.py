@@ -59,25 +59,19 @@ class Collector:
         """DP training: ε charged in this run per (job, product)."""
         self.gated = False
         """The job has `scope: round` policies: keep each update's norm for them."""
-        self.superseded: dict[tuple[str, int, str], int] = {}
-        """(kind, round, domain) -> replies still due to an instruction of a re-run round's aborted
-        attempt: each is rejected as it comes (a connection answers in order, and the reply of an
-        attempt carries no attempt number of its own)."""
+        self.attempts: dict[int, int] = {}
+        """Secure aggregation: round -> the attempt now running (re-runs after a loss); a masked update
+        of an earlier attempt is refused (its masks cancel only against that attempt's)."""
 
     def start(self, job: PlanJob | None) -> None:
         self.current, self.closed, self.round = job, set(), 0
         self.norms.clear()
-        self.superseded.clear()
+        self.attempts.clear()
 
     def receive(self, domain: str, msg: wire.TrainRes | wire.EvalRes, tensors: wire.Tensors, size: int) -> None:
         """Keep a result for its phase, or reject it (a MessageRejected event)."""
         code, problem, norm = self.judge(domain, msg, tensors)
         if problem:
-            if code == "superseded":
-                key = (msg.type, msg.round, domain)
-                self.superseded[key] -= 1
-                if not self.superseded[key]:
-                    del self.superseded[key]
             self.sink.emit(ev.MessageRejected(sender=domain, reason=problem))
             return
         self.bytes_in[(msg.job, msg.round)] = self.bytes_in.get((msg.job, msg.round), 0) + size
@@ -106,8 +100,10 @@ class Collector:
             return "not-running", f"{msg.type} for job {msg.job!r}, which is not running", 0.0
         if domain not in job.participants:
             return "not-participant", f"{domain} is not a participant of job {job.name}", 0.0
-        if self.superseded.get((msg.type, msg.round, domain)):
-            return "superseded", f"{msg.type} for round {msg.round} from the attempt that was re-run", 0.0
+        if (isinstance(msg, wire.TrainRes) and job.privacy.secure_aggregation
+                and msg.attempt != self.attempts.get(msg.round, 1)):
+            return "superseded", (f"{msg.type} for round {msg.round} attempt {msg.attempt}, which was re-run "
+                                  f"(attempt {self.attempts.get(msg.round, 1)})"), 0.0
         if (msg.type, msg.round, domain) in self.inbox:
             return "duplicate", f"duplicate {msg.type} for round {msg.round}", 0.0
         if (msg.type, msg.round) in self.closed:

@@ -194,10 +194,7 @@ class Training:
                     and ("train_res", rnd, d) not in collector.inbox]
             self._send_train(job, todo, rnd, version, weights, norm, everyone=participants)
             return
-        for d in participants:
-            key = ("train_res", rnd, d)
-            if self.members.peers[d].identity in self.asked.get(rnd, set()) and key not in collector.inbox:
-                collector.superseded[key] = collector.superseded.get(key, 0) + 1
+        collector.attempts[rnd] = self.attempts.get(rnd, 1)  # replies of earlier attempts: superseded
         collector.discard("train_res", rnd)
         self._send_train(job, participants, rnd, version, weights, norm)
 
@@ -223,7 +220,7 @@ class Training:
                 continue
             first = {} if job.name in peer.versions else norm
             msg = wire.TrainIns(job=job.name, round=rnd, version=version, participants=everyone,
-                                peer_keys=keys, **first)
+                                peer_keys=keys, attempt=self.attempts.get(rnd, 1), **first)
             self.asked.setdefault(rnd, set()).add(peer.identity)
             self._send_to(job, peer, msg, weights, rnd)
 

@@ -74,7 +74,8 @@ class Domain:
             return
         if isinstance(msg, wire.TrainIns):
             update = {k: v + 1.0 for k, v in self.weights.items()}
-            reply = wire.TrainRes(job=msg.job, round=msg.round, examples=10, loss=0.5, seconds=0.01)
+            reply = wire.TrainRes(job=msg.job, round=msg.round, examples=10, loss=0.5, seconds=0.01,
+                                  attempt=msg.attempt)
             if self.secagg_key:
                 n = self.plan.jobs[0].parameters
                 update = {"masked": torch.zeros(n, dtype=torch.int64)}

@@ -146,7 +146,8 @@ def _masked_by_keys(r, name: str, delay_s: float = 0.0) -> list[tuple[int, str]]
         fresh = msg.peer_keys.get("client-3") == _key(3, fresh=True)
         masked = torch.zeros(n, dtype=torch.int64) if fresh else torch.full((n,), 1 << 40, dtype=torch.int64)
         sent.append((msg.round, msg.peer_keys.get("client-3", "")))
-        reply = wire.TrainRes(job=msg.job, round=msg.round, examples=10, loss=0.5, seconds=0.01)
+        reply = wire.TrainRes(job=msg.job, round=msg.round, examples=10, loss=0.5, seconds=0.01,
+                              attempt=msg.attempt)
         r.hub.after(delay_s, lambda: conn.send(reply, {"masked": masked}))
     d.conn.on_message = answer
     return sent
@@ -166,7 +167,8 @@ def test_secure_aggregation_restarts_the_mask_setup_and_refuses_the_aborted_atte
     for name in ("client-1", "client-2"):
         assert [m.peer_keys["client-3"] for m in _train_ins(r.domains[name].conn, 1)] == [_key(3), _key(3, True)]
     rejected = [e for e in r.sink.of(ev.MessageRejected) if e.sender == "client-0"]
-    assert [e.reason for e in rejected] == ["train_res for round 1 from the attempt that was re-run"]
+    assert [e.reason for e in rejected] == ["train_res for round 1 attempt 1, which was re-run (attempt 2)"]
+    assert [m.attempt for m in _train_ins(r.domains["client-1"].conn, 1)] == [1, 2]
     assert [e.domain for e in r.sink.of(ev.UpdateReceived) if e.domain == "client-0"] == ["client-0"]
     # only the fresh replies (all zero words) went into the sum: FedAvg's new model is their mean, zero
     done = r.sink.of(ev.JobCompleted)[0]
