@@ -669,7 +669,8 @@ class Daemon:
         gate = self.round_gates.get(job.name)
         if gate is None:
             gate = self.round_gates[job.name] = governance.RoundGate(self.cfg.plan, job, self.cfg.domain)
-        for d in gate.evaluate(ins.round, list(ins.participants), []):
+        st = self.jobs.get(job.name)  # DP: the ε this domain has spent on the job so far, before this round
+        for d in gate.evaluate(ins.round, list(ins.participants), [], epsilon_spent=st.spent if st else 0.0):
             if d.effect == "deny":
                 reason = f"round policy {d.policy} denies round {ins.round} of job {job.name!r}: {d.reason}"
                 print(f"refused: {reason}", file=sys.stderr)

@@ -59,6 +59,8 @@ class Collector:
         """DP training: ε charged in this run per (job, product)."""
         self.gated = False
         """The job has `scope: round` policies: keep each update's norm for them."""
+        self.bases: dict[int, wire.Tensors] = {}
+        """Round -> the global weights its TrainIns carried: an update's norm is taken from them."""
         self.attempts: dict[int, int] = {}
         """Secure aggregation: round -> the attempt now running (re-runs after a loss); a masked update
         of an earlier attempt is refused (its masks cancel only against that attempt's)."""
@@ -66,6 +68,7 @@ class Collector:
     def start(self, job: PlanJob | None) -> None:
         self.current, self.closed, self.round = job, set(), 0
         self.norms.clear()
+        self.bases.clear()
         self.attempts.clear()
 
     def receive(self, domain: str, msg: wire.TrainRes | wire.EvalRes, tensors: wire.Tensors, size: int) -> None:
@@ -117,7 +120,7 @@ class Collector:
             return "not-admitted", (f"{msg.type} from {domain} before it is re-admitted "
                                     "(at the next round boundary)"), 0.0
         if isinstance(msg, wire.TrainRes):
-            problem, norm = _check_update(job, domain, msg, tensors)
+            problem, norm = _check_update(job, domain, msg, tensors, self.bases.get(msg.round))
             return ("bad-update" if problem else ""), problem, norm
         problem = ""
         if tensors:
@@ -194,7 +197,10 @@ class Collector:
             del self.inbox[key]
 
 
-def _check_update(job: PlanJob, domain: str, msg: wire.TrainRes, tensors: wire.Tensors) -> tuple[str, float | None]:
+def _check_update(job: PlanJob, domain: str, msg: wire.TrainRes, tensors: wire.Tensors,
+                  base: wire.Tensors | None = None) -> tuple[str, float | None]:
+    """(problem or "", the update's L2 norm: of what the domain sent minus the round's global weights
+    `base`, i.e. the update itself, not the weights)."""
     expect = [(t.name, t.shape, t.dtype) for t in job.tensors]
     if job.privacy.secure_aggregation:
         expect = [("masked", [job.parameters], "int64")]
@@ -210,7 +216,9 @@ def _check_update(job: PlanJob, domain: str, msg: wire.TrainRes, tensors: wire.T
         return "ledger charges for a product this domain does not train on with DP", 0.0
     if job.privacy.secure_aggregation:
         return "", None  # masked words: no norm to see, and no way to check finiteness
-    norm = math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values()))
+    norm = math.sqrt(sum(float(torch.linalg.vector_norm(
+        t.to(torch.float64) - base[name].to(torch.float64) if base is not None and name in base else t,
+        dtype=torch.float64)) ** 2 for name, t in tensors.items()))
     if not math.isfinite(norm):
         return "update holds non-finite values", norm
     return "", norm

@@ -168,13 +168,15 @@ def trim_metrics(run_dir: Path, job: PlanJob, last: int) -> None:
 
 
 def append_metrics(run_dir: Path, job: PlanJob, rnd: int, participants: int, loss: float,
-                   metrics: dict[str, float]) -> None:
-    """One metrics.csv row for a completed round. Raises OSError (a full disk, say)."""
+                   metrics: dict[str, float], *, evaluated: int, eval_examples: int) -> None:
+    """One metrics.csv row for a completed round, with how many domains and holdout examples its test
+    metrics cover (they change when a domain drops out). Raises OSError (a full disk, say)."""
     path = run_dir / "metrics.csv"
     new = not path.exists()
     with path.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["job", "round", "participants", "train_loss", "test_loss", "test_accuracy"])
+            w.writerow(["job", "round", "participants", "train_loss", "test_loss", "test_accuracy",
+                        "evaluated", "eval_examples"])
         w.writerow([job.name, rnd, participants, f"{loss:.6f}", f"{metrics['loss']:.6f}",
-                    f"{metrics['accuracy']:.6f}"])
+                    f"{metrics['accuracy']:.6f}", evaluated, eval_examples])

@@ -91,6 +91,7 @@ class Training:
                     break
                 except RoundInterrupted as err:
                     participants = self._rerun(r, "train", participants, err, version, weights, norm)
+            self.collector.bases.pop(r, None)
             asked = list(participants)
             contributors = list(results)
             self._gate_round(job, r, results)
@@ -142,7 +143,8 @@ class Training:
                 aggregation=note, epsilon=max((v for (j, _), v in self.collector.job_epsilon.items() if j == job.name),
                                               default=None)))
             try:
-                outputs.append_metrics(self.run_dir, job, r, len(contributors), train_loss, metrics)
+                outputs.append_metrics(self.run_dir, job, r, len(contributors), train_loss, metrics,
+                                       evaluated=len(evals), eval_examples=n)
             except OSError as err:  # a full disk, say: the run fails with the reason
                 raise JobAborted(f"job {job.name} round {r}: cannot write {self.run_dir / 'metrics.csv'}: "
                                  f"{err.strerror or err}") from None
@@ -214,6 +216,7 @@ class Training:
         and, like any that lacks them, the current weights."""
         everyone = participants if everyone is None else everyone
         keys = self._peer_keys(job, everyone)
+        self.collector.bases[rnd] = weights  # the update norms of round rnd are taken from these
         for d in participants:
             peer = self.members.peers.get(d)
             if peer is None:  # lost since the list was made
@@ -246,7 +249,8 @@ class Training:
         if self.gate is None:
             return
         updates = [RoundUpdate(d, m.examples, m.loss, self.collector.norms.pop((rnd, d), 0.0)) for d, (m, _) in results.items()]
-        for d in self.gate.evaluate(rnd, list(results), updates):
+        spent = max((v for (j, _), v in self.collector.job_epsilon.items() if j == job.name), default=0.0)
+        for d in self.gate.evaluate(rnd, list(results), updates, epsilon_spent=spent):
             if d.effect == "allow":
                 continue
             self.sink.emit(ev.PolicyDecided(policy=d.policy, scope=d.scope, subject=d.subject, effect=d.effect,

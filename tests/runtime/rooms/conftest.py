@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from meshctl.compiler.plan import Plan, PlanPrivacy
+from meshctl.compiler.plan import Plan, PlanDp, PlanPolicy, PlanPrivacy
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.coordinator import Coordinator
@@ -112,12 +112,12 @@ class Room:
 
 
 def tune_plan(base: Plan, *, quorum: int | None = None, rounds: int | None = None, round_timeout_s: float = 60.0,
-              secure_aggregation: bool = False) -> Plan:
+              secure_aggregation: bool = False, dp: PlanDp | None = None, policies: tuple[PlanPolicy, ...] = ()) -> Plan:
     job = base.jobs[0]
     job = job.model_copy(update={"quorum": quorum or job.quorum, "round_timeout_s": round_timeout_s,
-                                 "privacy": PlanPrivacy(secure_aggregation=secure_aggregation),
+                                 "privacy": PlanPrivacy(secure_aggregation=secure_aggregation, dp=dp),
                                  "training": job.training.model_copy(update={"rounds": rounds or job.training.rounds})})
-    return base.model_copy(update={"jobs": [job]}).with_hash()
+    return base.model_copy(update={"jobs": [job], "policies": [*base.policies, *policies]}).with_hash()
 
 
 @pytest.fixture
@@ -127,9 +127,10 @@ def room(tmp_path: Path, make_plan: Any, monkeypatch: pytest.MonkeyPatch):
     base = make_plan
 
     def build(n: int = 3, *, quorum: int | None = None, rounds: int = 3, round_timeout_s: float = 60.0,
-              secure_aggregation: bool = False, connect: bool = True, join_timeout_s: float | None = 60.0) -> Room:
+              secure_aggregation: bool = False, connect: bool = True, join_timeout_s: float | None = 60.0,
+              dp: PlanDp | None = None, policies: tuple[PlanPolicy, ...] = ()) -> Room:
         plan = tune_plan(base(n=n, rounds=rounds), quorum=quorum, round_timeout_s=round_timeout_s,
-                                      secure_aggregation=secure_aggregation)
+                         secure_aggregation=secure_aggregation, dp=dp, policies=policies)
         run_dir = tmp_path / "run"
         run_dir.mkdir(exist_ok=True)
         manifest = RunManifest(run="r1", run_dir=str(run_dir), base_dir=str(tmp_path), router="tcp://10.0.0.5:7700",
