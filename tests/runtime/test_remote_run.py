@@ -209,17 +209,35 @@ class _FakeCoordinator:
         self.ctx.term()
 
 
+_READERS: dict[int, "queue.Queue[str | None]"] = {}
+
+
 def _wait_line(proc, text: str, seen: list[str], timeout: float = 60.0) -> None:
-    import select
+    """Wait for a stderr line of `proc` holding `text`, appending every line read to `seen`. A reader
+    thread per process owns the pipe (select + readline would miss a second line already buffered)."""
+    import queue
+    import threading
     import time
 
+    lines = _READERS.get(proc.pid)
+    if lines is None:
+        lines = _READERS[proc.pid] = queue.Queue()
+
+        def pump() -> None:
+            for line in proc.stderr:
+                lines.put(line.rstrip("\n"))
+            lines.put(None)
+        threading.Thread(target=pump, daemon=True).start()
     end = time.monotonic() + timeout
     while not any(text in line for line in seen):
-        assert time.monotonic() < end, f"no {text!r} in {seen}"
-        if select.select([proc.stderr], [], [], 1.0)[0]:
-            line = proc.stderr.readline()
-            assert line, f"the daemon exited before {text!r}: {seen}"
-            seen.append(line.rstrip("\n"))
+        left = end - time.monotonic()
+        assert left > 0, f"no {text!r} in {seen}"
+        try:
+            line = lines.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            continue
+        assert line is not None, f"the daemon exited before {text!r}: {seen}"
+        seen.append(line)
 
 
 def _standalone_daemon(plan, tmp_path: Path, mesh_file: Path, server: KeyPair, client: KeyPair,
