@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from textual.app import App, ComposeResult
@@ -30,8 +31,9 @@ from meshctl.runtime.events import Event, RunCompleted
 from meshctl.tui.messages import BridgeNote, EventReceived, FrameSkipped
 from meshctl.tui.plan_info import seed
 from meshctl.tui.replay import ScrubReplay
-from meshctl.tui.state import MeshState, reduce, reduce_all
+from meshctl.tui.state import MeshState, coordinator_lost, lost_after, reduce, reduce_all
 from meshctl.tui.widgets import (
+    AnalysisTable,
     CatalogView,
     DomainTable,
     EventLog,
@@ -60,6 +62,10 @@ THEMES = ("textual-dark", "textual-light")
 _FOCUS = {"overview": "#domains", "rounds": "#rounds", "policies": "#policy-table",
           "catalog": "#catalog", "events": "#all-events"}
 
+GONE_GRACE_S = 2.0
+"""How long after the last event a run whose processes are gone is shown as lost (its last
+events may still be on their way)."""
+
 _SCRUB_ACTIONS = {"scrub_toggle", "scrub_round", "scrub_edge", "scrub_speed"}
 
 
@@ -76,6 +82,7 @@ class _Views:
     catalog: CatalogView
     events: EventsView
     scrubber: Static
+    analysis: AnalysisTable
 
 
 class EventSource(Protocol):
@@ -94,10 +101,12 @@ class MeshApp(App[MeshState]):
     CSS_PATH = "meshctl.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         *(Binding(key, f"show_tab('{pane}')", title, show=False) for key, pane, title in TABS),
         Binding("slash", "search", "Search"),
         Binding("t", "toggle_theme", "Theme"),
-        Binding("space", "scrub_toggle", "Pause"),
+        Binding("space", "scrub_toggle('pause')", "Pause"),
+        Binding("space", "scrub_toggle('play')", "Play"),
         Binding("left_square_bracket", "scrub_round(-1)", "-round", key_display="[", show=False),
         Binding("right_square_bracket", "scrub_round(1)", "+round", key_display="]", show=False),
         Binding("g", "scrub_edge(0)", "Start", show=False),
@@ -109,7 +118,8 @@ class MeshApp(App[MeshState]):
     def __init__(self, *, title: str = "meshctl", event_source: EventSource | None = None,
                  exit_on_complete: bool = False, plan: Plan | None = None,
                  clock: Callable[[], float] | None = None, ask_on_quit: bool = False,
-                 refresh_s: float = 0.1) -> None:
+                 refresh_s: float = 0.1, watch: bool = False,
+                 alive: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self.title = title
         self.plan = plan
@@ -120,6 +130,14 @@ class MeshApp(App[MeshState]):
         self.clock = clock
         """`now` for heartbeat ages; None: wall time live, the newest event's time in a replay."""
         self.ask_on_quit = ask_on_quit
+        self.watch = watch
+        """Watch the coordinator: a live run whose coordinator goes silent (or dies) shows as LOST."""
+        self.alive = alive
+        """Whether the run's processes are still there (checked every second while watching)."""
+        self._heard = time.monotonic()
+        self.run_dir: Path | None = None
+        """Where to look for files the events name (an analysis result) when the run's own
+        directory is not there any more (a replay of a moved run)."""
         self.quit_choice: str | None = None
         """`stop` or `detach` when the quit dialog answered, else None."""
         self.stop_signals: tuple[int, ...] = ()
@@ -137,6 +155,7 @@ class MeshApp(App[MeshState]):
         self._pending: Timer | bool = False
         self._views: _Views | None = None
         self._clock_timer: Timer | None = None
+        self._shown_paused: bool | None = None
         self.theme = THEMES[0]
 
     @property
@@ -149,6 +168,7 @@ class MeshApp(App[MeshState]):
         with TabbedContent(initial="overview", id="tabs"):
             with TabPane("1 Overview", id="overview"):
                 yield JobsPanel(id="jobs")
+                yield AnalysisTable(id="analysis")
                 yield DomainTable(id="domains")
                 yield EventLog(id="log")
             with TabPane("2 Rounds", id="rounds-tab"):
@@ -167,7 +187,7 @@ class MeshApp(App[MeshState]):
             self.query_one(RunHeader), self.query_one(JobsPanel), self.query_one(DomainTable),
             self.query_one("#log", EventLog), self.query_one(RoundsView),
             self.query_one(PolicyTable), self.query_one(CatalogView), self.query_one(EventsView),
-            self.query_one("#scrubber", Static))
+            self.query_one("#scrubber", Static), self.query_one(AnalysisTable))
         self._views.scrubber.display = self.scrubber is not None
         self.flush()
         self._clock_timer = self.set_interval(1.0, self._tick_clock)
@@ -230,7 +250,7 @@ class MeshApp(App[MeshState]):
 
         def answered(choice: str | None) -> None:
             if choice:
-                self.quit_choice = choice
+                self.quit_choice = None if choice == "close" else choice
                 self.exit()
 
         if not isinstance(self.screen, QuitDialog):
@@ -241,11 +261,15 @@ class MeshApp(App[MeshState]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Scrubber keys exist only while replaying with a scrubber."""
         if action in _SCRUB_ACTIONS:
-            return self.scrubber is not None
+            if self.scrubber is None:
+                return False
+            if action == "scrub_toggle" and parameters:  # the footer offers what space does now
+                return (parameters[0] == "play") == self.scrubber.paused
+            return True
         return True
 
-    def action_scrub_toggle(self) -> None:
-        """Pause or resume the replay."""
+    def action_scrub_toggle(self, _what: str = "") -> None:
+        """Pause or resume the replay (`pause` / `play` say which the footer offered)."""
         if self.scrubber is not None:
             self.scrubber.toggle()
             self._show_scrubber()
@@ -279,6 +303,7 @@ class MeshApp(App[MeshState]):
         """Reduce `events` now (on the app's thread) and schedule a redraw."""
         for event in events:
             reduce(self.mesh_state, event)
+        self._heard = time.monotonic()
         self._changed()
 
     def rebuild(self, events: Iterable[Event]) -> None:
@@ -286,12 +311,13 @@ class MeshApp(App[MeshState]):
         self.mesh_state = reduce_all(events, seed(MeshState(), self.plan))
         if self._views is not None:
             v = self._views
-            for widget in (v.jobs, v.domains, v.log, v.rounds, v.policies, v.events):
+            for widget in (v.jobs, v.domains, v.log, v.rounds, v.policies, v.events, v.analysis):
                 widget.reset()
         self.flush()
 
     def on_event_received(self, message: EventReceived) -> None:
         reduce(self.mesh_state, message.event)
+        self._heard = time.monotonic()
         self._changed()
         if isinstance(message.event, RunCompleted) and self.exit_on_complete:
             self.flush()
@@ -328,6 +354,8 @@ class MeshApp(App[MeshState]):
         assert v is not None
         v.header.show(state)
         v.jobs.show(state)
+        v.analysis.show(state, self.run_dir)
+        v.domains.flag_silent = self.watch or self.scrubber is not None
         v.domains.show(state, self.now())
         v.log.show(state)
         v.rounds.show(state)
@@ -335,6 +363,8 @@ class MeshApp(App[MeshState]):
         v.catalog.show(state)
         v.events.show(state)
         self._show_scrubber()
+        if isinstance(self.screen, QuitDialog) and state.state in ("completed", "failed"):
+            self.screen.ended("completed" if state.state == "completed" else f"failed: {state.reason}")
 
     def _changed(self) -> None:
         """Something changed: redraw now if the last redraw is old enough, else soon."""
@@ -353,20 +383,43 @@ class MeshApp(App[MeshState]):
         v = self._views
         return v is not None and not self._exit and v.domains.is_attached and v.log.is_attached
 
+    def check_coordinator(self) -> bool:
+        """While watching a run that has not ended: mark it LOST when its processes are gone or
+        nothing came for the loss limit (`lost_after`). True when it was marked now."""
+        state = self.mesh_state
+        if not self.watch or state.state not in ("starting", "running"):
+            return False
+        quiet = time.monotonic() - self._heard
+        if self.alive is not None and quiet > GONE_GRACE_S and not self.alive():
+            coordinator_lost(state, "its processes ended before the run did")
+        elif state.state == "running" and quiet > lost_after():
+            coordinator_lost(state, f"no event for {quiet:.0f}s")
+        else:
+            return False
+        self.flush()
+        return True
+
     def _tick_clock(self) -> None:
+        self.check_coordinator()
         if self._drawable and self._views is not None:
             self._views.domains.show(self.mesh_state, self.now())
             self._show_scrubber()
 
     def _show_scrubber(self) -> None:
         if self.scrubber is not None and self._drawable and self._views is not None:
-            keys = "space pause · [ ] round · g/G start/end · -/+ speed"
+            space = "space play" if self.scrubber.paused else "space pause"
+            keys = f"{space} · [ ] round · g/G start/end · -/+ speed"
             self._views.scrubber.update(f"{self.scrubber.status()}   {keys}")
+            self._views.header.show(self.mesh_state, replay=self.scrubber.status().split(" · ")[0])
+            if self.scrubber.paused != self._shown_paused:
+                self._shown_paused = self.scrubber.paused
+                self.refresh_bindings()
 
 
 def make_app(*, title: str = "meshctl", event_source: EventSource | None = None,
              exit_on_complete: bool = False, plan: Plan | None = None,
-             clock: Callable[[], float] | None = None, ask_on_quit: bool = False) -> MeshApp:
+             clock: Callable[[], float] | None = None, ask_on_quit: bool = False,
+             watch: bool = False, alive: Callable[[], bool] | None = None) -> MeshApp:
     """The dashboard app, as the CLI and the tests build it.
 
     Args:
@@ -380,6 +433,9 @@ def make_app(*, title: str = "meshctl", event_source: EventSource | None = None,
         clock: `now` for heartbeat ages (tests freeze it); see `MeshApp.now`.
         ask_on_quit: Ask whether to stop the run when q is pressed before it ends
             (`meshctl up`); the answer is left in `MeshApp.quit_choice`.
+        watch: A live run: show the coordinator as lost when `alive` says its processes are
+            gone, or when no event came for the loss limit (15 s) before the run ended.
+        alive: Whether the run's processes are still there (e.g. the run lock is held).
     """
     return MeshApp(title=title, event_source=event_source, exit_on_complete=exit_on_complete,
-                   plan=plan, clock=clock, ask_on_quit=ask_on_quit)
+                   plan=plan, clock=clock, ask_on_quit=ask_on_quit, watch=watch, alive=alive)

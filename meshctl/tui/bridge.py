@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from meshctl.runtime.events import Event, parse_event
+from meshctl.runtime.events import Event, RunCompleted, parse_event
 from meshctl.runtime.keys import fast_reconnect
 from meshctl.tui.messages import BridgeNote, FrameSkipped
 
@@ -35,6 +35,8 @@ class _Feeder:
         self.skipped = 0
         """Frames or lines dropped because they did not parse."""
         self.last_error = ""
+        self.finished = False
+        """Whether the run's `run_completed` went by (a coordinator that goes away after it is no news)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -88,6 +90,8 @@ class _Feeder:
         raise NotImplementedError
 
     def _post_event(self, event: Event) -> None:
+        if isinstance(event, RunCompleted):
+            self.finished = True
         if self.app is None:
             return
         try:
@@ -187,7 +191,8 @@ class EventBridge(_Feeder):
             self._post(BridgeNote("error", f"Curve handshake with {self.endpoint} failed"))
         elif event == zmq.EVENT_DISCONNECTED and self.connected.is_set():
             self.connected.clear()
-            self._post(BridgeNote("warning", f"disconnected from {self.endpoint}; retrying"))
+            if not self.finished:  # after run_completed the coordinator closing is its normal exit
+                self._post(BridgeNote("warning", f"disconnected from {self.endpoint}; retrying"))
 
 
 class FileReplay(_Feeder):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshctl.errors import UserError
+from meshctl.runtime.run import run_live
 from meshctl.tui.app import MeshApp, make_app
 from meshctl.tui.attach import (
     LiveAttach,
@@ -35,16 +36,19 @@ def dash_app(run: str | None = None, *, replay: str | None = None, speed: float 
                         hint="meshctl dash RUN_ID | meshctl dash --replay RUN_ID")
     if replay or (run and run_finished(_run_dir_or_none(run) or Path("/nonexistent"))):
         path = find_events(replay or run or "")
-        return make_app(title=f"meshctl · replay {path.parent.name}",
-                        event_source=ScrubReplay(path, speed=speed),
-                        plan=load_plan(path.parent))
+        app = make_app(title=f"meshctl · replay {path.parent.name}",
+                       event_source=ScrubReplay(path, speed=speed), plan=load_plan(path.parent))
+        app.run_dir = path.parent
+        return app
     if run:
         run_dir = resolve_run(run)
         target = target_for_run(run_dir)
-        return make_app(title=f"meshctl · {run_dir.name}", event_source=LiveAttach(target),
-                        plan=load_plan(run_dir))
+        app = make_app(title=f"meshctl · {run_dir.name}", event_source=LiveAttach(target),
+                       plan=load_plan(run_dir), watch=True, alive=lambda: run_live(run_dir))
+        app.run_dir = run_dir
+        return app
     target = target_for_address(address or "", server_key, key_file)
-    return make_app(title=f"meshctl · {address}", event_source=LiveAttach(target))
+    return make_app(title=f"meshctl · {address}", event_source=LiveAttach(target), watch=True)
 
 
 def reattach_hint(run_dir: Path) -> str:

@@ -25,7 +25,9 @@ def run_dashboard(run: LocalRun) -> RunResult:
     bridge = EventBridge(run.m.events, curve_serverkey=run.m.coordinator_public.encode(),
                          curve_publickey=run.observer.public, curve_secretkey=run.observer.secret)
     app = make_app(title=f"meshctl · {run.m.run}", event_source=bridge,
-                   plan=load_plan(run.m.run_dir), ask_on_quit=True)
+                   plan=load_plan(run.m.run_dir), ask_on_quit=True, watch=True,
+                   alive=lambda: run.proc is None or run.proc.poll() is None)
+    app.run_dir = run.m.path
     app.stop_signals = tuple(sig for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN)
     closed = threading.Event()
     app.on_stop_signal = lambda sig: threading.Thread(target=_stop_for, args=(run, sig, closed), name="stop-run",

@@ -9,21 +9,35 @@ there computes anything the coordinator has not already said.
 
 from __future__ import annotations
 
-from collections import deque
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from meshctl.runtime import events as ev
 
-RunStatus = Literal["starting", "running", "completed", "failed"]
+RunStatus = Literal["starting", "running", "completed", "failed", "lost"]
+"""`lost`: the dashboard stopped hearing the coordinator before the run ended (`coordinator_lost`)."""
 DomainStatus = Literal["connecting", "joined", "waiting", "training", "evaluating", "idle",
-                       "lost", "refused"]
+                       "lost", "refused", "done"]
 JobStatus = Literal["waiting", "training", "completed", "failed"]
 Level = Literal["info", "warning", "error"]
 
-MAX_EVENT_LINES = 500
-"""How many rendered event lines a state keeps (the oldest are dropped)."""
+LOST_AFTER_S = 15.0
+"""Silence after which a domain (or the coordinator) counts as lost: the coordinator's heartbeat
+timeout; MESHCTL_HEARTBEAT_TIMEOUT_S overrides it, as it does for the coordinator and daemons."""
+
+LIVE = ("joined", "waiting", "training", "evaluating", "idle")
+"""Domain states that expect more news from the domain."""
+
+
+def lost_after() -> float:
+    """`LOST_AFTER_S`, or MESHCTL_HEARTBEAT_TIMEOUT_S when set to a positive number."""
+    try:
+        value = float(os.environ.get("MESHCTL_HEARTBEAT_TIMEOUT_S", ""))
+    except ValueError:
+        return LOST_AFTER_S
+    return value if value > 0 else LOST_AFTER_S
 
 
 @dataclass
@@ -39,6 +53,12 @@ class LogLine:
     """The event's time; 0 for lines the dashboard itself wrote."""
     kind: str = ""
     """The event's type, or `note` / `summary` for the dashboard's own lines."""
+    domain: str = ""
+    """The domain the event is about (its `domain`, `sender`, or a product's domain), if any."""
+    job: str = ""
+    """The job or analysis the event is about, if any."""
+    round: int = 0
+    """The round the event is about; 0 for none."""
 
 
 @dataclass
@@ -51,6 +71,8 @@ class DomainView:
     rows: dict[str, int] = field(default_factory=dict)
     reason: str = ""
     """Why a domain was lost or refused."""
+    cause: str = ""
+    """What refused it: `data` (it could not read or accept its data), `plan`; '' otherwise."""
     last_job: str = ""
     last_round: int = 0
     last_examples: int | None = None
@@ -142,6 +164,8 @@ class AnalysisView:
     groups: int = 0
     suppressed: int = 0
     seconds: float | None = None
+    result_path: str = ""
+    """The result file, relative to the run directory (from `analysis_completed`)."""
 
 
 @dataclass
@@ -194,9 +218,10 @@ class MeshState:
     domains: dict[str, DomainView] = field(default_factory=dict)
     jobs: dict[str, JobView] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
-    events: deque[LogLine] = field(default_factory=lambda: deque(maxlen=MAX_EVENT_LINES))
+    events: list[LogLine] = field(default_factory=list)
+    """Every line logged, in order (none is dropped: the Events tab filters all of them)."""
     logged: int = 0
-    """Lines ever logged; `events` holds the last `MAX_EVENT_LINES` of them."""
+    """Lines ever logged."""
     event_count: int = 0
     """Events reduced so far."""
     rejected: int = 0
@@ -215,11 +240,14 @@ class MeshState:
     coordinator_jurisdiction: str = ""
     clock: float = 0.0
     """Time of the newest event reduced (the replay's `now`)."""
+    ended_at: float = 0.0
+    """Time of `run_completed`; 0 while the run goes on. Ages stop counting there."""
 
-    def log(self, level: str, text: str, *, ts: float = 0.0, kind: str = "note") -> LogLine:
+    def log(self, level: str, text: str, *, ts: float = 0.0, kind: str = "note",
+            domain: str = "", job: str = "", round: int = 0) -> LogLine:  # noqa: A002
         """Append a line to the event log and return it."""
         self.logged += 1
-        line = LogLine(self.logged, level, text, ts, kind)
+        line = LogLine(self.logged, level, text, ts, kind, domain, job, round)
         self.events.append(line)
         return line
 
@@ -250,7 +278,9 @@ def reduce(state: MeshState, event: ev.Event) -> MeshState:
     """
     state.event_count += 1
     state.clock = max(state.clock, event.ts)
-    state.log(event.level, event.message(), ts=event.ts, kind=event.type)
+    if state.state == "lost":  # the coordinator speaks again: it was slow, not gone
+        state.state, state.reason = "running", ""
+    state.log(event.level, event.message(), ts=event.ts, kind=event.type, **about(event))
     handler = _HANDLERS.get(type(event))
     if handler is not None:
         handler(state, event)
@@ -262,6 +292,36 @@ def reduce_all(events: Iterable[ev.Event], state: MeshState | None = None) -> Me
     state = MeshState() if state is None else state
     for event in events:
         reduce(state, event)
+    return state
+
+
+def about(event: ev.Event) -> dict[str, str | int]:
+    """The domain, job and round an event is about, as far as its fields say (for filtering)."""
+    domain = getattr(event, "domain", "") or getattr(event, "sender", "")
+    if not domain and isinstance(getattr(event, "product", None), str) and "." in event.product:
+        domain = event.product.split(".", 1)[0]
+    job = getattr(event, "job", "") or getattr(event, "analysis", "")
+    subject = getattr(event, "subject", "")
+    rnd = getattr(event, "round", 0)
+    if isinstance(subject, str) and subject.startswith(("model.", "analysis.", "round.")):
+        parts = subject.split(".")
+        job = job or parts[1]
+        if parts[0] == "round" and len(parts) > 2 and parts[2].isdigit():  # round.JOB.N
+            rnd = rnd or int(parts[2])
+    elif isinstance(subject, str) and "." in subject and not subject.startswith("plan."):
+        domain = domain or subject.split(".", 1)[0]  # a product address: DOMAIN.NAME
+    return {"domain": domain if isinstance(domain, str) else "", "job": job if isinstance(job, str) else "",
+            "round": rnd if isinstance(rnd, int) else 0}
+
+
+def coordinator_lost(state: MeshState, reason: str) -> MeshState:
+    """Record that the coordinator went silent before the run ended (the dashboard saw it, no event did).
+
+    The next event, if one comes, puts the run back to `running`. A finished run is left as it is.
+    """
+    if state.state in ("starting", "running"):
+        state.state, state.reason = "lost", reason
+        state.log("error", f"coordinator lost: {reason}", ts=state.clock)
     return state
 
 
@@ -286,6 +346,17 @@ def heartbeat_age(domain: DomainView, now: float) -> float | None:
     return max(0.0, now - domain.last_seen) if domain.last_seen else None
 
 
+def seen_at(state: MeshState, now: float) -> float:
+    """When ages are measured: `now` while the run goes on, its end once it has ended."""
+    return min(now, state.ended_at) if state.ended_at else now
+
+
+def silent(domain: DomainView, now: float, limit: float | None = None) -> bool:
+    """Whether a domain that should be talking has said nothing for longer than `limit` (the loss limit)."""
+    age = heartbeat_age(domain, now)
+    return domain.state in LIVE and age is not None and age > (lost_after() if limit is None else limit)
+
+
 def job_eta(job: JobView) -> float | None:
     """Seconds left for `job`: mean round seconds × rounds left; None before the first round."""
     if job.state in ("completed", "failed") or not job.rounds or not job.rounds_total:
@@ -298,13 +369,15 @@ def coordinator_status(state: MeshState) -> str:
     """What the coordinator is doing, in a few words."""
     if state.state in ("completed", "failed"):
         return state.state if state.state == "completed" else f"failed: {state.reason}"
+    if state.state == "lost":
+        return f"lost: {state.reason}"
     for job in state.jobs.values():
         if job.state == "training":
             return f"training {job.name}, round {job.current_round}/{job.rounds_total or '?'}"
         if job.state == "waiting" and (job.waiting_have or job.quorum):
             return (f"waiting for quorum for {job.name} "
                     f"({len(job.waiting_have)}/{job.quorum or '?'} domains)")
-    running = [a.name for a in state.analyses.values() if a.state == "running"]
+    running = [a.name for a in state.analyses.values() if a.state in ("running", "waiting")]
     if running:
         return f"running analysis {', '.join(running)}"
     return "starting" if state.state == "starting" else "running"
@@ -346,11 +419,18 @@ def _run_started(s: MeshState, e: ev.RunStarted) -> None:
     for name in e.domains:
         s.domain(name)
     for name in e.jobs:
-        s.job(name)
+        if name.startswith("analysis:"):  # an analysis run: no rounds, a result
+            s.analyses.setdefault(name.removeprefix("analysis:"),
+                                  AnalysisView(name.removeprefix("analysis:"), "waiting"))
+        else:
+            s.job(name)
 
 
 def _policy_decided(s: MeshState, e: ev.PolicyDecided) -> None:
     s.decisions.append(Decision(e.policy, e.scope, e.subject, e.effect, e.reason, e.stage, e.at))
+    if e.domain and e.effect == "deny" and e.policy == "data":  # the domain refused its own data
+        d = s.domain(e.domain)
+        d.state, d.reason, d.cause = "refused", e.reason, "data"
 
 
 def _domain_joined(s: MeshState, e: ev.DomainJoined) -> None:
@@ -368,18 +448,22 @@ def _domain_joined(s: MeshState, e: ev.DomainJoined) -> None:
 
 def _domain_refused(s: MeshState, e: ev.DomainRefused) -> None:
     d = s.domain(e.domain)
-    d.state, d.reason = "refused", e.reason
+    d.state, d.reason, d.cause = "refused", e.reason, "plan"
 
 
 def _domain_lost(s: MeshState, e: ev.DomainLost) -> None:
     d = s.domain(e.domain)
-    d.state, d.reason = "lost", e.reason
+    if d.state == "connecting" and not d.last_seen:
+        # it never joined, so no heartbeat was missed: its daemon could not start on its data
+        d.state, d.reason, d.cause = "refused", e.reason, "data"
+        return
+    d.state, d.reason, d.cause = "lost", e.reason, ""
 
 
 def _domain_rejoined(s: MeshState, e: ev.DomainRejoined) -> None:
     """Back from a loss (or a restart) at a round boundary: it takes part again."""
     d = s.domain(e.domain)
-    d.state, d.reason = "joined", ""
+    d.state, d.reason, d.cause = "joined", "", ""
     d.last_seen = max(d.last_seen, e.ts)
 
 
@@ -464,10 +548,13 @@ def _job_failed(s: MeshState, e: ev.JobFailed) -> None:
 def _run_completed(s: MeshState, e: ev.RunCompleted) -> None:
     s.run_id = s.run_id or e.run
     s.state = "completed" if e.ok else "failed"
-    s.reason, s.seconds = e.reason, e.seconds
+    s.reason, s.seconds, s.ended_at = e.reason, e.seconds, e.ts
     for d in s.domains.values():
-        if d.state in ("waiting", "training", "evaluating", "joined"):
-            d.state = "idle"
+        if d.state in LIVE:
+            d.state = "done"
+    for a in s.analyses.values():
+        if a.state in ("waiting", "running"):
+            a.state = "failed"
     level = "info" if e.ok else "error"
     for text in summary(s):
         s.log(level, text, ts=e.ts, kind="summary")
@@ -505,6 +592,7 @@ def _analysis_started(s: MeshState, e: ev.AnalysisStarted) -> None:
 def _analysis_completed(s: MeshState, e: ev.AnalysisCompleted) -> None:
     a = s.analyses.setdefault(e.analysis, AnalysisView(e.analysis))
     a.state, a.groups, a.suppressed, a.seconds = "completed", e.groups, e.suppressed, e.seconds
+    a.result_path = e.result_path
 
 
 def _set_live(d: DomainView, state: DomainStatus) -> None:

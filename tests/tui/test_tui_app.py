@@ -45,7 +45,7 @@ def test_rounds_domains_log_and_header_at_120x40() -> None:
             assert domains.row_count == 3
             assert str(domains.get_cell("vhio", "state")) == "lost"
             assert domains.get_cell("vhio", "update") == "heartbeat timeout"
-            assert str(domains.get_cell("charite", "state")) == "idle"
+            assert str(domains.get_cell("charite", "state")) == "done"  # the run ended
             clock = fmt_clock(events[-1].ts)  # not the last event, but the same second
             update = domains.get_cell("charite", "update")
             assert update.startswith("malignancy r3 · 8.6 KiB · ") and len(update) == len(

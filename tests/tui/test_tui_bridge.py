@@ -175,3 +175,32 @@ def test_replay_file_and_eventbridge_replay(tmp_path: Path) -> None:
             await _until(pilot, lambda: app.query_one(RoundsTable).row_count == 3)
 
     asyncio.run(run_direct())
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["after-run-completed", "mid-run"])
+def test_coordinator_closing_after_the_run_ended_is_no_disconnect(curve, finished: bool) -> None:
+    """Issue 14: every normal finish logged a false `disconnected from tcp://…; retrying`."""
+    pub, keys, _ = curve
+    bridge = EventBridge(pub.endpoint, poll_ms=20, **keys)
+    events = sample_run()
+    sent = events if finished else events[:10]
+
+    async def run() -> list[str]:
+        app = make_app(event_source=bridge)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await asyncio.to_thread(pub.wait_for_subscriber)
+            await _until(pilot, bridge.connected.is_set)
+            for event in sent:
+                pub.sock.send(event.to_json().encode())
+            await _until(pilot, lambda: bridge.received == len(sent))
+            pub.sock.close(linger=0)  # the coordinator exits
+            await _until(pilot, lambda: not bridge.connected.is_set())
+            await pilot.pause(0.3)
+            app.flush()
+            lines = [line.text for line in app.mesh_state.events]
+            await pilot.press("q")
+        return lines
+
+    lines = asyncio.run(run())
+    retrying = [line for line in lines if "disconnected from" in line]
+    assert retrying == ([] if finished else [f"disconnected from {pub.endpoint}; retrying"])

@@ -63,7 +63,7 @@ def test_overview_shows_states_jurisdiction_heartbeat_and_progress() -> None:
             await pilot.pause(0.3)
             assert "malignancy 15/15 completed" in app.query_one(JobsPanel).text
             assert "done" in app.query_one(JobsPanel).text
-            assert {r[1] for r in table.plain_rows} == {"idle"}
+            assert {r[1] for r in table.plain_rows} == {"done"}  # the run ended: final states
 
     asyncio.run(run())
 

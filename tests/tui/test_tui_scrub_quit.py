@@ -185,3 +185,111 @@ def test_quit_after_the_run_ended_does_not_ask() -> None:
             assert not app.is_running and app.quit_choice is None
 
     asyncio.run(run())
+
+
+def test_the_quit_question_follows_the_run_when_it_ends_under_it() -> None:
+    """Issue 14: the dialog still said "still going. Stop it?" after the header showed COMPLETED."""
+    async def run() -> None:
+        app = make_app(ask_on_quit=True)
+        events = sample_run(rounds=3)
+        running = _running()
+        async with app.run_test(size=(80, 24)) as pilot:
+            for e in running:
+                app.feed(e)
+            await pilot.pause()
+            await pilot.press("q")
+            await pilot.pause()
+            dialog = app.screen
+            assert isinstance(dialog, QuitDialog)
+            await pilot.press("escape")  # cancel, then ask again before the end
+            await pilot.pause()
+            await pilot.press("q")
+            await pilot.pause()
+            dialog = app.screen
+            for e in events[len(running):]:
+                app.feed(e)
+            await pilot.pause(0.3)
+            question = str(dialog.query_one("#quit-question").render())
+            assert "COMPLETED" in str(app.query_one("#run-state").render())
+            assert question == "Run r-0001 has completed. Close the dashboard?"
+            assert not dialog.query_one("#stop").display and not dialog.query_one("#detach").display
+            await pilot.press("s")  # stopping a finished run is no longer offered
+            await pilot.pause()
+            assert app.is_running and isinstance(app.screen, QuitDialog)
+            await pilot.press("q")
+            await pilot.pause()
+            assert not app.is_running
+        assert app.quit_choice is None  # closed: nothing to stop, nothing detached
+
+    asyncio.run(run())
+
+
+def _footer_keys(app) -> dict[str, str]:
+    from textual.widgets._footer import FooterKey
+
+    return {k.key_display or k.key: k.description for k in app.query(FooterKey)}
+
+
+def test_a_replay_says_replay_and_the_footer_offers_what_space_does(tmp_path: Path) -> None:
+    """Issue 14: a replay showed STARTING/RUNNING, and "space Pause" while paused."""
+    events = recorded()
+    t0 = events[0].ts  # the recorded run, slowed down 100 times: it plays while the test looks
+    slow = [e.model_copy(update={"ts": t0 + (e.ts - t0) * 100}) for e in events]
+    (tmp_path / "events.jsonl").write_text("".join(e.to_json() + "\n" for e in slow))
+    replay = ScrubReplay(tmp_path / "events.jsonl", speed=1.0)
+    replay.paused = True
+
+    async def run() -> None:
+        app = make_app(event_source=replay)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("right_square_bracket", "right_square_bracket")
+            await pilot.pause(0.3)
+            badge = str(app.query_one("#run-state").render())
+            assert badge == "REPLAY · PAUSED" and app.query_one("#run-state").has_class("-replay")
+            assert app.mesh_state.state == "running"  # the recorded state; the badge says replay
+            assert _footer_keys(app).get("space") == "Play"
+            await pilot.press("space")
+            assert str(app.query_one("#run-state").render()) == "REPLAY · PLAYING"
+            await pilot.pause()
+            assert _footer_keys(app).get("space") == "Pause"
+            await pilot.press("space")  # the other binding now: pauses again
+            await pilot.pause(0.2)
+            assert replay.paused and _footer_keys(app).get("space") == "Play"
+            await pilot.press("G")
+            await pilot.pause(0.3)
+            badge = str(app.query_one("#run-state").render())
+            assert badge.startswith("REPLAY · COMPLETED (") and app.query_one("#run-state").has_class("-completed")
+
+    asyncio.run(run())
+
+
+def test_ctrl_c_asks_the_same_question_as_q() -> None:
+    """Issue 14: Ctrl-C showed Textual's "press ctrl+q to quit" toast."""
+    async def run(keys: tuple[str, ...]) -> tuple[bool, str | None, int]:
+        app = make_app(ask_on_quit=True)
+        async with app.run_test(size=(80, 24)) as pilot:
+            for e in _running():
+                app.feed(e)
+            await pilot.pause()
+            await pilot.press("ctrl+c")
+            await pilot.pause()
+            asked = isinstance(app.screen, QuitDialog)
+            toasts = len(app._notifications)
+            await pilot.press(*keys)
+            await pilot.pause()
+        return asked, app.quit_choice, toasts
+
+    assert asyncio.run(run(("s",))) == (True, "stop", 0)
+    assert asyncio.run(run(("escape", "ctrl+c", "k"))) == (True, "detach", 0)
+
+    async def ended() -> bool:  # after the end (or in `dash`, which never asks) it just closes
+        app = make_app(ask_on_quit=True)
+        async with app.run_test(size=(80, 24)) as pilot:
+            for e in sample_run():
+                app.feed(e)
+            await pilot.pause()
+            await pilot.press("ctrl+c")
+            await pilot.pause()
+            return app.is_running
+
+    assert asyncio.run(ended()) is False

@@ -98,3 +98,74 @@ def test_replay_scrubber_after_three_rounds(snap_compare) -> None:
     app = make_app(event_source=replay, plan=load_plan(FIXTURES))
     keys = ["right_square_bracket"] * 3
     assert snap_compare(app, press=[*keys, "2"], terminal_size=(80, 24))
+
+
+# -- issue 14: the states that used to lie ---------------------------------------------------
+
+
+def _fed(app: MeshApp, events: list, then=None):
+    async def fed(pilot) -> None:
+        app.refresh_s = 1e9
+        for e in events:
+            app.feed(e)
+        await pilot.pause()
+        if then is not None:
+            then()
+        app.flush()
+        await pilot.pause(0.2)
+        await pilot.pause()
+
+    return fed
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dead_coordinator(snap_compare, size: tuple[int, int]) -> None:
+    events = recorded_with_catalog()
+    running = events[: len(events) // 2]
+    app = make_app(plan=load_plan(FIXTURES), clock=lambda: running[-1].ts + 40.0, watch=True,
+                   alive=lambda: False)
+
+    def killed() -> None:
+        app.watch = True  # from now on (not while feeding, however slow the machine)
+        app._heard -= 10  # its last event was 10 s ago, and its processes are gone
+        assert app.check_coordinator()
+
+    app.watch = False
+    assert snap_compare(app, terminal_size=size, run_before=_fed(app, running, killed))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_analysis_result(snap_compare, size: tuple[int, int], tmp_path) -> None:
+    from test_tui_truth import analysis_run
+
+    events = analysis_run(tmp_path)
+    app = make_app(clock=lambda: events[-1].ts)
+    assert snap_compare(app, terminal_size=size, run_before=_fed(app, events))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_quit_dialog_after_the_run_ended(snap_compare, size: tuple[int, int]) -> None:
+    events = recorded_with_catalog()
+    half = len(events) // 2
+    app = make_app(plan=load_plan(FIXTURES), clock=lambda: events[-1].ts + 1.0, ask_on_quit=True)
+
+    async def asked_then_ended(pilot) -> None:
+        await _fed(app, events[:half])(pilot)
+        await pilot.press("q")
+        await _fed(app, events[half:])(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=asked_then_ended)
+
+
+def test_replay_paused_at_120x40(snap_compare) -> None:
+    replay = ScrubReplay(FIXTURES / "events.jsonl", speed=1.0)
+    replay.paused = True
+    app = make_app(event_source=replay, plan=load_plan(FIXTURES))
+    assert snap_compare(app, press=["right_square_bracket"] * 5, terminal_size=(120, 40))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_events_filtered_by_kind_domain_and_rounds(snap_compare, size: tuple[int, int]) -> None:
+    app, fed = _app()
+    assert snap_compare(app, press=["5", "slash", *"kind:update domain:charite round:3-5"],
+                        terminal_size=size, run_before=fed)

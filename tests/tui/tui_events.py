@@ -96,3 +96,21 @@ def recorded_with_catalog() -> list[ev.Event]:
     """The recorded run with the catalog events put after its run_started."""
     events = recorded()
     return events[:1] + catalog_events(events[0].ts) + events[1:]
+
+
+def long_run(rounds: int = 400) -> list[ev.Event]:
+    """`sample_run` over `rounds` rounds, with a heartbeat every round and a round-policy
+    decision every fourth (400 rounds: about 2,900 events), numbered and timed in order."""
+    base = sample_run(rounds=rounds)
+    out: list[ev.Event] = []
+    for e in base:
+        out.append(e)
+        if isinstance(e, ev.RoundCompleted):
+            out.append(ev.DomainHeartbeat(domain=DOMAINS[e.round % 3], state="idle"))
+            if e.round % 4 == 0:
+                out.append(ev.PolicyDecided(policy="round-size", scope="round",
+                                            subject=f"round.malignancy.{e.round}", effect="allow",
+                                            reason="3 participants", stage="runtime",
+                                            domain=DOMAINS[e.round % 3]))
+    t0 = 1_700_000_000.0
+    return [e.model_copy(update={"seq": i, "ts": t0 + i * 0.01}) for i, e in enumerate(out, 1)]

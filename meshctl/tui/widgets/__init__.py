@@ -1,5 +1,6 @@
 """The dashboard's widgets, one module per screen area; each renders a `MeshState`."""
 
+from meshctl.tui.widgets.analysis_table import AnalysisTable
 from meshctl.tui.widgets.catalog_view import CatalogTable, CatalogView
 from meshctl.tui.widgets.domain_table import DomainTable
 from meshctl.tui.widgets.event_filter import EventsView, FilteredLog
@@ -11,6 +12,6 @@ from meshctl.tui.widgets.rounds_table import RoundsTable
 from meshctl.tui.widgets.rounds_view import ContributionTable, RoundPlot, RoundsView
 from meshctl.tui.widgets.run_header import RunHeader
 
-__all__ = ["CatalogTable", "CatalogView", "ContributionTable", "DomainTable", "EventLog",
+__all__ = ["AnalysisTable", "CatalogTable", "CatalogView", "ContributionTable", "DomainTable", "EventLog",
            "EventsView", "FilteredLog", "JobsPanel", "PolicyTable", "QuitDialog", "RoundPlot",
            "RoundsTable", "RoundsView", "RunHeader"]

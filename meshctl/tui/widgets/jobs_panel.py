@@ -7,8 +7,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, Static
 
-from meshctl.tui.state import JobView, MeshState, coordinator_status, job_eta
-from meshctl.tui.widgets._format import fmt_eta
+from meshctl.tui.state import AnalysisView, JobView, MeshState, coordinator_status, job_eta
+from meshctl.tui.widgets._format import fmt_eta, fmt_seconds
 
 
 class JobRow(Horizontal):
@@ -17,10 +17,11 @@ class JobRow(Horizontal):
     def __init__(self, job: JobView, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.job = job.name
-        self._first = job
+        self._latest: tuple[JobView, bool] = (job, False)
+        """What to show once mounted: the newest (view, lost) asked for before."""
 
     def on_mount(self) -> None:
-        self.show(self._first)
+        self.show(*self._latest)
 
     def compose(self) -> ComposeResult:
         yield Label(classes="job-label")
@@ -28,8 +29,10 @@ class JobRow(Horizontal):
                           classes="job-bar")
         yield Label(classes="job-eta")
 
-    def show(self, job: JobView) -> None:
-        """Render `job`'s progress (nothing before its parts are mounted)."""
+    def show(self, job: JobView, lost: bool = False) -> None:
+        """Render `job`'s progress (nothing before its parts are mounted); `lost`: the
+        coordinator was lost, so nothing is going on and there is no ETA."""
+        self._latest = (job, lost)
         if not self.query(".job-eta"):
             return
         total = job.rounds_total or None
@@ -39,9 +42,13 @@ class JobRow(Horizontal):
         total_text = job.rounds_total or "?"
         label = (f"{job.name} round {job.current_round}/{total_text} training"
                  if job.state == "training" else f"{job.name} {done}/{total_text} {job.state}")
+        live = job.state in ("waiting", "training")
+        if lost and live:
+            label = f"{job.name} {done}/{total_text} stalled"
         self.query_one(".job-label", Label).update(label)
-        self.query_one(".job-bar", ProgressBar).update(total=total, progress=done)
-        self.query_one(".job-eta", Label).update(fmt_eta(job_eta(job)))
+        self.query_one(".job-bar", ProgressBar).update(total=total or (None if live and not lost else 1),
+                                                       progress=done)
+        self.query_one(".job-eta", Label).update(fmt_eta(None if lost and live else job_eta(job)))
 
     @property
     def text(self) -> str:
@@ -49,6 +56,29 @@ class JobRow(Horizontal):
         label = self.query_one(".job-label", Label).render()
         eta = self.query_one(".job-eta", Label).render()
         return f"{_plain(label)} {_plain(eta)}"
+
+
+class AnalysisRow(JobRow):
+    """One analysis: its name and state, a bar (moving while it runs), and what it found."""
+
+    def __init__(self, analysis: AnalysisView, **kwargs: object) -> None:
+        Horizontal.__init__(self, **kwargs)  # type: ignore[arg-type]
+        self.job = analysis.name
+        self._latest = (analysis, False)  # type: ignore[assignment]
+
+    def show(self, analysis: AnalysisView, lost: bool = False) -> None:  # type: ignore[override]
+        """Render `analysis` (nothing before its parts are mounted)."""
+        self._latest = (analysis, lost)  # type: ignore[assignment]
+        if not self.query(".job-eta"):
+            return
+        live = analysis.state in ("waiting", "running")
+        state = "stalled" if lost and live else analysis.state
+        self.query_one(".job-label", Label).update(f"analysis {analysis.name} {state}")
+        self.query_one(".job-bar", ProgressBar).update(
+            total=None if live and not lost else 1, progress=1 if analysis.state == "completed" else 0)
+        found = (f"{analysis.groups} groups, {analysis.suppressed} suppressed, "
+                 f"{fmt_seconds(analysis.seconds)}" if analysis.state == "completed" else "")
+        self.query_one(".job-eta", Label).update(found)
 
 
 class JobsPanel(Vertical):
@@ -76,10 +106,16 @@ class JobsPanel(Vertical):
         for name, job in state.jobs.items():
             row = self._rows.get(name)
             if row is None:
-                self._rows[name] = JobRow(job)
-                self.mount(self._rows[name])
-            elif row.is_mounted:
-                row.show(job)
+                row = self._rows[name] = JobRow(job)
+                self.mount(row)
+            row.show(job, lost=state.state == "lost")  # drawn now, or kept for its mount
+        for name, analysis in state.analyses.items():
+            key = f"analysis:{name}"
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = AnalysisRow(analysis)
+                self.mount(row)
+            row.show(analysis, lost=state.state == "lost")  # type: ignore[arg-type]
 
     def reset(self) -> None:
         """Remove every job row (the state was rebuilt)."""

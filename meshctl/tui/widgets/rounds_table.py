@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from textual import events
 from textual.widgets import DataTable
 
 from meshctl.tui.state import MeshState, RoundRow
@@ -17,11 +18,15 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 class RoundsTable(DataTable[str]):
-    """Appends a row for every `round_completed` it has not shown yet."""
+    """Appends a row for every `round_completed` it has not shown yet.
+
+    The cursor stays on the newest row, in view, unless the user moved it elsewhere."""
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)  # type: ignore[arg-type]
         self._shown = 0
+        self.following = True
+        """Keep the newest row in view (until the user scrolls the table with the mouse)."""
 
     def on_mount(self) -> None:
         self.border_title = "rounds"
@@ -31,12 +36,35 @@ class RoundsTable(DataTable[str]):
     def show(self, state: MeshState) -> None:
         """Add the rounds of `state` that are not in the table yet; follow the newest."""
         new = state.rounds[self._shown:]
+        if not new:
+            return
         follow = self.cursor_row >= self.row_count - 1
         for row in new:
             self.add_row(*cells(row), key=row_key(row, self._shown))
             self._shown += 1
-        if new and follow:
-            self.move_cursor(row=self.row_count - 1)
+        if follow:
+            # the rows' height is only known once the table has measured them (on idle), and a
+            # scrollbar may come with them: put the cursor there now, scroll once they are laid out
+            self.move_cursor(row=self.row_count - 1, scroll=False)
+            self.following = True
+
+    async def _on_idle(self, event: events.Idle) -> None:
+        await super()._on_idle(event)
+        if (self.following and not self._require_update_dimensions and self.row_count
+                and self.cursor_row == self.row_count - 1 and not self.cursor_in_view):
+            self.scroll_to(y=self.max_scroll_y, animate=False, immediate=True, force=True)
+
+    def on_mouse_scroll_up(self) -> None:
+        self.following = False
+
+    def on_mouse_scroll_down(self) -> None:
+        self.following = False
+
+    @property
+    def cursor_in_view(self) -> bool:
+        """Whether the cursor's row is inside the table's visible rows."""
+        top = self.scroll_offset.y
+        return top <= self.cursor_row < top + self.scrollable_content_region.height - self.header_height
 
     def reset(self) -> None:
         """Forget every row (the state was rebuilt)."""

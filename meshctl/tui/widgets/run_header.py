@@ -10,7 +10,7 @@ from textual.widgets import Static
 from meshctl.tui.state import MeshState
 from meshctl.tui.widgets._format import fmt_seconds
 
-_STATES = ("starting", "running", "completed", "failed")
+_STATES = ("starting", "running", "completed", "failed", "lost", "replay")
 
 
 class RunHeader(Horizontal):
@@ -20,8 +20,8 @@ class RunHeader(Horizontal):
         yield Static(id="run-info")
         yield Static(id="run-state")
 
-    def show(self, state: MeshState) -> None:
-        """Render `state` into the bar."""
+    def show(self, state: MeshState, replay: str = "") -> None:
+        """Render `state` into the bar; `replay` (`replay playing`, `replay paused`, …) marks a replay."""
         info = Text()
         info.append(state.mesh or "(waiting for run)", style="bold")
         if state.run_id:
@@ -33,19 +33,27 @@ class RunHeader(Horizontal):
         self.query_one("#run-info", Static).update(info)
 
         label = state.state.upper()
+        if state.state == "lost":
+            label = "COORDINATOR LOST"
         if state.state == "failed" and state.reason:
             label += f": {state.reason}"
         if state.seconds is not None:
             label += f" ({fmt_seconds(state.seconds)})"
+        shown = state.state
+        if replay:  # a replay is never live: say so, and how the recorded run ended once it has
+            ended = state.state in ("completed", "failed")
+            label = f"REPLAY · {label}" if ended else replay.upper().replace("REPLAY ", "REPLAY · ")
+            shown = state.state if ended else "replay"
         badge = self.query_one("#run-state", Static)
         badge.update(Text(label))
         for name in _STATES:
-            badge.set_class(state.state == name, f"-{name}")
+            badge.set_class(shown == name, f"-{name}")
 
     @staticmethod
     def _jobs_line(state: MeshState) -> str:
         parts = [f"{job.name} {job.current_round}/{job.rounds_total or '?'} {job.state}"
                  for job in state.jobs.values()]
+        parts += [f"analysis {a.name} {a.state}" for a in state.analyses.values()]
         extra = []
         if state.rejected:
             extra.append(f"{state.rejected} rejected")
