@@ -74,15 +74,24 @@ def main() -> None:
 # ---------------------------------------------------------------------------
 
 
-def _compile_or_exit(file: Path, *, hashed: bool = True):
-    """Compile FILE; on errors print every diagnostic and `N errors`, then exit 1."""
+def _load_cache(file: Path):
+    """The load cache of `validate` and `plan`: .meshctl/cache/ beside FILE."""
+    from meshctl.compiler.cache import LoadCache
+
+    return LoadCache(file.parent / ".meshctl" / "cache")
+
+
+def _compile_or_exit(file: Path, *, hashed: bool = True, cached: bool = False):
+    """Compile FILE; on errors print every diagnostic and `N errors`, then exit 1.
+
+    With `cached`, files load through .meshctl/cache/ (validate and plan)."""
     from meshctl.compiler.compile import compile_mesh
     from meshctl.compiler.diagnostics import SHOWN
     from meshctl.errors import UserError
 
     if not file.is_file():
         raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
-    result = compile_mesh(file, hashed=hashed)
+    result = compile_mesh(file, hashed=hashed, cache=_load_cache(file) if cached else None)
     if result.diagnostics:
         click.echo(result.render_diagnostics(limit=SHOWN), err=True)
     if result.plan is None:
@@ -109,10 +118,11 @@ def validate(file: Path, fmt: str, strict: bool) -> None:
         from meshctl.compiler.compile import compile_mesh
         from meshctl.compiler.diagnostics import json_report
 
-        report = json_report(compile_mesh(file, hashed=False).diagnostics, strict=strict)
+        report = json_report(compile_mesh(file, hashed=False, cache=_load_cache(file)).diagnostics,
+                             strict=strict)
         click.echo(json.dumps(report, indent=2))
         sys.exit(0 if report["valid"] else 1)
-    result = _compile_or_exit(file, hashed=False)
+    result = _compile_or_exit(file, hashed=False, cached=True)
     n = len(result.warnings)
     if strict and n:
         plural = "s" if n != 1 else ""
@@ -142,7 +152,7 @@ def plan_command(file: Path, output: Path | None, detailed_exitcode: bool,
     from meshctl.compiler.plandiff import diff_plans, render_changes
     from meshctl.compiler.summary import render_plan_summary
 
-    plan = _compile_or_exit(file).plan
+    plan = _compile_or_exit(file, cached=True).plan
     out = output or file.with_name("mesh.plan.toml")
     previous = _previous_plan(out) if against is None else _plan_at(against, file)
     click.echo(render_plan_summary(plan))
@@ -183,6 +193,44 @@ def _previous_plan(path: Path):
         click.echo(f"{path}: note: not a readable plan ({reason}); not diffing against it",
                    err=True)
         return None
+
+
+@main.command()
+@click.option("--mesh", "file", type=click.Path(dir_okay=False, path_type=Path),
+              default="mesh.yaml", show_default=True, help="The mesh.yaml.")
+@click.option("-o", "--output", default="-", show_default=True, metavar="FILE|-",
+              help="Where to write CODEOWNERS (e.g. .github/CODEOWNERS); - is stdout.")
+@reports_errors
+def codeowners(file: Path, output: str) -> None:
+    """Write CODEOWNERS: each domain file to its domains' owners, the rest to mesh.owner."""
+    from meshctl.codeowners import make_codeowners
+    from meshctl.compiler.compile import compile_mesh
+    from meshctl.compiler.diagnostics import render_all
+
+    if not file.is_file():
+        raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
+    result = compile_mesh(file, hashed=False)
+    if result.errors or result.spec is None:  # warnings say nothing about owners
+        click.echo(render_all(result.errors, result.sources), err=True)
+        sys.exit(1)
+    target = None if output == "-" else Path(output)
+    made = make_codeowners(result, file, target)
+    for problem in made.problems:
+        click.echo(f"{problem.where}: error: {problem.message}", err=True)
+    if made.problems:
+        sys.exit(1)
+    if target is None:
+        click.echo(made.text, nl=False)
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(made.text, encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as err:
+        raise UserError((err.strerror or type(err).__name__).lower(), where=str(target)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    click.echo(f"wrote {target}", err=True)
 
 
 @main.command()
@@ -607,7 +655,7 @@ def _spec_or_exit(file: Path) -> Any:
         raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
     result = compile_mesh(file)
     if result.errors or result.spec is None:
-        click.echo(render_all(result.errors, result.source), err=True)
+        click.echo(render_all(result.errors, result.sources), err=True)
         n = len(result.errors)
         click.echo(f"{n} error{'s' if n != 1 else ''}", err=True)
         sys.exit(1)

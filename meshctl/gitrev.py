@@ -18,6 +18,7 @@ from pathlib import Path
 
 from meshctl.compiler.breaking import Side
 from meshctl.compiler.compile import CompileResult, compile_bytes
+from meshctl.compiler.include import match
 from meshctl.compiler.loader import Source
 from meshctl.compiler.spec import SECTIONS
 from meshctl.errors import UserError
@@ -75,10 +76,38 @@ def read_revision(arg: str, mesh: Path) -> Revision:
     return Revision(rev, path, shown.stdout)
 
 
+class GitFiles:
+    """The files beside a mesh.yaml as they are at a revision: what its `include:` reads."""
+
+    def __init__(self, revision: Revision, mesh: Path) -> None:
+        self.rev = revision.rev
+        self.cwd = _existing_dir(mesh.resolve().parent)
+        parent = Path(revision.path).parent.as_posix()
+        self.dir = "" if parent == "." else parent + "/"
+        self._names: list[str] | None = None
+
+    def read(self, name: str) -> bytes:
+        """`git show REV:DIR/NAME`; FileNotFoundError when the revision has no such file."""
+        shown = _git(self.cwd, "show", "--end-of-options", f"{self.rev}:{self.dir}{name}")
+        if shown.returncode != 0:
+            raise FileNotFoundError(2, "no such file")
+        return shown.stdout
+
+    def glob(self, pattern: str) -> list[str]:
+        """The revision's files under mesh.yaml's directory that match `pattern`, sorted."""
+        if self._names is None:
+            listed = _git(self.cwd, "ls-tree", "-r", "-z", "--name-only", "--full-tree",
+                          "--end-of-options", self.rev, "--", self.dir or ".")
+            names = listed.stdout.decode(errors="replace").split("\0")
+            self._names = [n[len(self.dir):] for n in names if n.startswith(self.dir) and n]
+        return match(pattern, self._names)
+
+
 def compile_revision(arg: str, mesh: Path) -> tuple[Revision, CompileResult]:
-    """Read and compile the mesh.yaml at revision `arg`, resolving data beside `mesh`."""
+    """Read and compile the mesh.yaml at revision `arg` with that revision's includes,
+    resolving data beside `mesh`."""
     revision = read_revision(arg, mesh)
-    return revision, compile_bytes(revision.raw, mesh)
+    return revision, compile_bytes(revision.raw, mesh, files=GitFiles(revision, mesh))
 
 
 def load_side(arg: str, mesh: Path) -> Side:
@@ -88,6 +117,7 @@ def load_side(arg: str, mesh: Path) -> Side:
     policy and data-file errors do not stop a diff (the spec is complete).
     """
     file = Path(arg)
+    files: GitFiles | None = None
     if file.is_file():
         label, raw, where = arg, file.read_bytes(), file
     else:
@@ -101,7 +131,8 @@ def load_side(arg: str, mesh: Path) -> Side:
             raise UserError("no such file or git revision", where=arg,
                             hint="BASE and HEAD are mesh.yaml files or revisions (main, HEAD~1)") from None
         label, raw, where = revision.label, revision.raw, mesh
-    result = compile_bytes(raw, where, hashed=False)  # a diff reads the spec, not the plan
+        files = GitFiles(revision, mesh)
+    result = compile_bytes(raw, where, hashed=False, files=files)  # a diff reads the spec
     source = result.loaded
     problem = _unusable(result, source)
     if problem:

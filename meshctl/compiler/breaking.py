@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from meshctl.compiler.diagnostics import YamlPath
+from meshctl.compiler.include import MeshMap
 from meshctl.compiler.loader import SourceMap
 from meshctl.compiler.sources import duration_s
 from meshctl.compiler.spec import (
@@ -167,7 +168,20 @@ class _Diff:
             message: str, covered: bool = False) -> None:
         side = self.head if on == "head" else self.base
         line, col = side.smap.locate(path)
-        self.findings.append(Finding(rule, subject, message, side.file, line, col, covered))
+        self.findings.append(Finding(rule, subject, message, _file_of(side, path), line, col,
+                                     covered))
+
+
+def _file_of(side: Side, path: YamlPath) -> str:
+    """The side's file, or the included file beside it that declares `path`."""
+    part = side.smap.split(path)[0] if isinstance(side.smap, MeshMap) else -1
+    if part < 0:
+        return side.file
+    name = side.smap.parts[part].name
+    head, sep, _ = side.file.rpartition("/")
+    if not sep:
+        head, sep, _ = side.file.rpartition(":")  # REV:mesh.yaml
+    return f"{head}{sep}{name}"
 
 
 def classify(base: Side, head: Side) -> list[Finding]:

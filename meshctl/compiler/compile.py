@@ -9,13 +9,17 @@ the mesh.yaml and checks that source files of `local` domains exist, nothing els
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshctl.compiler.build import build_plan
+from meshctl.compiler.cache import LoadCache
 from meshctl.compiler.contracts import check_contracts
-from meshctl.compiler.diagnostics import Diagnostic, Reporter, YamlPath, render_all
+from meshctl.compiler.diagnostics import Diagnostic, Reporter, render_all
 from meshctl.compiler.identity import check_identity, remote_domains
+from meshctl.compiler.include import DirFiles, Files, Included, merge_includes
 from meshctl.compiler.loader import Source, SourceMap, load_bytes, no_gc
 from meshctl.compiler.parse import parse_spec
 from meshctl.compiler.plan import ROBUST_STRATEGIES, STRATEGY_SETTINGS, Plan, PlanDecision
@@ -23,6 +27,9 @@ from meshctl.compiler.policy import compile_policies, decide, plan_policies
 from meshctl.compiler.resolve import Resolution, ResolvedModel, resolve
 from meshctl.compiler.sources import check_sources
 from meshctl.compiler.spec import MeshSpec, Model
+
+Load = Callable[[bytes, str], tuple[Source | None, list[Diagnostic]]]
+"""load_bytes, or a cache's load."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,15 @@ class CompileResult:
     """The valid part of the spec, if the file could be parsed at all."""
     loaded: Source | None = field(default=None, compare=False, repr=False)
     """The loaded YAML (data and positions), if it loaded."""
+    includes: list[Included] = field(default_factory=list, compare=False, repr=False)
+    """The files mesh.yaml includes, in merge order."""
+
+    @property
+    def sources(self) -> dict[str, str] | str:
+        """Every file's text by the name diagnostics show (or the one text), for excerpts."""
+        if not self.includes or self.loaded is None:
+            return self.source
+        return {self.loaded.file: self.source, **{i.label: i.source.text for i in self.includes}}
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -50,10 +66,11 @@ class CompileResult:
 
     def render_diagnostics(self, limit: int | None = None) -> str:
         """Every diagnostic (the first `limit`, then a count) with its source excerpt and hint."""
-        return render_all(self.diagnostics, self.source, limit=limit)
+        return render_all(self.diagnostics, self.sources, limit=limit)
 
 
-def compile_mesh(path: str | Path, *, hashed: bool = True) -> CompileResult:
+def compile_mesh(path: str | Path, *, hashed: bool = True, cache: LoadCache | None = None,
+                 ) -> CompileResult:
     """Compile the mesh.yaml at `path` into a Plan, collecting every diagnostic.
 
     With `hashed=False` (what `validate` needs) the plan's content hash is left
@@ -66,23 +83,31 @@ def compile_mesh(path: str | Path, *, hashed: bool = True) -> CompileResult:
         reason = err.strerror or type(err).__name__
         return CompileResult(None, [Diagnostic("MESH104", "error",
                                                f"cannot read {file}: {reason.lower()}", file)])
-    return compile_bytes(raw, path, hashed=hashed)
+    return compile_bytes(raw, path, hashed=hashed, cache=cache)
 
 
-def compile_bytes(raw: bytes, path: str | Path, *, hashed: bool = True) -> CompileResult:
-    """Compile mesh.yaml bytes as if read from `path` (sources resolve beside it)."""
+def compile_bytes(raw: bytes, path: str | Path, *, hashed: bool = True,
+                  files: Files | None = None, cache: LoadCache | None = None) -> CompileResult:
+    """Compile mesh.yaml bytes as if read from `path` (sources resolve beside it).
+
+    Included files are read from `files` (default: the directory of `path`), so a
+    git revision's mesh compiles with that revision's includes. With `cache`, each
+    file is loaded through it (same result, less time for unchanged files).
+    """
     with no_gc():  # the compile allocates many long-lived objects and frees few
-        return _compile(raw, path, hashed)
+        return _compile(raw, path, hashed, files or DirFiles(Path(path).parent),
+                        cache.load if cache is not None else load_bytes)
 
 
-def _compile(raw: bytes, path: str | Path, hashed: bool) -> CompileResult:
+def _compile(raw: bytes, path: str | Path, hashed: bool, files: Files, load: Load) -> CompileResult:
     file = str(path)
-    source, loaded = load_bytes(raw, file)
+    source, loaded = load(raw, file)
     if source is None:
         return CompileResult(None, loaded, raw.decode("utf-8-sig", errors="replace"))
     smap: SourceMap = source.map
     report = Reporter(file, smap.locate, source.text)
     report.diagnostics += loaded
+    includes = merge_includes(source, files, report, load)
     parsed = parse_spec(source.data, report)
     if parsed is None:
         return CompileResult(None, report.diagnostics, source.text, loaded=source)
@@ -92,6 +117,7 @@ def _compile(raw: bytes, path: str | Path, hashed: bool) -> CompileResult:
     check_identity(spec, report)
     check_sources(spec.products, Path(path).parent, report, remote=remote_domains(spec))
     _check_jobs(resolution, report, spec)
+    _check_owner(spec, report)
     policies = compile_policies(spec, report)
     name = Path(path).name
     decisions: list[PlanDecision] = []
@@ -100,20 +126,31 @@ def _compile(raw: bytes, path: str | Path, hashed: bool) -> CompileResult:
     plan = None
     if not report.has_errors and parsed.header_ok:
 
-        def at(where: YamlPath) -> str:
-            line, col = report.locate(where)
-            return f"{name}:{line}:{col}"
-
-        plan = build_plan(spec, resolution, decisions, plan_policies(spec, report, name), raw,
-                          at)
+        # the spec hash covers mesh.yaml and each include (name and bytes), in merge order
+        hashed_bytes = raw + b"".join(b"\0%s\0%s" % (i.name.encode(), i.raw) for i in includes)
+        plan = build_plan(spec, resolution, decisions, plan_policies(spec, report, name),
+                          hashed_bytes, report.at)
         if hashed:
             plan = plan.with_hash()
-    return CompileResult(plan, _unique(report.diagnostics), source.text, spec, source)
+    return CompileResult(plan, _unique(report.diagnostics), source.text, spec, source, includes)
 
 
 def _unique(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
     """Diagnostics without repeats (an aliased node is checked once per alias)."""
     return list(dict.fromkeys(diagnostics))
+
+
+OWNER = re.compile(r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:/[A-Za-z0-9._-]+)?"
+                   r"|[^@\s]+@[^@\s]+\.[^@\s]+")
+"""A CODEOWNERS owner: @user, @org/team or an email address."""
+
+
+def _check_owner(spec: MeshSpec, report: Reporter) -> None:
+    """mesh.owner goes into CODEOWNERS as written, so it must be an owner GitHub reads."""
+    owner = spec.mesh.owner if spec.mesh is not None else None
+    if owner is not None and not OWNER.fullmatch(owner):
+        report.error("MESH222", f"mesh owner '{owner}' is not an email, @user or @org/team",
+                     ("mesh", "owner"), hint="e.g. `owner: '@acme/governance'` (quote a leading @)")
 
 
 def _check_jobs(resolution: Resolution, report: Reporter, spec: MeshSpec) -> None:

@@ -15,7 +15,7 @@ A diagnostic renders as
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -32,6 +32,15 @@ CODES: dict[str, str] = {
     "MESH107": "The document nests mappings or lists deeper than meshctl reads (100 levels); "
                "a mesh.yaml needs only a few, so the file was generated wrongly or a bracket is "
                "unclosed.",
+    "MESH108": "An `include` names a file that does not exist, a glob that matches no file, or "
+               "a file that cannot be read; paths are relative to mesh.yaml's directory.",
+    "MESH109": "An `include` points outside mesh.yaml's directory (an absolute path, `..`, or a "
+               "link that leads out); a mesh's files live in its own directory.",
+    "MESH110": "An `include` names mesh.yaml itself: a cycle. Included files cannot include "
+               "further files, so this is the only cycle there can be.",
+    "MESH111": "A section is not allowed in an included file: included files hold domains "
+               "(with their local policies), products and contracts; policies, models, "
+               "analyses, grants, `mesh` and `include` stay in mesh.yaml, with governance.",
     # 2xx: schema
     "MESH201": "The top level of a mesh.yaml must be a mapping of sections.",
     "MESH202": "A key is not part of the mesh.yaml language; unknown keys are errors, not ignored.",
@@ -70,6 +79,7 @@ CODES: dict[str, str] = {
     "MESH220": "A `local` domain declares a public_key; `meshctl up` forks local domains with a key "
                "made per run, so the key would be ignored. Remove it, or give the domain's host as "
                "its address.",
+    "MESH222": "`mesh.owner` is not a CODEOWNERS owner: an email address, @user or @org/team.",
     # 3xx: references and contracts
     "MESH301": "Two items of the same kind have the same name (or id).",
     "MESH302": "A reference names a domain that is not declared.",
@@ -192,16 +202,20 @@ class Diagnostic:
         return "\n".join(out)
 
 
-def render_all(diagnostics: Iterable[Diagnostic], source: str | None = None, *,
-               limit: int | None = None) -> str:
+def render_all(diagnostics: Iterable[Diagnostic], source: str | Mapping[str, str] | None = None,
+               *, limit: int | None = None) -> str:
     """Every diagnostic rendered, separated by newlines; linear in diagnostics + source.
 
     With `limit`, only the first `limit` are rendered, then a line `... and N more`.
     """
-    lines = source.splitlines() if source is not None else []
     diags = list(diagnostics)
     shown = diags if limit is None else diags[:limit]
-    out = [d.render_lines(lines) for d in shown]
+    if isinstance(source, Mapping):  # several files: each excerpt from its diagnostic's file
+        split = {name: text.splitlines() for name, text in source.items()}
+        out = [d.render_lines(split.get(d.file, [])) for d in shown]
+    else:
+        lines = source.splitlines() if source is not None else []
+        out = [d.render_lines(lines) for d in shown]
     if len(diags) > len(shown):
         out.append(f"... and {len(diags) - len(shown)} more (--format json lists every one)")
     return "\n".join(out)
@@ -260,6 +274,29 @@ class Reporter:
         self.locate = locate
         self.source = source
         self.diagnostics: list[Diagnostic] = []
+        self.files: Callable[[YamlPath], tuple[str, str]] | None = None
+        """For a mesh with includes: path -> (file shown in diagnostics, name beside mesh.yaml)."""
+        self.texts: dict[str, str] = {}
+        """For a mesh with includes: each file's text, by the name diagnostics show."""
+
+    def file_of(self, path: YamlPath | None) -> str:
+        """The file that declares `path`, as diagnostics name it."""
+        return self.files(path)[0] if self.files is not None and path is not None else self.file
+
+    def at(self, path: YamlPath) -> str:
+        """`NAME:LINE:COL` of `path` for the plan, NAME relative to mesh.yaml's directory."""
+        name = self.files(path)[1] if self.files is not None else _basename(self.file)
+        line, col = self.locate(path)
+        return f"{name}:{line}:{col}"
+
+    def where(self, path: YamlPath) -> str:
+        """`FILE:LINE:COL` of `path`, as diagnostics show it."""
+        line, col = self.locate(path)
+        return f"{self.file_of(path)}:{line}:{col}"
+
+    def text_of(self, path: YamlPath) -> str:
+        """The text of the file that declares `path`."""
+        return self.texts.get(self.file_of(path), self.source) if self.texts else self.source
 
     def error(self, code: str, message: str, path: YamlPath | None = None, *,
               hint: str | None = None, key: bool = False, pos: tuple[int, int] | None = None,
@@ -278,12 +315,17 @@ class Reporter:
         if pos is None:
             pos = self.locate(path, key) if path is not None else (0, 0)
         line, col = pos
-        self.diagnostics.append(Diagnostic(code, severity, message, self.file, line, col, hint))
+        file = self.file_of(path)
+        self.diagnostics.append(Diagnostic(code, severity, message, file, line, col, hint))
 
     @property
     def has_errors(self) -> bool:
         """Whether any error (not just warnings) was reported."""
         return any(d.severity == "error" for d in self.diagnostics)
+
+
+def _basename(file: str) -> str:
+    return file.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 YamlPath = tuple[str | int, ...]

@@ -75,8 +75,15 @@ class SourceMap:
                 break
             entry = child
             if key and depth == last and entry[0] is not None:
-                return _pos(entry[0])
-        return _pos(entry[1])
+                return _at(entry[0])
+        return _at(entry[1])
+
+
+def _at(mark: Any) -> tuple[int, int]:
+    """1-based (line, col) of a parser mark, or of a 0-based [line, col] (a cached entry)."""
+    if type(mark) is list:
+        return mark[0] + 1, mark[1] + 1
+    return mark.line + 1, mark.column + 1
 
 
 def _child(tree: Any, step: Any) -> Entry | None:

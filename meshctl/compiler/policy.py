@@ -86,16 +86,17 @@ def _program(source: str, at: YamlPath, label: str, key: str, report: Reporter) 
     except Exception as err:  # noqa: BLE001 - celpy raises CELParseError, rarely lark errors
         line, col = report.locate(at)
         column = getattr(err, "column", None)
-        if isinstance(column, int) and "\n" not in source and source in _line(report, line):
-            col = _line(report, line).index(source, col - 1) + column
+        text = _line(report, at, line)
+        if isinstance(column, int) and "\n" not in source and source in text:
+            col = text.index(source, col - 1) + column
         first = str(err).strip().splitlines()
-        report.error("MESH412", f"CEL syntax error in `{key}` of policy '{label}'", pos=(line, col),
+        report.error("MESH412", f"CEL syntax error in `{key}` of policy '{label}'", at, pos=(line, col),
                      hint=f"near: {first[0]}" if first else None)
         return None
 
 
-def _line(report: Reporter, line: int) -> str:
-    lines = report.source.splitlines()
+def _line(report: Reporter, at: YamlPath, line: int) -> str:
+    lines = report.text_of(at).splitlines()
     return lines[line - 1] if 0 < line <= len(lines) else ""
 
 
@@ -251,8 +252,7 @@ def _decide(compiled: CompiledPolicy, subject: Subject, variables: _Variables,
             report: Reporter, file: str) -> PlanDecision | None:
     policy = compiled.policy
     if compiled.at is None:
-        line, col = report.locate(policy.path)
-        compiled.at = f"{file}:{line}:{col}"
+        compiled.at = report.at(policy.path)
     at = compiled.at
     what = f"{subject.kind} '{subject.name}'"
     reason = policy.message or f"requires {policy.require}"
@@ -311,10 +311,9 @@ def _evaluate(compiled: CompiledPolicy, key: str, program: Any, variables: _Vari
 def plan_policies(spec: MeshSpec, report: Reporter, file: str) -> list[PlanPolicy]:
     """Every global, then every domain-local policy (in declared order), for the runtime."""
     def one(policy: Policy, domain: str) -> PlanPolicy:
-        line, col = report.locate(policy.path)
         return PlanPolicy(name=policy.name, scope=policy.scope, require=policy.require,
                           when=policy.when or "", effect=policy.effect, message=policy.message,
-                          domain=domain, at=f"{file}:{line}:{col}")
+                          domain=domain, at=report.at(policy.path))
 
     out = [one(p, "") for p in spec.policies]
     for domain in spec.domains:

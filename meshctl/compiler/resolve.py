@@ -120,9 +120,12 @@ class Resolver:
         first: dict[str, YamlPath] = {}
         for name, path in items:
             if name in first:
-                line = self.report.locate((*first[name], "name"))[0]
+                there = (*first[name], "name")
+                line = self.report.locate(there)[0]
+                other = self.report.file_of(there) != self.report.file_of(path)
                 self.report.error("MESH301", f"duplicate {kind} '{name}'", (*path, "name"),
-                                  hint=f"first declared at line {line}")
+                                  hint=f"first declared at {self.report.where(there)}" if other
+                                  else f"first declared at line {line}")
             else:
                 first[name] = path
 

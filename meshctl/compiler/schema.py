@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from meshctl.compiler.compile import COMPUTED_METRICS
+from meshctl.compiler.compile import COMPUTED_METRICS, OWNER
 from meshctl.compiler.contracts import _GENERALIZE, COLUMN_METRICS, NUMBERS, PLACEHOLDERS
 from meshctl.compiler.identity import Z85_ALPHABET
 from meshctl.compiler.sources import FILE_FORMATS, UNITS, URI_FORMATS
@@ -175,6 +175,8 @@ def mesh_json_schema() -> dict[str, Any]:
         sla[key]["anyOf"][0]["pattern"] = duration
     percent = r"^\s*0*(100(\.0+)?|[0-9]{1,2}(\.[0-9]+)?)\s*%\s*$"  # at most 100%
     sla["availability"]["anyOf"][0]["pattern"] = percent
+    owner = defs["MeshHeader"]["properties"]["owner"]["anyOf"][0]
+    owner["pattern"] = "^(" + OWNER.pattern + ")$"
     coordinator = defs["Coordinator"]["properties"]
     coordinator["address"]["pattern"] = f"^tcp://{_HOST}:{_PORT}$"
     coordinator["public_key"]["anyOf"] = [{"const": ""}, {"pattern": _Z85}]

@@ -87,6 +87,9 @@ class MeshHeader(_Spec):
     """What the mesh is for."""
     coordinator: Coordinator = Coordinator()
     """Where the coordinator listens."""
+    owner: str | None = None
+    """Who reviews mesh.yaml and its governance (`meshctl codeowners`): an email, @user or
+    @org/team."""
 
 
 class Column(_Spec):
@@ -602,6 +605,9 @@ class MeshSpec(_Spec):
     """Language version: meshctl/v1."""
     mesh: MeshHeader
     """The mesh's name and coordinator."""
+    include: list[str] = Field(default_factory=list)
+    """Files or globs, relative to mesh.yaml's directory, holding domains, products and
+    contracts (each domain team owns its file)."""
     domains: list[Domain] = Field(default_factory=list)
     """Who owns data."""
     products: list[Product] = Field(default_factory=list)

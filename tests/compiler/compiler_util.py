@@ -21,5 +21,7 @@ def rendered(path: Path) -> str:
 
 def render_diagnostics(result: CompileResult, name: str) -> str:
     """The rendered diagnostics of `result`, as if the file were called `name`."""
-    diags = [dataclasses.replace(d, file=name) for d in result.diagnostics]
-    return render_all(diags, result.source) + "\n"
+    names = {i.label: i.name for i in result.includes}  # an included file: its name beside the mesh
+    diags = [dataclasses.replace(d, file=names.get(d.file, name)) for d in result.diagnostics]
+    texts = {name: result.source, **{i.name: i.source.text for i in result.includes}}
+    return render_all(diags, texts if result.includes else result.source) + "\n"
