@@ -315,6 +315,36 @@ def test_the_service_reloads_a_changed_mesh_file_between_runs(hosts):
     assert service.view.plan.jobs[0].training.rounds == 4
 
 
+def test_the_service_reloads_when_an_included_file_changes_or_appears(hosts):
+    """A mesh split into domain-owned files (`include:`): an edit of an included file, or a new file
+    that an include glob matches, is a changed mesh too."""
+    from meshctl.runtime.domain.service import Service, ServiceConfig, compile_view
+
+    spec = dict(hosts.spec)
+    products = spec.pop("products")
+    spec["include"] = ["parts/*.yaml"]
+    parts = hosts.hosp / "parts"
+    parts.mkdir()
+    (parts / "a.yaml").write_text(yaml.safe_dump({"products": products[:1]}, sort_keys=False))
+    (hosts.hosp / "mesh.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    cfg = ServiceConfig(domain=REMOTE, mesh=hosts.hosp / "mesh.yaml", data_root=hosts.data_root)
+    service = Service(cfg)
+    service.view = compile_view(cfg)  # client-1's product is in no file yet: the model reads one product
+    reads = len(service.view.plan.jobs[0].reads)
+    assert reads == 1
+    (parts / "b.yaml").write_text(yaml.safe_dump({"products": products[1:]}, sort_keys=False))  # a new file
+    service.next_check = 0.0
+    assert service._maybe_reload() is True
+    assert len(service.view.plan.jobs[0].reads) == reads + 1
+    old = service.view.plan.plan.hash
+    (parts / "b.yaml").write_text(yaml.safe_dump({"products": [{**products[1], "classification": "restricted"}]},
+                                                 sort_keys=False))  # an edit of an included file
+    service.next_check = 0.0
+    assert service._maybe_reload() is True and service.view.plan.plan.hash != old
+    service.next_check = 0.0
+    assert service._maybe_reload() is False  # nothing changed since
+
+
 def _no_coordinator_key(spec: dict) -> None:
     del spec["mesh"]["coordinator"]["public_key"]
 

@@ -92,11 +92,13 @@ class MeshView:
 
     plan: Plan
     digest: str
-    """sha256 of the mesh file's bytes."""
+    """sha256 of the bytes of mesh.yaml and of every file it includes."""
     endpoint: str
     server_key: bytes
-    stat: tuple[int, int, int]
-    """(inode, size, mtime_ns) of the file when it was read."""
+    stat: tuple[tuple[int, int, int], ...]
+    """(inode, size, mtime_ns) of each watched path when it was read: mesh.yaml, the files it includes
+    and their folders (a file added where an include glob looks changes its folder)."""
+    watched: tuple[Path, ...] = ()
 
 
 class Stopped(BaseException):
@@ -112,16 +114,29 @@ def _stat(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _stats(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...]:
+    return tuple(_stat(p) for p in paths)
+
+
 def compile_view(cfg: ServiceConfig) -> MeshView:
     """Compile the service's mesh; a UserError (one line) when it cannot be served."""
     from meshctl.compiler.compile import compile_bytes
 
     where = str(cfg.mesh)
     try:
-        stat, raw = _stat(cfg.mesh), cfg.mesh.read_bytes()
+        first, raw = _stat(cfg.mesh), cfg.mesh.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read the mesh: {(err.strerror or type(err).__name__).lower()}", where=where) from None
     result = compile_bytes(raw, cfg.mesh)
+    parts = [cfg.mesh.parent / i.name for i in result.includes]
+    watched = (cfg.mesh, *parts, *sorted({p.parent for p in parts} | ({cfg.mesh.parent} if parts else set())))
+    try:
+        stat = (first, *_stats(watched[1:]))
+    except OSError:  # an included file went away while compiling: the next check reloads
+        stat = (first,)
+    digest = hashlib.sha256(raw)
+    for i in result.includes:
+        digest.update(b"\0" + i.name.encode() + b"\0" + i.raw)
     if result.plan is None:
         errors = result.errors
         first = errors[0] if errors else None
@@ -139,8 +154,8 @@ def compile_view(cfg: ServiceConfig) -> MeshView:
                         hint="on the coordinator host: `meshctl keys generate coordinator`, then paste its "
                              "public_key line under mesh.coordinator")
     server = check_public_key(declared, where=f"{where}: mesh.coordinator.public_key")
-    return MeshView(plan, hashlib.sha256(raw).hexdigest(), dial_address(cfg.coordinator, plan.coordinator.address),
-                    server, stat)
+    return MeshView(plan, digest.hexdigest(), dial_address(cfg.coordinator, plan.coordinator.address),
+                    server, stat, watched)
 
 
 def dial_address(given: str | None, declared: str) -> str:
@@ -413,7 +428,7 @@ class Service:
         old = self.view
         assert old is not None
         try:
-            changed = _stat(self.cfg.mesh) != old.stat
+            changed = _stats(old.watched or (self.cfg.mesh,)) != old.stat
         except OSError:
             changed = True
         if not (asked or changed):
