@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.xdist_group("audit-run")  # one worker runs the module-scoped `up`
 MESHCTL = str(Path(sys.executable).parent / "meshctl")
 
 

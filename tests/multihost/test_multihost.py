@@ -22,6 +22,8 @@ from pathlib import Path
 import meshlab
 import netlab
 import pytest
+
+pytestmark = pytest.mark.xdist_group("multihost")  # one worker: the drill and the reference run once
 import torch
 from meshlab import DOMAINS, ROUNDS, Mesh, events, wait, wait_event
 

@@ -21,12 +21,19 @@ from meshctl.runtime.run import run_live
 FREE = ["--address", "tcp://127.0.0.1:0"]
 
 
+def _default_signals() -> None:
+    """SIGINT and SIGHUP as a terminal's shell leaves them: a suite started under nohup or `&`
+    ignores them, and `up` keeps a signal it inherits ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _start_up(hospitals: Path) -> subprocess.Popen[str]:
     """`meshctl up --headless` on a run too long to end by itself; returns once round 2 is done."""
     hospitals.write_text(hospitals.read_text().replace("rounds: 15,", "rounds: 100000,"))
     proc = subprocess.Popen([sys.executable, "-m", "meshctl", "up", "--headless", *FREE], cwd=hospitals.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+                            preexec_fn=_default_signals)  # noqa: PLW1509
     assert proc.stdout is not None
     for line in proc.stdout:
         if re.match(r"malignancy +round +2/", line):

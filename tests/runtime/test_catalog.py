@@ -16,6 +16,7 @@ from meshctl.runtime import catalog
 from meshctl.runtime.quality import CheckResult, check_plan
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.xdist_group("catalog-run")  # one worker runs the module-scoped `up`
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from meshctl.runtime import data
 from meshctl.runtime.data import count_rows, product_view, register_source
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.xdist_group("postgres")  # one worker starts one PostgreSQL (pg_server)
 FREE = ["--address", "tcp://127.0.0.1:0"]
 
 

@@ -20,6 +20,9 @@ N = 7
 POISONED = f"client-{N - 1}"
 
 
+pytestmark = pytest.mark.xdist_group("robust-poisoned7")  # one worker builds the module's mesh
+
+
 @pytest.fixture(scope="module")
 def poisoned7(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Seven digits domains (Dirichlet(0.5) over 7); client-6 trains with its features scaled 8x
