@@ -134,7 +134,8 @@ class MeshApp(App[MeshState]):
         """Watch the coordinator: a live run whose coordinator goes silent (or dies) shows as LOST."""
         self.alive = alive
         """Whether the run's processes are still there (checked every second while watching)."""
-        self._heard = time.monotonic()
+        self._heard = self._tick()
+        self._heard_real = time.monotonic()  # (processes gone: a grace in real time)
         self.run_dir: Path | None = None
         """Where to look for files the events name (an analysis result) when the run's own
         directory is not there any more (a replay of a moved run)."""
@@ -303,7 +304,8 @@ class MeshApp(App[MeshState]):
         """Reduce `events` now (on the app's thread) and schedule a redraw."""
         for event in events:
             reduce(self.mesh_state, event)
-        self._heard = time.monotonic()
+        self._heard = self._tick()
+        self._heard_real = time.monotonic()
         self._changed()
 
     def rebuild(self, events: Iterable[Event]) -> None:
@@ -317,7 +319,8 @@ class MeshApp(App[MeshState]):
 
     def on_event_received(self, message: EventReceived) -> None:
         reduce(self.mesh_state, message.event)
-        self._heard = time.monotonic()
+        self._heard = self._tick()
+        self._heard_real = time.monotonic()
         self._changed()
         if isinstance(message.event, RunCompleted) and self.exit_on_complete:
             self.flush()
@@ -334,6 +337,10 @@ class MeshApp(App[MeshState]):
         self._changed()
 
     # -- redrawing --------------------------------------------------------------------
+
+    def _tick(self) -> float:
+        """The clock silence is measured on: the injected clock (tests), else the monotonic one."""
+        return self.clock() if self.clock is not None else time.monotonic()
 
     def now(self) -> float:
         """The time heartbeat ages are measured at."""
@@ -389,8 +396,9 @@ class MeshApp(App[MeshState]):
         state = self.mesh_state
         if not self.watch or state.state not in ("starting", "running"):
             return False
-        quiet = time.monotonic() - self._heard
-        if self.alive is not None and quiet > GONE_GRACE_S and not self.alive():
+        quiet = self._tick() - self._heard
+        if (self.alive is not None and time.monotonic() - self._heard_real > GONE_GRACE_S
+                and not self.alive()):
             coordinator_lost(state, "its processes ended before the run did")
         elif state.state == "running" and quiet > lost_after():
             coordinator_lost(state, f"no event for {quiet:.0f}s")

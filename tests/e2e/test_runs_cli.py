@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def test_runs_status_logs_and_stop_a_live_run_from_another_shell(hospitals, mesh
         for line in up.stdout:  # wait until training is under way
             if re.match(r"malignancy +round +3/", line):
                 break
+        # keep reading what `up` prints (a line per round): a full pipe would block `up` on a write, and
+        # `meshctl stop` waits for every process of the run, `up` included, to exit
+        drain = threading.Thread(target=lambda: [None for _ in up.stdout], daemon=True)
+        drain.start()
         run = next((cwd / ".meshctl" / "runs").iterdir())
 
         listed = meshctl("runs", cwd=cwd)
@@ -72,7 +77,8 @@ def test_runs_status_logs_and_stop_a_live_run_from_another_shell(hospitals, mesh
         assert stopped.stdout.strip() == (f"run {run.name} stopped: stopped by `meshctl stop` "
                                           f"(SIGTERM from pid {stopped.stdout.split('pid ')[-1][:-2]})")
         assert time.monotonic() - t0 < 30
-        _, err = up.communicate(timeout=30)
+        up.wait(timeout=30)
+        err = up.stderr.read()  # (stdout is the drain thread's)
         assert up.returncode == 1 and "Traceback" not in err  # `up` reports the failed run
         assert err.strip().splitlines()[-1].startswith("error: stopped by `meshctl stop`")
         followed, _ = follow.communicate(timeout=30)  # --follow returns once the run's processes are gone

@@ -128,6 +128,7 @@ def test_dead_coordinator(snap_compare, size: tuple[int, int]) -> None:
     def killed() -> None:
         app.watch = True  # from now on (not while feeding, however slow the machine)
         app._heard -= 10  # its last event was 10 s ago, and its processes are gone
+        app._heard_real -= 10
         assert app.check_coordinator()
 
     app.watch = False
