@@ -11,6 +11,10 @@ DOMAIN_COMMAND; MESHCTL_MULTIHOST_DOMAIN=daemon for the one-shot `meshctl daemon
 
     sudo python benchmarks/wan.py                    # delays 0, 50, 200 ms; 10 rounds each; rejoin at 50 ms
     sudo python benchmarks/wan.py --delays 0,50 --rounds 6 --no-rejoin
+    sudo python benchmarks/wan.py --delays 200 --tcp 'reno,ssai=1;reno,ssai=0'
+
+`--tcp` adds rows at the largest delay with other TCP settings in every namespace: the congestion
+control and net.ipv4.tcp_slow_start_after_idle (`CC,ssai=0|1`).
 
 Floor = the same local epochs with no framework, summed over the 3 clients per round (the WORKLOAD
 definition, ../shared/bench/WORKLOAD.md) + one RTT of the link (2 x one-way delay). Round time is the
@@ -77,11 +81,20 @@ def keyring(root: Path) -> Path:
     return hosts
 
 
-def measure(keys: Path, root: Path, delay_ms: float, rounds: int, link: str = "tap") -> dict:
+def tcp_setting(spec: str) -> dict[str, str]:
+    """The sysctls every namespace gets for `CC,ssai=0|1` (congestion control, tcp_slow_start_after_idle)."""
+    cc, *rest = spec.split(",")
+    opts = dict(w.split("=") for w in rest)
+    return {"net.ipv4.tcp_congestion_control": cc, "net.ipv4.tcp_slow_start_after_idle": opts.get("ssai", "1")}
+
+
+def measure(keys: Path, root: Path, delay_ms: float, rounds: int, link: str = "tap", tcp: str = "") -> dict:
     """One run of the mesh with every domain link delayed by `delay_ms` each way (`link="veth"`: the
-    kernel's veth pairs, no impairer, no delay)."""
+    kernel's veth pairs, no impairer, no delay), with the TCP setting `tcp` (see tcp_setting; "": the
+    host's)."""
     mesh = meshlab.Mesh.build(keys, root, meshlab.DOMAINS, rounds)
-    with netlab.Lab(meshlab.DOMAINS, link=link, delay=delay_ms / 1000) as lab:
+    sysctl = tcp_setting(tcp) if tcp else {}
+    with netlab.Lab(meshlab.DOMAINS, link=link, delay=delay_ms / 1000, sysctl=sysctl) as lab:
         rtt = statistics.median(r for r in (lab.rtt(d) for d in meshlab.DOMAINS) if r is not None)
         t0 = time.time()
         try:
@@ -148,11 +161,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--outage", type=float, default=30.0, help="seconds client-0's link is down")
     parser.add_argument("--no-rejoin", action="store_true", help="skip the rejoin measurement")
+    parser.add_argument("--tcp", default="reno,ssai=1;reno,ssai=0",
+                        help="extra rows at the largest delay, ';'-separated: CC,ssai=0|1 sets every namespace's "
+                             "congestion control and tcp_slow_start_after_idle; '' for none")
     args = parser.parse_args()
     why = netlab.available()
     if why:
         raise SystemExit(f"error: {why}")
     delays = [float(d) for d in args.delays.split(",")]
+    cc, ssai = (Path("/proc/sys/net/ipv4", k).read_text().strip()
+                for k in ("tcp_congestion_control", "tcp_slow_start_after_idle"))
     floor = compute_floor(args.rounds, len(meshlab.DOMAINS))
     rows = []
     with tempfile.TemporaryDirectory(prefix="meshctl-wan-") as tmp:
@@ -161,11 +179,16 @@ def main() -> None:
         for d in delays:
             rows.append((d, measure(keys, Path(tmp) / f"run-{d:g}", d, args.rounds)))
             print(f"  done {d:g} ms", file=sys.stderr, flush=True)
+        for i, spec in enumerate(t for t in args.tcp.split(";") if t):
+            rows.append((delays[-1], measure(keys, Path(tmp) / f"run-tcp{i}", delays[-1], args.rounds, tcp=spec)
+                         | {"tcp": spec}))
+            print(f"  done {delays[-1]:g} ms {spec}", file=sys.stderr, flush=True)
         rejoined = "" if args.no_rejoin else rejoin(keys, Path(tmp) / "rejoin", 50, args.outage, 40)
     print(f"\ndigits mesh, 3 domains, {args.rounds} rounds, {os.cpu_count()} cores; every domain link through "
           f"impair.py; floor = local compute {floor * 1000:.1f} ms (3 clients, sequential, no framework) + RTT\n")
     head = (f"{'one-way ms':>10}{'RTT ms':>9}{'round ms':>10}{'floor ms':>10}{'ratio':>7}{'RTTs/round':>12}"
-            f"{'msg KB/round':>14}{'wire KB/round':>15}{'launch→r1 s':>13}{'accuracy':>10}")
+            f"{'msg KB/round':>14}{'wire KB/round':>15}{'launch→r1 s':>13}{'accuracy':>10}  tcp")
+    host_tcp = f"host: {cc},ssai={ssai}"
     print(head)
     print("-" * len(head))
     for d, m in rows:
@@ -173,7 +196,7 @@ def main() -> None:
         rtts = (m["round"] - floor) / m["rtt"] if d not in (0, "veth") else float("nan")
         print(f"{d if d == 'veth' else format(d, 'g'):>10}{m['rtt'] * 1000:>9.1f}{m['round'] * 1000:>10.1f}{fl * 1000:>10.1f}{m['round'] / fl:>7.2f}"
               f"{rtts:>12.2f}{m['msg_bytes'] / 1000:>14.1f}{m['wire_bytes'] / 1000:>15.1f}"
-              f"{m['launch_to_r1']:>13.2f}{m['accuracy']:>10.4f}")
+              f"{m['launch_to_r1']:>13.2f}{m['accuracy']:>10.4f}  {m.get('tcp', host_tcp)}")
     if not args.no_rejoin:
         print(f"\nlink of client-0 down {args.outage:g} s after round 2 (50 ms one-way, heartbeat timeout 3 s); "
               f"from the link coming back to its first accepted update: {rejoined}")

@@ -54,7 +54,8 @@ ONE_SHOT = DOMAIN_COMMAND is daemon_command
 
 
 def mesh_text(domains: list[str], rounds: int, remote: dict[str, str] | None, coordinator_key: str = "",
-              quorum: int | None = None, round_timeout_s: float | None = None) -> str:
+              quorum: int | None = None, round_timeout_s: float | None = None,
+              local_epochs: int | None = None) -> str:
     """The digits example's mesh.yaml cut to `domains`; `remote` maps domain -> public key (None: all local)."""
     spec: dict[str, Any] = yaml.safe_load((DIGITS / "mesh.yaml").read_text())
     spec["mesh"]["coordinator"] = {"address": f"tcp://{COORDINATOR_IP if remote else '127.0.0.1'}:{PORT}"}
@@ -72,6 +73,8 @@ def mesh_text(domains: list[str], rounds: int, remote: dict[str, str] | None, co
         model["quorum"] = quorum
     if round_timeout_s is not None:
         model["round_timeout_s"] = round_timeout_s
+    if local_epochs is not None:
+        model["training"]["local_epochs"] = local_epochs
     return yaml.safe_dump(spec, sort_keys=False, width=200)
 
 

@@ -93,6 +93,8 @@ class Lab:
     delay: float = 0.0
     loss: float = 0.0
     rate: float = 0.0
+    sysctl: dict[str, str] = field(default_factory=dict)
+    """Set in every namespace made (e.g. {"net.ipv4.tcp_congestion_control": "reno"})."""
     prefix: str = ""
     hub: str = ""
     coordinator: str = ""
@@ -123,6 +125,8 @@ class Lab:
         _ip("netns", "add", name)
         self.extra.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
+        for key, value in self.sysctl.items():
+            subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", f"{key}={value}"], check=True)
 
     def up(self) -> None:
         sweep()

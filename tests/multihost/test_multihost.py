@@ -12,8 +12,10 @@ not come back and what the domain's log says last.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -98,6 +100,26 @@ def test_impaired_links_100ms_rtt_5pct_loss_complete_with_the_same_result(keyrin
     for d, s in stats.items():  # the links really lost frames, in both directions together
         assert s["dropped"] > 0 and s["a2b_bytes"] > 100_000 and s["b2a_bytes"] > 100_000, (d, s)
     _same_model(meshlab.model(run_dir), reference["model"])
+
+
+def test_a_round_over_a_200ms_link_costs_one_rtt_plus_compute(keyring, lab_factory, tmp_path):
+    """Issue 10's benchmark goal, with Linux's defaults on every host: a loss-based congestion control
+    (reno: this kernel lets a namespace choose only reno or bbr; Linux's default cubic is loss-based
+    too) and net.ipv4.tcp_slow_start_after_idle=1. One round needs one round trip (the weights down
+    with EvalIns r and TrainIns r+1, the update up) plus compute; a flow that waited for the evaluation
+    before sending the next round's training, or sent the weights twice, costs a second one and fails.
+    (With bbr, this host's default, pacing adds ~0.6 RTT: docs/multihost.md, Benchmark.)"""
+    mesh = Mesh.build(keyring, tmp_path / "hosts", DOMAINS, 6)
+    tcp = {"net.ipv4.tcp_congestion_control": "reno", "net.ipv4.tcp_slow_start_after_idle": "1"}
+    try:
+        with lab_factory(DOMAINS, link="tap", delay=0.2, sysctl=tcp) as lab:
+            rtt = min(r for r in (lab.rtt(d) for d in DOMAINS) if r is not None)
+            run_dir = _run(mesh, lab)
+    finally:
+        mesh.stop()
+    ends = [e["ts"] for e in events(run_dir) if e["type"] == "round_completed"]
+    median = statistics.median(b - a for a, b in itertools.pairwise(ends))
+    assert (median - rtt) / rtt < 0.5, f"a round took {median * 1000:.0f} ms at RTT {rtt * 1000:.0f} ms"
 
 
 def _rounds_done(run_dir: Path) -> int:

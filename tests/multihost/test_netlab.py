@@ -61,7 +61,7 @@ def test_without_root_they_fail_in_ci_and_skip_elsewhere(namespaces_ok):
         env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": "1"} if ci else {})
         return subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "pytest",
-             str(here / "test_netlab.py"), "-q", "-p", "no:cacheprovider", "-k", "impairer",
+             str(here / "test_netlab.py"), "-q", "-p", "no:cacheprovider", "-n", "0", "-k", "impairer",
              f"--basetemp={tmp / ('ci' if ci else 'dev')}"],
             check=False, capture_output=True, text=True, env=env, cwd=tmp, timeout=120)
 
