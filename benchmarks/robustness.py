@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from make_data import dirichlet_partition, load_data, write_mesh
 
 from meshctl.compiler.plan import PlanAggregation
+from meshctl.runtime.coordinator.strategy import make_strategy
 from meshctl.runtime.kernels import evaluate, mlp, train_local
-from meshctl.runtime.strategy import Strategy
 
 ALL = ["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "multi_krum:server_momentum=0.9", "bulyan",
        "bulyan:server_momentum=0.9", "centered_clip", "centered_clip:server_momentum=0.9", "fedavgm",
@@ -82,7 +82,7 @@ def simulate(name: str, n: int, rounds: int, attackers: int, threads: int) -> tu
     names = list(model.state_dict())
     weights = [model.state_dict()[k].detach().clone() for k in names]
     bad = set(attacker_ids(n, attackers))
-    strategy = Strategy(aggregation(name, attackers))
+    strategy = make_strategy(aggregation(name, attackers))
     domains = [f"client-{i}" for i in range(n)]
     accs, t0 = [], time.perf_counter()
     for r in range(1, rounds + 1):

@@ -9,13 +9,9 @@ grouped or aggregated. Histogram and quantile metrics need a range to bin in.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from meshctl.compiler.diagnostics import YamlPath
+from meshctl.compiler.resolved import References, ResolvedAnalysis
 from meshctl.compiler.spec import Analysis, AnalysisMetric, Column, Contract
-
-if TYPE_CHECKING:
-    from meshctl.compiler.resolve import ResolvedAnalysis, Resolver
 
 NUMBERS = ("int", "float")
 """Column types a metric aggregates."""
@@ -24,10 +20,8 @@ BINNED = ("histogram", "quantile")
 """Metrics that bin values and so need a range."""
 
 
-def resolve_analysis(r: Resolver, analysis: Analysis) -> ResolvedAnalysis | None:
+def resolve_analysis(r: References, analysis: Analysis) -> ResolvedAnalysis | None:
     """The resolved analysis, or None after reporting why it does not resolve."""
-    from meshctl.compiler.resolve import ResolvedAnalysis
-
     label = f"analysis '{analysis.name}'"
     contract = r.contract(analysis.inputs.contract, (*analysis.path, "inputs", "contract"),
                           label)
@@ -48,7 +42,7 @@ def resolve_analysis(r: Resolver, analysis: Analysis) -> ResolvedAnalysis | None
     return ResolvedAnalysis(analysis, contract, participants, products, group_by, metrics)
 
 
-def _group_by(r: Resolver, analysis: Analysis, contract: Contract) -> list[Column]:
+def _group_by(r: References, analysis: Analysis, contract: Contract) -> list[Column]:
     out: list[Column] = []
     for j, name in enumerate(analysis.group_by):
         at = (*analysis.path, "group_by", j)
@@ -67,7 +61,7 @@ def _group_by(r: Resolver, analysis: Analysis, contract: Contract) -> list[Colum
     return out
 
 
-def _metrics(r: Resolver, analysis: Analysis,
+def _metrics(r: References, analysis: Analysis,
              contract: Contract) -> list[tuple[AnalysisMetric, Column | None]]:
     out: list[tuple[AnalysisMetric, Column | None]] = []
     labels: set[str] = set()
@@ -94,7 +88,7 @@ def _metrics(r: Resolver, analysis: Analysis,
     return out
 
 
-def _usable(r: Resolver, name: str, contract: Contract, at: YamlPath,
+def _usable(r: References, name: str, contract: Contract, at: YamlPath,
             what: str) -> Column | None:
     """The contract column `name`, unless it is PII or unknown (reported)."""
     pii = r.pii(name, contract)
@@ -109,7 +103,7 @@ def _usable(r: Resolver, name: str, contract: Contract, at: YamlPath,
     return column
 
 
-def _range_ok(r: Resolver, metric: AnalysisMetric, column: Column, contract: Contract,
+def _range_ok(r: References, metric: AnalysisMetric, column: Column, contract: Contract,
               at: YamlPath) -> bool:
     if metric.range is not None and not metric.range[0] < metric.range[1]:
         low, high = (format(x, "g") for x in metric.range)

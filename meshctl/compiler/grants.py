@@ -9,13 +9,9 @@ compiler has no clock).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from meshctl.compiler.diagnostics import did_you_mean
+from meshctl.compiler.resolved import References
 from meshctl.compiler.spec import Analysis, Grant, Model, Product
-
-if TYPE_CHECKING:
-    from meshctl.compiler.resolve import Resolver
 
 
 def grant_id(product: str, subject: str) -> str:
@@ -23,7 +19,7 @@ def grant_id(product: str, subject: str) -> str:
     return f"{product}->{subject}"
 
 
-def resolve_grants(r: Resolver) -> None:
+def resolve_grants(r: References) -> None:
     """Check every grant's references and purpose; then every read of a request product."""
     spec = r.spec
     products = {f"{p.domain}.{p.name}": p for p in spec.products}
@@ -58,7 +54,7 @@ def resolve_grants(r: Resolver) -> None:
         _reads(r, f"analysis:{analysis.analysis.name}", analysis.analysis, analysis.products)
 
 
-def _product(r: Resolver, grant: Grant, products: dict[str, Product]) -> bool:
+def _product(r: References, grant: Grant, products: dict[str, Product]) -> bool:
     if grant.product in products:
         return True
     if not r.incomplete:
@@ -69,7 +65,7 @@ def _product(r: Resolver, grant: Grant, products: dict[str, Product]) -> bool:
     return False
 
 
-def _unknown_subject(r: Resolver, grant: Grant, models: list[Model],
+def _unknown_subject(r: References, grant: Grant, models: list[Model],
                      analyses: list[Analysis]) -> None:
     kind = "model" if grant.model is not None else "analysis"
     name = grant.model if grant.model is not None else grant.analysis
@@ -82,7 +78,7 @@ def _unknown_subject(r: Resolver, grant: Grant, models: list[Model],
                    + (", ".join(f"'{n}'" for n in names[:8]) or "none"))
 
 
-def _reads(r: Resolver, subject: str, item: Model | Analysis, products: list[Product]) -> None:
+def _reads(r: References, subject: str, item: Model | Analysis, products: list[Product]) -> None:
     used: list[str] = []
     for product in products:
         if product.access != "request":

@@ -4,66 +4,30 @@ Each reference that does not resolve is an error at the referencing value with
 a did-you-mean hint. A model resolves to its contract, its participants in
 declared domain order, one product per participant, and its features with
 globs expanded; PII columns can never be features or targets. Analyses
-(analyses.py) and grants (grants.py) resolve through the same Resolver.
+(analyses.py) and grants (grants.py) resolve through the same Resolver, which they
+see as a resolved.References (so they never import this module).
 Lookups are indexed by name, so resolving stays linear in the size of the spec.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
 
+from meshctl.compiler.analyses import resolve_analysis
 from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean, quoted
+from meshctl.compiler.grants import resolve_grants
 from meshctl.compiler.parse import Parsed
-from meshctl.compiler.spec import Analysis, AnalysisMetric, Column, Contract, Grant, Model, Product
+from meshctl.compiler.resolved import Resolution, ResolvedAnalysis, ResolvedModel
+from meshctl.compiler.spec import Analysis, Column, Contract, Model, Product
+
+__all__ = ["Resolution", "ResolvedAnalysis", "ResolvedModel", "Resolver", "declared", "resolve"]
 
 NUMERIC = ("int", "float", "bool")
 """Column types an MLP can take as features."""
 
 
-@dataclass
-class ResolvedModel:
-    """A model whose references all resolved."""
-
-    model: Model
-    contract: Contract
-    participants: list[str]
-    products: list[Product]
-    """One product per participant, in participant order."""
-    features: list[str]
-    target: Column
-
-
-@dataclass
-class ResolvedAnalysis:
-    """An analysis whose references all resolved."""
-
-    analysis: Analysis
-    contract: Contract
-    participants: list[str]
-    products: list[Product]
-    """One product per participant, in participant order."""
-    group_by: list[Column]
-    metrics: list[tuple[AnalysisMetric, Column | None]]
-    """Each metric with its contract column (None for count)."""
-
-
-@dataclass
-class Resolution:
-    """What the references resolved to."""
-
-    contracts: dict[int, Contract] = field(default_factory=dict)
-    """Resolved contract of each product, by id() of the product."""
-    models: list[ResolvedModel] = field(default_factory=list)
-    analyses: list[ResolvedAnalysis] = field(default_factory=list)
-    grants: dict[tuple[str, str], Grant] = field(default_factory=dict)
-    """Grants by (product id, subject), subject being `model:NAME` or `analysis:NAME`."""
-    used_grants: dict[str, list[str]] = field(default_factory=dict)
-    """Ids of the grants each subject (`model:NAME`, `analysis:NAME`) reads under."""
-
-
 class Resolver:
-    """Checks the references of a parsed spec, reporting into `report`."""
+    """Checks the references of a parsed spec, reporting into `report` (a resolved.References)."""
 
     def __init__(self, parsed: Parsed, report: Reporter) -> None:
         self.spec = parsed.spec
@@ -85,9 +49,6 @@ class Resolver:
 
     def run(self) -> Resolution:
         """Check everything; returns what resolved."""
-        from meshctl.compiler.analyses import resolve_analysis
-        from meshctl.compiler.grants import resolve_grants
-
         self._unique()
         for product in self.spec.products:
             self._product(product)

@@ -2,12 +2,12 @@
 
 `meshctl analyze NAME` prepares a run like `meshctl up` (run directory, ephemeral
 Curve keys, events.jsonl) with `analysis` set in the run manifest; the coordinator
-process then runs `AnalysisCoordinator`, which asks every participant for its
-aggregates (`AnalyzeIns`), checks each reply against the plan with the same output
-gate the domains apply, emits the domains' ledger charges and refusals as events,
-and merges: counts, sums and histograms add; means are Σsum/Σcount; variances
-come from the domains' centered sums of squares (Chan et al.); quantiles are read
-off the merged histogram. The result is `analyses/<name>.json` in the run directory.
+service then runs the analysis workflow (meshctl.runtime.coordinator.analysis), which
+asks every participant for its aggregates (`AnalyzeIns`), checks each reply against the
+plan with the same output gate the domains apply, emits the domains' ledger charges and
+refusals as events, and hands the replies to `merge` here: counts, sums and
+histograms add; means are Σsum/Σcount; variances come from the domains' centered
+sums of squares (Chan et al.); quantiles are read off the merged histogram. The result is `analyses/<name>.json` in the run directory.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,13 @@ import numpy as np
 
 from meshctl.compiler.plan import Plan, PlanAnalysis
 from meshctl.errors import UserError
-from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.analytics_domain import (
-    GateError,
     Statistic,
     declared_groups,
-    gate,
     metric_statistics,
     statistics,
 )
-from meshctl.runtime.coordinator import Coordinator, JobAborted
 from meshctl.runtime.kernels import aggregates as agg
 from meshctl.tables import format_table
 
@@ -143,107 +138,6 @@ def _num(x: float, exact: bool) -> float | int:
 
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
-
-
-# -- the coordinator of an analysis run ------------------------------------------------
-
-
-class AnalysisCoordinator(Coordinator):
-    """A coordinator whose run is one analysis instead of the plan's training jobs."""
-
-    def _work_names(self) -> list[str]:
-        return [f"analysis:{self.m.analysis}"]
-
-    def _work(self) -> None:
-        analysis = self.plan.analysis(self.m.analysis)
-        self.analysis = analysis
-        self.replies: dict[str, wire.AnalyzeRes] = {}
-        started = time.time()
-        self._await_participants(analysis)
-        self.sink.emit(ev.AnalysisStarted(analysis=analysis.name, participants=analysis.participants,
-                                          metrics=[m.label for m in analysis.metrics]))
-        for d in analysis.participants:
-            self._send(self.peers[d], wire.AnalyzeIns(analysis=analysis.name))
-        self._await_replies(analysis)
-        self._report_ledger(analysis)
-        result = merge(self.plan, analysis, self.replies)
-        result.update(run=self.m.run, plan_hash=self.plan.plan.hash)
-        path = result_path(self.run_dir, analysis.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        suppressed = sum(result["suppressed"]["by_domain"].values()) + result["suppressed"]["merged"]
-        self.sink.emit(ev.AnalysisCompleted(analysis=analysis.name, groups=len(result["groups"]),
-                                            suppressed=suppressed, result_path=str(path.relative_to(self.run_dir)),
-                                            seconds=time.time() - started))
-
-    def _await_participants(self, analysis: PlanAnalysis) -> None:
-        deadline = time.monotonic() + self.m.join_timeout_s
-        while True:
-            self._abort_if_lost(analysis)
-            missing = [d for d in analysis.participants if d not in self.peers]
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                raise JobAborted(f"analysis {analysis.name}: domains {', '.join(missing)} did not join within "
-                                 f"{self.m.join_timeout_s:.0f}s")
-            self._pump()
-
-    def _await_replies(self, analysis: PlanAnalysis) -> None:
-        deadline = time.monotonic() + REPLY_TIMEOUT_S
-        while len(self.replies) < len(analysis.participants):
-            self._abort_if_lost(analysis)
-            if time.monotonic() > deadline:
-                missing = [d for d in analysis.participants if d not in self.replies]
-                raise JobAborted(f"analysis {analysis.name}: no aggregates from {', '.join(missing)} "
-                                 f"within {REPLY_TIMEOUT_S:.0f}s")
-            self._pump()
-
-    def _abort_if_lost(self, analysis: PlanAnalysis) -> None:
-        lost = [d for d in analysis.participants if d in self.failed]
-        if lost:
-            raise JobAborted(f"analysis {analysis.name}: domain {lost[0]} {self.failed[lost[0]]}")
-
-    def _report_ledger(self, analysis: PlanAnalysis) -> None:
-        """BudgetSpent for every charge, PolicyDecided for every refusal; abort if any domain refused."""
-        subject = f"analysis.{analysis.name}"
-        for domain, res in sorted(self.replies.items()):
-            for c in res.charges:
-                self.sink.emit(ev.BudgetSpent(product=c.product, subject=subject, epsilon=c.epsilon,
-                                              total=c.total, cap=c.cap))
-        denials = [(d, x) for d, res in sorted(self.replies.items()) for x in res.denied]
-        for domain, x in denials:
-            self.sink.emit(ev.PolicyDecided(policy=x.policy, scope="analysis", subject=subject, effect="deny",
-                                            reason=f"{domain}: {x.reason}", stage="run"))
-        if denials:
-            domain, x = denials[0]
-            raise JobAborted(f"analysis {analysis.name}: domain {domain} refused ({x.policy}): {x.reason}")
-
-    def _handle_other(self, domain: str, msg: Any, tensors: wire.Tensors) -> bool:
-        if not isinstance(msg, wire.AnalyzeRes):
-            return False
-        analysis = getattr(self, "analysis", None)
-        problem = ""
-        if analysis is None or msg.analysis != analysis.name:
-            problem = f"aggregates for analysis {msg.analysis!r}, which is not running"
-        elif domain not in analysis.participants or domain in self.replies:
-            problem = f"unexpected or duplicate aggregates from {domain}"
-        elif tensors:
-            problem = "aggregates carry tensors"
-        else:
-            read = next(r for r in analysis.reads if r.domain == domain)
-            try:
-                gate(msg, self.plan, analysis, read.product)
-            except GateError as err:
-                problem = f"output gate: {err}"
-        if problem:
-            self.sink.emit(ev.MessageRejected(sender=domain, reason=problem))
-            if analysis is not None and domain in analysis.participants and domain not in self.replies:
-                self._fail(domain, f"sent aggregates the plan does not allow ({problem})")
-            return True
-        self.replies[domain] = msg
-        return True
 
 
 # -- rendering --------------------------------------------------------------------

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from meshctl.runtime.events import Event, RunCompleted, parse_event
 from meshctl.runtime.keys import fast_reconnect
-from meshctl.tui.messages import BridgeNote, FrameSkipped
-
-if TYPE_CHECKING:
-    from meshctl.tui.app import MeshApp
+from meshctl.tui.messages import BridgeNote, EventHost, FrameSkipped
 
 __all__ = ["EventBridge", "FileReplay"]
 
@@ -29,7 +25,7 @@ class _Feeder:
     """Parses raw events and feeds them to an app; counts what it drops."""
 
     def __init__(self) -> None:
-        self.app: MeshApp | None = None
+        self.app: EventHost | None = None
         self.received = 0
         """Events delivered to the app."""
         self.skipped = 0
@@ -80,7 +76,7 @@ class _Feeder:
         """Whether the source's thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
-    def _start_thread(self, app: MeshApp, name: str) -> None:
+    def _start_thread(self, app: EventHost, name: str) -> None:
         self.app = app
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -132,7 +128,7 @@ class EventBridge(_Feeder):
         self.connected = threading.Event()
         """Set once the Curve handshake with the coordinator has succeeded."""
 
-    def start(self, app: MeshApp) -> None:
+    def start(self, app: EventHost) -> None:
         """Connect and start receiving in a daemon thread; returns at once."""
         self._start_thread(app, "meshctl-event-bridge")
 
@@ -204,7 +200,7 @@ class FileReplay(_Feeder):
         self.done = threading.Event()
         """Set when every line has been fed."""
 
-    def start(self, app: MeshApp) -> None:
+    def start(self, app: EventHost) -> None:
         """Start replaying into `app`; returns at once."""
         self._start_thread(app, "meshctl-event-replay")
 

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from textual.message import Message
+from textual.timer import Timer
 
 from meshctl.runtime.events import Event
+
+
+class EventHost(Protocol):
+    """What an event source (bridge.py, replay.py) needs of the app it feeds; `MeshApp` is one.
+    The sources see the app only through this, so they never import app.py (which imports them)."""
+
+    def post_message(self, message: Message) -> bool: ...
+    def set_interval(self, interval: float, callback: Callable[[], Any] | None = None) -> Timer: ...
+    def feed(self, event: Event) -> bool: ...
+    def apply_events(self, events: Iterable[Event]) -> None: ...
+    def rebuild(self, events: Iterable[Event]) -> None: ...
 
 
 @dataclass

@@ -12,16 +12,12 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from meshctl.errors import UserError
 from meshctl.runtime.events import Event, parse_event
 from meshctl.runtime.run import EVENTS_FILE, LATEST, RUNS_DIR, resolve_run
 from meshctl.tui.bridge import _Feeder, _short
-from meshctl.tui.messages import BridgeNote, FrameSkipped
-
-if TYPE_CHECKING:
-    from meshctl.tui.app import MeshApp
+from meshctl.tui.messages import BridgeNote, EventHost, FrameSkipped
 
 __all__ = ["EVENTS_FILE", "PacedReplay", "ScrubReplay", "find_events", "round_marks", "schedule"]
 
@@ -90,7 +86,7 @@ class PacedReplay(_Feeder):
         self.done = threading.Event()
         """Set when every line has been fed (or the replay stopped)."""
 
-    def start(self, app: MeshApp) -> None:
+    def start(self, app: EventHost) -> None:
         """Start replaying into `app`; returns at once."""
         self._start_thread(app, "meshctl-paced-replay")
 
@@ -167,7 +163,7 @@ class ScrubReplay:
         self.marks: list[int] = []
         """`round_marks` of the events."""
         self.paused = False
-        self._app: MeshApp | None = None
+        self._app: EventHost | None = None
         self._cursor_ts = 0.0
         self._last_tick = 0.0
         self._timer: object | None = None
@@ -189,7 +185,7 @@ class ScrubReplay:
                         self.bad.append(_short(err))
         self.marks = round_marks(self.events)
 
-    def start(self, app: MeshApp) -> None:
+    def start(self, app: EventHost) -> None:
         """Load the file and start advancing on the app's timer; call from the app's thread."""
         self._app = app
         try:

@@ -14,8 +14,8 @@ import torch
 from meshctl.compiler.compile import compile_mesh
 from meshctl.compiler.plan import PlanAggregation
 from meshctl.runtime import events as ev
+from meshctl.runtime.coordinator.strategy import make_strategy as Strategy
 from meshctl.runtime.launcher import start_run
-from meshctl.runtime.strategy import Strategy
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
 

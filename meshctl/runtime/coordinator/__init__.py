@@ -2,6 +2,7 @@
 
     service.py    Coordinator: owns the link, the event sink and the stop request; runs one workflow per job
     training.py   the round template of a training job (Flower's Strategy.start is the model)
+    strategy.py   Strategy base + the STRATEGIES registry; one thin class per strategy over the kernels
     members.py    join, refuse, lose, rejoin at a round boundary, liveness, quorum
     collector.py  replies checked against the plan; a phase collected with its deadline and stragglers
     outputs.py    the event log (EventSink), checkpoints, metrics.csv, resume points

@@ -259,11 +259,8 @@ def _coordinate(run_dir: str | Path, resumed: str = "", gone: str = "") -> int:
         if pid == 0:
             os._exit(_daemon_child(manifest, plan, domain, key_file))
         children[pid] = domain
-    cls = Coordinator
-    if manifest.analysis:  # an analysis run: meshctl analyze
-        from meshctl.runtime.analytics import AnalysisCoordinator as cls
-    try:
-        coordinator.append(cls(manifest, plan, children, resumed=resumed))
+    try:  # the service runs the plan's training jobs, or the manifest's analysis (meshctl analyze)
+        coordinator.append(Coordinator(manifest, plan, children, resumed=resumed))
         if reasons:
             coordinator[0].stop_reason = reasons[0]
         threading.Thread(target=_watch_supervisor, args=(supervisor, reasons), name="supervisor",

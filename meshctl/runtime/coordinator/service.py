@@ -40,6 +40,7 @@ from meshctl.compiler.plan import Plan, PlanJob
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.coordinator import outputs
+from meshctl.runtime.coordinator.analysis import Analysis
 from meshctl.runtime.coordinator.collector import Collector, JobAborted
 from meshctl.runtime.coordinator.members import Members, Peer
 from meshctl.runtime.coordinator.training import Training
@@ -109,6 +110,8 @@ class Coordinator:
             self.link = link
         self.stop_reason = ""
         self.closing = False
+        self.analysis: Analysis | None = None
+        """The analysis workflow of a `meshctl analyze` run, once it started."""
 
     peers = _room("members", "peers")
     failed = _room("members", "failed")
@@ -234,10 +237,17 @@ class Coordinator:
 
     # -- one job -------------------------------------------------------------------
     def _work_names(self) -> list[str]:
-        """What this run does, for RunStarted (an analysis run overrides this and `_work`)."""
-        return [j.name for j in self.plan.jobs]
+        """What this run does, for RunStarted: the plan's jobs, or `analysis:NAME` for an analysis run."""
+        return [f"analysis:{self.m.analysis}"] if self.m.analysis else [j.name for j in self.plan.jobs]
 
     def _work(self) -> None:
+        """One workflow per job: `Training` for each of the plan's models, or the run's one `Analysis`."""
+        if self.m.analysis:
+            self.analysis = Analysis(self.plan, self.plan.analysis(self.m.analysis), self.members, self.sink,
+                                     self.clock, self._pump, self.run_dir, self.m.run,
+                                     join_timeout_s=self.m.join_timeout_s)
+            self.analysis.run()
+            return
         for job in self.plan.jobs:
             if job.name not in self.completed:
                 self._run_job(job)
@@ -391,8 +401,8 @@ class Coordinator:
             self.sink.emit(ev.MessageRejected(sender=domain, reason=f"unexpected {msg.type} message"))
 
     def _handle_other(self, domain: str, msg: Any, tensors: wire.Tensors) -> bool:
-        """Handle a message kind the training loop does not know; False rejects it."""
-        return False
+        """Handle a message kind the training loop does not know (the analysis room's); False rejects it."""
+        return self.analysis is not None and self.analysis.receive(domain, msg, tensors)
 
     @functools.cached_property
     def limits(self) -> tuple[int, int]:

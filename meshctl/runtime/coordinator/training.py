@@ -30,10 +30,10 @@ from meshctl.runtime import wire
 from meshctl.runtime.coordinator import outputs
 from meshctl.runtime.coordinator.collector import Collector, JobAborted, RoundInterrupted
 from meshctl.runtime.coordinator.members import Members, Peer, Sink
+from meshctl.runtime.coordinator.strategy import Strategy, make_strategy
 from meshctl.runtime.data import pooled_mean_std
 from meshctl.runtime.governance import RoundGate, RoundUpdate
 from meshctl.runtime.kernels import mlp
-from meshctl.runtime.strategy import Strategy
 
 REJOIN_HEARTBEATS = 3
 """A lost domain has max(round_timeout_s, REJOIN_HEARTBEATS x heartbeat timeout) to come back."""
@@ -77,7 +77,7 @@ class Training:
         started = time.time()
         metrics: dict[str, float] = {}
         covered: set[str] = set()
-        strategy = Strategy(job.aggregation)
+        strategy = make_strategy(job.aggregation)
         norm = self._standardization(job, participants)
         first = version + 1
         round_start = {first: time.time()}

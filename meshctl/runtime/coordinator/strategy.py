@@ -1,0 +1,244 @@
+"""Aggregation strategies: how the coordinator turns one round's updates into new weights.
+
+`Strategy` is the base a training round needs; each strategy is a thin class over the
+pure kernels (meshctl.runtime.kernels: `fedavg`, robust.py) and registers itself in
+`STRATEGIES` under its plan name by declaring `name`. `make_strategy(agg)` makes one per
+job from the plan's `aggregation`; the instance keeps whatever state crosses rounds
+(FedAdam's and FedYogi's moments, FedAvgM's velocity, centered clipping's last global
+update, the robust rules' server momentum). FedProx changes local training (the daemon
+adds the proximal term) and aggregates as FedAvg.
+
+The compiler's strategy names (plan.STRATEGY_SETTINGS, the spec's Literal) and this
+registry agree; tests/runtime/rooms/test_strategy_registry.py checks both ways.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from meshctl.compiler.plan import PlanAggregation
+from meshctl.runtime.kernels import fedavg
+from meshctl.runtime.kernels.robust import (
+    ServerMomentum,
+    ServerOptimizer,
+    bulyan,
+    centered_clip,
+    coordinate_median,
+    krum,
+    multi_krum,
+    trimmed_mean,
+)
+
+Weights = Sequence[torch.Tensor]
+Updates = Sequence[Sequence[torch.Tensor]]
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+"""Every strategy class by its plan name, filled as the subclasses below are defined."""
+
+
+class Strategy(ABC):
+    """One job's aggregation rule over full-weight updates, made once per job."""
+
+    name: ClassVar[str]
+    """The plan's `aggregation.strategy`; a subclass that declares it is registered."""
+    needs_every_update: ClassVar[bool] = False
+    """A robust rule looks at each update, so it cannot run on secure aggregation's mean."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in STRATEGIES:
+                raise TypeError(f"strategy {cls.name!r} registered twice")
+            STRATEGIES[cls.name] = cls
+
+    def __init__(self, agg: PlanAggregation):
+        self.agg = agg
+        self.settings = agg.settings()
+
+    def aggregate(self, weights: Weights, domains: Sequence[str], updates: Updates,
+                  examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        """(new weights, a note on what the rule did, or "") from the round's updates."""
+        if len(updates) < self.agg.min_updates():
+            raise ValueError(f"{self.name} needs at least {self.agg.min_updates()} updates per round, "
+                             f"got {len(updates)}")
+        return self.rule(weights, domains, updates, examples)
+
+    @abstractmethod
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        """The strategy's rule alone: (its weights, a note)."""
+
+    def from_mean(self, weights: Weights, mean: list[torch.Tensor]) -> list[torch.Tensor]:
+        """New weights from the example-weighted mean of the updates (what secure aggregation yields)."""
+        raise ValueError(f"{self.name} needs every single update, so it cannot run with secure aggregation")
+
+
+def make_strategy(agg: PlanAggregation) -> Strategy:
+    """The registered strategy for the plan's `aggregation`, with fresh per-job state."""
+    cls = STRATEGIES.get(agg.strategy)
+    if cls is None:
+        raise ValueError(f"unknown aggregation strategy {agg.strategy!r}")
+    return cls(agg)
+
+
+# The weighted mean and the server optimizers on it: these also run on secure aggregation.
+
+class FedAvg(Strategy):
+    """The example-weighted mean of the updates (McMahan et al. 2017)."""
+
+    name = "fedavg"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        return self.from_mean(weights, fedavg(updates, examples)), ""
+
+    def from_mean(self, weights: Weights, mean: list[torch.Tensor]) -> list[torch.Tensor]:
+        return mean
+
+
+class FedProx(FedAvg):
+    """FedAvg on the server; the proximal term (`mu`) is the daemons' local training."""
+
+    name = "fedprox"
+
+
+class _ServerStep(FedAvg):
+    """A server step from the weights toward the mean, with its state across rounds."""
+
+    server: ServerOptimizer | ServerMomentum
+
+    def from_mean(self, weights: Weights, mean: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.server.step(weights, mean)
+
+
+class FedAdam(_ServerStep):
+    """An Adam step on the pseudo-gradient mean - weights (Reddi et al. 2021)."""
+
+    name = "fedadam"
+
+    def __init__(self, agg: PlanAggregation):
+        super().__init__(agg)
+        s = self.settings
+        self.server = ServerOptimizer(self.name, s["server_lr"], s["beta_1"], s["beta_2"], s["tau"])
+
+
+class FedYogi(FedAdam):
+    """A Yogi step on the pseudo-gradient mean - weights (Reddi et al. 2021)."""
+
+    name = "fedyogi"
+
+
+class FedAvgM(_ServerStep):
+    """Server momentum on the mean update (Hsu et al. 2019)."""
+
+    name = "fedavgm"
+
+    def __init__(self, agg: PlanAggregation):
+        super().__init__(agg)
+        self.server = ServerMomentum(self.settings["server_lr"], self.settings["server_momentum"])
+
+
+# Robust rules: each looks at every single update.
+
+class _Robust(Strategy):
+    needs_every_update = True
+
+
+class Median(_Robust):
+    """The coordinate-wise median."""
+
+    name = "median"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        return coordinate_median(updates), ""
+
+
+class TrimmedMean(_Robust):
+    """The coordinate-wise mean without the `trim` share from each end."""
+
+    name = "trimmed_mean"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        trim = self.settings["trim"]
+        return trimmed_mean(updates, trim), f"trimmed {int(trim * len(updates))} from each end per coordinate"
+
+
+class Krum(_Robust):
+    """The update closest to its neighbours."""
+
+    name = "krum"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        chosen, i = krum(updates, self.settings["byzantine"])
+        return chosen, f"krum chose {domains[i]}'s update"
+
+
+class _RobustWithMomentum(_Robust):
+    """A robust rule whose step server momentum may smooth (`server_momentum`, off at 0)."""
+
+    def __init__(self, agg: PlanAggregation):
+        super().__init__(agg)
+        m = self.settings["server_momentum"]
+        self.momentum = ServerMomentum(1.0, m) if m > 0 else None
+
+    def aggregate(self, weights: Weights, domains: Sequence[str], updates: Updates,
+                  examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        new, note = super().aggregate(weights, domains, updates, examples)
+        if self.momentum is not None:
+            new = self.momentum.step(weights, new)
+        return new, note
+
+
+class MultiKrum(_RobustWithMomentum):
+    """The example-weighted mean of the `select` updates with the lowest Krum scores."""
+
+    name = "multi_krum"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        f = int(self.settings["byzantine"])
+        select = int(self.settings["select"]) or len(updates) - f
+        if select > len(updates):  # a short round (quorum): n - f, never every update
+            select = len(updates) - f
+        mean, picked = multi_krum(updates, examples, f, select)
+        left = sorted(set(domains) - {domains[i] for i in picked})
+        return mean, f"multi_krum averaged {len(picked)} of {len(updates)}; left out {', '.join(left) or 'none'}"
+
+
+class Bulyan(_RobustWithMomentum):
+    """Krum selection, then a trimmed mean around the median."""
+
+    name = "bulyan"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        out, picked = bulyan(updates, int(self.settings["byzantine"]))
+        left = sorted(set(domains) - {domains[i] for i in picked})
+        return out, f"bulyan selected {len(picked)} of {len(updates)}; left out {', '.join(left) or 'none'}"
+
+
+class CenteredClip(_RobustWithMomentum):
+    """Updates clipped around the weights plus the last round's global update."""
+
+    name = "centered_clip"
+
+    def __init__(self, agg: PlanAggregation):
+        super().__init__(agg)
+        self.last_step: list[torch.Tensor] | None = None
+        """The last round's global update, new weights minus old (the centre's offset); zero at first."""
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        step = self.last_step or [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+        centre = [w.to(torch.float64) + d for w, d in zip(weights, step)]
+        new, radius, far = centered_clip(updates, examples, centre, float(self.settings["radius"]),
+                                         int(self.settings["iterations"]))
+        self.last_step = [n.to(torch.float64) - w.to(torch.float64) for n, w in zip(new, weights)]
+        return new, f"centered_clip radius {radius:.4g}: {far} of {len(updates)} updates clipped at first"
