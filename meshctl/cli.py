@@ -917,8 +917,8 @@ def audit_verify(run: str | None, audit_mesh: Path) -> None:
 @reports_errors
 def audit_report(run: str, output: Path | None, audit_mesh: Path) -> None:
     """Write a compliance report of RUN as Markdown and JSON. RUN is a run id, a run directory or `latest`."""
-    from meshctl.runtime.run import resolve_run
     from meshctl.runtime.audit_report import write_report
+    from meshctl.runtime.run import resolve_run
 
     md, js, report = write_report(resolve_run(run, audit_mesh.resolve().parent), output)
     click.echo(f"wrote {md}\nwrote {js}")
@@ -941,8 +941,8 @@ def lineage_export(run: str, output: Path | None, audit_mesh: Path) -> None:
     """Print RUN's OpenLineage RunEvents as JSON lines. RUN is a run id, a run directory or `latest`."""
     import json
 
-    from meshctl.runtime.run import resolve_run
     from meshctl.runtime.lineage import write_events
+    from meshctl.runtime.run import resolve_run
 
     events, path = write_events(resolve_run(run, audit_mesh.resolve().parent), output)
     if path is None:

@@ -50,6 +50,7 @@ from meshctl.runtime.data import DataError, JobData, count_rows, feature_sums, l
 from meshctl.runtime.kernels import evaluate, mlp, privacy, train_local
 from meshctl.runtime.kernels.privacy import dp_train_local
 from meshctl.runtime.keys import KeyPair, curve_client, fast_reconnect, fingerprint
+from meshctl.runtime.liveness import heartbeat_timeout
 
 if TYPE_CHECKING:
     import duckdb
@@ -60,18 +61,10 @@ HEARTBEAT_S = 2.0
 """A joined daemon sends a Heartbeat this often, also while it trains."""
 
 
-LOST_AFTER_S = 15.0
-"""A one-run daemon whose coordinator connection stays down this long gives up (exit 1); the same
-default as the coordinator's heartbeat timeout, and MESHCTL_HEARTBEAT_TIMEOUT_S overrides both."""
-
-
 def lost_after() -> float:
-    """`LOST_AFTER_S`, or MESHCTL_HEARTBEAT_TIMEOUT_S when set to a positive number."""
-    try:
-        value = float(os.environ.get("MESHCTL_HEARTBEAT_TIMEOUT_S", ""))
-    except ValueError:
-        return LOST_AFTER_S
-    return value if value > 0 else LOST_AFTER_S
+    """How long a daemon's coordinator connection may stay down (or silent) before it is lost: the
+    heartbeat timeout of `meshctl.runtime.liveness`, the coordinator's own."""
+    return heartbeat_timeout()
 
 
 class CoordinatorLost(UserError):

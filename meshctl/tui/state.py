@@ -9,12 +9,12 @@ there computes anything the coordinator has not already said.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from meshctl.runtime import events as ev
+from meshctl.runtime.liveness import heartbeat_timeout
 
 RunStatus = Literal["starting", "running", "completed", "failed", "lost"]
 """`lost`: the dashboard stopped hearing the coordinator before the run ended (`coordinator_lost`)."""
@@ -23,21 +23,13 @@ DomainStatus = Literal["connecting", "joined", "waiting", "training", "evaluatin
 JobStatus = Literal["waiting", "training", "completed", "failed"]
 Level = Literal["info", "warning", "error"]
 
-LOST_AFTER_S = 15.0
-"""Silence after which a domain (or the coordinator) counts as lost: the coordinator's heartbeat
-timeout; MESHCTL_HEARTBEAT_TIMEOUT_S overrides it, as it does for the coordinator and daemons."""
-
 LIVE = ("joined", "waiting", "training", "evaluating", "idle")
 """Domain states that expect more news from the domain."""
 
 
 def lost_after() -> float:
-    """`LOST_AFTER_S`, or MESHCTL_HEARTBEAT_TIMEOUT_S when set to a positive number."""
-    try:
-        value = float(os.environ.get("MESHCTL_HEARTBEAT_TIMEOUT_S", ""))
-    except ValueError:
-        return LOST_AFTER_S
-    return value if value > 0 else LOST_AFTER_S
+    """How long silence may last before the dashboard flags it: the runtime's heartbeat timeout."""
+    return heartbeat_timeout()
 
 
 @dataclass
@@ -244,7 +236,7 @@ class MeshState:
     """Time of `run_completed`; 0 while the run goes on. Ages stop counting there."""
 
     def log(self, level: str, text: str, *, ts: float = 0.0, kind: str = "note",
-            domain: str = "", job: str = "", round: int = 0) -> LogLine:  # noqa: A002
+            domain: str = "", job: str = "", round: int = 0) -> LogLine:
         """Append a line to the event log and return it."""
         self.logged += 1
         line = LogLine(self.logged, level, text, ts, kind, domain, job, round)

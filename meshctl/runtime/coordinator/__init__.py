@@ -30,15 +30,14 @@ from meshctl.runtime.coordinator.process import (
     warm_main,
 )
 from meshctl.runtime.coordinator.service import (
-    HEARTBEAT_TIMEOUT_S,
     INTERNAL_ERROR,
     POLL_MS,
     REJECTION_CODES,
     Coordinator,
     Stopped,
     _daemon_said,
-    heartbeat_timeout,
 )
+from meshctl.runtime.liveness import HEARTBEAT_TIMEOUT_S, heartbeat_timeout
 
 __all__ = [
     "HEARTBEAT_EVENT_S", "HEARTBEAT_TIMEOUT_S", "INTERNAL_ERROR", "MAX_RESUMES", "POLL_MS", "REJECTION_CODES",

@@ -73,7 +73,7 @@ class Collector:
 
     def receive(self, domain: str, msg: wire.TrainRes | wire.EvalRes, tensors: wire.Tensors, size: int) -> None:
         """Keep a result for its phase, or reject it (a MessageRejected event)."""
-        code, problem, norm = self.judge(domain, msg, tensors)
+        _, problem, norm = self.judge(domain, msg, tensors)
         if problem:
             self.sink.emit(ev.MessageRejected(sender=domain, reason=problem))
             return

@@ -45,12 +45,11 @@ from meshctl.runtime.coordinator.collector import Collector, JobAborted
 from meshctl.runtime.coordinator.members import Members, Peer
 from meshctl.runtime.coordinator.training import Training
 from meshctl.runtime.keys import KeyPair
+from meshctl.runtime.liveness import heartbeat_timeout
 from meshctl.runtime.run import EVENTS_FILE, RunManifest, last_line, stop_reason
 from meshctl.runtime.transport import Clock, Link, SystemClock
 
 POLL_MS = 250
-HEARTBEAT_TIMEOUT_S = 15.0
-"""A joined domain that sends nothing for this long is lost (MESHCTL_HEARTBEAT_TIMEOUT_S overrides)."""
 INTERNAL_ERROR = 2
 """Exit status (meshctl.errors.InternalError's) of a coordinator whose run ended on an unexpected error;
 it wrote run_completed ok=false with the reason, so the run is over and not to be resumed."""
@@ -61,15 +60,6 @@ REJECTION_CODES = frozenset({"refused", "unknown-job", "bad-round", "bad-weights
 
 AWAIT_EVENT_S = 10.0
 """While a job waits for domains to join, a DomainsAwaited this often names the missing ones."""
-
-
-def heartbeat_timeout() -> float:
-    """`HEARTBEAT_TIMEOUT_S`, or MESHCTL_HEARTBEAT_TIMEOUT_S when set to a positive number."""
-    try:
-        value = float(os.environ.get("MESHCTL_HEARTBEAT_TIMEOUT_S", ""))
-    except ValueError:
-        return HEARTBEAT_TIMEOUT_S
-    return value if value > 0 else HEARTBEAT_TIMEOUT_S
 
 
 class Stopped(BaseException):  # not an Exception: no `except Exception` may swallow it

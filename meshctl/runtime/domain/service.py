@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
 import re
 import signal
@@ -49,6 +48,7 @@ from meshctl.runtime.daemon import (
     say,
 )
 from meshctl.runtime.keys import KeyPair, check_public_key, fingerprint, keys_dir
+from meshctl.runtime.liveness import env_seconds
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
@@ -182,11 +182,7 @@ def backoff(attempt: int, rng: random.Random, cap: float | None = None) -> float
 
 def reconnect_cap() -> float:
     """`BACKOFF_CAP_S`, or MESHCTL_RECONNECT_MAX_S when set to a positive number."""
-    try:
-        value = float(os.environ.get("MESHCTL_RECONNECT_MAX_S", ""))
-    except ValueError:
-        return BACKOFF_CAP_S
-    return value if value > 0 else BACKOFF_CAP_S
+    return env_seconds("MESHCTL_RECONNECT_MAX_S", BACKOFF_CAP_S)
 
 
 class Service:
