@@ -201,9 +201,12 @@ def _served(hosts: Hosts, run: Path) -> list[int]:
     return [e["round"] for e in hosts.events(run) if e["type"] == "update_received" and e["domain"] == REMOTE]
 
 
-def test_a_service_started_before_up_serves_run_after_run_and_outlives_a_killed_coordinator(hosts):
+def test_a_service_started_before_up_serves_run_after_run_and_outlives_a_killed_coordinator(tmp_path):
     from meshctl.runtime.ledger import Ledger, ledger_path
 
+    # 40 rounds: the run killed below must still be training when the kill lands (2 rounds finished
+    # before it on a quiet machine); each run is still a few seconds
+    hosts = Hosts(tmp_path, rounds=40)
     service = hosts.serve()
     try:
         service.wait_for("connecting to tcp://127.0.0.1:")  # it waits for a coordinator that is not there yet
@@ -232,7 +235,7 @@ def test_a_service_started_before_up_serves_run_after_run_and_outlives_a_killed_
     completed = [r for r in runs if any(e["type"] == "run_completed" and e["ok"] for e in hosts.events(r))]
     assert len(completed) == 2
     for run in completed:
-        assert _served(hosts, run) == [1, 2], run
+        assert _served(hosts, run) == list(range(1, 41)), run
     joined = [line.split()[2] for line in service.lines if line.startswith("joined run ")]
     assert joined == [r.name for r in runs]  # three runs, one after another, each joined once
     # each run booked in the domain's own ledger (under its data root) as its own run
