@@ -30,7 +30,7 @@ from meshctl.runtime.analytics_domain import (
     statistics,
 )
 from meshctl.runtime.kernels import aggregates as agg
-from meshctl.tables import format_table
+from meshctl.tables import cell, format_table
 
 REPLY_TIMEOUT_S = 600.0
 """How long the coordinator waits for every participant's aggregates."""
@@ -149,31 +149,13 @@ def render_result(result: dict[str, Any]) -> str:
     rows = []
     for g in result["groups"]:
         rows.append([*(str(g["key"][c]) for c in result["group_by"]),
-                     *(_cell(g["values"][m]) for m in result["metrics"]), str(len(g["domains"]))])
+                     *(cell(g["values"][m]) for m in result["metrics"]), str(len(g["domains"]))])
     lines = [format_table(head, rows, upper=False)]
     sup = result["suppressed"]
     held = sum(sup["by_domain"].values())
     lines.append(f"{len(result['groups'])} groups; suppressed: {held} in domains, {sup['merged']} after merging"
                  + (f"; DP ε {result['dp']['epsilon']:g} (Laplace)" if result.get("dp") else ""))
     return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, dict) and "counts" in value:
-        return "[" + " ".join(_short(c) for c in value["counts"]) + "]"
-    if isinstance(value, dict):
-        return " ".join(f"q{q}={_short(v)}" for q, v in value.items())
-    return _short(value)
-
-
-def _short(x: Any) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, int):
-        return str(x)
-    return f"{x:.4g}" if abs(x) < 1e6 else f"{x:.4e}"
 
 
 def read_result(run_dir: Path, name: str, copy_to: Path | None = None) -> dict[str, Any]:

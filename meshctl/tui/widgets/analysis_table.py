@@ -13,6 +13,7 @@ from typing import Any
 
 from textual.widgets import DataTable
 
+from meshctl.tables import cell as table_cell
 from meshctl.tui.state import AnalysisView, MeshState
 from meshctl.tui.widgets._format import MISSING
 
@@ -97,21 +98,5 @@ def caption(analysis: AnalysisView, result: dict[str, Any]) -> str:
 
 
 def cell(value: Any) -> str:
-    """One metric value: a number, a histogram `[3 5 2]`, quantiles `q0.5=3.2`."""
-    if value is None:
-        return MISSING
-    if isinstance(value, dict) and "counts" in value:
-        return "[" + " ".join(_num(c) for c in value["counts"]) + "]"
-    if isinstance(value, dict):
-        return " ".join(f"q{q}={_num(v)}" for q, v in value.items())
-    return _num(value)
-
-
-def _num(x: Any) -> str:
-    if x is None:
-        return MISSING
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return str(x)
-    if isinstance(x, int):
-        return str(x)
-    return f"{x:.4g}" if abs(x) < 1e6 else f"{x:.4e}"
+    """One metric value, as `meshctl analyze` prints it (the dashboard's dash for a missing one)."""
+    return table_cell(value, MISSING)
