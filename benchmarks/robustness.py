@@ -37,6 +37,7 @@ from make_data import dirichlet_partition, load_data, write_mesh
 from meshctl.compiler.plan import PlanAggregation
 from meshctl.runtime.coordinator.strategy import make_strategy
 from meshctl.runtime.kernels import evaluate, mlp, train_local
+from meshctl.runtime.kernels.metrics import finish
 
 ALL = ["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "multi_krum:server_momentum=0.9", "bulyan",
        "bulyan:server_momentum=0.9", "centered_clip", "centered_clip:server_momentum=0.9", "fedavgm",
@@ -97,8 +98,7 @@ def simulate(name: str, n: int, rounds: int, attackers: int, threads: int) -> tu
             examples.append(len(y))
         weights, _ = strategy.aggregate(weights, domains, updates, examples)
         model.load_state_dict(dict(zip(names, weights)))
-        _, correct, total = evaluate(model, xt, yt)
-        accs.append(correct / total)
+        accs.append(finish("classification", ["accuracy"], [evaluate(model, xt, yt)])["accuracy"])
     return accs, time.perf_counter() - t0
 
 

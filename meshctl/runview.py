@@ -102,6 +102,10 @@ def render_status(run_dir: Path, fmt: str = "text") -> str:
         rows = [(j.name, j.state, f"{j.done}/{j.rounds or '?'}",
                  "  ".join(f"{k} {v:.4f}" for k, v in j.metrics.items()) or "-", j.detail) for j in jobs]
         lines.append(format_table(("job", "state", "rounds", "metrics", "detail"), rows))
+        from meshctl.runtime.launcher import evaluation_lines
+
+        extra = [line for j in jobs for line in evaluation_lines(r.events, j.name, r.path)]
+        lines += ["", *extra] if extra else []
     return "\n".join(lines).rstrip()
 
 

@@ -334,6 +334,9 @@ def _contract_columns(d: _Diff, old: Contract, new: Contract, subject: str,
         if was.type != col.type:
             d.add("BRK002", "head", (*at, "type"), subject,
                   f"column '{name}' retyped {was.type} -> {col.type}", covered)
+        elif col.type == "tensor" and was.shape != col.shape:  # another shape is another type
+            d.add("BRK002", "head", (*at, "shape"), subject,
+                  f"column '{name}' reshaped {was.shape} -> {col.shape}", covered)
         if was.required != col.required:
             rule = "BRK003" if col.required else "BRK013"
             d.add(rule, "head", at, subject,

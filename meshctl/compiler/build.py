@@ -8,6 +8,7 @@ so the same mesh.yaml gives the same plan bytes.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from collections.abc import Callable
 
@@ -31,11 +32,13 @@ from meshctl.compiler.plan import (
     PlanHeader,
     PlanJob,
     PlanMetric,
+    PlanPersonalization,
     PlanPolicy,
     PlanPrivacy,
     PlanProduct,
     PlanQualityRule,
     PlanRead,
+    PlanTensor,
     PlanTraining,
     aggregation_settings,
     mlp_tensors,
@@ -51,6 +54,7 @@ from meshctl.compiler.spec import (
     Domain,
     Grant,
     MeshSpec,
+    Personalization,
     Product,
     QualityRule,
 )
@@ -91,7 +95,8 @@ def _column(column: Column) -> PlanColumn:
                       values=list(column.values),
                       range=list(column.range) if column.range is not None else None,
                       masking=masking if column.pii == "indirect" else None,
-                      generalize=(column.generalize or "") if masking == "generalize" else "")
+                      generalize=(column.generalize or "") if masking == "generalize" else "",
+                      shape=list(column.shape) if column.type == "tensor" and column.shape else None)
 
 
 def _product(product: Product, resolution: Resolution, domains: dict[str, Domain]) -> PlanProduct:
@@ -171,22 +176,28 @@ def _aggregation(agg: Aggregation) -> PlanAggregation:
 
 def _job(resolved: ResolvedModel, resolution: Resolution) -> PlanJob:
     model = resolved.model
-    classes = list(resolved.target.values)
-    arch = PlanArchitecture(input_dim=len(resolved.features), hidden=model.architecture.hidden,
-                            output_dim=len(classes))
+    classes = list(resolved.target.values) if resolved.task != "regression" else []
+    arch = PlanArchitecture(input_dim=resolved.input_width, hidden=model.architecture.hidden,
+                            output_dim=len(classes) if resolved.task == "classification" else 1)
     tensors = mlp_tensors(arch.input_dim, arch.hidden, arch.output_dim)
+    if resolved.network is not None:  # compiler.entrypoint: built-ins and entrypoint models
+        arch, tensors = resolved.network.architecture, resolved.network.tensors
     evaluation = model.evaluation
     return PlanJob(
         name=model.name, purpose=model.purpose, participants=resolved.participants,
         reads=_reads(resolved.products),
-        features=resolved.features, target=resolved.target.name, classes=classes,
-        architecture=arch, tensors=tensors,
+        features=resolved.features, inputs=resolved.inputs, input_shape=resolved.input_shape,
+        target=resolved.target.name, classes=classes,
+        **_task(resolved),
+        architecture=arch, tensors=shared_tensors(tensors, model.personalization),
+        personalization=_personalization(tensors, model.personalization),
         parameters=parameter_count(tensors),
         training=PlanTraining(**model.training.model_dump()),
         evaluation=PlanEvaluation(holdout=evaluation.holdout,
                                   holdout_column=evaluation.holdout_column or "",
                                   holdout_value=evaluation.holdout_value,
-                                  metrics=list(evaluation.metrics)),
+                                  metrics=metrics_of(resolved), product=evaluation.product,
+                                  cross_site=evaluation.cross_site or None),
         aggregation=_aggregation(model.aggregation),
         privacy=PlanPrivacy(secure_aggregation=model.privacy.secure_aggregation,
                             dp=_dp(model.privacy.dp)),
@@ -194,6 +205,44 @@ def _job(resolved: ResolvedModel, resolution: Resolution) -> PlanJob:
         round_timeout_s=model.round_timeout_s,
         grants=resolution.used_grants.get(f"model:{model.name}", []),
     )
+
+
+DEFAULT_LOSS = {"classification": "cross_entropy", "binary": "bce", "regression": "mse"}
+DEFAULT_METRICS = {"classification": ["loss", "accuracy"], "binary": ["loss", "accuracy"],
+                   "regression": ["loss", "mae", "rmse", "r2"]}
+
+
+def metrics_of(resolved: ResolvedModel) -> list[str]:
+    """The model's declared evaluation metrics, else its task's default."""
+    declared = resolved.model.evaluation.metrics
+    return list(declared) if declared is not None else list(DEFAULT_METRICS[resolved.task])
+
+
+def _task(resolved: ResolvedModel) -> dict[str, object]:
+    """PlanJob's task, loss and huber_delta; None (left out of the plan) for the defaults."""
+    model = resolved.model
+    loss = model.loss if model.loss != DEFAULT_LOSS[resolved.task] else None
+    delta = model.huber_delta if model.huber_delta not in (None, 1.0) else None
+    return {"task": None if resolved.task == "classification" else resolved.task, "loss": loss, "huber_delta": delta}
+
+
+def local_tensors(tensors: list[PlanTensor], personal: Personalization | None) -> list[PlanTensor]:
+    """The tensors a personalised model keeps in each domain: those a `local` glob matches."""
+    globs = personal.local if personal is not None else []
+    return [t for t in tensors if any(fnmatch.fnmatchcase(t.name, g) for g in globs)]
+
+
+def shared_tensors(tensors: list[PlanTensor], personal: Personalization | None) -> list[PlanTensor]:
+    """The tensors the wire carries and the coordinator aggregates: all but the local ones."""
+    local = {t.name for t in local_tensors(tensors, personal)}
+    return [t for t in tensors if t.name not in local]
+
+
+def _personalization(tensors: list[PlanTensor], personal: Personalization | None) -> PlanPersonalization | None:
+    if personal is None:
+        return None
+    return PlanPersonalization(local=list(personal.local), local_tensors=local_tensors(tensors, personal),
+                               fine_tune_epochs=personal.fine_tune_epochs, fine_tune_lr=personal.fine_tune_lr)
 
 
 def _analysis(resolved: ResolvedAnalysis, resolution: Resolution) -> PlanAnalysis:

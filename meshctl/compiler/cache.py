@@ -6,6 +6,9 @@ entry. An entry is JSON (data and positions), read back without running anything
 a file whose data JSON cannot hold exactly (dates, non-string keys, NaN) or whose
 loading reported a problem is not cached. Deleting the directory is always safe.
 Only `meshctl validate` and `plan` use it; a domain service (`serve`) compiles cold.
+What an entrypoint model is (its introspection) is cached beside it, in
+`.meshctl/cache/models/`, keyed by the model's code hash (meshctl.compiler.entrypoint):
+editing a code file changes the hash, so a warm compile never reuses a stale answer.
 """
 
 from __future__ import annotations

@@ -4,11 +4,14 @@ The stages run in order (load, parse, resolve (models, analyses, grants),
 contracts, sources, policies, plan (build.py)); every stage reports into one Reporter and later stages work on whatever
 earlier ones could make sense of, so one run shows every problem. Pure: reads
 the mesh.yaml and checks that source files of `local` domains exist, nothing else
-(a remote domain's data lives on its own host: its daemon checks it there).
+(a remote domain's data lives on its own host: its daemon checks it there), and
+hashes an entrypoint model's code and asks one subprocess what the module is, once
+per code hash (meshctl.compiler.entrypoint).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from meshctl.compiler.build import build_plan
 from meshctl.compiler.cache import LoadCache
 from meshctl.compiler.contracts import check_contracts
 from meshctl.compiler.diagnostics import Diagnostic, Reporter, render_all
+from meshctl.compiler.entrypoint import networks
 from meshctl.compiler.identity import check_identity, remote_domains
 from meshctl.compiler.include import DirFiles, Files, Included, merge_includes
 from meshctl.compiler.loader import Source, SourceMap, load_bytes, no_gc
@@ -25,7 +29,7 @@ from meshctl.compiler.parse import parse_spec
 from meshctl.compiler.plan import ROBUST_STRATEGIES, STRATEGY_SETTINGS, Plan, PlanDecision
 from meshctl.compiler.policy import compile_policies, decide, plan_policies
 from meshctl.compiler.resolve import Resolution, ResolvedModel, resolve
-from meshctl.compiler.sources import check_sources
+from meshctl.compiler.sources import check_sources, source_kind
 from meshctl.compiler.spec import MeshSpec, Model
 
 Load = Callable[[bytes, str], tuple[Source | None, list[Diagnostic]]]
@@ -117,6 +121,10 @@ def _compile(raw: bytes, path: str | Path, hashed: bool, files: Files, load: Loa
     check_identity(spec, report)
     check_sources(spec.products, Path(path).parent, report, remote=remote_domains(spec))
     _check_jobs(resolution, report, spec)
+    root = Path(path).parent.resolve()  # entrypoint code is imported from beside the mesh.yaml
+    networks(resolution, report, root, root / ".meshctl" / "cache" / "models")
+    for resolved in resolution.models:  # what needs the model's modules: known once it is built
+        _check_dp_module(resolved, report)
     _check_owner(spec, report)
     policies = compile_policies(spec, report)
     name = Path(path).name
@@ -130,7 +138,9 @@ def _compile(raw: bytes, path: str | Path, hashed: bool, files: Files, load: Loa
         hashed_bytes = raw + b"".join(b"\0%s\0%s" % (i.name.encode(), i.raw) for i in includes)
         plan = build_plan(spec, resolution, decisions, plan_policies(spec, report, name),
                           hashed_bytes, report.at)
-        if hashed:
+        if _check_built(plan, spec, report):  # what needs the model's tensors (entrypoints: known only now)
+            plan = None
+        elif hashed:
             plan = plan.with_hash()
     return CompileResult(plan, _unique(report.diagnostics), source.text, spec, source, includes)
 
@@ -156,13 +166,12 @@ def _check_owner(spec: MeshSpec, report: Reporter) -> None:
 def _check_jobs(resolution: Resolution, report: Reporter, spec: MeshSpec) -> None:
     for resolved in resolution.models:
         model = resolved.model
-        if model.architecture.entrypoint is not None:
-            report.error("MESH505", "custom architectures (entrypoint) are not supported by "
-                         "the plan yet", (*model.path, "architecture", "entrypoint"),
-                         hint="use `architecture: {kind: mlp, hidden: [...]}`")
         _check_aggregation(resolved, report)
-        _check_metrics(model, report)
+        _check_metrics(resolved, report)
         _check_privacy(resolved.model, report)
+        _check_evaluation(resolved.model, report)
+        _check_personalization(resolved.model, report)
+        _check_data(resolved, report)
         if model.privacy.secure_aggregation:
             _check_secure_aggregation(resolved, spec, report)
         if model.quorum is not None and model.quorum > len(resolved.participants):
@@ -226,18 +235,28 @@ def _check_byzantine(resolved: ResolvedModel, report: Reporter) -> None:
                      hint=f"select at most {have}, or leave `select` out for n - f")
 
 
-COMPUTED_METRICS = ("loss", "accuracy")
-"""The evaluation metrics the coordinator computes from what daemons send (loss sums, correct counts)."""
+TASK_METRICS = {"classification": ("loss", "accuracy", "auroc", "f1", "precision", "recall"),
+                "binary": ("loss", "accuracy", "auroc", "f1", "precision", "recall"),
+                "regression": ("loss", "mae", "rmse", "r2")}
+"""The evaluation metrics of each task (meshctl/runtime/kernels/metrics.py computes them)."""
+TASK_LOSSES = {"classification": ("cross_entropy",), "binary": ("bce",), "regression": ("mse", "mae", "huber")}
 
 
-def _check_metrics(model: Model, report: Reporter) -> None:
-    """Every evaluation metric must be computed: auroc and f1 would need per-example scores."""
-    for i, metric in enumerate(model.evaluation.metrics):
-        if metric not in COMPUTED_METRICS:
-            report.error("MESH514", f"evaluation metric '{metric}' of model '{model.name}' is not "
-                         "computed: daemons report only loss sums and correct counts",
-                         (*model.path, "evaluation", "metrics", i),
-                         hint=f"remove it; the supported metrics are {' and '.join(COMPUTED_METRICS)}")
+def _check_metrics(resolved: ResolvedModel, report: Reporter) -> None:
+    """Every metric, and the loss, fit the model's task (MESH514, MESH528); huber_delta is huber's (MESH529)."""
+    model, task = resolved.model, resolved.task
+    for i, metric in enumerate(model.evaluation.metrics or []):
+        if metric not in TASK_METRICS[task]:
+            report.error("MESH514", f"evaluation metric '{metric}' of model '{model.name}' does not fit "
+                         f"its task ({task})", (*model.path, "evaluation", "metrics", i),
+                         hint=f"a {task} model reports {', '.join(TASK_METRICS[task])}")
+    if model.loss is not None and model.loss not in TASK_LOSSES[task]:
+        report.error("MESH528", f"loss {model.loss} of model '{model.name}' does not fit its task ({task})",
+                     (*model.path, "loss"), hint=f"a {task} model trains with {' or '.join(TASK_LOSSES[task])}")
+    if model.huber_delta is not None and model.loss != "huber":
+        report.error("MESH529", f"huber_delta is a setting of `loss: huber`; model '{model.name}' trains with "
+                     f"{model.loss or 'its default loss'}", (*model.path, "huber_delta"),
+                     hint="remove huber_delta, or set `loss: huber`")
 
 
 def _check_secure_aggregation(resolved: ResolvedModel, spec: MeshSpec, report: Reporter) -> None:
@@ -259,6 +278,123 @@ def _check_secure_aggregation(resolved: ResolvedModel, spec: MeshSpec, report: R
             report.error("MESH513", f"round policy '{policy.name}' reads update norms, which the coordinator "
                          f"cannot see under the secure aggregation of model '{model.name}'", where,
                          hint="drop the norm condition, or secure aggregation")
+
+
+STREAMED_FORMATS = ("csv", "parquet", "duckdb")
+"""Sources DuckDB reads as a stream; sqlite and postgresql rows are copied into memory first."""
+
+
+def _check_data(resolved: ResolvedModel, report: Reporter) -> None:
+    """`data: stream` (docs/streaming.md): no DP-SGD (it samples from all rows), a buffer that
+    holds a batch, and sources DuckDB can stream."""
+    model = resolved.model
+    t, path = model.training, (*model.path, "training")
+    if t.buffer_rows is not None:
+        if t.data == "memory":
+            report.error("MESH525", f"model '{model.name}' sets `buffer_rows` but reads its data into memory",
+                         (*path, "buffer_rows"), hint="drop `buffer_rows`, or use `data: stream`")
+        elif t.buffer_rows < t.batch_size:
+            report.error("MESH525", f"model '{model.name}': buffer_rows {t.buffer_rows} is smaller than "
+                         f"its batch_size {t.batch_size}", (*path, "buffer_rows"),
+                         hint=f"use at least {t.batch_size} rows")
+    if t.data != "stream":
+        return
+    if model.privacy.dp is not None:
+        report.error("MESH524", f"model '{model.name}' streams its data, but DP-SGD needs Poisson sampling "
+                     "over all rows, which streamed batches do not give", (*path, "data"),
+                     hint="use `data: memory` (or `auto`, which never streams a DP model)")
+    for product in resolved.products:
+        kind = source_kind(product.source)
+        if kind is not None and kind.format not in STREAMED_FORMATS:
+            report.error("MESH526", f"model '{model.name}' streams product '{product.domain}.{product.name}', "
+                         f"whose {kind.format} rows are copied into memory before DuckDB reads them",
+                         (*path, "data"), hint="use `data: memory`, or a parquet, csv or duckdb source")
+
+
+def _check_evaluation(model: Model, report: Reporter) -> None:
+    """Cross-site evaluation sends each local model to the other domains: never under secure aggregation
+    or DP (MESH536). An evaluation product's domain gets no mesh-wide standardization (MESH537). Neither
+    combines with personal layers (MESH538), which never leave their domain."""
+    evaluation, privacy = model.evaluation, model.privacy
+    at = (*model.path, "evaluation", "cross_site")
+    if evaluation.cross_site and privacy.secure_aggregation:
+        report.error("MESH536", f"model '{model.name}' uses secure aggregation, but cross_site evaluation sends "
+                     "each domain's local model to the other domains", at,
+                     hint="drop `cross_site`, or secure aggregation")
+    if evaluation.cross_site and privacy.dp is not None:
+        report.error("MESH536", f"model '{model.name}' trains with DP, but cross_site evaluation sends each "
+                     "domain's local model, which only the noised aggregate protects, to the other domains", at,
+                     hint="drop `cross_site`, or DP")
+    personal = model.personalization.local if model.personalization is not None else []
+    if personal and (evaluation.cross_site or evaluation.product is not None):
+        what = "cross_site evaluation sends each domain's local model to the others" if evaluation.cross_site \
+            else f"evaluation product '{evaluation.product}' is scored by a domain without personal layers"
+        report.error("MESH538", f"model '{model.name}' keeps layers {', '.join(personal)} in each domain "
+                     f"(personalization.local), but {what}", (*model.path, "personalization", "local"),
+                     hint="a personal model never leaves its domain: drop `personalization.local`, "
+                          "or the evaluation")
+    if evaluation.product is not None and model.training.standardize:
+        report.error("MESH537", f"model '{model.name}' standardizes features with the participants' statistics, "
+                     f"which evaluation product '{evaluation.product}' is not scored with",
+                     (*model.path, "training", "standardize"),
+                     hint="standardize the data in the products, or drop `evaluation.product`")
+
+
+def _check_personalization(model: Model, report: Reporter) -> None:
+    """Fine-tuning would train outside DP's accountant (MESH532). (Personal layers with cross_site
+    evaluation or an evaluation product: MESH538, `_check_evaluation`.)"""
+    personal = model.personalization
+    if personal is None:
+        return
+    at = (*model.path, "personalization")
+    if not personal.local and not personal.fine_tune_epochs:
+        report.error("MESH531", f"model '{model.name}' declares personalization with neither local layers nor "
+                     "fine-tuning, so nothing would be personal", at,
+                     hint="add `local: [<tensor globs>]` or `fine_tune_epochs: N`, or drop `personalization`")
+        return
+    if personal.fine_tune_lr is not None and not personal.fine_tune_epochs:
+        report.error("MESH531", f"model '{model.name}' sets fine_tune_lr without fine_tune_epochs, so it "
+                     "would be ignored", (*at, "fine_tune_lr"), hint="add `fine_tune_epochs: N` or drop it")
+    if personal.fine_tune_epochs and model.privacy.dp is not None:
+        report.error("MESH532", f"model '{model.name}' trains with DP, but fine-tuning trains each domain's "
+                     "model again outside the DP accountant, and its metrics leave the domain",
+                     (*at, "fine_tune_epochs"), hint="drop `fine_tune_epochs` (local layers train under DP)")
+
+
+def _check_dp_module(resolved: ResolvedModel, report: Reporter) -> None:
+    """DP-SGD needs each example's gradient, which a BatchNorm layer does not have (MESH534)."""
+    model, network = resolved.model, resolved.network
+    if model.privacy.dp is not None and network is not None and network.batch_norm:
+        report.error("MESH534", f"model '{model.name}' trains with DP, but its layer '{network.batch_norm[0]}' is a "
+                     "BatchNorm, which mixes the examples of a batch: per-example gradients (DP-SGD) are "
+                     "undefined for it", (*model.path, "privacy", "dp"), hint="use GroupNorm or LayerNorm")
+
+
+def _check_built(plan: Plan, spec: MeshSpec, report: Reporter) -> bool:
+    """Checks of each job's tensors (an entrypoint's are known once it is introspected): personal
+    layers (MESH531). True when one failed (the plan is then not built)."""
+    models = {m.name: m for m in spec.models}
+    failed = False
+    for job in plan.jobs:
+        model = models.get(job.name)
+        if model is None:
+            continue
+        personal = job.personalization
+        if personal is not None and personal.local:
+            where = (*model.path, "personalization", "local")
+            names = {t.name for t in (*job.tensors, *personal.local_tensors)}
+            for i, glob in enumerate(personal.local):
+                if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                    report.error("MESH531", f"personalization.local glob '{glob}' of model '{job.name}' matches "
+                                 "none of its tensors", (*where, i),
+                                 hint=f"its tensors are {', '.join(sorted(names)[:8])}")
+                    failed = True
+            if personal.local_tensors and not job.tensors:
+                report.error("MESH531", f"personalization.local of model '{job.name}' keeps every tensor "
+                             "local: nothing is shared, so there is nothing to train together", where,
+                             hint="keep only the last layers local, e.g. the head")
+                failed = True
+    return failed
 
 
 def _check_privacy(model: Model, report: Reporter) -> None:

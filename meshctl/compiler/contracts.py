@@ -68,6 +68,10 @@ def check_product(product: Product, contract: Contract, report: Reporter) -> Non
                          (*at, "type"))
         elif wanted.type == "category":
             _values(column, wanted, at, label, report)
+        elif wanted.type == "tensor" and wanted.shape and column.shape and column.shape != wanted.shape:
+            report.error("MESH522", f"tensor column '{column.name}' of product '{label}' has shape "
+                         f"{column.shape}, but contract '{contract.name}' says {wanted.shape}", (*at, "shape"),
+                         hint=f"declare `shape: {wanted.shape}`")
 
 
 def _values(column: Column, wanted: Column, at: YamlPath, label: str, report: Reporter) -> None:
@@ -102,6 +106,29 @@ def check_columns(columns: list[Column], path: YamlPath, report: Reporter) -> No
                          (*path, i, "values"), hint="only a category column has `values`")
         _range(column, (*path, i), report)
         _masking(column, (*path, i), report)
+        _shape(column, (*path, i), report)
+
+
+MAX_TENSOR_VALUES = 100_000
+"""Most floats one row of a tensor column may hold (what a domain's `standardize` sums may carry)."""
+
+
+def _shape(column: Column, at: YamlPath, report: Reporter) -> None:
+    """A tensor column has a shape of 1 to 3 positive sizes; no other column has one."""
+    if column.type != "tensor":
+        if column.shape is not None:
+            report.error("MESH520", f"column '{column.name}' has a shape but is {column.type}",
+                         (*at, "shape"), key=True, hint="only a `type: tensor` column has a shape")
+        return
+    shape = column.shape or []
+    size = 1
+    for n in shape:
+        size *= max(n, 1)
+    if not 1 <= len(shape) <= 3 or any(n < 1 for n in shape) or size > MAX_TENSOR_VALUES:
+        why = "has no shape" if column.shape is None else f"has shape {shape}"
+        report.error("MESH520", f"tensor column '{column.name}' {why}; a shape is 1 to 3 positive sizes "
+                     f"of at most {MAX_TENSOR_VALUES} values in all", at if column.shape is None else (*at, "shape"),
+                     hint="e.g. `shape: [64]`, `shape: [8, 8]` (an image) or `shape: [3, 32, 32]`")
 
 
 def _range(column: Column, at: YamlPath, report: Reporter) -> None:

@@ -116,10 +116,13 @@ CODES: dict[str, str] = {
     # 5xx: plan
     "MESH501": "A product's source format is not supported by the plan (csv and parquet files, "
                "sqlite:PATH, duckdb:PATH and postgresql:// URIs are).",
-    "MESH502": "A model's target must be a category column with declared values.",
-    "MESH503": "A model's feature must be numeric (int, float or bool) to feed an MLP.",
+    "MESH502": "A model's target fits no task: it must be a category with declared values (classification, "
+               "binary) or an int or float column (regression).",
+    "MESH503": "A model's feature cannot feed a model: date and timestamp columns never can; a string column "
+               "needs a cap on its one-hot width (`inputs.categories: {COLUMN: N}`).",
     "MESH504": "A model declares a quorum larger than its number of participants.",
-    "MESH505": "A model's architecture (entrypoint) is not supported by this meshctl yet.",
+    "MESH505": "A model's entrypoint cannot be imported or built: the module is not found beside the "
+               "mesh.yaml or on sys.path, it has no such callable, the factory raised, or it returned no nn.Module.",
     "MESH506": "A model or analysis has no participants.",
     "MESH507": "An analysis groups by a column that is not a category; groups must be declared "
                "values.",
@@ -141,12 +144,51 @@ CODES: dict[str, str] = {
                "the sum) or a round policy on update norms; or it has "
                "fewer than 3 participants per round, so one could subtract its own update from the "
                "aggregate.",
-    "MESH514": "An evaluation metric is not computed: daemons send loss sums and correct counts, "
-               "so loss and accuracy are; auroc and f1 would need per-example scores.",
+    "MESH514": "An evaluation metric does not fit the model's task: loss, accuracy, auroc, f1, precision, "
+               "recall for classification and binary; loss, mae, rmse, r2 for regression (docs/evaluation.md).",
     "MESH515": "trimmed_mean cuts floor(trim x updates) from each end per coordinate; with "
                "the model's participants (or quorum) that is 0, so it is a plain unweighted mean.",
+    "MESH531": "A `personalization.local` glob matches none of the model's tensors, or the globs "
+               "match all of them (nothing would be shared), or `personalization` declares nothing "
+               "personal (no local layers, no fine-tuning) or a fine_tune_lr without fine_tune_epochs.",
+    "MESH532": "A model trained with DP declares `personalization.fine_tune_epochs`: fine-tuning "
+               "trains outside the DP accountant.",
     "MESH516": "multi_krum averages `select` updates per round, so `select` can be at most the "
                "model's participants (or quorum); leave it out for n - f.",
+    "MESH517": "A model has state (parameters or buffers) that is not float32; only float32 state is "
+               "federated (BatchNorm's int64 num_batches_tracked: use track_running_stats=False or GroupNorm).",
+    "MESH518": "A model's architecture keys do not fit: `entrypoint` must be `package.module:factory`, `args` "
+               "(JSON scalars and lists) is for an entrypoint, and each built-in kind takes only its own keys.",
+    "MESH519": "A model does not fit its input or output: `kind: cnn` needs one [C, H, W] tensor input, and "
+               "a model's forward must map [n, *input_shape] to [n, output_dim].",
+    "MESH520": "A tensor column needs `shape:` (1 to 3 positive sizes); no other column type has a shape.",
+    "MESH521": "`inputs.categories` names a column that is not a category or string feature of the model, "
+               "or caps one outside 1 to 10000 values.",
+    "MESH522": "A product's tensor column has another shape than its contract declares.",
+    "MESH523": "The vocabulary of a model's category or string features cannot be agreed or used: under DP "
+               "(it is agreed from exact value counts, which DP does not cover), or for an evaluation product in "
+               "a domain that does not train (only training domains receive it).",
+    "MESH524": "A model with `data: stream` trains with DP: DP-SGD's accounting needs Poisson "
+               "sampling over all rows, which streamed batches do not give (docs/streaming.md).",
+    "MESH525": "`buffer_rows` must hold at least one batch (batch_size rows) and applies only to "
+               "streamed data (`data: stream` or `auto`).",
+    "MESH526": "A model with `data: stream` reads a sqlite or postgresql product, whose rows are "
+               "copied into memory before DuckDB reads them; stream parquet, csv or duckdb sources.",
+    "MESH527": "A model's declared task does not fit its target: classification needs a category target, "
+               "binary a category of exactly 2 values, regression an int or float target.",
+    "MESH528": "A model's loss does not fit its task: cross_entropy is classification's, bce binary's, "
+               "mse, mae and huber regression's.",
+    "MESH529": "`huber_delta` is a setting of `loss: huber` only.",
+    "MESH534": "A model trained with DP has a BatchNorm layer: it mixes the examples of a batch, so "
+               "per-example gradients (DP-SGD) are undefined; use GroupNorm or LayerNorm.",
+    "MESH535": "A model's evaluation product (evaluation.product) is not a product, is also a training "
+               "product, or lacks the model's features and target (same types and classes, not PII).",
+    "MESH536": "cross_site evaluation sends each domain's local model to the other domains, which secure "
+               "aggregation and DP exist to prevent.",
+    "MESH537": "A model with an evaluation product standardizes features: the product's domain does not "
+               "train, so it gets no mesh-wide statistics to score with.",
+    "MESH538": "A model keeps personal layers (personalization.local) in each domain and declares cross_site "
+               "evaluation or an evaluation product: a personal model never leaves its domain.",
 }
 
 SHOWN = 100

@@ -15,6 +15,7 @@ imports. Export then import gives back the same contract. Pure: data in, data ou
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +32,12 @@ API_VERSION = "v3.1.0"
 `enum` values, is still in progress upstream)."""
 
 LOGICAL = {"string": "string", "int": "integer", "float": "number", "bool": "boolean",
-           "date": "date", "timestamp": "timestamp", "category": "string"}
-"""meshctl column type -> ODCS logicalType (a category is a string with an `enum`)."""
+           "date": "date", "timestamp": "timestamp", "category": "string", "tensor": "array"}
+"""meshctl column type -> ODCS logicalType (a category is a string with an `enum`; a tensor an
+array of numbers, its shape a custom property)."""
 
 PHYSICAL = {"string": "VARCHAR", "int": "BIGINT", "float": "DOUBLE", "bool": "BOOLEAN",
-            "date": "DATE", "timestamp": "TIMESTAMP", "category": "VARCHAR"}
+            "date": "DATE", "timestamp": "TIMESTAMP", "category": "VARCHAR", "tensor": "FLOAT[]"}
 """meshctl column type -> physicalType, as DuckDB (which reads products) names it."""
 
 TYPES = {"string": "string", "integer": "int", "number": "float", "boolean": "bool",
@@ -137,6 +139,10 @@ def _property(column: Column, quality: list[QualityRule],
     if column.range is not None and column.type in ("int", "float"):
         out["logicalTypeOptions"] = {"minimum": _scalar(column.range[0]),
                                      "maximum": _scalar(column.range[1])}
+    if column.type == "tensor":  # every row: prod(shape) numbers
+        size = math.prod(column.shape or [1])
+        out["logicalTypeOptions"] = {"minItems": size, "maxItems": size}
+        out["items"] = {"logicalType": "number", "physicalType": "FLOAT"}
     if classification:
         out["classification"] = classification
     if column.description:
@@ -151,6 +157,8 @@ def _property(column: Column, quality: list[QualityRule],
         out["quality"] = rules
     custom = [_custom(k, getattr(column, k)) for k in ("masking", "generalize")
               if getattr(column, k) is not None]
+    if column.type == "tensor" and column.shape:
+        custom.insert(0, _custom("shape", list(column.shape)))
     if column.values:
         custom.insert(0, _custom("values", list(column.values)))
     if not column.required:  # meshctl: the column may be absent (ODCS has no such notion)
@@ -412,6 +420,8 @@ class _Importer:
         logical = prop.get("logicalType")
         enum = prop.get("enum")
         kind = TYPES.get(logical) if logical else _from_physical(prop.get("physicalType"))
+        if logical == "array":
+            return self.tensor(prop, where)
         if kind is None:
             self.drop(where, f"property '{prop['name']}' of logicalType {logical} (meshctl "
                       "columns are scalars)")
@@ -442,6 +452,29 @@ class _Importer:
         self.rest(where, prop, {"name", "logicalType", "physicalType", "enum", "required",
                                 "description", "classification", "quality",
                                 "logicalTypeOptions", "customProperties"})
+        return _column_order(out)
+
+    def tensor(self, prop: dict[str, Any], where: str) -> dict[str, Any] | None:
+        """An array of numbers as a tensor column: its shape from the custom property `shape`, else
+        [n] where minItems = maxItems = n."""
+        items = prop.get("items") if isinstance(prop.get("items"), dict) else {}
+        opts = prop.get("logicalTypeOptions") if isinstance(prop.get("logicalTypeOptions"), dict) else {}
+        custom = [cp for cp in prop.get("customProperties") or [] if isinstance(cp, dict)]
+        shape = next((cp.get("value") for cp in custom if cp.get("property") == "shape"), None)
+        if shape is None and _number(opts.get("minItems")) and opts.get("minItems") == opts.get("maxItems"):
+            shape = [opts["minItems"]]
+        if items.get("logicalType") not in ("number", "integer") or not isinstance(shape, list) \
+                or not all(isinstance(n, int) and n > 0 for n in shape):
+            self.drop(where, f"property '{prop['name']}' of logicalType array (meshctl takes arrays of numbers "
+                      "of one fixed size, as tensor columns)")
+            return None
+        out: dict[str, Any] = {"name": str(prop["name"]), "type": "tensor", "shape": list(shape)}
+        if prop.get("description"):
+            out["description"] = str(prop["description"])
+        prop = {**prop, "customProperties": [cp for cp in custom if cp.get("property") != "shape"]}
+        self.custom_column(prop, out, where)
+        self.rest(where, prop, {"name", "logicalType", "physicalType", "items", "logicalTypeOptions", "required",
+                                "description", "classification", "quality", "customProperties"})
         return _column_order(out)
 
     def options(self, prop: dict[str, Any], out: dict[str, Any], where: str) -> None:
@@ -588,7 +621,7 @@ class _Importer:
 
 def _column_order(col: dict[str, Any]) -> dict[str, Any]:
     """Keys in the order mesh.yaml writes them."""
-    order = ("name", "type", "values", "range", "required", "pii", "masking", "generalize",
+    order = ("name", "type", "values", "shape", "range", "required", "pii", "masking", "generalize",
              "description")
     return {k: col[k] for k in order if k in col}
 

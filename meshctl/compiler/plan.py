@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import tomllib
 import weakref
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PLAN_FORMAT = 1
 """Version of the plan file layout."""
@@ -76,6 +77,8 @@ class PlanColumn(_Frozen):
     direct columns are never selected at all)."""
     generalize: str = ""
     """`year`, `month`, `prefix:N` or `bucket:W` when masking is generalize."""
+    shape: list[int] | None = None
+    """Shape of a `tensor` column (each row holds prod(shape) floats, row-major)."""
 
 
 class PlanSla(_Frozen):
@@ -150,12 +153,39 @@ class PlanTensor(_Frozen):
     dtype: Literal["float32"] = "float32"
 
 
+class PlanCodeFile(_Frozen):
+    path: str
+    """Path relative to the import root (the mesh.yaml's directory, or site-packages)."""
+    sha256: str
+
+
+class PlanCode(_Frozen):
+    """The code that defines an entrypoint model, pinned: each domain re-hashes it before it runs it."""
+
+    hash: str
+    """`sha256:<hex>` over the files (path and sha256, sorted) and the distribution, if any."""
+    files: list[PlanCodeFile]
+    distribution: str | None = None
+    """`name==version` when the module comes from an installed distribution."""
+
+
 class PlanArchitecture(_Frozen):
-    kind: Literal["mlp"] = "mlp"
+    kind: Literal["mlp", "cnn", "logistic", "custom"] = "mlp"
+    """A built-in, or `custom` (an entrypoint)."""
     input_dim: int
     hidden: list[int]
     output_dim: int
     activation: Literal["relu"] = "relu"
+    channels: list[int] | None = None
+    """cnn: output channels of each conv layer."""
+    kernel: int | None = None
+    """cnn: square kernel size."""
+    entrypoint: str | None = None
+    """custom: `pkg.module:factory`."""
+    args: str | None = None
+    """custom: the factory's keyword arguments as canonical JSON (sorted keys)."""
+    code: PlanCode | None = None
+    """custom: the pinned code."""
 
 
 class PlanTraining(_Frozen):
@@ -169,6 +199,16 @@ class PlanTraining(_Frozen):
     seed: int = 0
     standardize: bool = False
     """Standardize features in each domain with that domain's own training statistics."""
+    data: Literal["memory", "stream", "auto"] | None = None
+    """memory, stream, or None (`auto`): the domain streams a product above
+    `meshctl.runtime.stream.STREAM_ABOVE` rows (docs/streaming.md)."""
+    buffer_rows: int | None = None
+    """Streamed data: rows shuffled together (None: `meshctl.runtime.stream.BUFFER_ROWS`)."""
+
+    @field_validator("data")
+    @classmethod
+    def _auto_is_none(cls, data: str | None) -> str | None:
+        return None if data == "auto" else data  # one plan for `data: auto` and no `data:`
 
 
 class PlanEvaluation(_Frozen):
@@ -178,6 +218,10 @@ class PlanEvaluation(_Frozen):
     """If set, rows whose value in this column equals `holdout_value` are the holdout."""
     holdout_value: str = "test"
     metrics: list[str] = Field(default_factory=lambda: ["loss", "accuracy"])
+    product: str | None = None
+    """A held-out product `<domain>.<name>` the global model is also scored on (all rows are test data)."""
+    cross_site: bool | None = None
+    """True: at the end every participant scores every participant's last local model and the global one."""
 
 
 STRATEGY_SETTINGS: dict[str, dict[str, float]] = {
@@ -261,6 +305,32 @@ class PlanRead(_Frozen):
     """Position of the domain among the job's participants (seeds local shuffling)."""
 
 
+class PlanFeature(_Frozen):
+    """One feature of a job and the run of input slots it fills (see meshctl/runtime/features.py)."""
+
+    name: str
+    kind: Literal["numeric", "categorical", "tensor"] = "numeric"
+    width: int = 1
+    """Slots: 1 (numeric), vocabulary cap + 1 for "other" (categorical), prod(shape) (tensor)."""
+    shape: list[int] | None = None
+    """A tensor feature's shape."""
+    vocabulary: list[str] | None = None
+    """A categorical feature's declared values (the order the agreed vocabulary keeps)."""
+    min_count: int | None = None
+    """A categorical feature: rows a value needs, in a domain and in the pool, to be in the vocabulary."""
+
+
+class PlanPersonalization(_Frozen):
+    """Per-domain personal models: tensors each domain keeps, and fine-tuning after the last round."""
+
+    local: list[str] = Field(default_factory=list)
+    """The mesh's globs over tensor names."""
+    local_tensors: list[PlanTensor] = Field(default_factory=list)
+    """The tensors the globs match: each domain keeps its own; never on the wire (not in `tensors`)."""
+    fine_tune_epochs: int = 0
+    fine_tune_lr: float | None = None
+
+
 class PlanJob(_Frozen):
     name: str
     kind: Literal["train"] = "train"
@@ -268,12 +338,25 @@ class PlanJob(_Frozen):
     participants: list[str]
     reads: list[PlanRead]
     features: list[str]
+    inputs: list[PlanFeature] | None = None
+    """Each feature's kind and slots; None when every feature is numeric (one slot each)."""
+    input_shape: list[int] | None = None
+    """Shape of one row's input as the model sees it (`[D]`, or a lone tensor feature's shape);
+    None means `[len(features)]`."""
     target: str
     classes: list[str]
-    """Target values in class-index order."""
+    """Target values in class-index order (binary: the second is the positive class; regression: empty)."""
+    task: Literal["binary", "regression"] | None = None
+    """None: classification (a plan of before tasks existed reads the same)."""
+    loss: Literal["bce", "mse", "mae", "huber"] | None = None
+    """The training loss; None: the task's default (cross_entropy, bce, mse)."""
+    huber_delta: float | None = None
+    """`loss: huber`'s delta; None: 1.0."""
     architecture: PlanArchitecture
     tensors: list[PlanTensor]
     """The model's state, name by name, in the order the wire carries it."""
+    personalization: PlanPersonalization | None = None
+    """Per-domain personal models; `tensors` then holds only the shared state."""
     parameters: int
     training: PlanTraining
     aggregation: PlanAggregation = PlanAggregation()
@@ -285,6 +368,26 @@ class PlanJob(_Frozen):
     """Per-round deadline for every participant's reply."""
     grants: list[str] = Field(default_factory=list)
     """Ids of the grants the job reads `access: request` products under."""
+
+    @property
+    def task_name(self) -> str:
+        """classification, binary or regression."""
+        return self.task or "classification"
+
+    @property
+    def loss_name(self) -> str:
+        """The training loss, defaults filled in."""
+        return self.loss or {"binary": "bce", "regression": "mse"}.get(self.task or "", "cross_entropy")
+
+    @property
+    def shared_parameters(self) -> int:
+        """Scalars in `tensors`, the state the wire carries (`parameters` less a personal model's local ones)."""
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+    @property
+    def output_dim(self) -> int:
+        """Outputs of the model: one per class (classification), else 1."""
+        return len(self.classes) if self.task is None else 1
 
 
 class PlanMetric(_Frozen):
@@ -463,4 +566,26 @@ def mlp_tensors(input_dim: int, hidden: list[int], output_dim: int) -> list[Plan
         layer = 2 * i  # Linear, ReLU, Linear, ...
         out.append(PlanTensor(name=f"{layer}.weight", shape=[d_out, d_in]))
         out.append(PlanTensor(name=f"{layer}.bias", shape=[d_out]))
+    return out
+
+
+def cnn_tensors(input_shape: list[int], channels: list[int], kernel: int, hidden: list[int],
+                output_dim: int) -> list[PlanTensor]:
+    """State tensors of `kernels.models.cnn` for a [C, H, W] input, in order: per conv layer
+    Conv2d, ReLU and (while H and W are at least 2) MaxPool2d(2); then Flatten and an mlp head."""
+    c, h, w = input_shape
+    out: list[PlanTensor] = []
+    layer = 0
+    for ch in channels:
+        out.append(PlanTensor(name=f"{layer}.weight", shape=[ch, c, kernel, kernel]))
+        out.append(PlanTensor(name=f"{layer}.bias", shape=[ch]))
+        layer += 2  # Conv2d, ReLU
+        if h >= 2 and w >= 2:
+            layer += 1  # MaxPool2d
+            h, w = h // 2, w // 2
+        c = ch
+    layer += 1  # Flatten
+    for t in mlp_tensors(c * h * w, hidden, output_dim):
+        index, _, rest = t.name.partition(".")
+        out.append(PlanTensor(name=f"{layer + int(index)}.{rest}", shape=t.shape))
     return out

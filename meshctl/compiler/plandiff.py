@@ -16,6 +16,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel
 
+from meshctl.compiler.entrypoint import label
 from meshctl.compiler.plan import (
     Plan,
     PlanAnalysis,
@@ -161,9 +162,9 @@ def _analysis_changes(old: PlanAnalysis, new: PlanAnalysis) -> tuple[str, ...]:
 
 
 def _shape(arch: PlanArchitecture) -> str:
-    """`mlp 10-32-16-2` (layer widths from input to output)."""
-    dims = "-".join(str(d) for d in [arch.input_dim, *arch.hidden, arch.output_dim])
-    return f"{arch.kind} {dims}"
+    """`mlp 10-32-16-2` (layer widths from input to output); an entrypoint with its args and
+    short code hash, so a changed hash is a change a reviewer sees."""
+    return label(arch)
 
 
 def _list_change(name: str, old: list[str], new: list[str]) -> list[str]:

@@ -21,6 +21,7 @@ from celpy import celtypes
 
 from meshctl.compiler import cel
 from meshctl.compiler.diagnostics import Reporter, YamlPath
+from meshctl.compiler.entrypoint import architecture_facts
 from meshctl.compiler.plan import (
     PlanDecision,
     PlanPolicy,
@@ -148,17 +149,33 @@ def activation(resolved: ResolvedModel, spec: MeshSpec,
         "name": model.name, "purpose": model.purpose,
         "participants": list(resolved.participants),
         "domains": _domains(resolved.participants, domains),
-        "reads": [_read(p, c, domains) for p in resolved.products],
+        "reads": [_read(p, c, domains) for p in resolved.products] + _held_out(resolved, domains),
         "features": list(resolved.features), "target": resolved.target.name,
-        "architecture": model.architecture.model_dump(mode="json", exclude_none=True),
+        "architecture": (architecture_facts(resolved.network.architecture) if resolved.network is not None
+                         else model.architecture.model_dump(mode="json", exclude_none=True)),
         "training": model.training.model_dump(mode="json"),
         "aggregation": aggregation_settings(model.aggregation.model_dump(mode="json")),
         "privacy": {"secure_aggregation": model.privacy.secure_aggregation,
                     "dp": _dp(model.privacy.dp)},
-        "parameters": parameter_count(mlp_tensors(len(resolved.features),
-                                                  list(model.architecture.hidden),
-                                                  len(resolved.target.values))),
+        "parameters": (resolved.network.parameters if resolved.network is not None
+                       else parameter_count(mlp_tensors(resolved.input_width,
+                                                        list(model.architecture.hidden),
+                                                        len(resolved.target.values)))),
     }
+
+
+def _held_out(resolved: ResolvedModel, domains: dict[str, Domain]) -> list[dict[str, Any]]:
+    """The model's evaluation product as a read (it is one; its domain reads it), or nothing."""
+    product = resolved.evaluation
+    if product is None:
+        return []
+    if resolved.evaluation_contract is not None:
+        return [_read(product, resolved.evaluation_contract, domains)]
+    owner = domains.get(product.domain)
+    return [{"id": f"{product.domain}.{product.name}", "domain": product.domain,
+             "classification": product.classification, "access": product.access, "tags": list(product.tags),
+             "contract": "", "contract_version": "", "purposes": [],
+             "jurisdiction": owner.jurisdiction if owner else ""}]
 
 
 def analysis_activation(resolved: ResolvedAnalysis, domains: dict[str, Domain]) -> dict[str, Any]:
@@ -198,7 +215,8 @@ def subjects(resolution: Resolution, spec: MeshSpec) -> Iterator[Subject]:
     domains = {d.name: d for d in spec.domains}
     for r in resolution.models:
         yield Subject("model", "model", r.model.name, r.model.path,
-                      frozenset(r.participants), activation(r, spec, domains))
+                      frozenset(r.participants) | ({r.evaluation.domain} if r.evaluation else set()),
+                      activation(r, spec, domains))
     for a in resolution.analyses:
         yield Subject("analysis", "analysis", a.analysis.name, a.analysis.path,
                       frozenset(a.participants), analysis_activation(a, domains))

@@ -12,18 +12,25 @@ Lookups are indexed by name, so resolving stays linear in the size of the spec.
 from __future__ import annotations
 
 import fnmatch
+import math
 
+from meshctl.compiler import evalproduct
 from meshctl.compiler.analyses import resolve_analysis
 from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean, quoted
 from meshctl.compiler.grants import resolve_grants
 from meshctl.compiler.parse import Parsed
+from meshctl.compiler.plan import PlanFeature
 from meshctl.compiler.resolved import Resolution, ResolvedAnalysis, ResolvedModel
 from meshctl.compiler.spec import Analysis, Column, Contract, Model, Product
 
 __all__ = ["Resolution", "ResolvedAnalysis", "ResolvedModel", "Resolver", "declared", "resolve"]
 
 NUMERIC = ("int", "float", "bool")
-"""Column types an MLP can take as features."""
+"""Column types that feed a model as one slot each."""
+CATEGORICAL = ("category", "string")
+"""Column types that feed a model one-hot (see meshctl/runtime/features.py)."""
+MAX_CATEGORIES = 10_000
+"""Most values one categorical feature may one-hot (each is a slot of every row's input)."""
 
 
 class Resolver:
@@ -61,6 +68,10 @@ class Resolver:
             if found is not None:
                 self.result.analyses.append(found)
         resolve_grants(self)
+        for resolved in self.result.models:
+            resolved.evaluation = evalproduct.check(self, resolved)
+            if resolved.evaluation is not None:
+                resolved.evaluation_contract = self.result.contracts.get(id(resolved.evaluation))
         return self.result
 
     # -- names -------------------------------------------------------------------
@@ -135,7 +146,7 @@ class Resolver:
                                  f"model '{model.name}'")
         if contract is None:
             return None
-        publishers = self.publishers(contract)
+        publishers = evalproduct.without(self, model, self.publishers(contract))
         participants = self.participants(model, "model", model.inputs.contract, publishers)
         products = [publishers[d][0] for d in participants if len(publishers.get(d, [])) == 1]
         pool = [p for found in publishers.values() for p in found]
@@ -151,7 +162,64 @@ class Resolver:
         if not self.products_have(products, contract, used, f"model '{model.name}'",
                                   model.path):
             return None
-        return ResolvedModel(model, contract, participants, products, features, target)
+        inputs, input_shape = self._inputs(model, contract, features, participants)
+        if len(self.report.diagnostics) > before:
+            return None
+        return ResolvedModel(model, contract, participants, products, features, target,
+                             task=model_task(model, target), inputs=inputs, input_shape=input_shape)
+
+    def _inputs(self, model: Model, contract: Contract, features: list[str],
+                participants: list[str]) -> tuple[list[PlanFeature] | None, list[int] | None]:
+        """Each feature's kind and slots, and the model's input shape; (None, None) when all are numeric."""
+        at = (*model.path, "inputs")
+        caps = model.inputs.categories
+        columns = {name: self.column(contract, name) for name in features}
+        for name in caps:
+            column = columns.get(name)
+            if column is None or column.type not in CATEGORICAL:
+                what = f"a feature of type {column.type}" if column is not None else "not a feature of the model"
+                self.report.error("MESH521", f"inputs.categories names '{name}', which is {what}",
+                                  (*at, "categories", name), key=True,
+                                  hint="list category or string features only")
+            elif not 1 <= caps[name] <= MAX_CATEGORIES:
+                self.report.error("MESH521", f"inputs.categories caps '{name}' at {caps[name]} values",
+                                  (*at, "categories", name), hint=f"a cap is 1 to {MAX_CATEGORIES}")
+        if all(c is not None and c.type in NUMERIC for c in columns.values()):
+            return None, None
+        out = []
+        for name, column in columns.items():
+            if column is None or column.type in NUMERIC:
+                out.append(PlanFeature(name=name))
+            elif column.type == "tensor":
+                shape = list(column.shape or [1])
+                out.append(PlanFeature(name=name, kind="tensor", width=math.prod(shape), shape=shape))
+            elif column.type == "string" and name not in caps:
+                listed = model.inputs.features
+                where = (*at, "features", listed.index(name)) if name in listed else (*at, "features")
+                self.report.error("MESH503", f"feature '{name}' is a string column with no cap on its "
+                                  "one-hot width", where,
+                                  hint=f"add `categories: {{{name}: 20}}` to the model's inputs (20 values "
+                                       "and \"other\"), or declare it `type: category` with `values`")
+            else:
+                declared = list(column.values)
+                cap = min(caps.get(name, len(declared)), len(declared)) if declared else caps[name]
+                out.append(PlanFeature(name=name, kind="categorical", width=max(cap, 1) + 1,
+                                       vocabulary=declared or None, min_count=model.inputs.min_category_count))
+        if model.privacy.dp is not None and any(f.kind == "categorical" for f in out):
+            self.report.error("MESH523", f"model '{model.name}' trains with DP, but the domains agree the vocabulary "
+                              "of its category and string features from exact value counts, which DP does not "
+                              "cover", (*at, "features"),
+                              hint="one-hot the column in the product (int columns), or drop dp")
+        held = (model.evaluation.product or "").split(".")[0]
+        if held and held not in participants and any(f.kind == "categorical" for f in out):
+            self.report.error("MESH523", f"model '{model.name}' has category or string features, whose vocabulary "
+                              f"only training domains receive, but its evaluation product is in domain '{held}', "
+                              "which does not train", (*model.path, "evaluation", "product"),
+                              hint=f"add '{held}' to the participants, or evaluate on the holdout")
+        shape = [sum(f.width for f in out)]
+        if len(out) == 1 and out[0].kind == "tensor":
+            shape = [1, *out[0].shape] if len(out[0].shape) == 2 else list(out[0].shape)
+        return out, shape
 
     def publishers(self, contract: Contract) -> dict[str, list[Product]]:
         """Products under (the major version of) `contract`, by domain."""
@@ -264,10 +332,19 @@ class Resolver:
         column = self.column(contract, name)
         if column is None:
             self.unknown_column(name, contract, at, "target")
-        elif column.type != "category" or not column.values:
-            self.report.error("MESH502", f"target '{name}' is a {column.type} column; a target "
-                              f"must be a category with values", at,
-                              hint="declare it as `type: category, values: [...]`")
+        elif column.type not in ("category", *NUMERIC_TARGET) or (column.type == "category" and not column.values):
+            what = "a category without values" if column.type == "category" else f"a {column.type} column"
+            self.report.error("MESH502", f"target '{name}' is {what}; it fits no task: a target is a "
+                              "category with values (classification, binary) or an int or float (regression)",
+                              at, hint="declare it as `type: category, values: [...]`, or as a number")
+            return None
+        elif model.task is not None and model.task != model_task(model, column):
+            fits = {"regression": "an int or float", "binary": "a category of exactly 2 values",
+                    "classification": "a category"}[model.task]
+            self.report.error("MESH527", f"model '{model.name}' declares task {model.task}, but target "
+                              f"'{name}' is {_described(column)}; task {model.task} needs {fits} target",
+                              (*model.path, "task"), hint=f"use task: {model_task(model, column, declared=False)}"
+                              " or choose another target")
             return None
         return column
 
@@ -306,9 +383,10 @@ class Resolver:
             self.report.error("MESH309", f"feature '{name}' is also the model's {excluded[name]}",
                               at)
             return []
-        if column.type not in NUMERIC:
-            self.report.error("MESH503", f"feature '{name}' is a {column.type} column; an MLP "
-                              f"feature must be int, float or bool", at)
+        if column.type not in (*NUMERIC, *CATEGORICAL, "tensor"):
+            self.report.error("MESH503", f"feature '{name}' is a {column.type} column, which cannot feed "
+                              "a model", at, hint="use numbers (e.g. days since a date as an int column), "
+                              "categories, strings or tensors")
             return []
         return [name]
 
@@ -368,3 +446,28 @@ def _semver(version: str) -> tuple[int, ...]:
 def declared(what: str, names: list[str]) -> str:
     """`declared WHATs: 'a', 'b'` or `no WHATs are declared`."""
     return f"declared {what}: {quoted(names)}" if names else f"no {what} are declared"
+
+
+NUMERIC_TARGET = ("int", "float")
+"""Target types of a regression."""
+
+
+def model_task(model: Model, target: Column, *, declared: bool = True) -> str:
+    """The model's task: declared (with `declared`), else derived from the target column's type.
+
+    A category target is classification (binary only when declared: a 2-valued target trained
+    with cross-entropy before binary existed keeps its plan); an int or float target is regression.
+    A declared task that does not fit the target gives what the target fits (MESH527 reports it).
+    """
+    derived = "regression" if target.type in NUMERIC_TARGET else "classification"
+    if not declared or model.task is None:
+        return derived
+    if model.task == "binary":
+        return "binary" if target.type == "category" and len(target.values) == 2 else derived
+    return model.task if model.task == derived else derived
+
+
+def _described(column: Column) -> str:
+    if column.type == "category":
+        return f"a category of {len(column.values)} values"
+    return f"a {column.type} column"

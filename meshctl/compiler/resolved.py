@@ -7,9 +7,10 @@ they depend on this module and not on resolve.py (which runs them): no import cy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshctl.compiler.diagnostics import Reporter, YamlPath
+from meshctl.compiler.plan import PlanFeature
 from meshctl.compiler.spec import (
     Analysis,
     AnalysisMetric,
@@ -33,6 +34,23 @@ class ResolvedModel:
     """One product per participant, in participant order."""
     features: list[str]
     target: Column
+    evaluation: Product | None = None
+    """The held-out evaluation product (`evaluation.product`), once checked (meshctl.compiler.evalproduct)."""
+    evaluation_contract: Contract | None = None
+    """The contract the evaluation product is published under, if any."""
+    task: str = "classification"
+    """classification, binary or regression: declared, or derived from the target's type."""
+    network: Any = None
+    """The model's `entrypoint.Network` (architecture, tensors, parameters), once computed."""
+    inputs: list[PlanFeature] | None = None
+    """Each feature's kind and slots (resolve.py); None when all are numeric."""
+    input_shape: list[int] | None = None
+    """One row's input shape as the model sees it; None when all features are numeric."""
+
+    @property
+    def input_width(self) -> int:
+        """D: the float slots one row's features fill."""
+        return sum(f.width for f in self.inputs) if self.inputs else len(self.features)
 
 
 @dataclass

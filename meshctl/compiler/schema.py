@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from meshctl.compiler.compile import COMPUTED_METRICS, OWNER
+from meshctl.compiler.compile import OWNER
 from meshctl.compiler.contracts import _GENERALIZE, COLUMN_METRICS, NUMBERS, PLACEHOLDERS
 from meshctl.compiler.identity import Z85_ALPHABET
 from meshctl.compiler.sources import FILE_FORMATS, UNITS, URI_FORMATS
@@ -87,7 +87,7 @@ def _source_rules() -> list[dict[str, Any]]:
 def _column_rules() -> list[dict[str, Any]]:
     """Values only and always on categories (MESH204), ranges only on numbers (MESH209),
     masking only on indirect identifiers (MESH210), generalize with its masking and in the
-    form its type takes (MESH211)."""
+    form its type takes (MESH211), a shape only and always on tensors (MESH520)."""
     rules = [
         _rule(_type_is("category"),
               {"required": ["values"], "properties": {"values": {"minItems": 1}}}),
@@ -97,8 +97,11 @@ def _column_rules() -> list[dict[str, Any]]:
               {"required": ["pii"], "properties": {"pii": {"const": "indirect"}}}),
         _rule(_present("masking", {"const": "generalize"}), _present("generalize")),
         _rule(_present("generalize"), _present("masking", {"const": "generalize"})),
+        _rule(_type_is("tensor"), _present("shape", {"type": "array", "minItems": 1, "maxItems": 3,
+                                                     "items": {"type": "integer", "minimum": 1}})),
+        _rule({"not": _type_is("tensor")}, {"not": _present("shape")}),
     ]
-    kinds = ("string", "int", "float", "bool", "date", "timestamp", "category")
+    kinds = ("string", "int", "float", "bool", "date", "timestamp", "category", "tensor")
     for kind in kinds:
         form = _GENERALIZE.get(kind)
         then = (_present("generalize", {"pattern": f"^({form})$"}) if form
@@ -181,7 +184,6 @@ def mesh_json_schema() -> dict[str, Any]:
     coordinator["address"]["pattern"] = f"^tcp://{_HOST}:{_PORT}$"
     coordinator["public_key"]["anyOf"] = [{"const": ""}, {"pattern": _Z85}]
     defs["Architecture"]["properties"]["hidden"]["items"]["exclusiveMinimum"] = 0
-    defs["Evaluation"]["properties"]["metrics"]["items"]["enum"] = list(COMPUTED_METRICS)
     metric = defs["AnalysisMetric"]
     _add(defs, "AnalysisMetric", [
         _rule(_present("fn", {"not": {"const": "count"}}), _present("column")),

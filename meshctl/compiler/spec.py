@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-ColumnType = Literal["string", "int", "float", "bool", "date", "timestamp", "category"]
+ColumnType = Literal["string", "int", "float", "bool", "date", "timestamp", "category", "tensor"]
 PiiKind = Literal["none", "direct", "indirect"]
 Classification = Literal["public", "internal", "restricted"]
 QualityMetric = Literal[
@@ -98,9 +98,12 @@ class Column(_Spec):
     name: Name
     """Column name as in the data."""
     type: ColumnType
-    """string | int | float | bool | date | timestamp | category"""
+    """string | int | float | bool | date | timestamp | category | tensor"""
     pii: PiiKind = "none"
     """Whether the column identifies a person: direct, indirect or none."""
+    shape: list[int] | None = None
+    """Shape of a `tensor` column, e.g. [8, 8]: each row holds prod(shape) floats (row-major),
+    as a list (Parquet list<float>, DuckDB FLOAT[]) or its text (`[0.5, 1, ...]` in csv)."""
     values: list[str] = Field(default_factory=list)
     """Allowed values of a category column, in class order."""
     range: list[float] | None = Field(default=None, min_length=2, max_length=2)
@@ -280,26 +283,45 @@ class Inputs(_Spec):
     features: list[str]
     """Feature columns, or fnmatch globs such as px*."""
     target: str
-    """Target column (a category)."""
+    """Target column: a category (classification, binary) or an int/float (regression)."""
+    categories: dict[str, int] = Field(default_factory=dict)
+    """Most values a categorical feature one-hots, by column, e.g. {city: 20}: needed for
+    a string feature, optional for a category one (default: all its declared values).
+    One more slot holds "other"."""
+    min_category_count: int = Field(default=10, ge=1)
+    """Rows a value needs, in a domain's training rows and in the pooled counts, to get
+    its own slot; rarer values count as "other" and never leave the domain."""
+
+
+ModelArg = str | bool | int | float | None | list[Any]
+"""A value an entrypoint factory may take (canonical JSON in the plan)."""
 
 
 class Architecture(_Spec):
     """The network trained in every domain."""
 
-    kind: Literal["mlp"] = "mlp"
-    """Model family."""
+    kind: Literal["mlp", "cnn", "logistic"] = "mlp"
+    """Built-in model family: `mlp` (Linear/ReLU), `cnn` (conv layers, then an mlp head, for
+    [C, H, W] inputs), `logistic` (one Linear). Not given with `entrypoint`."""
     hidden: list[int] = Field(default_factory=lambda: [64, 32])
-    """Hidden layer widths."""
+    """Hidden layer widths (mlp; the dense head of a cnn)."""
     activation: Literal["relu"] = "relu"
     """Activation between layers."""
+    channels: list[int] = Field(default_factory=lambda: [16, 32])
+    """cnn: output channels of each conv layer (each followed by ReLU and a 2x2 max-pool)."""
+    kernel: int = Field(default=3, ge=1, le=15)
+    """cnn: square kernel size (odd; padded to keep H and W)."""
     entrypoint: str | None = None
-    """`pkg.module:factory` of a custom model (not supported by the plan yet)."""
+    """`pkg.module:factory` of a custom model: called as `factory(input_shape, output_dim, **args)`,
+    imported with the mesh.yaml's directory first on sys.path."""
+    args: dict[str, ModelArg] = Field(default_factory=dict)
+    """Keyword arguments of the entrypoint factory (JSON scalars and lists)."""
 
-    @field_validator("hidden")
+    @field_validator("hidden", "channels")
     @classmethod
     def _positive(cls, hidden: list[int]) -> list[int]:
         if any(h <= 0 for h in hidden):
-            raise ValueError("hidden layer widths must be positive")
+            raise ValueError("layer widths must be positive")
         return hidden
 
 
@@ -324,6 +346,13 @@ class Training(_Spec):
     """Seed of initialisation and shuffling."""
     standardize: bool = False
     """Standardize features with each domain's own statistics."""
+    data: Literal["memory", "stream", "auto"] | None = None
+    """How a domain reads its rows: `memory` loads them once as tensors; `stream` re-reads them
+    in Arrow batches from DuckDB every epoch (bounded memory, docs/streaming.md); `auto` (the
+    default) streams a product of more than 1,000,000 rows, unless the model trains with DP, the
+    source is sqlite or postgresql, or pyarrow is not installed."""
+    buffer_rows: int | None = Field(default=None, ge=1)
+    """Streamed data: rows shuffled together (a seeded order within each buffer; default 65,536)."""
 
 
 class Aggregation(_Spec):
@@ -394,9 +423,30 @@ class Evaluation(_Spec):
     """If set, rows where this column equals holdout_value are the holdout."""
     holdout_value: str = "test"
     """Value of holdout_column that marks holdout rows."""
-    metrics: list[Literal["loss", "accuracy", "auroc", "f1"]] = Field(
-        default_factory=lambda: ["loss", "accuracy"])
-    """Metrics reported each round: loss and accuracy (auroc and f1 are not computed: MESH514)."""
+    product: str | None = None
+    """`<domain>.<product>`: a held-out product (every row is test data) the global model is also
+    scored on each round, by the domain that holds it; it never trains."""
+    cross_site: bool = False
+    """At the end, every participant's last local model and the global model are scored by every
+    participant on its holdout (a model x site matrix); local models then leave their domains."""
+    metrics: list[Literal["loss", "accuracy", "auroc", "f1", "precision", "recall", "mae", "rmse", "r2"]] | None = None
+    """Metrics reported each round, pooled and per domain (docs/evaluation.md): loss, accuracy, auroc,
+    f1, precision, recall (classification, binary); loss, mae, rmse, r2 (regression). Default: loss
+    and accuracy; loss, mae, rmse and r2 for regression."""
+
+
+class Personalization(_Spec):
+    """Per-domain models (docs/personalization.md): layers kept in each domain (FedPer), and
+    fine-tuning of the final global model in each domain. A personal model never leaves its domain."""
+
+    local: list[str] = Field(default_factory=list)
+    """Globs over the model's tensor names (e.g. `4.*`) that each domain keeps: never sent, never
+    aggregated; each domain trains its own with the shared ones."""
+    fine_tune_epochs: int = Field(default=0, ge=0, le=1000)
+    """After the final round, each domain trains the final model this many epochs on its own rows
+    and reports its holdout metrics before and after."""
+    fine_tune_lr: float | None = Field(default=None, gt=0)
+    """Learning rate of the fine-tuning; default `training.lr`."""
 
 
 class Model(_Item):
@@ -410,6 +460,14 @@ class Model(_Item):
     """Purpose the model serves; checked against contract purposes by policies."""
     inputs: Inputs
     """Contract, features and target."""
+    task: Literal["classification", "binary", "regression"] | None = None
+    """What the model predicts: `classification` (a category target), `binary` (a category target of
+    exactly 2 values; the second is the positive class), `regression` (an int or float target).
+    Default: regression for a numeric target, else classification."""
+    loss: Literal["cross_entropy", "bce", "mse", "mae", "huber"] | None = None
+    """Training loss; default cross_entropy (classification), bce (binary), mse (regression)."""
+    huber_delta: float | None = Field(default=None, gt=0)
+    """`loss: huber`: where the loss turns from quadratic to linear (default 1.0)."""
     participants: Literal["all"] | list[str] = "all"
     """`all` domains that publish under the contract, or a list of domain names."""
     architecture: Architecture = Architecture()
@@ -422,6 +480,8 @@ class Model(_Item):
     """Protections of updates."""
     evaluation: Evaluation = Evaluation()
     """Evaluation of the global model."""
+    personalization: Personalization | None = None
+    """Per-domain personal models: local layers and/or local fine-tuning."""
     quorum: int | None = Field(default=None, ge=1)
     """Participants a round needs; default all participants."""
     round_timeout_s: float = Field(default=300.0, gt=0)

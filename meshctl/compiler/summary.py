@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshctl.compiler.entrypoint import label
 from meshctl.compiler.plan import Plan
 from meshctl.compiler.spec import MeshSpec
 
@@ -37,10 +38,17 @@ def _jobs(plan: Plan) -> list[str]:
     for job in plan.jobs:
         arch = job.architecture
         shape = "→".join(str(d) for d in [arch.input_dim, *arch.hidden, arch.output_dim])
-        lines.append(f"  job {job.name}: {arch.kind} {shape}, {job.parameters:,} parameters, "
+        model = f"{arch.kind} {shape}" if arch.kind != "custom" else label(arch).replace("->", "→")
+        if job.task is not None or job.loss is not None:  # a classification with cross-entropy says nothing
+            model += f" {job.task_name} ({job.loss_name})"
+        lines.append(f"  job {job.name}: {model}, {job.parameters:,} parameters, "
                      f"{job.training.rounds} rounds, {job.aggregation.strategy}, "
                      f"quorum {job.quorum}/{len(job.participants)}")
         lines.append(f"    reads {', '.join(r.product for r in job.reads)}")
+        if job.evaluation.product or job.evaluation.cross_site:
+            held = f"scored on {job.evaluation.product} (held out, never trains)" if job.evaluation.product else ""
+            cross = "cross-site: every local model scored by every participant" if job.evaluation.cross_site else ""
+            lines.append(f"    evaluation: {'; '.join(x for x in (held, cross) if x)}")
     return lines
 
 

@@ -33,7 +33,7 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,14 +43,19 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from meshctl.compiler.plan import Plan, PlanJob
+from meshctl.compiler.plan import Plan, PlanJob, PlanRead
 from meshctl.errors import InternalError, MeshctlError, UserError
 from meshctl.runtime import governance, wire
 from meshctl.runtime.data import DataError, JobData, count_rows, feature_sums, load_job_data
-from meshctl.runtime.kernels import evaluate, mlp, privacy, train_local
-from meshctl.runtime.kernels.privacy import dp_train_local
+from meshctl.runtime.features import categorical, input_width
+from meshctl.runtime.heldout import held_out_of, load_held_out, score_held_out
+from meshctl.runtime.kernels import evaluate, personal, privacy, train_local
+from meshctl.runtime.kernels.models import build_model
+from meshctl.runtime.kernels.privacy import NotPrivate, check_private, dp_train_local
+from meshctl.runtime.kernels.train import evaluate_stream, train_stream
 from meshctl.runtime.keys import KeyPair, curve_client, fast_reconnect, fingerprint
 from meshctl.runtime.liveness import heartbeat_timeout
+from meshctl.runtime.stream import BUFFER_ROWS, StreamData, streams
 
 if TYPE_CHECKING:
     import duckdb
@@ -102,12 +107,14 @@ class DaemonConfig:
 @dataclass
 class _JobState:
     job: PlanJob
-    data: JobData
+    data: JobData | StreamData
     model: torch.nn.Module
     version: int = -1
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     """The global weights of `version`, as received."""
     standardized: bool = False
+    vocab: dict[str, list[str]] | None = None
+    """The agreed vocabulary of the job's categorical features, once TrainIns brought it."""
     loaded: int = -1
     """Version the model holds unchanged (-1 after training): no reload needed."""
     sigma: float = 0.0
@@ -134,6 +141,8 @@ class Daemon:
         """This domain's own `scope: round` policies per job, compiled on first use."""
         """Jobs this domain will not take part in, with the denying policies."""
         self.secagg: dict[str, Any] = {}
+        self.held_out: dict[str, JobData] = {}
+        """Job -> the rows of its evaluation product, when this domain holds it (all test data)."""
         """Secure aggregation: job -> this domain's X25519 private key for it (made at start, never sent)."""
         self.decisions: list[wire.Decision] = []
         self.checks: list[wire.CheckOutcome] = []
@@ -160,26 +169,95 @@ class Daemon:
         if me not in {d.name for d in plan.domains}:
             raise UserError(f"domain {me!r} is not in the plan")
         with duckdb.connect() as con:  # one connection for the counts, the checks and the reads
+            # DuckDB's buffers grow with its threads (all cores by default): a daemon's footprint
+            # must not grow with its host (docs/streaming.md)
+            con.execute(f"SET threads TO {max(1, self.cfg.threads)}")
             for product in plan.products:
                 if product.domain == me:
                     self.rows[product.id] = count_rows(product, self.cfg.base_dir, con)
             self.govern(con=con)
+            self._load_held_out(con)
             for job in plan.jobs:
                 read = next((r for r in job.reads if r.domain == me), None)
                 if read is None or job.name in self.refused:
                     continue
                 try:
-                    data = load_job_data(job, plan.product(read.product), self.cfg.base_dir, read.client_id, con)
+                    data = self._job_data(job, read, con)
                 except DataError as err:
                     self._refuse_bad_data(job, err)
                     continue
-                arch = job.architecture
-                model = mlp(arch.input_dim, arch.hidden, arch.output_dim, seed=None)
+                model = self._build_model(job)
+                if model is None or not self._private(job, model):
+                    continue
                 self.jobs[job.name] = _JobState(job, data, model)
                 if job.privacy.secure_aggregation:
                     from meshctl.runtime.kernels import secagg
 
                     self.secagg[job.name] = secagg.new_key()
+
+    def _job_data(self, job: PlanJob, read: PlanRead, con: duckdb.DuckDBPyConnection) -> JobData | StreamData:
+        """The job's rows as tensors, or, for a streamed job (meshctl.runtime.stream), what re-reading them needs."""
+        product = self.cfg.plan.product(read.product)
+        if streams(job, product, self.rows.get(product.id, 0)):
+            data = StreamData.open(job, product, self.cfg.base_dir, read.client_id, threads=self.cfg.threads)
+            say(f"job {job.name}: streaming {data.rows} rows of {product.id} "
+                f"(buffer {job.training.buffer_rows or BUFFER_ROWS} rows)")
+            return data
+        return load_job_data(job, product, self.cfg.base_dir, read.client_id, con)
+
+    def _load_held_out(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Read the evaluation products this domain holds for the jobs it accepted: every row is test
+        data (meshctl.runtime.heldout). A domain that only holds one gets a job state that
+        never trains."""
+        plan = self.cfg.plan
+        for job in plan.jobs:
+            pid = held_out_of(plan, job, self.cfg.domain)
+            if not pid or job.name in self.refused:
+                continue
+            try:
+                data = load_held_out(job, plan.product(pid), self.cfg.base_dir, con)
+            except DataError as err:
+                self._refuse_bad_data(job, err)
+                continue
+            if self.cfg.domain not in job.participants:
+                model = self._build_model(job)
+                if model is None:
+                    continue
+                self.jobs[job.name] = _JobState(job, data, model)
+            self.held_out[job.name] = data
+
+    def _build_model(self, job: PlanJob) -> torch.nn.Module | None:
+        """The job's model, or None after refusing the job: an entrypoint's code must hash on this
+        host as the plan pins it (the reason names the first file that differs or is missing)."""
+        from meshctl.compiler.entrypoint import check_code
+
+        reason = check_code(job.architecture, self.cfg.base_dir)
+        if reason is None:
+            try:
+                return build_model(job, root=self.cfg.base_dir.resolve())
+            except Exception as err:  # noqa: BLE001 - user code: refuse the job in one line
+                reason = f"cannot build model {job.architecture.entrypoint}: {type(err).__name__}: {err}"
+        reason = reason.splitlines()[0][:1000]
+        log_locally(UserError(f"job {job.name}: {reason}"))
+        decision = wire.Decision(policy="invariant:model-code", scope="model", subject=f"model.{job.name}",
+                                 effect="deny", reason=reason, domain=self.cfg.domain)
+        self.decisions.append(decision)
+        self.refused[job.name] = governance.refusal([decision])
+        return None
+
+    def _private(self, job: PlanJob, model: torch.nn.Module) -> bool:
+        """Whether DP-SGD can train `model` (a DP job's model without per-example gradients is refused)."""
+        if job.privacy.dp is None:
+            return True
+        try:
+            check_private(model)
+        except NotPrivate as err:
+            decision = wire.Decision(policy="invariant:dp-sgd", scope="model", subject=f"model.{job.name}",
+                                     effect="deny", reason=str(err)[:4096], domain=self.cfg.domain)
+            self.decisions.append(decision)
+            self.refused[job.name] = governance.refusal([decision])
+            return False
+        return True
 
     def _refuse_bad_data(self, job: PlanJob, err: DataError) -> None:
         """Refuse `job` over data it cannot train on; the detail stays in this domain's log."""
@@ -243,7 +321,8 @@ class Daemon:
         (in `con`, the domain's DuckDB connection, when given)."""
         plan, me = self.cfg.plan, self.cfg.domain
         day = (today or datetime.now(UTC)).date()
-        mine = [j for j in plan.jobs if me in j.participants or any(r.domain == me for r in j.reads)]
+        mine = [j for j in plan.jobs if me in j.participants or any(r.domain == me for r in j.reads)
+                or held_out_of(plan, j, me)]
         if not mine:
             return
         integrity = governance.plan_integrity(plan, me)
@@ -264,7 +343,8 @@ class Daemon:
 
         plan, me = self.cfg.plan, self.cfg.domain
         contracts = {c.id: c for c in plan.contracts}
-        products = sorted({r.product for j in jobs for r in j.reads if r.domain == me})
+        products = sorted({r.product for j in jobs for r in j.reads if r.domain == me}
+                          | {held_out_of(plan, j, me) for j in jobs} - {""})
         blocked: dict[str, wire.Decision] = {}
         for pid in products:
             product = plan.product(pid)
@@ -336,7 +416,8 @@ class Daemon:
             if not hello_sent:  # no peer until the handshake succeeds: never block on it
                 hello = wire.Hello(plan_hash=self.cfg.plan.plan.hash, pid=os.getpid(), rows=self.rows,
                                    stats=self._stats(), refused=self.refused, decisions=self.decisions,
-                                   checks=self.checks, secagg_keys=self._secagg_public())
+                                   checks=self.checks, secagg_keys=self._secagg_public(),
+                                   category_counts=self._category_counts())
                 hello_sent = self._send(sock, hello, block=False)
             ready = dict(poller.poll(POLL_MS))
             if monitor in ready and sock not in ready:  # what came before a drop is read first
@@ -516,7 +597,10 @@ class Daemon:
         elif st.version != version:
             return wire.ErrorReply(code="stale", reason=f"have weights v{st.version}, asked for v{version}", job=job)
         if st.loaded != st.version:
-            st.model.load_state_dict(st.weights)
+            if st.job.personalization is not None:  # its local tensors stay as this domain trained them
+                personal.load_shared(st.model, st.weights, st.job)
+            else:
+                st.model.load_state_dict(st.weights)
             st.loaded = st.version
         return st
 
@@ -525,21 +609,37 @@ class Daemon:
         out = {}
         for name, st in self.jobs.items():
             if st.job.training.standardize:
-                n, s, q = feature_sums(st.data.x_train)
+                n, s, q = st.data.sums if isinstance(st.data, StreamData) else feature_sums(st.data.x_train)
                 out[name] = wire.FeatureStats(count=n, sum=s, sumsq=q)
         return out
+
+    def _category_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per job, per categorical feature: counts of the values at least k training rows hold (never rarer ones)."""
+        return {name: counts for name, st in self.jobs.items() if (counts := st.data.category_counts(st.job))}
+
+    def _vocabulary(self, st: _JobState, ins: wire.TrainIns) -> wire.ErrorReply | None:
+        """One-hot the job's categorical features over the vocabulary the coordinator agreed (first TrainIns)."""
+        if st.vocab is not None or not categorical(st.job):
+            return None
+        if ins.vocab is None or any(len(ins.vocab.get(f.name, [])) >= f.width for f in categorical(st.job)):
+            return wire.ErrorReply(code="bad-vocabulary", reason="missing or malformed vocabulary", job=ins.job)
+        st.vocab = {f.name: list(ins.vocab.get(f.name, [])) for f in categorical(st.job)}
+        st.data = st.data.with_vocabulary(st.job, st.vocab)
+        if ins.job in self.held_out:  # this domain's evaluation product too
+            self.held_out[ins.job] = self.held_out[ins.job].with_vocabulary(st.job, st.vocab)
+        return None
 
     def _standardize(self, st: _JobState, ins: wire.TrainIns) -> wire.ErrorReply | None:
         if not st.job.training.standardize or st.standardized:
             return None
-        d = len(st.job.features)
+        d = input_width(st.job)
         if ins.mean is None or ins.std is None or len(ins.mean) != d or len(ins.std) != d \
                 or any(not (v > 0) for v in ins.std):
             return wire.ErrorReply(code="bad-standardization", reason="missing or malformed mean/std", job=ins.job)
         mean, std = torch.tensor(ins.mean), torch.tensor(ins.std)
         data = st.data
-        st.data = JobData((data.x_train - mean) / std, data.y_train, (data.x_test - mean) / std, data.y_test,
-                          data.rows, data.skipped)
+        st.data = data.standardized(mean, std) if isinstance(data, StreamData) else \
+            replace(data, x_train=(data.x_train - mean) / std, x_test=(data.x_test - mean) / std)
         st.standardized = True
         return None
 
@@ -550,7 +650,7 @@ class Daemon:
         denied = self._round_denied(st.job, ins)
         if denied is not None:
             return denied, None
-        problem = self._standardize(st, ins)
+        problem = self._vocabulary(st, ins) or self._standardize(st, ins)
         if problem is not None:
             return problem.model_copy(update={"round": ins.round}), None
         t = st.job.training
@@ -565,19 +665,30 @@ class Daemon:
             dp = st.job.privacy.dp
             loss = dp_train_local(st.model, st.data.x_train, st.data.y_train, epochs=t.local_epochs,
                                   batch_size=t.batch_size, lr=t.lr, clip=dp.clip, sigma=st.sigma,
-                                  momentum=t.momentum, weight_decay=t.weight_decay, prox_mu=_prox_mu(st.job))
+                                  momentum=t.momentum, weight_decay=t.weight_decay, prox_mu=_prox_mu(st.job),
+                                  loss=st.job.loss_name, huber_delta=st.job.huber_delta or 1.0)
+        elif isinstance(st.data, StreamData):  # a local epoch walks the table in Arrow batches
+            data = st.data
+            loss = train_stream(st.model, lambda: data.batches("train"), epochs=t.local_epochs,
+                                batch_size=t.batch_size, buffer_rows=t.buffer_rows or BUFFER_ROWS,
+                                optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
+                                weight_decay=t.weight_decay, shuffle_seed=1000 * ins.round + read.client_id,
+                                prox_mu=_prox_mu(st.job), loss=st.job.loss_name,
+                                huber_delta=st.job.huber_delta or 1.0)
         else:
             loss = train_local(st.model, st.data.x_train, st.data.y_train, epochs=t.local_epochs,
                                batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
                                weight_decay=t.weight_decay, shuffle_seed=1000 * ins.round + read.client_id,
-                               prox_mu=_prox_mu(st.job))
+                               prox_mu=_prox_mu(st.job), loss=st.job.loss_name,
+                               huber_delta=st.job.huber_delta or 1.0)
         seconds = time.perf_counter() - start
         st.loaded = -1
-        update = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
-        res = wire.TrainRes(job=ins.job, round=ins.round, examples=len(st.data.y_train), loss=loss,
+        update = personal.shared_state(st.model, st.job)  # a personalised job's local tensors stay here
+        examples = st.data.n_train if isinstance(st.data, StreamData) else len(st.data.y_train)
+        res = wire.TrainRes(job=ins.job, round=ins.round, examples=examples, loss=loss,
                             seconds=seconds, charges=charges, attempt=ins.attempt)
         if st.job.privacy.secure_aggregation:
-            masked = self._masked(st, ins, update, len(st.data.y_train))
+            masked = self._masked(st, ins, update, examples)
             if isinstance(masked, wire.ErrorReply):
                 return masked, None
             return res, {"masked": masked}
@@ -674,11 +785,62 @@ class Daemon:
         return None
 
     def _evaluate(self, ins: wire.EvalIns, tensors: wire.Tensors) -> object:
+        if ins.on == "product" or ins.model:  # the evaluation product, or another domain's local model
+            return score_held_out(self, ins, tensors)
         st = self._state(ins.job, ins.version, tensors, ins.round)
         if isinstance(st, wire.ErrorReply):
             return st.model_copy(update={"round": ins.round})
-        loss_sum, correct, n = evaluate(st.model, st.data.x_test, st.data.y_test)
-        return wire.EvalRes(job=ins.job, round=ins.round, examples=n, loss_sum=loss_sum, correct=correct)
+        res = self._scored(ins, st)
+        if st.job.personalization is not None and ins.round == st.job.training.rounds:
+            res = res.model_copy(update={"personal": self._personalize(ins, st)})
+        return res
+
+    def _personalize(self, ins: wire.EvalIns, st: _JobState) -> dict[str, dict[str, list[float]]] | None:
+        """After the final round: fine-tune a copy of this domain's model on its own training rows (when
+        declared) and keep the personal model in this domain's directory; the holdout sums after the
+        fine-tuning (the EvalRes's own are those before), never the model."""
+        import copy
+
+        job = st.job
+        assert job.personalization is not None
+        epochs = job.personalization.fine_tune_epochs
+        out = None
+        model = st.model
+        if epochs:
+            model = copy.deepcopy(st.model)
+            read = next(r for r in job.reads if r.domain == self.cfg.domain)
+            data = st.data
+            if isinstance(data, StreamData):
+                t = job.training
+                train_stream(model, lambda: data.batches("train"), epochs=epochs, batch_size=t.batch_size,
+                             buffer_rows=t.buffer_rows or BUFFER_ROWS, optimizer=t.optimizer,
+                             lr=job.personalization.fine_tune_lr or t.lr, momentum=t.momentum,
+                             weight_decay=t.weight_decay, shuffle_seed=7919 + read.client_id,
+                             loss=job.loss_name, huber_delta=job.huber_delta or 1.0)
+            else:
+                personal.fine_tune(model, job, data.x_train, data.y_train, seed=7919 + read.client_id)
+            out = {"after": self._scored(ins, replace(st, model=model)).stats}
+        path = personal_path(self.cfg.base_dir, self.cfg.run, self.cfg.domain, job.name)
+        try:
+            save_personal(path, model, {"job": job.name, "run": self.cfg.run, "domain": self.cfg.domain,
+                                        "round": str(ins.round), "fine_tune_epochs": str(epochs)})
+            say(f"job {job.name}: personal model kept in this domain at {path}")
+        except OSError as err:
+            say(f"job {job.name}: cannot write the personal model {path}: {err.strerror or err}")
+        return out
+
+    def _scored(self, ins: wire.EvalIns, st: _JobState) -> wire.EvalRes:
+        """The EvalRes of `st.model` on `st.data`'s test rows (meshctl.runtime.heldout scores other models
+        and the evaluation product through this too)."""
+        job = st.job
+        how = {"task": job.task_name, "loss": job.loss_name, "classes": job.classes,
+               "huber_delta": job.huber_delta or 1.0}
+        stats = evaluate_stream(st.model, st.data.batches("test"), **how) if isinstance(st.data, StreamData) \
+            else evaluate(st.model, st.data.x_test, st.data.y_test, **how)
+        k = len(job.classes)
+        correct = int(sum(stats["confusion"][::k + 1])) if "confusion" in stats else 0
+        return wire.EvalRes(job=ins.job, round=ins.round, examples=int(stats["n"][0]), loss_sum=stats["loss"][0],
+                            correct=correct, stats=stats)
 
     def _send(self, sock: zmq.Socket, msg: object, tensors: dict[str, torch.Tensor] | None = None,
               *, block: bool = True) -> bool:
@@ -757,6 +919,22 @@ def _trained(ins: wire.TrainIns, reply: object) -> str:
     return f"job {ins.job} round {ins.round}: not trained ({code})"
 
 
+def personal_path(base_dir: Path, run: str, domain: str, job: str) -> Path:
+    """Where a domain keeps its personal model of `job` from run `run`: inside its own directory (named
+    by domain too: local domains of one mesh share a directory)."""
+    return base_dir / ".meshctl" / "personal" / (run or "no-run") / domain / f"{job}.safetensors"
+
+
+def save_personal(path: Path, model: torch.nn.Module, meta: dict[str, str]) -> None:
+    """Write a personal model's whole state (safetensors, atomically); it never leaves the domain."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
 def _prox_mu(job: PlanJob) -> float:
     """FedProx's proximal weight for local training; 0 for every other strategy."""
     return job.aggregation.settings()["mu"] if job.aggregation.strategy == "fedprox" else 0.0
@@ -772,6 +950,10 @@ def prepare_fork(plan: Plan | None) -> None:
     import duckdb  # noqa: F401
 
     from meshctl.runtime import ledger, quality  # noqa: F401
+
+    if plan is not None and any(j.privacy.dp is not None and j.architecture.kind in ("cnn", "custom")
+                                for j in plan.jobs):
+        import torch._dynamo  # noqa: F401 - torch.func's grad imports it (2-4 s) on DP-SGD's first step
 
     for policy in plan.policies if plan is not None else ():
         for source in (policy.when, policy.require):

@@ -16,7 +16,7 @@ import re
 import secrets
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,8 +35,10 @@ SECRET_FILE = "mesh.secret"
 URI_PREFIXES = {"sqlite": "sqlite:", "duckdb": "duckdb:"}
 """Prefix of a database-file source, by format (the path follows it)."""
 
-READ_TYPES = {"float": "FLOAT", "int": "BIGINT", "bool": "BOOLEAN", "date": "DATE", "timestamp": "TIMESTAMP"}
-"""The DuckDB type a declared column type is read as (string and category: any value will do)."""
+READ_TYPES = {"float": "FLOAT", "int": "BIGINT", "bool": "BOOLEAN", "date": "DATE", "timestamp": "TIMESTAMP",
+              "tensor": "FLOAT[]"}
+"""The DuckDB type a declared column type is read as (string and category: any value will do;
+a tensor: a list of floats, or its text such as `[0.5, 1]`)."""
 
 
 class DataError(UserError):
@@ -69,6 +71,34 @@ class JobData:
     """Rows read (after dropping rows with NULLs in used columns)."""
     skipped: int
     """Rows skipped because a used column was NULL."""
+    categories: dict[str, np.ndarray] = field(default_factory=dict)
+    """Each categorical feature's values (text), training rows then test rows: one-hot
+    again once the domains agree a vocabulary (`with_vocabulary`); never sent."""
+
+    def with_vocabulary(self, job: PlanJob, vocab: dict[str, list[str]]) -> JobData:
+        """This data with every categorical feature one-hot over the agreed `vocab`."""
+        import torch
+
+        from meshctl.runtime.features import job_features, one_hot_index
+
+        x_train, x_test = self.x_train.clone(), self.x_test.clone()
+        at, n_train = 0, len(self.x_train)
+        for f in job_features(job):
+            if f.kind == "categorical" and f.name in self.categories:
+                slot = torch.from_numpy(one_hot_index(self.categories[f.name], vocab.get(f.name, []), f.width))
+                for x, part in ((x_train, slot[:n_train]), (x_test, slot[n_train:])):
+                    x[:, at:at + f.width] = 0.0
+                    x[torch.arange(len(x)), at + part] = 1.0
+            at += f.width
+        return replace(self, x_train=x_train, x_test=x_test)
+
+    def category_counts(self, job: PlanJob) -> dict[str, dict[str, int]]:
+        """Per categorical feature, counts of the values at least `min_count` training rows hold."""
+        from meshctl.runtime.features import categorical, category_counts
+
+        n_train = len(self.x_train)
+        return {f.name: category_counts(self.categories[f.name][:n_train], f.min_count or 1)
+                for f in categorical(job) if f.name in self.categories}
 
 
 def ident(name: str) -> str:
@@ -460,9 +490,7 @@ def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id:
             raise UserError(f"product {product.id} has no column {c!r} that job {job.name} needs")
         if col.pii != "none":
             raise UserError(f"job {job.name} asks for PII column {product.id}.{c}; refused")
-    text = (job.target, job.evaluation.holdout_column)
-    select = ", ".join(f"CAST({ident(c)} AS {'VARCHAR' if c in text else 'FLOAT'}) AS {ident(c)}"
-                       for c in cols)
+    select = ", ".join(f"CAST({ident(c)} AS {_read_as(job, c)}) AS {ident(c)}" for c in cols)
     not_null = " AND ".join(f"{ident(c)} IS NOT NULL" for c in cols)
     view = product_view(con, product, base_dir, columns=cols)
     try:
@@ -473,22 +501,33 @@ def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id:
     return _tensors(job, product, arrays, total, client_id, _where(product, base_dir))
 
 
+def _read_as(job: PlanJob, column: str) -> str:
+    """The SQL type a job reads a column as: text for the target, holdout and categorical
+    features, a float list for tensor features, FLOAT for the rest."""
+    from meshctl.runtime.features import job_features
+
+    kinds = {f.name: f.kind for f in job_features(job)}
+    if column == job.target and job.task == "regression":
+        return "DOUBLE"
+    if column in (job.target, job.evaluation.holdout_column) or kinds.get(column) == "categorical":
+        return "VARCHAR"
+    return "FLOAT[]" if kinds.get(column) == "tensor" else "FLOAT"
+
+
 def _tensors(job: PlanJob, product: PlanProduct, arrays: dict, total: int, client_id: int,
              where: Path | str) -> JobData:
+    from meshctl.runtime.features import FeatureError, categorical, feature_matrix
+
     n = len(arrays[job.target])
-    x = np.stack([np.asarray(arrays[f], dtype=np.float32) for f in job.features], axis=1) if n else \
-        np.zeros((0, len(job.features)), dtype=np.float32)
     if n == 0:
         skipped = f" ({total} with a NULL in a column job {job.name} reads)" if total else ""
         raise DataError(f"{product.id}: 0 rows{skipped}", where=str(where))
-    _require_finite(job, product, x, where)
-    index = {v: i for i, v in enumerate(job.classes)}
-    labels = [str(v) for v in arrays[job.target]]
-    bad = [v for v in labels if v not in index]
-    if bad:
-        raise DataError(f"{product.id}: {len(bad)} values in {job.target} are outside the declared values "
-                        f"[{', '.join(job.classes)}]", detail=f"e.g. {sorted(set(bad))[:3]}", where=str(where))
-    y = np.fromiter((index[v] for v in labels), dtype=np.int64, count=n)
+    try:
+        x = feature_matrix(job, arrays)
+    except FeatureError as err:
+        raise DataError(f"{product.id}: {err}", where=str(where),
+                        hint="remove or impute them; a model cannot train on them") from None
+    y = targets(job, arrays[job.target], product.id, where)
     import torch
 
     test = _holdout_mask(job, arrays, n, client_id)
@@ -498,19 +537,30 @@ def _tensors(job: PlanJob, product: PlanProduct, arrays: dict, total: int, clien
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     mask = torch.from_numpy(test)
     x_train, x_test = xt[~mask], xt[mask]
-    return JobData(x_train.contiguous(), yt[~mask], x_test.contiguous(), yt[mask], n, total - n)
+    cats = {f.name: np.concatenate([np.asarray([str(v) for v in arrays[f.name]], dtype=object)[~test],
+                                    np.asarray([str(v) for v in arrays[f.name]], dtype=object)[test]])
+            for f in categorical(job)}
+    return JobData(x_train.contiguous(), yt[~mask], x_test.contiguous(), yt[mask], n, total - n, cats)
 
 
-def _require_finite(job: PlanJob, product: PlanProduct, x: np.ndarray, where: Path | str) -> None:
-    """Refuse features holding NaN or infinity: they would poison every sum sent from them."""
-    problems = []
-    for i, name in enumerate(job.features):
-        nan, inf = int(np.isnan(x[:, i]).sum()), int(np.isinf(x[:, i]).sum())
-        problems += [f"{count} {kind} values in {name}" for kind, count in (("NaN", nan), ("infinite", inf))
-                     if count]
-    if problems:
-        raise DataError(f"{product.id}: {'; '.join(problems)}", where=str(where),
-                        hint="remove or impute them; a model cannot train on them")
+def targets(job: PlanJob, values: np.ndarray, product_id: str, where: Path | str) -> np.ndarray:
+    """The target column as the job's loss takes it: int64 class index (classification), float32 0/1
+    (binary: the second declared value is 1), float32 (regression; NaN or infinite values refused)."""
+    if job.task == "regression":
+        y = np.asarray(values, dtype=np.float64)
+        bad = ~np.isfinite(y) | (np.abs(y) > np.finfo(np.float32).max)
+        if bad.any():
+            raise DataError(f"{product_id}: {int(bad.sum())} values in {job.target} are NaN or infinite",
+                            where=str(where), hint="remove or impute them; a model cannot train on them")
+        return y.astype(np.float32)
+    index = {v: i for i, v in enumerate(job.classes)}
+    labels = [str(v) for v in values]
+    bad_labels = [v for v in labels if v not in index]
+    if bad_labels:
+        raise DataError(f"{product_id}: {len(bad_labels)} values in {job.target} are outside the declared values "
+                        f"[{', '.join(job.classes)}]", detail=f"e.g. {sorted(set(bad_labels))[:3]}", where=str(where))
+    y = np.fromiter((index[v] for v in labels), dtype=np.int64, count=len(labels))
+    return y.astype(np.float32) if job.task == "binary" else y
 
 
 def _holdout_mask(job: PlanJob, arrays: dict, n: int, client_id: int) -> np.ndarray:

@@ -252,6 +252,10 @@ class RoundCompleted(Event):
     """What a robust strategy did (e.g. which update krum chose); empty for means."""
     epsilon: float | None = None
     """DP training: ε this job has spent so far (the most any product was charged in this run)."""
+    domain_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Each evaluating domain's own metrics (a metric undefined on its holdout, e.g. auroc of one class, is left out)."""
+    domain_examples: dict[str, int] = Field(default_factory=dict)
+    """The holdout examples behind each domain's metrics."""
 
     def message(self) -> str:
         ms = " ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())
@@ -280,6 +284,10 @@ class JobCompleted(Event):
     """The domains whose updates the model holds (one or more rounds)."""
     left_out: dict[str, str] = Field(default_factory=dict)
     """Participants whose updates it does not hold, each with why (lost, refused, rejected)."""
+    domain_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """The last round's metrics of each evaluating domain (RoundCompleted.domain_metrics)."""
+    domain_examples: dict[str, int] = Field(default_factory=dict)
+    """The holdout examples behind each domain's metrics."""
 
     def message(self) -> str:
         ms = " ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())
@@ -402,6 +410,33 @@ class AnalysisCompleted(Event):
                 f"{self.suppressed} suppressed, in {self.seconds:.2f}s")
 
 
+class Personalized(Event):
+    """A personalised job's final round: each domain's metrics of its personal model before and after
+    its local fine-tuning (computed by the coordinator from the domains' holdout sums, never a model)."""
+
+    type: ClassVar[str] = "personalized"
+    job: str
+    local: list[str] = Field(default_factory=list)
+    """Tensors each domain kept (FedPer); empty when only fine-tuned."""
+    fine_tune_epochs: int = 0
+    domains: dict[str, dict[str, dict[str, float]]]
+    """domain -> {"before": metrics, "after": metrics} ("after" only when fine-tuned)."""
+    examples: dict[str, int] = Field(default_factory=dict)
+    """domain -> holdout examples behind its metrics."""
+    pooled: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """{"before": ..., "after": ...}: the pooled sums of every domain's personal model."""
+
+    def message(self) -> str:
+        parts = []
+        for d, m in self.domains.items():
+            before_m = m.get("before", {})
+            key = next((k for k in ("accuracy", "rmse") if k in before_m), next(iter(before_m), "loss"))
+            before = before_m.get(key, float("nan"))
+            after = f" -> {m['after'][key]:.4f}" if "after" in m and key in m["after"] else ""
+            parts.append(f"{d} {key} {before:.4f}{after}")
+        return f"job {self.job} personalised: " + "; ".join(parts)
+
+
 class StragglersDropped(Event):
     """A round went on without participants that did not reply by its deadline."""
 
@@ -419,6 +454,73 @@ class StragglersDropped(Event):
                 f"{', '.join(self.domains)} (no reply within {self.waited_s:.0f}s)")
 
 
+class HeldOutEvaluated(Event):
+    """A round's global model scored on the job's evaluation product by the domain that holds it
+    (coordinator/crosssite.py); `reason` says why it was not, when it was not."""
+
+    type: ClassVar[str] = "held_out_evaluated"
+    job: str
+    round: int
+    product: str
+    domain: str
+    examples: int = 0
+    metrics: dict[str, float] = Field(default_factory=dict)
+    reason: str = ""
+
+    def message(self) -> str:
+        if self.reason:
+            return f"job {self.job} round {self.round}: evaluation product {self.product} not scored: {self.reason}"
+        ms = " ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())
+        return f"job {self.job} round {self.round}: {self.product} (held out, {self.examples} examples) {ms}"
+
+
+class CrossSiteCell(BaseModel):
+    """One model scored at one site: its metrics, or why it was not scored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    """`global`, or `local:<domain>` (that domain's last local model)."""
+    site: str
+    """A participant (its holdout), or the evaluation product's id."""
+    examples: int = 0
+    metrics: dict[str, float] = Field(default_factory=dict)
+    reason: str = ""
+
+
+class CrossSiteEvaluated(Event):
+    """The end of a job with `cross_site: true`: every model (global, each participant's last local one)
+    scored at every site; the matrix is also in the run directory (`path`, cross_site.csv)."""
+
+    type: ClassVar[str] = "cross_site_evaluated"
+    job: str
+    round: int
+    models: list[str]
+    sites: list[str]
+    cells: list[CrossSiteCell]
+    path: str = ""
+
+    def message(self) -> str:
+        missing = sum(1 for c in self.cells if c.reason)
+        gaps = f", {missing} not scored" if missing else ""
+        return (f"job {self.job}: cross-site evaluation of {len(self.models)} models at {len(self.sites)} sites"
+                f"{gaps} ({self.path})")
+
+    def table(self, metric: str = "") -> list[str]:
+        """The matrix as text lines, models down, sites across, one metric (the first non-loss one)."""
+        cells = {(c.model, c.site): c for c in self.cells}
+        names = [k for c in self.cells for k in c.metrics]
+        metric = metric or next((k for k in names if "loss" not in k), names[0] if names else "")
+        width = max([len(m) for m in self.models] + [len(metric)])
+        cols = [max(len(s), 8) for s in self.sites]
+        rows = [f"  {metric:<{width}}" + "".join(f"  {s:>{w}}" for s, w in zip(self.sites, cols))]
+        for m in self.models:
+            vals = [(cells.get((m, s)), w) for s, w in zip(self.sites, cols)]
+            rows.append(f"  {m:<{width}}" + "".join(
+                f"  {c.metrics[metric]:>{w}.4f}" if c is not None and metric in c.metrics else f"  {'-':>{w}}"
+                for c, w in vals))
+        return rows
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (RunStarted, RunResumed, PolicyDecided, DomainJoined, DomainRefused, DomainLost, DomainRejoined,
@@ -426,7 +528,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
                 MessageRejected, JobStarted, JobWaiting, RoundStarted, UpdateReceived,
                 RoundCompleted, CheckpointWritten, JobCompleted, JobFailed, RunCompleted,
                 ProductListed, ContractChecked, DomainHeartbeat, BudgetSpent,
-                AnalysisStarted, AnalysisCompleted, StragglersDropped, RoundRetried)
+                AnalysisStarted, AnalysisCompleted, StragglersDropped, RoundRetried, Personalized,
+                HeldOutEvaluated, CrossSiteEvaluated)
 }
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
+from meshctl.compiler.entrypoint import architecture_facts
 from meshctl.compiler.plan import Plan, PlanJob, PlanPolicy, PlanProduct
 from meshctl.runtime.wire import Decision
 
@@ -107,8 +108,9 @@ def job_activation(plan: Plan, job: PlanJob) -> dict[str, Any]:
     domains = {d.name: d for d in plan.domains}
     contracts = {c.id: c for c in plan.contracts}
     reads = []
-    for read in job.reads:
-        p = plan.product(read.product)
+    held_out = [job.evaluation.product] if job.evaluation.product else []  # a read too (of its domain)
+    for pid in [r.product for r in job.reads] + held_out:
+        p = plan.product(pid)
         name, _, version = p.contract.partition("@")
         contract = contracts.get(p.contract)
         reads.append({
@@ -125,7 +127,7 @@ def job_activation(plan: Plan, job: PlanJob) -> dict[str, Any]:
                     for n in job.participants],
         "reads": reads,
         "features": list(job.features), "target": job.target,
-        "architecture": {"kind": arch.kind, "hidden": list(arch.hidden), "activation": arch.activation},
+        "architecture": architecture_facts(arch),
         "training": job.training.model_dump(mode="json"),
         "aggregation": job.aggregation.model_dump(mode="json", exclude_none=True),
         "privacy": {
@@ -158,10 +160,11 @@ def evaluate_job(plan: Plan, job: PlanJob, domain: str, today: date,
         variables = {"model": job_activation(plan, job), "coordinator": _coordinator(plan)}
         out += [decide_policy(p, "model", {}, subject, domain, variables) for p in policies]
     products = [plan.product(r.product) for r in job.reads if r.domain == domain]
+    held_out = [p for p in map(plan.product, filter(None, [job.evaluation.product])) if p.domain == domain]
     checks = [
-        ("participant", _participant(job, domain, products)),
-        ("no-pii-features", _pii(job, products)),
-        ("grant-required", _grants(plan, job, products, today)),
+        ("participant", _participant(job, domain, products, held_out)),
+        ("no-pii-features", _pii(job, products + held_out)),
+        ("grant-required", _grants(plan, job, products + held_out, today)),
         ("epsilon-budget", _epsilon(job, products, spent or {})),
     ]
     for name, (effect, reason) in checks:
@@ -185,7 +188,10 @@ def refusal(decisions: list[Decision]) -> str:
     return "; ".join(f"{d.policy}: {d.reason}" for d in decisions if d.effect == "deny")
 
 
-def _participant(job: PlanJob, domain: str, products: list[PlanProduct]) -> tuple[str, str]:
+def _participant(job: PlanJob, domain: str, products: list[PlanProduct],
+                 held_out: list[PlanProduct] | None = None) -> tuple[str, str]:
+    if held_out and domain not in job.participants:  # it only scores the model on its evaluation product
+        return "allow", f"{domain} scores the job's model on its evaluation product {held_out[0].id}"
     if domain not in job.participants:
         return "deny", f"{domain} is not among the job's participants ({', '.join(job.participants)})"
     if not products:

@@ -464,6 +464,15 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def domain_lines(event: ev.JobCompleted) -> list[str]:
+    """The headless summary's per-domain lines under a job's pooled metrics: each domain's metrics
+    of the last round, with the holdout examples behind them."""
+    width = max((len(d) for d in event.domain_metrics), default=0)
+    return [f"  {domain:<{width}}  {event.domain_examples.get(domain, 0):>6} examples  "
+            + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+            for domain, values in event.domain_metrics.items()]
+
+
 def render_event(event: ev.Event) -> str | None:
     """The headless line for an event, or None for events it does not print."""
     if isinstance(event, ev.RoundCompleted):
@@ -479,6 +488,22 @@ def render_event(event: ev.Event) -> str | None:
     if isinstance(event, ev.PolicyDecided) and event.effect == "allow":
         return None
     return event.message()
+
+
+def evaluation_lines(events: list[ev.Event], job: str, run_dir: Path) -> list[str]:
+    """The summary lines of a job's evaluation product (its last score) and cross-site matrix, if any."""
+    lines = []
+    held = [e for e in events if isinstance(e, ev.HeldOutEvaluated) and e.job == job]
+    if held:
+        e = held[-1]
+        ms = "  ".join(f"{k} {v:.4f}" for k, v in e.metrics.items())
+        lines.append(f"job {job}: evaluation product {e.product} (round {e.round}, {e.examples} examples)  {ms}"
+                     if not e.reason else f"job {job}: evaluation product {e.product} not scored: {e.reason}")
+    for e in events:
+        if isinstance(e, ev.CrossSiteEvaluated) and e.job == job:
+            lines.append(f"job {job}: cross-site evaluation, models down, sites across ({run_dir / e.path}):")
+            lines += e.table()
+    return lines
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -541,5 +566,14 @@ def run_headless(run: LocalRun, echo) -> RunResult:
         if isinstance(e, ev.JobCompleted):
             ms = "  ".join(f"{k} {v:.4f}" for k, v in e.metrics.items())
             echo(f"job {e.job}: {e.rounds} rounds in {e.seconds:.2f}s  {ms}  model {result.run_dir / e.model_path}")
+            for line in evaluation_lines(result.events, e.job, result.run_dir):
+                echo(line)
+            for line in domain_lines(e):
+                echo(line)
+        elif isinstance(e, ev.Personalized):
+            for domain, sides in e.domains.items():
+                line = "  ".join(f"{k} {v:.4f}" + (f" -> {sides['after'][k]:.4f}" if "after" in sides else "")
+                                 for k, v in sides["before"].items())
+                echo(f"job {e.job}: {domain} personal model ({e.examples.get(domain, 0)} holdout rows)  {line}")
     echo(f"run {'completed' if result.ok else 'failed'} in {time.time() - started:.2f}s: {result.run_dir}")
     return result

@@ -134,6 +134,7 @@ def column_checks(con: duckdb.DuckDBPyConnection, view: str, product: PlanProduc
     """
     declared = {c.name: c.type for c in product.columns}
     contract_types = {c.name: c.type for c in (contract.columns if contract else [])}
+    shapes = {c.name: c.shape for c in [*product.columns, *(contract.columns if contract else [])] if c.shape}
     have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {view}").fetchall()}
     names = [*declared, *(n for n in contract_types if n not in declared and n in have)]
     out, typed = [], []
@@ -148,21 +149,33 @@ def column_checks(con: duckdb.DuckDBPyConnection, view: str, product: PlanProduc
             out.append(CheckResult(f"type({name})", 0.0, "mustBe", 0.0, True, "error"))
     if typed:
         counts = con.execute("SELECT " + ", ".join(
-            f"count(*) FILTER (WHERE {ident(n)} IS NOT NULL AND ({_not_of_type(n, k)}))"
+            f"count(*) FILTER (WHERE {ident(n)} IS NOT NULL AND ({_not_of_type(n, k, shapes.get(n))}))"
             for n, k in typed) + f" FROM {view}").fetchall()[0]
         for (name, kind), bad in zip(typed, counts, strict=True):
             out.append(CheckResult(
                 f"type({name})", float(bad), "mustBe", 0.0, bad == 0, "error",
                 "" if bad == 0 else f"{bad} value{'s' if bad != 1 else ''} of {name} "
-                f"{'are' if bad != 1 else 'is'} not {kind} (its declared type)"))
+                f"{'are' if bad != 1 else 'is'} not {_type_text(kind, shapes.get(name))} (its declared type)"))
     order = {n: i for i, n in enumerate(names)}
     return sorted(out, key=lambda r: order[r.rule[5:-1]])
 
 
-def _not_of_type(name: str, kind: str) -> str:
-    """SQL true for a value of column `name` that is not a `kind` (an int must be whole)."""
+def _type_text(kind: str, shape: list[int] | None) -> str:
+    """A declared type in words: a tensor with its shape and size."""
+    if kind != "tensor":
+        return kind
+    return f"tensor {list(shape or [1])} ({math.prod(shape or [1])} finite floats)"
+
+
+def _not_of_type(name: str, kind: str, shape: list[int] | None = None) -> str:
+    """SQL true for a value of column `name` that is not a `kind` (an int must be whole; a tensor
+    must be a list of prod(shape) finite floats)."""
     col = ident(name)
     bad = f"TRY_CAST({col} AS {READ_TYPES[kind]}) IS NULL"
+    if kind == "tensor":
+        values, width = f"TRY_CAST({col} AS FLOAT[])", math.prod(shape or [1])
+        bad += (f" OR len({values}) <> {width} OR list_count({values}) <> {width}"
+                f" OR NOT isfinite(coalesce(list_sum({values}), 0))")
     if kind == "int":  # TRY_CAST rounds 1.5 to 2: an int must be whole
         bad += (f" OR TRY_CAST({col} AS DOUBLE) IS DISTINCT FROM "
                 f"CAST(TRY_CAST({col} AS BIGINT) AS DOUBLE)")

@@ -7,6 +7,7 @@
       logs/             one log per process
       events.jsonl      every event, in order
       metrics.csv       one row per completed round
+      domain_metrics.csv   one row per evaluating domain per round (docs/evaluation.md)
       checkpoints/<job>/round-NNNN.safetensors
       models/<job>.safetensors
       run.lock          held (flock, shared) by every process of a live run; free once it is over

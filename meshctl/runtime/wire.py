@@ -107,6 +107,11 @@ class CheckOutcome(BaseModel):
 
 
 SecaggKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")]
+
+CategoryValue = Annotated[str, Field(max_length=1024)]
+"""One value of a categorical feature, as text."""
+CategoryCounts = Annotated[dict[CategoryValue, Annotated[int, Field(ge=0)]], Field(max_length=100_000)]
+"""A categorical feature's counts: only values held by at least k of a domain's training rows."""
 """A 32-byte X25519 public key, base64."""
 
 
@@ -129,6 +134,9 @@ class Hello(_Msg):
     checks: list[CheckOutcome] = Field(default_factory=list, max_length=4096)
     secagg_keys: dict[str, SecaggKey] = Field(default_factory=dict)
     """Secure aggregation: job -> this domain's X25519 public key for the job (base64)."""
+    category_counts: dict[str, dict[str, CategoryCounts]] = Field(default_factory=dict)
+    """Job -> categorical feature -> value -> count over this domain's training rows, for the values
+    at least `min_count` rows hold (rarer values never leave the domain); pooled into the vocabulary."""
 
 
 class Heartbeat(_Msg):
@@ -184,6 +192,8 @@ class TrainIns(_Msg):
     mean: list[float] | None = None
     """Mesh-wide feature means to standardize with (jobs with `standardize`)."""
     std: list[float] | None = None
+    vocab: dict[str, Annotated[list[CategoryValue], Field(max_length=100_000)]] | None = None
+    """Categorical feature -> the agreed vocabulary (its one-hot slots, in order; the rest is "other")."""
     participants: list[str] = Field(default_factory=list)
     """The round's participants, so that each domain can decide its `scope: round` policies."""
     peer_keys: dict[str, SecaggKey] = Field(default_factory=dict)
@@ -215,6 +225,11 @@ class EvalIns(_Msg):
     job: str
     round: int = Field(ge=0)
     version: int = Field(ge=0)
+    on: Literal["holdout", "product"] = "holdout"
+    """What to score: the domain's holdout, or the job's evaluation product (every row of it)."""
+    model: str = Field(default="", max_length=200)
+    """Cross-site evaluation: `local:<domain>`, that domain's last local model (the attached weights, kept
+    apart from the job's); "" is the global model of `version`."""
 
 
 class EvalRes(_Msg):
@@ -223,9 +238,20 @@ class EvalRes(_Msg):
     type: Literal["eval_res"] = "eval_res"
     job: str
     round: int = Field(ge=0)
+    on: Literal["holdout", "product"] = "holdout"
+    """What was scored (the EvalIns's `on`)."""
+    model: str = Field(default="", max_length=200)
+    """Which model was scored (the EvalIns's `model`)."""
     examples: int = Field(ge=0)
     loss_sum: float
     correct: int = Field(ge=0)
+    personal: dict[Literal["after"], dict[str, list[float]]] | None = None
+    """Personalisation with fine-tuning, the final round: the holdout sums (as `stats`) of this domain's
+    model after its fine-tuning; `stats` are those before. Sums, never the model."""
+    stats: dict[Annotated[str, Field(max_length=32)], Annotated[list[float], Field(max_length=1_000_000)]] = Field(
+        default_factory=dict, max_length=16)
+    """Sums the coordinator pools into every declared metric (meshctl.runtime.kernels.metrics.eval_stats);
+    the collector checks their keys and lengths against the job's task."""
 
 
 class ErrorReply(_Msg):

@@ -95,6 +95,10 @@ class RoundRow:
     seconds: float
     epsilon: float | None = None
     """Privacy budget (ε) the job had spent when this round completed; None without DP."""
+    domain_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each evaluating domain's own test metrics."""
+    domain_examples: dict[str, int] = field(default_factory=dict)
+    """The holdout examples behind each domain's metrics."""
 
 
 @dataclass
@@ -509,7 +513,8 @@ def _round_completed(s: MeshState, e: ev.RoundCompleted) -> None:
     j.current_round, j.rounds_total = max(j.current_round, e.round), e.rounds
     row = RoundRow(e.job, e.round, e.rounds, len(e.participants), e.train_loss,
                    dict(e.metrics), e.bytes_in, e.bytes_out, e.seconds,
-                   e.epsilon if e.epsilon is not None else j.epsilon)
+                   e.epsilon if e.epsilon is not None else j.epsilon,
+                   {d: dict(m) for d, m in e.domain_metrics.items()}, dict(e.domain_examples))
     j.rounds.append(row)
     s.rounds.append(row)
     for name in e.participants:

@@ -43,8 +43,8 @@ EXTRAS = (
     ("policies:\n",
      ("policies:\n  - name: eu-only\n    scope: model\n"
      "    require: model.reads.all(p, p.jurisdiction == 'eu')\n")),
-    ("    evaluation: {holdout: 0.2, metrics: [loss, accuracy]}\n",
-     ("    evaluation: {holdout: 0.2, metrics: [loss, accuracy]}\n"
+    ("    evaluation: {holdout: 0.2, metrics: [loss, accuracy, auroc, f1]}\n",
+     ("    evaluation: {holdout: 0.2, metrics: [loss, accuracy, auroc, f1]}\n"
      "    privacy: {secure_aggregation: true, dp: {epsilon: 4, delta: 1.0e-5}}\n\n"
      "analyses:\n  - name: radius-by-diagnosis\n    purpose: cancer-research\n"
      "    inputs: {contract: tumor-biopsy}\n    group_by: [diagnosis]\n"

@@ -97,15 +97,25 @@ def _minimal_with(tmp_path: Path, old: str, new: str) -> Path:
     return path
 
 
-def test_a_metric_nothing_computes_is_refused(tmp_path: Path) -> None:
+def test_a_metric_that_does_not_fit_the_task_is_refused(tmp_path: Path) -> None:
     path = _minimal_with(tmp_path, "training: {rounds: 3}",
-                         "training: {rounds: 3}\n    evaluation: {metrics: [loss, auroc, f1]}")
+                         "training: {rounds: 3}\n    evaluation: {metrics: [loss, auroc, rmse, f1, r2]}")
     result = compile_mesh(path)
     assert result.plan is None
     found = [d for d in result.errors if d.code == "MESH514"]
-    assert [d.message.split("'")[1] for d in found] == ["auroc", "f1"]
+    assert [d.message.split("'")[1] for d in found] == ["rmse", "r2"]
     assert found[0].line == found[1].line and found[0].col < found[1].col
-    assert "loss and accuracy" in (found[0].hint or "")
+    assert "auroc, f1" in (found[0].hint or "")
+
+
+def test_every_metric_of_a_task_compiles_into_the_plan(tmp_path: Path) -> None:
+    every = "[loss, accuracy, auroc, f1, precision, recall]"
+    path = _minimal_with(tmp_path, "training: {rounds: 3}",
+                         f"training: {{rounds: 3}}\n    evaluation: {{metrics: {every}}}")
+    result = compile_mesh(path)
+    assert result.errors == [] and result.plan is not None
+    job = result.plan.jobs[0]
+    assert job.evaluation.metrics == every[1:-1].split(", ") and job.task is None and job.loss is None
 
 
 def test_computed_metrics_compile(tmp_path: Path) -> None:

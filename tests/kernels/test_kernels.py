@@ -69,6 +69,8 @@ def test_training_reduces_loss_and_evaluate_returns_sums():
     for r in range(10):
         last = train_local(model, x, y, lr=0.1, momentum=0.9, shuffle_seed=r)
     assert last < first
-    loss_sum, correct, n = evaluate(model, x, y)
+    stats = evaluate(model, x, y)
+    n, correct, loss_sum = stats["n"][0], sum(stats["confusion"][::3]), stats["loss"][0]
     assert n == 200 and correct > 180 and loss_sum > 0
-    assert evaluate(model, x[:0], y[:0]) == (0.0, 0, 0)
+    empty = evaluate(model, x[:0], y[:0])
+    assert empty["n"] == [0.0] and empty["loss"] == [0.0] and sum(empty["confusion"]) == 0

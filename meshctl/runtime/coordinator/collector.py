@@ -78,7 +78,7 @@ class Collector:
             self.sink.emit(ev.MessageRejected(sender=domain, reason=problem))
             return
         self.bytes_in[(msg.job, msg.round)] = self.bytes_in.get((msg.job, msg.round), 0) + size
-        self.inbox[(msg.type, msg.round, domain)] = (msg, tensors)
+        self.inbox[(kind_of(msg), msg.round, domain)] = (msg, tensors)
         if self.gated and isinstance(msg, wire.TrainRes) and norm is not None:
             self.norms[(msg.round, domain)] = norm
         if isinstance(msg, wire.TrainRes):
@@ -101,15 +101,15 @@ class Collector:
         job = self.current
         if job is None or msg.job != job.name:
             return "not-running", f"{msg.type} for job {msg.job!r}, which is not running", 0.0
-        if domain not in job.participants:
+        if domain not in job.participants and not self._holds_product(job, domain, msg):
             return "not-participant", f"{domain} is not a participant of job {job.name}", 0.0
         if (isinstance(msg, wire.TrainRes) and job.privacy.secure_aggregation
                 and msg.attempt != self.attempts.get(msg.round, 1)):
             return "superseded", (f"{msg.type} for round {msg.round} attempt {msg.attempt}, which was re-run "
                                   f"(attempt {self.attempts.get(msg.round, 1)})"), 0.0
-        if (msg.type, msg.round, domain) in self.inbox:
+        if (kind_of(msg), msg.round, domain) in self.inbox:
             return "duplicate", f"duplicate {msg.type} for round {msg.round}", 0.0
-        if (msg.type, msg.round) in self.closed:
+        if (kind_of(msg), msg.round) in self.closed:
             return "late", f"late {msg.type} for round {msg.round}, which went on without it", 0.0
         if not self.round <= msg.round <= self.round + 1:  # kept until collected: only what is next
             code = "stale" if msg.round < self.round else "far-future"
@@ -129,7 +129,17 @@ class Collector:
             problem = "evaluation loss is negative or not finite"
         elif msg.correct > msg.examples:
             problem = f"evaluation counts {msg.correct} correct of {msg.examples} examples"
+        elif msg.stats:
+            problem = check_stats(job, msg)
+        if not problem and msg.personal is not None:
+            problem = check_personal(job, msg)
         return ("bad-evaluation" if problem else ""), problem, 0.0
+
+    def _holds_product(self, job: PlanJob, domain: str, msg: Any) -> bool:
+        """Whether `msg` is the score of `job`'s evaluation product from the domain that holds it."""
+        pid = job.evaluation.product
+        return (isinstance(msg, wire.EvalRes) and msg.on == "product" and bool(pid)
+                and any(p.id == pid and p.domain == domain for p in self.members.plan.products))
 
     def collect(self, job: PlanJob, kind: str, rnd: int, participants: list[str],
                 need: int | None = None) -> dict[str, tuple[Any, wire.Tensors]]:
@@ -197,13 +207,22 @@ class Collector:
             del self.inbox[key]
 
 
+def kind_of(msg: Any) -> str:
+    """The inbox kind of a reply: its type; an evaluation product's score and a cross-site model's apart
+    (`eval_res:product`, `eval_res:local:<domain>`, `eval_res:product:local:<domain>`)."""
+    kind = msg.type
+    if isinstance(msg, wire.EvalRes):
+        kind += (":product" if msg.on == "product" else "") + (f":{msg.model}" if msg.model else "")
+    return kind
+
+
 def _check_update(job: PlanJob, domain: str, msg: wire.TrainRes, tensors: wire.Tensors,
                   base: wire.Tensors | None = None) -> tuple[str, float | None]:
     """(problem or "", the update's L2 norm: of what the domain sent minus the round's global weights
     `base`, i.e. the update itself, not the weights)."""
     expect = [(t.name, t.shape, t.dtype) for t in job.tensors]
     if job.privacy.secure_aggregation:
-        expect = [("masked", [job.parameters], "int64")]
+        expect = [("masked", [job.shared_parameters], "int64")]
     got = [(s.name, s.shape, s.dtype) for s in msg.tensors]
     if got != expect:
         return "update tensors do not match the plan's model", 0.0
@@ -222,3 +241,40 @@ def _check_update(job: PlanJob, domain: str, msg: wire.TrainRes, tensors: wire.T
     if not math.isfinite(norm):
         return "update holds non-finite values", norm
     return "", norm
+
+
+def check_stats(job: PlanJob, msg: wire.EvalRes) -> str:
+    """Why an EvalRes's metric sums cannot be pooled ("" if they can): keys and lengths of the job's
+    task, finite values, counts that are not negative and add up to the examples."""
+    from meshctl.runtime.kernels.metrics import stat_lengths
+
+    want = stat_lengths(job.task_name, job.classes)
+    got = {k: len(v) for k, v in msg.stats.items()}
+    if got != want:
+        return f"evaluation sums {sorted(got.items())} are not those of a {job.task_name} job {sorted(want.items())}"
+    if not all(math.isfinite(v) for values in msg.stats.values() for v in values):
+        return "evaluation sums are not finite"
+    if msg.stats["n"][0] != msg.examples:
+        return f"evaluation sums count {msg.stats['n'][0]:g} examples, not {msg.examples}"
+    counts = [k for k in ("confusion", "score_hist", "pos_hist") if k in msg.stats]
+    if any(v < 0 for k in counts for v in msg.stats[k]) or any(sum(msg.stats[k]) != (
+            msg.examples * (2 if job.task == "binary" else len(job.classes)) if "hist" in k else msg.examples)
+            for k in counts if k != "pos_hist"):
+        return "evaluation counts are negative or do not add up to the examples"
+    if msg.stats.get("loss", [0.0])[0] < 0:
+        return "evaluation loss is negative"
+    return ""
+
+
+def check_personal(job: PlanJob, msg: wire.EvalRes) -> str:
+    """Why an EvalRes's sums after fine-tuning cannot be reported ("" if they can): only a fine-tuned
+    job's final round has them, and they pass `check_stats`."""
+    personal = job.personalization
+    if personal is None or not personal.fine_tune_epochs or msg.round != job.training.rounds \
+            or msg.on != "holdout" or msg.model:
+        return "fine-tuning sums for a job or round that has none"
+    for side, stats in msg.personal.items():
+        problem = check_stats(job, msg.model_copy(update={"stats": stats}))
+        if problem:
+            return f"personalisation {side}: {problem}"
+    return ""

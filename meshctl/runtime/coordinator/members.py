@@ -39,6 +39,8 @@ class Peer:
     identity: bytes
     rows: dict[str, int] = field(default_factory=dict)
     stats: dict[str, wire.FeatureStats] = field(default_factory=dict)
+    category_counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    """Job -> categorical feature -> counts of the values at least k of the domain's rows hold."""
     versions: dict[str, int] = field(default_factory=dict)
     """Weights version each job's daemon holds."""
     refused: dict[str, str] = field(default_factory=dict)
@@ -111,7 +113,8 @@ class Members:
             self.sink.emit(ev.DomainRefused(domain=domain, reason=reason))
             return
         new = Peer(domain, identity, dict(msg.rows), dict(msg.stats), refused=dict(msg.refused),
-                   secagg=dict(msg.secagg_keys), last_seen=self.clock.monotonic(), pid=msg.pid)
+                   secagg=dict(msg.secagg_keys), last_seen=self.clock.monotonic(), pid=msg.pid,
+                   category_counts=dict(msg.category_counts))
         if peer is not None:  # the same key on a new connection: the daemon restarted, the old connection is dead
             silent = self.clock.monotonic() - peer.last_seen
             self.lose(domain, f"no heartbeat for {silent:.0f}s" if silent > self.heartbeat_timeout else

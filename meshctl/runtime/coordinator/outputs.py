@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import queue
 import sys
 import threading
@@ -150,33 +151,87 @@ def model_meta(plan: Plan, job: PlanJob, rnd: int, norm: dict[str, list[float]] 
     meta = {"job": job.name, "round": str(rnd), "plan_hash": plan.plan.hash,
             "features": ",".join(job.features), "classes": ",".join(job.classes),
             "architecture": job.architecture.model_dump_json()}
+    norm = dict(norm or {})
+    if "vocab" in norm:  # the agreed one-hot vocabulary of categorical features
+        meta["vocabulary"] = json.dumps(norm.pop("vocab"))
     if norm:
         meta["standardize"] = json.dumps(norm)
     return meta
 
 
+METRIC_COLUMNS = ("auroc", "f1", "precision", "recall", "mae", "rmse", "r2")
+"""metrics.csv's `test_<metric>` columns after the first 8 (loss and accuracy are among them), the same for
+every job: a job's cell is empty when it does not declare the metric, or when it is undefined (NaN)."""
+DOMAIN_COLUMNS = ("loss", "accuracy", *METRIC_COLUMNS)
+
+
 def trim_metrics(run_dir: Path, job: PlanJob, last: int) -> None:
-    """Drop metrics.csv rows of `job` after round `last` (they are trained again)."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if not (r[0] == job.name and int(r[1]) > last)]
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows(kept)
+    """Drop metrics.csv and domain_metrics.csv rows of `job` after round `last` (they are trained again)."""
+    for name in ("metrics.csv", "domain_metrics.csv"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if not (r[0] == job.name and int(r[1]) > last)]
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
 
 
-def append_metrics(run_dir: Path, job: PlanJob, rnd: int, participants: int, loss: float,
-                   metrics: dict[str, float], *, evaluated: int, eval_examples: int) -> None:
-    """One metrics.csv row for a completed round, with how many domains and holdout examples its test
-    metrics cover (they change when a domain drops out). Raises OSError (a full disk, say)."""
-    path = run_dir / "metrics.csv"
+def _cell(metrics: dict[str, float], name: str) -> str:
+    value = metrics.get(name)
+    return "" if value is None or not math.isfinite(value) else f"{value:.6f}"
+
+
+def append_row(path: Path, header: list[str], row: dict[str, object]) -> None:
+    """Append `row` under the file's header (written if the file is new; an older file keeps its own)."""
     new = not path.exists()
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), header)
     with path.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["job", "round", "participants", "train_loss", "test_loss", "test_accuracy",
-                        "evaluated", "eval_examples"])
-        w.writerow([job.name, rnd, participants, f"{loss:.6f}", f"{metrics['loss']:.6f}",
-                    f"{metrics['accuracy']:.6f}", evaluated, eval_examples])
+            w.writerow(header)
+        w.writerow([row.get(h, "") for h in header])
+
+
+def write_personal(run_dir: Path, event: Any) -> None:
+    """personal.csv rows of a Personalized event: job, domain (or `pooled`), phase (before/after),
+    metric, value, and the holdout examples behind it. Raises OSError."""
+    header = ["job", "domain", "phase", "metric", "value", "examples"]
+    for domain, sides in [*event.domains.items(), ("pooled", event.pooled)]:
+        n = event.examples.get(domain, sum(event.examples.values()))
+        for phase, values in sides.items():
+            for metric in values:
+                append_row(run_dir / "personal.csv", header, {"job": event.job, "domain": domain, "phase": phase,
+                                                           "metric": metric, "value": _cell(values, metric),
+                                                           "examples": n})
+
+
+def append_metrics(run_dir: Path, job: PlanJob, rnd: int, participants: int, loss: float,
+                   metrics: dict[str, float], *, evaluated: int, eval_examples: int,
+                   domain_metrics: dict[str, dict[str, float]] | None = None,
+                   domain_examples: dict[str, int] | None = None,
+                   held_out: tuple[dict[str, float], int] | None = None, product_columns: bool = False) -> None:
+    """One metrics.csv row for a completed round, with how many domains and holdout examples its test
+    metrics cover (they change when a domain drops out), and one domain_metrics.csv row per evaluating
+    domain. `product_columns`: the file has the evaluation product's columns (some job of the run's plan
+    declares one: the header is the run's, whichever job writes first). Raises OSError (a full disk, say)."""
+    header = ["job", "round", "participants", "train_loss", "test_loss", "test_accuracy", "evaluated",
+              "eval_examples", *(f"test_{m}" for m in METRIC_COLUMNS)]
+    row: dict[str, object] = {"job": job.name, "round": rnd, "participants": participants,
+                              "train_loss": f"{loss:.6f}", "evaluated": evaluated, "eval_examples": eval_examples}
+    row.update({f"test_{m}": _cell(metrics, m) for m in DOMAIN_COLUMNS})
+    if product_columns or job.evaluation.product:  # the evaluation product's score: product_<metric> columns
+        header += ["product_examples", *(f"product_{m}" for m in DOMAIN_COLUMNS)]
+        values, examples = held_out or ({}, "")
+        row.update({"product_examples": examples, **{f"product_{m}": _cell(values, m) for m in DOMAIN_COLUMNS}})
+    append_row(run_dir / "metrics.csv", header, row)
+    if domain_metrics is None:
+        return
+    header = ["job", "round", "domain", "examples", *(f"test_{m}" for m in DOMAIN_COLUMNS)]
+    for domain, values in domain_metrics.items():
+        row = {"job": job.name, "round": rnd, "domain": domain, "examples": (domain_examples or {}).get(domain, "")}
+        row.update({f"test_{m}": _cell(values, m) for m in DOMAIN_COLUMNS})
+        append_row(run_dir / "domain_metrics.csv", header, row)

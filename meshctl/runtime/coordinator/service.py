@@ -287,7 +287,8 @@ class Coordinator:
         """Wait for the job's participants, then run its rounds (meshctl.runtime.coordinator.training)."""
         participants = self._await_quorum(job)
         Training(self.plan, job, self.members, self.collector, self.sink, self.outputs, self.run_dir,
-                 checkpoint=self.m.checkpoint, resume=self.resume_points.pop(job.name, (0, None))).run(participants)
+                 checkpoint=self.m.checkpoint, resume=self.resume_points.pop(job.name, (0, None)),
+                 root=Path(self.m.base_dir)).run(participants)
 
     def _excluded(self, job: PlanJob) -> dict[str, str]:
         """Participants that cannot take part in `job` now, each with a reason naming who decided."""
@@ -401,7 +402,7 @@ class Coordinator:
         for job in self.plan.jobs:
             sizes = [math.prod(t.shape) * wire.DTYPES[t.dtype].itemsize for t in job.tensors]
             if job.privacy.secure_aggregation:
-                sizes = [job.parameters * 8]  # the masked update: one int64 word per parameter
+                sizes = [job.shared_parameters * 8]  # the masked update: one int64 word per shared parameter
             frame = max(frame, min(wire.CHUNK_BYTES, max(sizes, default=0)))
             total = max(total, sum(sizes))
         return frame, total

@@ -17,6 +17,7 @@ setup restarts with the current keys, and every reply of the aborted attempt is 
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,19 +25,49 @@ from typing import Any
 import numpy as np
 import torch
 
+from meshctl.compiler.entrypoint import check_code
 from meshctl.compiler.plan import Plan, PlanJob
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.coordinator import outputs
 from meshctl.runtime.coordinator.collector import Collector, JobAborted, RoundInterrupted
+from meshctl.runtime.coordinator.crosssite import Evaluations
 from meshctl.runtime.coordinator.members import Members, Peer, Sink
 from meshctl.runtime.coordinator.strategy import Strategy, make_strategy
 from meshctl.runtime.data import pooled_mean_std
+from meshctl.runtime.features import agree_vocabulary, categorical, input_width, job_features
 from meshctl.runtime.governance import RoundGate, RoundUpdate
-from meshctl.runtime.kernels import mlp
+from meshctl.runtime.kernels.models import build_model
 
 REJOIN_HEARTBEATS = 3
 """A lost domain has max(round_timeout_s, REJOIN_HEARTBEATS x heartbeat timeout) to come back."""
+
+
+def reported_metrics(job: PlanJob) -> list[str]:
+    """The metrics a round reports: loss (and accuracy, but for a regression) always, then the declared ones."""
+    always = ["loss"] if job.task == "regression" else ["loss", "accuracy"]
+    return list(dict.fromkeys([*always, *job.evaluation.metrics]))
+
+
+def pooled_metrics(job: PlanJob, evals: dict[str, wire.EvalRes]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(pooled metrics, each domain's metrics) of one round's evaluation sums; a metric undefined on the
+    data (NaN: auroc of one class) is left out. Replies without sums (an older daemon) give loss and accuracy."""
+    from meshctl.runtime.kernels.metrics import finish
+
+    names = reported_metrics(job)
+    if evals and all(m.stats for m in evals.values()):
+        pooled = finish(job.task_name, names, [m.stats for m in evals.values()])
+        domains = {d: finish(job.task_name, names, [m.stats]) for d, m in sorted(evals.items())}
+    else:
+        def legacy(ms: list[wire.EvalRes]) -> dict[str, float]:
+            n = max(sum(m.examples for m in ms), 1)
+            return {"loss": sum(m.loss_sum for m in ms) / n, "accuracy": sum(m.correct for m in ms) / n}
+        pooled = legacy(list(evals.values()))
+        domains = {d: legacy([m]) for d, m in sorted(evals.items())}
+
+    def defined(values: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in values.items() if math.isfinite(v)}
+    return defined(pooled), {d: defined(v) for d, v in domains.items()}
 
 
 def rejoin_grace(job: PlanJob, heartbeat_timeout: float) -> float:
@@ -49,8 +80,10 @@ class Training:
 
     def __init__(self, plan: Plan, job: PlanJob, members: Members, collector: Collector, sink: Sink,
                  checkpoints: outputs.Checkpoints, run_dir: Path, *, checkpoint: bool = True,
-                 resume: tuple[int, wire.Tensors | None] = (0, None)):
+                 resume: tuple[int, wire.Tensors | None] = (0, None), root: Path | None = None):
         self.plan, self.job, self.members, self.collector, self.sink = plan, job, members, collector, sink
+        self.root = root
+        """The mesh.yaml's directory: entrypoint models are imported from there."""
         self.outputs, self.run_dir, self.checkpoint, self.resume = checkpoints, run_dir, checkpoint, resume
         self.gate: RoundGate | None = None
         self.bytes_out: dict[tuple[str, int], int] = {}
@@ -58,6 +91,17 @@ class Training:
         """Round -> how many times it was started (1 unless it was re-run after a loss)."""
         self.asked: dict[int, set[bytes]] = {}
         """Round -> the connections its TrainIns went to."""
+
+    def _initial_model(self, job: PlanJob) -> torch.nn.Module:
+        """The job's model as seeded by the plan; its entrypoint code must hash as the plan pins it."""
+        root = self.root or Path.cwd()
+        reason = check_code(job.architecture, root)
+        if reason is None:
+            try:
+                return build_model(job, root=root, seed=job.training.seed)
+            except Exception as err:  # noqa: BLE001 - user code: one line, the job ends
+                reason = f"cannot build model {job.architecture.entrypoint}: {type(err).__name__}: {err}"
+        raise JobAborted(f"job {job.name}: coordinator: {reason.splitlines()[0][:300]}")
 
     def run(self, participants: list[str]) -> None:
         """Every round of the job from `participants` on: train, aggregate, evaluate; domains back from
@@ -67,8 +111,7 @@ class Training:
         self.collector.gated = self.gate is not None
         self.sink.emit(ev.JobStarted(job=job.name, participants=participants, rounds=job.training.rounds,
                                      parameters=job.parameters, quorum=job.quorum))
-        arch = job.architecture
-        model = mlp(arch.input_dim, arch.hidden, arch.output_dim, seed=job.training.seed)
+        model = self._initial_model(job)
         weights = {t.name: model.state_dict()[t.name].detach().clone() for t in job.tensors}
         version, resumed = self.resume
         if resumed is not None:  # a resumed run: on from the newest checkpoint
@@ -76,9 +119,12 @@ class Training:
             outputs.trim_metrics(self.run_dir, job, version)
         started = time.time()
         metrics: dict[str, float] = {}
+        domain_metrics: dict[str, dict[str, float]] = {}
+        domain_examples: dict[str, int] = {}
         covered: set[str] = set()
         strategy = make_strategy(job.aggregation)
-        norm = self._standardization(job, participants)
+        evaluations, results = Evaluations(self, pooled_metrics), {}  # (results: the last round's updates, for cross-site)
+        norm = {**self._standardization(job, participants), **self._vocabulary(job, participants)}
         first = version + 1
         round_start = {first: time.time()}
         self.sink.emit(ev.RoundStarted(job=job.name, round=first, participants=participants))
@@ -113,6 +159,7 @@ class Training:
             participants = self.members.active(participants)
             evaluated = list(participants)
             self._broadcast(job, participants, wire.EvalIns(job=job.name, round=r, version=r), weights, r)
+            evaluations.send(r, weights)  # the evaluation product, if the job has one
             if r < job.training.rounds:
                 participants = self._boundary(participants, r + 1)
                 round_start[r + 1] = time.time()
@@ -134,26 +181,33 @@ class Training:
                             [d for d in job.participants if d in back or d in participants])
                         self._resend_train(r + 1, participants, r, weights, norm)
             n = sum(m.examples for m, _ in evals.values())
-            metrics = {"loss": sum(m.loss_sum for m, _ in evals.values()) / max(n, 1),
-                       "accuracy": sum(m.correct for m, _ in evals.values()) / max(n, 1)}
+            metrics, domain_metrics = pooled_metrics(job, {d: m for d, (m, _) in evals.items()})
+            domain_examples = {d: m.examples for d, (m, _) in evals.items()}
+            held_out = evaluations.collect(r)
             self.sink.emit(ev.RoundCompleted(
                 job=job.name, round=r, rounds=job.training.rounds, participants=contributors,
                 train_loss=train_loss, metrics=metrics, bytes_in=self.collector.bytes_in.pop((job.name, r), 0),
                 bytes_out=self.bytes_out.pop((job.name, r), 0), seconds=time.time() - round_start.pop(r),
                 aggregation=note, epsilon=max((v for (j, _), v in self.collector.job_epsilon.items() if j == job.name),
-                                              default=None)))
+                                              default=None), domain_metrics=domain_metrics,
+                domain_examples=domain_examples))
             try:
                 outputs.append_metrics(self.run_dir, job, r, len(contributors), train_loss, metrics,
-                                       evaluated=len(evals), eval_examples=n)
+                                       evaluated=len(evals), eval_examples=n, domain_metrics=domain_metrics,
+                                       domain_examples=domain_examples, held_out=held_out,
+                                       product_columns=any(j.evaluation.product for j in self.plan.jobs))
             except OSError as err:  # a full disk, say: the run fails with the reason
                 raise JobAborted(f"job {job.name} round {r}: cannot write {self.run_dir / 'metrics.csv'}: "
                                  f"{err.strerror or err}") from None
+            if r == job.training.rounds and job.personalization is not None:
+                self._personalized(job, evals)
             if self.checkpoint:
                 path = self.run_dir / "checkpoints" / job.name / f"round-{r:04d}.safetensors"
                 self.outputs.put(path, weights, outputs.model_meta(self.plan, job, r, norm))
             self.outputs.report(self.sink)
             if self.outputs.error:
                 raise JobAborted(f"job {job.name} round {r}: {self.outputs.error}")
+        evaluations.cross_site(version, weights, {d: t for d, (_, t) in results.items()}, participants)
         model_path = self.run_dir / "models" / f"{job.name}.safetensors"
         self.outputs.put(model_path, weights, outputs.model_meta(self.plan, job, version, norm))
         left = self.members.excluded(job)
@@ -161,7 +215,30 @@ class Training:
             job=job.name, rounds=version, metrics=metrics, model_path=str(model_path.relative_to(self.run_dir)),
             seconds=time.time() - started, domains=[d for d in job.participants if d in covered],
             left_out={d: left.get(d, f"domain {d} sent no update that was aggregated").removeprefix(f"domain {d} ")
-                      for d in job.participants if d not in covered}))
+                      for d in job.participants if d not in covered},
+            domain_metrics=domain_metrics, domain_examples=domain_examples))
+
+    def _personalized(self, job: PlanJob, evals: dict[str, tuple[Any, wire.Tensors]]) -> None:
+        """The final round of a personalised job: each domain's metrics before (its EvalRes's sums) and after
+        its fine-tuning (`personal`), and their pooled sums (a Personalized event, personal.csv)."""
+        from meshctl.runtime.kernels.metrics import TASK_METRICS, finish
+
+        task, personal = job.task_name, job.personalization
+        assert personal is not None
+        names = [m for m in job.evaluation.metrics if m in TASK_METRICS[task]] or list(TASK_METRICS[task])
+        sums = {d: {"before": msg.stats, **(msg.personal or {})} for d, (msg, _) in sorted(evals.items()) if msg.stats}
+        domains = {d: {side: finish(task, names, [stats]) for side, stats in sides.items()} for d, sides in sums.items()}
+        pooled = {side: finish(task, names, [s[side] for s in sums.values()])
+                  for side in ("before", "after") if sums and all(side in s for s in sums.values())}
+        event = ev.Personalized(job=job.name, local=[t.name for t in personal.local_tensors],
+                                fine_tune_epochs=personal.fine_tune_epochs, domains=domains,
+                                examples={d: int(s["before"]["n"][0]) for d, s in sums.items()}, pooled=pooled)
+        self.sink.emit(event)
+        try:
+            outputs.write_personal(self.run_dir, event)
+        except OSError as err:
+            raise JobAborted(f"job {job.name}: cannot write {self.run_dir / 'personal.csv'}: "
+                             f"{err.strerror or err}") from None
 
     def _readmit(self, rnd: int, phase: str, participants: list[str], err: RoundInterrupted) -> list[str]:
         """Wait for the lost participants of round `rnd` to come back, re-admit them (a RoundRetried
@@ -231,7 +308,7 @@ class Training:
         """Mesh-wide mean/std pooled exactly from the participants' sums; {} if not standardizing."""
         if not job.training.standardize:
             return {}
-        d = len(job.features)
+        d = input_width(job)
         stats = []
         for name in participants:
             s = self.members.peers[name].stats.get(job.name)
@@ -242,7 +319,25 @@ class Training:
             mean, std = pooled_mean_std(stats)
         except ValueError as err:
             raise JobAborted(f"job {job.name}: {err}") from None
+        at = 0
+        for f in job_features(job):  # one-hot slots stay 0/1
+            if f.kind == "categorical":
+                mean[at:at + f.width], std[at:at + f.width] = [0.0] * f.width, [1.0] * f.width
+            at += f.width
         return {"mean": mean, "std": std}
+
+    def _vocabulary(self, job: PlanJob, participants: list[str]) -> dict[str, dict[str, list[str]]]:
+        """The vocabulary of each categorical feature, agreed from the participants' counts (each
+        holding only values at least k of its rows hold): pooled values with at least k rows, the
+        first width - 1 by declared order, else by (count desc, value); {} without categorical features."""
+        features = categorical(job)
+        if not features:
+            return {}
+        vocab = {}
+        for f in features:
+            counts = [self.members.peers[d].category_counts.get(job.name, {}).get(f.name, {}) for d in participants]
+            vocab[f.name] = agree_vocabulary(counts, f.min_count or 1, f.width, f.vocabulary or ())
+        return {"vocab": vocab}
 
     def _gate_round(self, job: PlanJob, rnd: int, results: dict[str, tuple[Any, wire.Tensors]]) -> None:
         """Evaluate the job's `scope: round` policies on this round's updates before aggregating them."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
 import torch
 from torch import nn
+
+from meshctl.runtime.kernels.metrics import eval_stats, loss_function, prediction
 
 
 def train_local(
@@ -19,8 +23,13 @@ def train_local(
     weight_decay: float = 0.0,
     shuffle_seed: int = 0,
     prox_mu: float = 0.0,
+    loss: str = "cross_entropy",
+    huber_delta: float = 1.0,
 ) -> float:
     """Minibatch training from the model's current weights; returns the last epoch's mean loss.
+
+    `loss` is cross_entropy (y: int64 class indices), bce (y: float 0/1, one logit out),
+    mse, mae or huber (y: float values, one output).
 
     A fresh optimizer every call (no momentum carried across rounds). Epoch `e`
     shuffles with `torch.Generator().manual_seed(shuffle_seed + e)`; the last
@@ -33,7 +42,8 @@ def train_local(
         opt: torch.optim.Optimizer | _SGD = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
         opt = _SGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_function(loss, huber_delta=huber_delta)
+    task = "classification" if loss == "cross_entropy" else "binary" if loss == "bce" else "regression"
     model.train()
     n = len(x)
     mean = 0.0
@@ -43,31 +53,31 @@ def train_local(
         for s in range(0, n, batch_size):
             b = perm[s:s + batch_size]
             opt.zero_grad()
-            loss = loss_fn(model(x[b]), y[b])
-            loss.backward()
+            batch_loss = loss_fn(prediction(task, model(x[b])), y[b])
+            batch_loss.backward()
             if anchor is not None:
                 with torch.no_grad():
                     for p, p0 in zip(model.parameters(), anchor):
                         p.grad.add_(p.detach() - p0, alpha=prox_mu)
             opt.step()
-            total += loss.item() * len(b)
+            total += batch_loss.item() * len(b)
         mean = total / max(n, 1)
     return mean
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
-    """(sum of cross-entropy losses, correct predictions, examples) on (x, y).
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, task: str = "classification",
+             loss: str = "cross_entropy", classes: int | Sequence[object] | None = None,
+             huber_delta: float = 1.0) -> dict[str, list[float]]:
+    """Sums over (x, y) that pool exactly across domains (meshctl.runtime.kernels.metrics.eval_stats).
 
-    Sums, not means, so that results from several domains pool exactly.
+    `classes`: the class count or names (classification); by default the model's output width.
     """
-    if len(x) == 0:
-        return 0.0, 0, 0
     model.eval()
     out = model(x)
-    loss_sum = nn.functional.cross_entropy(out, y, reduction="sum").item()
-    correct = int((out.argmax(1) == y).sum().item())
-    return loss_sum, correct, len(y)
+    if task == "classification" and classes is None:
+        classes = out.shape[1]
+    return eval_stats(task, out, y, classes=classes, loss=loss, huber_delta=huber_delta)
 
 
 class _SGD:
@@ -100,3 +110,90 @@ class _SGD:
                 torch._foreach_add_(self.bufs, grads)
             grads = self.bufs
         torch._foreach_add_(params, grads, alpha=-self.lr)
+
+
+def train_stream(
+    model: nn.Module,
+    chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    buffer_rows: int = 65_536,
+    optimizer: str = "sgd",
+    lr: float = 0.05,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    shuffle_seed: int = 0,
+    prox_mu: float = 0.0,
+    loss: str = "cross_entropy",
+    huber_delta: float = 1.0,
+) -> float:
+    """`train_local` over data read in chunks (`chunks()` walks the data once per epoch).
+
+    Rows are shuffled within a buffer of `buffer_rows`: epoch `e` draws each buffer's order
+    from `torch.Generator().manual_seed(shuffle_seed + e)`, trains on its full batches and
+    carries the rows left over (fewer than a batch) into the next buffer; the last partial
+    batch is kept. Memory holds one buffer, never the data. With `buffer_rows` at least the
+    number of rows this is `train_local` exactly (the same order, the same steps).
+    """
+    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer | _SGD = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = _SGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    loss_fn = loss_function(loss, huber_delta=huber_delta)
+    task = "classification" if loss == "cross_entropy" else "binary" if loss == "bce" else "regression"
+    model.train()
+    mean = 0.0
+    for e in range(epochs):
+        g = torch.Generator().manual_seed(shuffle_seed + e)
+        total, n = 0.0, 0
+        for xb, yb in _shuffled(chunks(), buffer_rows, batch_size, g):
+            opt.zero_grad()
+            batch_loss = loss_fn(prediction(task, model(xb)), yb)
+            batch_loss.backward()
+            if anchor is not None:
+                with torch.no_grad():
+                    for p, p0 in zip(model.parameters(), anchor):
+                        p.grad.add_(p.detach() - p0, alpha=prox_mu)
+            opt.step()
+            total += batch_loss.item() * len(yb)
+            n += len(yb)
+        mean = total / max(n, 1)
+    return mean
+
+
+def _shuffled(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], buffer_rows: int, batch_size: int,
+              g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Minibatches from `chunks`, shuffled within buffers of `buffer_rows` rows (see `train_stream`)."""
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    held = 0
+    for x, y in chunks:
+        xs.append(x)
+        ys.append(y)
+        held += len(y)
+        if held < buffer_rows:
+            continue
+        x, y = torch.cat(xs), torch.cat(ys)
+        perm = torch.randperm(len(y), generator=g)
+        full = len(y) // batch_size * batch_size
+        for s in range(0, full, batch_size):
+            b = perm[s:s + batch_size]
+            yield x[b], y[b]
+        rest = perm[full:]
+        xs, ys, held = [x[rest]], [y[rest]], len(rest)
+    if held:
+        x, y = torch.cat(xs), torch.cat(ys)
+        perm = torch.randperm(len(y), generator=g)
+        for s in range(0, len(y), batch_size):
+            b = perm[s:s + batch_size]
+            yield x[b], y[b]
+
+
+def evaluate_stream(model: nn.Module, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    **kwargs: object) -> dict[str, list[float]]:
+    """`evaluate` over data read in chunks: the chunks' sums, added (they pool exactly)."""
+    from meshctl.runtime.kernels.metrics import pool
+
+    return pool([evaluate(model, x, y, **kwargs) for x, y in chunks])  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
 
 from meshctl.tui.state import Contribution, MeshState, RoundRow
-from meshctl.tui.widgets._format import fmt_bytes, fmt_float, fmt_seconds
+from meshctl.tui.widgets._format import MISSING, fmt_bytes, fmt_float, fmt_seconds
 from meshctl.tui.widgets.rounds_table import RoundsTable, parse_key
 
 CONTRIBUTION_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -20,12 +20,14 @@ CONTRIBUTION_COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 class ContributionTable(DataTable[str]):
-    """Each domain's update in one round."""
+    """Each domain's update in one round and, once the round is evaluated, each domain's own test
+    metrics with the holdout examples behind them (`test n` and `test <metric>` columns)."""
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="row", **kwargs)  # type: ignore[arg-type]
         self.round: tuple[str, int] | None = None
         """(job, round) shown, or None before the first update."""
+        self._metrics: list[str] = []
 
     def on_mount(self) -> None:
         self.border_title = "contributions"
@@ -33,18 +35,45 @@ class ContributionTable(DataTable[str]):
             self.add_column(label, key=key)
 
     def show(self, state: MeshState, job_round: tuple[str, int] | None) -> None:
-        """Show the contributions of `job_round` (job, round) from `state`."""
+        """Show the contributions of `job_round` (job, round) from `state`, and its per-domain metrics."""
         self.round = job_round
         updates = state.contributions.get(job_round, []) if job_round else []
-        self.clear()
+        done = next((r for r in reversed(state.rounds) if (r.job, r.round) == job_round), None)
+        evals = done.domain_metrics if done is not None else {}
+        names = list(dict.fromkeys(k for m in evals.values() for k in m))
+        if names != self._metrics:
+            self.clear(columns=True)
+            for key, label in CONTRIBUTION_COLUMNS:
+                self.add_column(label, key=key)
+            if names:
+                self.add_column("test n", key="test_examples")
+            for name in names:
+                self.add_column(f"test {name}", key=f"test_{name}")
+            self._metrics = names
+        else:
+            self.clear()
         for i, c in enumerate(updates):
-            self.add_row(*contribution_cells(c), key=f"{i}/{c.domain}")
+            self.add_row(*contribution_cells(c), *_eval_cells(done, c.domain, names), key=f"{i}/{c.domain}")
+        shown = {c.domain for c in updates}
+        for domain in evals:  # evaluated the round without an update in it
+            if domain not in shown:
+                self.add_row(domain, *[MISSING] * (len(CONTRIBUTION_COLUMNS) - 1),
+                             *_eval_cells(done, domain, names), key=f"eval/{domain}")
         self.border_title = f"round {job_round[1]}" if job_round else "contributions"
 
     @property
     def plain_rows(self) -> list[list[str]]:
         """The rows as plain text, top to bottom (for tests)."""
         return [[str(c) for c in self.get_row_at(i)] for i in range(self.row_count)]
+
+
+def _eval_cells(done: RoundRow | None, domain: str, names: list[str]) -> tuple[str, ...]:
+    """A domain's `test n` and metric cells (none when the round has no per-domain metrics)."""
+    if not names or done is None:
+        return ()
+    values = done.domain_metrics.get(domain, {})
+    n = done.domain_examples.get(domain)
+    return (MISSING if n is None else str(n), *(fmt_float(values.get(m)) for m in names))
 
 
 def contribution_cells(c: Contribution) -> tuple[str, ...]:
