@@ -32,7 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "digits"))
-from make_data import write_mesh  # noqa: E402
+import itertools
+
+from make_data import write_mesh
 
 WORKLOAD = ROOT.parent / "shared" / "bench" / "workload.py"
 MESHCTL = [sys.executable, "-m", "meshctl"]
@@ -104,7 +106,7 @@ def run_meshctl(mesh: Path, threads: int) -> dict:
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     rounds = [e for e in events if e["type"] == "round_completed"]
     ends = [e["ts"] for e in rounds]
-    per_round = [b - a for a, b in zip(ends, ends[1:])]
+    per_round = [b - a for a, b in itertools.pairwise(ends)]
     return {
         "launch_to_r1": ends[0] - t0,
         "round_median": statistics.median(per_round) if per_round else float("nan"),
@@ -128,11 +130,11 @@ def floor(n_clients: int, rounds: int, hidden: list[int], threads: int) -> dict:
         clients = [ref.client_data(i, n_clients) for i in range(n_clients)]
         n_train = [len(y) for _, y in clients]
 
-        def train(m, i, r):  # noqa: ANN001, ANN202
+        def train(m, i, r):
             x, y = clients[i]
             return ref.train_epoch(m, x, y, shuffle_seed=1000 * r + i)
 
-        evaluate = lambda m: ref.evaluate(m, x_test, y_test)[1]  # noqa: E731
+        evaluate = lambda m: ref.evaluate(m, x_test, y_test)[1]
         get, put, avg = ref.get_weights, ref.set_weights, ref.fedavg
         central = _central(ref, rounds) if hidden == [128] else float("nan")
     else:  # pragma: no cover - used only without shared/
@@ -155,7 +157,7 @@ def floor(n_clients: int, rounds: int, hidden: list[int], threads: int) -> dict:
             "sizes": n_train}
 
 
-def _central(ref, epochs: int) -> float:  # noqa: ANN001
+def _central(ref, epochs: int) -> float:
     x, y, xt, yt = ref.load_data()
     model = ref.build_model("small")
     opt = torch.optim.SGD(model.parameters(), lr=ref.LR, momentum=ref.MOMENTUM)

@@ -30,7 +30,7 @@ def span(seconds: float | None) -> str:
     """`42s`, `3m07s`, `2h05m`, or `-`."""
     if seconds is None:
         return "-"
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 60:
         return f"{s}s"
     if s < 3600:

@@ -74,7 +74,8 @@ RULES: dict[str, Rule] = {
     "GOV004": Rule("breaking", "residency widened (jurisdiction changed, residency policy "
                                "removed or deny -> warn)", True),
     "GOV005": Rule("breaking", "policy removed", True),
-    "GOV006": Rule("breaking", "policy relaxed (deny -> warn, `when` added or changed)", True),
+    "GOV006": Rule("breaking", "policy relaxed (deny -> exclude -> warn, `when` added or changed, "
+                               "suspend_after raised or removed)", True),
     "GOV007": Rule("breaking", "policy condition or scope changed", True),
     "GOV008": Rule("breaking", "differential privacy weakened (epsilon or delta raised, "
                                "or removed)", True),
@@ -680,9 +681,13 @@ def _policies(d: _Diff) -> None:
             d.add("NB003", "head", new.path, f"policy {name}", f"new policy (effect {new.effect})")
 
 
+_STRENGTH = {"warn": 0, "exclude": 1, "deny": 2}
+"""A failed `require` warns, excludes one update (a round policy) or denies: each stronger."""
+
+
 def _policy(d: _Diff, old: Policy, new: Policy, subject: str) -> None:
     if old.effect != new.effect:
-        relaxed = new.effect == "warn"
+        relaxed = _STRENGTH[new.effect] < _STRENGTH[old.effect]
         rule = ("GOV004" if _residency(old) else "GOV006") if relaxed else "NB010"
         d.add(rule, "head", (*new.path, "effect"), subject, f"effect {old.effect} -> "
               f"{new.effect}")
@@ -691,6 +696,10 @@ def _policy(d: _Diff, old: Policy, new: Policy, subject: str) -> None:
         what = "added" if old.when is None else "removed" if new.when is None else "changed"
         d.add(rule, "head", (*new.path, "when") if new.when else new.path, subject,
               f"`when` {what}: {new.when or old.when}")
+    if old.suspend_after != new.suspend_after and old.effect == new.effect == "exclude":
+        later = new.suspend_after is None or (old.suspend_after is not None and new.suspend_after > old.suspend_after)
+        d.add("GOV006" if later else "NB010", "head", (*new.path, "suspend_after") if new.suspend_after else new.path,
+              subject, f"suspend_after {old.suspend_after or 'none'} -> {new.suspend_after or 'none'}")
     if old.require != new.require or old.scope != new.scope:
         what = "require" if old.require != new.require else "scope"
         d.add("GOV007", "head", (*new.path, what), subject, f"{what} changed: "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 from collections.abc import Callable
 
 from meshctl import PROTOCOL_VERSION, __version__
@@ -18,10 +19,13 @@ from meshctl.compiler.diagnostics import YamlPath
 from meshctl.compiler.grants import grant_id
 from meshctl.compiler.plan import (
     Plan,
+    PlanAdaptiveClip,
     PlanAggregation,
     PlanAnalysis,
     PlanArchitecture,
+    PlanClientDp,
     PlanColumn,
+    PlanCompression,
     PlanContract,
     PlanCoordinator,
     PlanDecision,
@@ -38,6 +42,7 @@ from meshctl.compiler.plan import (
     PlanProduct,
     PlanQualityRule,
     PlanRead,
+    PlanSampling,
     PlanTensor,
     PlanTraining,
     aggregation_settings,
@@ -48,6 +53,7 @@ from meshctl.compiler.resolve import Resolution, ResolvedAnalysis, ResolvedModel
 from meshctl.compiler.sources import plan_sla, source_kind
 from meshctl.compiler.spec import (
     Aggregation,
+    ClientDp,
     Column,
     Contract,
     DifferentialPrivacy,
@@ -169,9 +175,35 @@ def _dp(dp: DifferentialPrivacy | None) -> PlanDp | None:
     return PlanDp(epsilon=dp.epsilon, delta=dp.delta, clip=dp.clip) if dp else None
 
 
+def _client_dp(cdp: ClientDp | None) -> PlanClientDp | None:
+    if cdp is None:
+        return None
+    adaptive = PlanAdaptiveClip(**cdp.adaptive.model_dump()) if cdp.adaptive is not None else None
+    return PlanClientDp(epsilon=cdp.epsilon, delta=cdp.delta, clip=cdp.clip, adaptive=adaptive, noise=cdp.noise)
+
+
 def _aggregation(agg: Aggregation) -> PlanAggregation:
     """The strategy with every one of its settings: the mesh's value, else the default."""
     return PlanAggregation(**aggregation_settings(agg.model_dump()))
+
+
+def _sampled(resolved: ResolvedModel) -> int | None:
+    """Participants sampled per round: `per_round`, or `fraction` of the participants rounded up; None
+    without sampling."""
+    sampling = resolved.model.sampling
+    if sampling is None:
+        return None
+    if sampling.per_round is not None:
+        return sampling.per_round
+    return max(1, math.ceil(round(sampling.fraction * len(resolved.participants), 9)))
+
+
+def _sampling(resolved: ResolvedModel) -> PlanSampling | None:
+    per_round = _sampled(resolved)
+    if per_round is None:
+        return None
+    seed = resolved.model.sampling.seed
+    return PlanSampling(per_round=per_round, seed=resolved.model.training.seed if seed is None else seed)
 
 
 def _job(resolved: ResolvedModel, resolution: Resolution) -> PlanJob:
@@ -199,9 +231,12 @@ def _job(resolved: ResolvedModel, resolution: Resolution) -> PlanJob:
                                   metrics=metrics_of(resolved), product=evaluation.product,
                                   cross_site=evaluation.cross_site or None),
         aggregation=_aggregation(model.aggregation),
-        privacy=PlanPrivacy(secure_aggregation=model.privacy.secure_aggregation,
-                            dp=_dp(model.privacy.dp)),
-        quorum=model.quorum or len(resolved.participants),
+        privacy=PlanPrivacy(secure_aggregation=bool(model.privacy.secure_aggregation),
+                            secagg_threshold=getattr(model.privacy.secure_aggregation, "threshold", None),
+                            dp=_dp(model.privacy.dp), client_dp=_client_dp(model.privacy.client_dp)),
+        compression=PlanCompression(**model.compression.model_dump()) if model.compression else None,
+        quorum=model.quorum or _sampled(resolved) or len(resolved.participants),
+        sampling=_sampling(resolved),
         round_timeout_s=model.round_timeout_s,
         grants=resolution.used_grants.get(f"model:{model.name}", []),
     )

@@ -12,6 +12,7 @@ per code hash (meshctl.compiler.entrypoint).
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from meshctl.compiler.plan import ROBUST_STRATEGIES, STRATEGY_SETTINGS, Plan, Pl
 from meshctl.compiler.policy import compile_policies, decide, plan_policies
 from meshctl.compiler.resolve import Resolution, ResolvedModel, resolve
 from meshctl.compiler.sources import check_sources, source_kind
-from meshctl.compiler.spec import MeshSpec, Model
+from meshctl.compiler.spec import MeshSpec, Model, Policy
 
 Load = Callable[[bytes, str], tuple[Source | None, list[Diagnostic]]]
 """load_bytes, or a cache's load."""
@@ -164,20 +165,82 @@ def _check_owner(spec: MeshSpec, report: Reporter) -> None:
 
 
 def _check_jobs(resolution: Resolution, report: Reporter, spec: MeshSpec) -> None:
+    _check_exclude_policies(spec, report)
     for resolved in resolution.models:
         model = resolved.model
+        _check_exclusion(resolved, spec, report)
         _check_aggregation(resolved, report)
+        _check_scaffold(resolved, report)
+        _check_sampling(resolved, report)
         _check_metrics(resolved, report)
         _check_privacy(resolved.model, report)
+        _check_client_dp(resolved.model, report)
         _check_evaluation(resolved.model, report)
         _check_personalization(resolved.model, report)
         _check_data(resolved, report)
+        _check_compression(resolved.model, report)
         if model.privacy.secure_aggregation:
             _check_secure_aggregation(resolved, spec, report)
         if model.quorum is not None and model.quorum > len(resolved.participants):
             report.error("MESH504", f"quorum {model.quorum} is larger than the "
                          f"{len(resolved.participants)} participants of model '{model.name}'",
                          (*model.path, "quorum"))
+
+
+def _check_exclude_policies(spec: MeshSpec, report: Reporter) -> None:
+    """`effect: exclude` decides on one update of a round, so only a `scope: round` policy has it;
+    `suspend_after` counts its exclusions (MESH543)."""
+    local = [(f"{d.name}.{p.name}", p) for d in spec.domains for p in d.policies]
+    for label, policy in [(p.name, p) for p in spec.policies] + local:
+        if policy.effect == "exclude" and policy.scope != "round":
+            report.error("MESH543", f"policy '{label}' has effect: exclude, but a `scope: {policy.scope}` policy "
+                         "decides on no update to exclude", (*policy.path, "effect"),
+                         hint="use `scope: round` (decided per update), or effect: deny or warn")
+        elif policy.suspend_after is not None and policy.effect != "exclude":
+            report.error("MESH543", f"policy '{label}' sets suspend_after, which counts the updates an "
+                         f"`effect: exclude` policy excludes; its effect is {policy.effect}",
+                         (*policy.path, "suspend_after"), hint="set `effect: exclude`, or drop suspend_after")
+        elif policy.scope == "round" and policy.effect != "exclude" and _reads_update(policy):
+            report.error("MESH543", f"round policy '{label}' reads `update`, which is bound only for "
+                         f"`effect: exclude` (decided per update); its effect is {policy.effect}",
+                         (*policy.path, "require"), hint="set `effect: exclude`, or read `round.updates`")
+
+
+_UPDATE_VAR = re.compile(r"(?<![\w.])update\s*\.")
+_UPDATE_BOUND = re.compile(r"\(\s*update\s*,")
+"""`update.` as a free variable, and `update` bound by a macro (`round.updates.all(update, ...)`)."""
+
+
+def _reads_update(policy: Policy) -> bool:
+    text = f"{policy.when or ''} {policy.require}"
+    return bool(_UPDATE_VAR.search(text)) and not _UPDATE_BOUND.search(text)
+
+
+def _check_exclusion(resolved: ResolvedModel, spec: MeshSpec, report: Reporter) -> None:
+    """The round policies that may exclude a model's updates: they need single updates (not secure
+    aggregation's sum, MESH544) and a quorum below the participants (else any exclusion fails, MESH545)."""
+    model = resolved.model
+    local = [(f"{d.name}.{p.name}", p) for d in spec.domains if d.name in resolved.participants for p in d.policies]
+    policies = [(label, p) for label, p in [(p.name, p) for p in spec.policies] + local
+                if p.scope == "round" and p.effect == "exclude"]
+    if not policies:
+        return
+    label = policies[0][0]
+    if model.privacy.secure_aggregation:
+        report.error("MESH544", f"round policy '{label}' excludes single updates, which the coordinator cannot "
+                     f"see under the secure aggregation of model '{model.name}'",
+                     (*model.path, "privacy", "secure_aggregation"),
+                     hint="drop secure aggregation, or give the policy effect: deny or warn")
+        return
+    n = len(resolved.participants)
+    sampling = model.sampling  # (the quorum applies to a round's sample)
+    k = n if sampling is None else sampling.per_round or max(1, math.ceil(round(sampling.fraction * n, 9)))
+    if k and (model.quorum is None or model.quorum >= k):
+        every = f"every participant ({n})" if k == n else f"every domain of its sample ({k} per round)"
+        report.warning("MESH545", f"round policy '{label}' may exclude updates of model '{model.name}', whose "
+                       f"quorum is {every}: a round with an exclusion falls below it and fails",
+                       (*model.path, "quorum") if model.quorum is not None else model.path,
+                       hint=f"set `quorum:` to the updates a round must keep, e.g. {max(1, k - 1)}")
 
 
 def _check_aggregation(resolved: ResolvedModel, report: Reporter) -> None:
@@ -195,7 +258,9 @@ def _check_aggregation(resolved: ResolvedModel, report: Reporter) -> None:
                          hint=f"remove it, or use strategy: {users[0]}")
     if agg.strategy in ("krum", "multi_krum", "bulyan"):
         _check_byzantine(resolved, report)
-    if agg.strategy == "trimmed_mean":
+    if agg.strategy in ROBUST_STRATEGIES:
+        _check_bucketing(resolved, report)
+    if agg.strategy == "trimmed_mean" and (agg.bucketing if agg.bucketing is not None else own["bucketing"]) <= 1:
         trim = agg.trim if agg.trim is not None else own["trim"]
         have = min(len(resolved.participants), model.quorum or len(resolved.participants))
         if have and trim > 0 and int(trim * have) == 0:
@@ -211,6 +276,115 @@ def _check_aggregation(resolved: ResolvedModel, report: Reporter) -> None:
                            (*path, "trim") if agg.trim is not None else (*path, "strategy"),
                            hint=f"{raise_trim}have {need} or more updates per round, or use median"
                            if need < 10**6 else f"{raise_trim}or use median")
+
+
+def _check_scaffold(resolved: ResolvedModel, report: Reporter) -> None:
+    """SCAFFOLD sends each domain's control variate change in the clear (MESH549: not with secure
+    aggregation), and its option II control variates assume plain SGD steps (MESH550: not with adam
+    or DP-SGD)."""
+    model = resolved.model
+    if model.aggregation.strategy != "scaffold":
+        return
+    if model.privacy.secure_aggregation:
+        report.error("MESH549", f"model '{model.name}' uses scaffold with secure aggregation, but each domain's "
+                     "control variate change travels unmasked beside its masked update",
+                     (*model.path, "privacy", "secure_aggregation"),
+                     hint="use fedavg, fedprox, fedadam, fedyogi or fedavgm with secure aggregation")
+    if model.training.optimizer != "sgd":
+        report.error("MESH550", f"model '{model.name}' uses scaffold, whose control variates assume SGD "
+                     f"steps, with optimizer {model.training.optimizer}", (*model.path, "training", "optimizer"),
+                     hint="use `optimizer: sgd`, or another strategy")
+    if model.privacy.dp is not None:
+        report.error("MESH550", f"model '{model.name}' uses scaffold with DP-SGD, whose steps do not take "
+                     "the control variate correction", (*model.path, "privacy", "dp"),
+                     hint="drop DP, or use fedavg, fedprox, fedadam, fedyogi or fedavgm")
+    for key, what in (("client_dp", "client-level DP, which clips and noises the update"),
+                      ("compression", "compression, which sends the update as a compressed change")):
+        holder = model.privacy if key == "client_dp" else model
+        if getattr(holder, key, None) is not None:
+            report.error("MESH550", f"model '{model.name}' uses scaffold with {what} but not its control "
+                         "variate change", (*model.path, *(("privacy",) if key == "client_dp" else ()), key),
+                         hint=f"drop `{key}`, or use another strategy")
+
+
+def _check_sampling(resolved: ResolvedModel, report: Reporter) -> None:
+    """A round's sample holds at most the participants, at least the quorum, and at least what the
+    strategy needs per round (krum 2f + 3, bulyan 4f + 3, secure aggregation 3) (MESH551)."""
+    model = resolved.model
+    sampling = model.sampling
+    if sampling is None:
+        return
+    path, n = (*model.path, "sampling"), len(resolved.participants)
+    at = (*path, "per_round") if sampling.per_round is not None else (*path, "fraction")
+    k = sampling.per_round if sampling.per_round is not None \
+        else max(1, math.ceil(round((sampling.fraction or 1.0) * n, 9)))
+    if k > n:
+        report.error("MESH551", f"model '{model.name}' samples {k} participants per round but has {n}", at,
+                     hint=f"sample at most {n}, or use `fraction`")
+        return
+    agg = model.aggregation
+    f = int(agg.byzantine if agg.byzantine is not None else STRATEGY_SETTINGS[agg.strategy].get("byzantine", 0))
+    needs = {"krum": 2 * f + 3, "multi_krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(agg.strategy, 1)
+    why = f"{agg.strategy} needs {needs} updates per round"
+    if model.privacy.secure_aggregation and needs < 3:
+        needs, why = 3, "secure aggregation needs 3 updates per round"
+    if k < needs:
+        report.error("MESH551", f"model '{model.name}' samples {k} participants per round, but {why}", at,
+                     hint=f"sample at least {needs}")
+    if model.quorum is not None and model.quorum > k:
+        report.error("MESH551", f"model '{model.name}' has quorum {model.quorum}, but samples only {k} "
+                     "participants per round (the quorum applies to the sample)", (*model.path, "quorum"),
+                     hint=f"lower the quorum to at most {k}, or sample more")
+
+
+def _check_bucketing(resolved: ResolvedModel, report: Reporter) -> None:
+    """`bucketing: s` is at least 1, and the ceil(n / s) buckets of a round are enough for the rule:
+    krum and multi_krum 2f + 3, bulyan 4f + 3, the others 3, multi_krum's `select` at most the
+    buckets (MESH555); trimmed_mean over buckets that its trim cuts none of warns (MESH556)."""
+    model = resolved.model
+    agg = model.aggregation
+    own = STRATEGY_SETTINGS[agg.strategy]
+    path = (*model.path, "aggregation")
+    size = int(agg.bucketing if agg.bucketing is not None else own["bucketing"])
+    at = (*path, "bucketing") if agg.bucketing is not None else (*path, "strategy")
+    if size < 1:
+        report.error("MESH555", f"bucketing {size} of model '{model.name}': a bucket holds at least 1 update",
+                     at, hint="use bucketing: 2 (or 1 for no buckets)")
+        return
+    if size == 1:
+        return
+    n = len(resolved.participants)
+    have, what = min(n, model.quorum or n), \
+        "quorum" if model.quorum is not None and model.quorum < n else "participants"
+    sampling = getattr(model, "sampling", None)
+    if sampling is not None:
+        k = sampling.per_round if sampling.per_round is not None \
+            else max(1, math.ceil(round((sampling.fraction or 1.0) * n, 9)))
+        have, what = (k, "sampled per round") if k < have else (have, what)
+    buckets = -(-have // size)
+    f = int(agg.byzantine if agg.byzantine is not None else own.get("byzantine", 0))
+    need, why = {"krum": (2 * f + 3, f"krum tolerating {f} needs 2f + 3 = {2 * f + 3}"),
+                 "multi_krum": (2 * f + 3, f"multi_krum tolerating {f} needs 2f + 3 = {2 * f + 3}"),
+                 "bulyan": (4 * f + 3, f"bulyan tolerating {f} needs 4f + 3 = {4 * f + 3}")}.get(
+        agg.strategy, (3, f"{agg.strategy} needs 3 (over 2 it is a mean)"))
+    if buckets < need:
+        most = max(1, (have - 1) // (need - 1)) if need > 1 else have
+        report.error("MESH555", f"bucketing {size} of model '{model.name}' makes ceil({have} / {size}) = "
+                     f"{buckets} buckets per round ({have} {what}); {why}", at,
+                     hint=f"use bucketing: {most} or less" if most > 1 else "remove bucketing, or add participants")
+    elif agg.strategy == "multi_krum" and agg.select is not None and agg.select > buckets:
+        report.error("MESH555", f"multi_krum selects {agg.select} of the {buckets} buckets per round of model "
+                     f"'{model.name}' (bucketing {size}, {have} {what})", (*path, "select"),
+                     hint=f"select at most {buckets}, or leave `select` out for buckets - f")
+    if agg.strategy == "trimmed_mean":
+        trim = agg.trim if agg.trim is not None else own["trim"]
+        if trim > 0 and int(trim * buckets) == 0:
+            least = -(-1000 // buckets) / 1000
+            report.warning("MESH556", f"trimmed_mean with trim {trim} over {buckets} buckets (bucketing {size}) "
+                           f"cuts floor({trim} x {buckets}) = 0 from each end: model '{model.name}' takes a "
+                           f"plain mean of the bucket means", (*path, "trim") if agg.trim is not None else at,
+                           hint=f"raise trim to {least:g} or more, or lower bucketing"
+                           if least < 0.5 else "lower bucketing, or use median")
 
 
 def _check_byzantine(resolved: ResolvedModel, report: Reporter) -> None:
@@ -259,6 +433,43 @@ def _check_metrics(resolved: ResolvedModel, report: Reporter) -> None:
                      hint="remove huber_delta, or set `loss: huber`")
 
 
+COORDINATE_WISE = ("median", "trimmed_mean", "bulyan")
+"""Rules that take each coordinate's median or trimmed mean: a top-k update is 0 off its k share."""
+
+
+def _check_compression(model: Model, report: Reporter) -> None:
+    """Compression (docs/compression.md): `k` is topk's share, 0 < k <= 1, and over 0.5 it sends more than
+    float32 (MESH554, a warning); secure aggregation masks fixed-point words of the whole update (MESH552);
+    a coordinate-wise rule would read the values top-k did not send as 0 (MESH553). (Scaffold: MESH550;
+    top-k with client-level DP: MESH546.)"""
+    comp = model.compression
+    if comp is None:
+        return
+    where = (*model.path, "compression")
+    if comp.kind == "topk" and comp.k is None:
+        report.error("MESH554", f"model '{model.name}' compresses with topk but sets no `k`", (*where, "kind"),
+                     hint="add the share of values sent per round, e.g. `k: 0.1`")
+    elif comp.kind == "topk" and not 0 < comp.k <= 1:
+        report.error("MESH554", f"model '{model.name}': topk's k {comp.k:g} is not a share in (0, 1]",
+                     (*where, "k"), hint="e.g. `k: 0.1` sends the largest 10% of each tensor's values")
+    elif comp.kind != "topk" and comp.k is not None:
+        report.error("MESH554", f"model '{model.name}': `k` is a setting of topk, not of {comp.kind}",
+                     (*where, "k"), hint="remove `k`, or use `kind: topk`")
+    elif comp.kind == "topk" and comp.k > 0.5:
+        report.warning("MESH554", f"model '{model.name}': topk with k {comp.k:g} sends more bytes than float32 "
+                       "(an index and a value for each value kept)", (*where, "k"),
+                       hint="use a k of at most 0.5, or `kind: fp16` or `int8`")
+    if model.privacy.secure_aggregation:
+        report.error("MESH552", f"model '{model.name}' compresses its updates with {comp.kind}, but secure "
+                     "aggregation masks the full fixed-point update, which does not compress",
+                     where, hint="remove `compression`, or secure_aggregation")
+    strategy = model.aggregation.strategy
+    if comp.kind == "topk" and strategy in COORDINATE_WISE:
+        report.error("MESH553", f"model '{model.name}' sends top-k updates to {strategy}, which would read every "
+                     "value a domain did not send as 0 and so keep the global weights wherever most did not",
+                     where, hint="use fp16 or int8, or krum, multi_krum or centered_clip")
+
+
 def _check_secure_aggregation(resolved: ResolvedModel, spec: MeshSpec, report: Reporter) -> None:
     """The coordinator sees only the sum: no rule that needs single updates, and three or more of them."""
     model = resolved.model
@@ -278,6 +489,35 @@ def _check_secure_aggregation(resolved: ResolvedModel, spec: MeshSpec, report: R
             report.error("MESH513", f"round policy '{policy.name}' reads update norms, which the coordinator "
                          f"cannot see under the secure aggregation of model '{model.name}'", where,
                          hint="drop the norm condition, or secure aggregation")
+    _check_secagg_threshold(resolved, report)
+
+
+def _check_secagg_threshold(resolved: ResolvedModel, report: Reporter) -> None:
+    """The reconstruction threshold: more than half of a round's participants and at most all of them
+    (MESH540); a quorum below it lets a round go on with updates it cannot unmask (MESH541); a quorum of
+    every participant tolerates no dropout, so a declared threshold would be idle (MESH542)."""
+    from meshctl.compiler.build import _sampled
+
+    model = resolved.model
+    declared = getattr(model.privacy.secure_aggregation, "threshold", None)
+    n = _sampled(resolved) or len(resolved.participants)
+    t = declared if declared is not None else max(3, math.ceil(2 * n / 3))
+    where = (*model.path, "privacy", "secure_aggregation", "threshold")
+    if declared is not None and not n / 2 < declared <= n:
+        report.error("MESH540", f"model '{model.name}' declares a secure aggregation threshold of {declared} for "
+                     f"rounds of {n} participants; it must be more than half of them and at most all",
+                     where, hint=f"a threshold between {n // 2 + 1} and {n} (default ceil(2n/3) = "
+                     f"{max(3, math.ceil(2 * n / 3))})")
+    elif model.quorum is not None and model.quorum < t:
+        report.error("MESH541", f"model '{model.name}' has quorum {model.quorum}, below its secure aggregation "
+                     f"threshold {t}: a round could go on with masked updates it cannot unmask",
+                     (*model.path, "quorum"), hint=f"a quorum of at least {t}, or a lower threshold")
+    elif declared is not None and (model.quorum or n) >= n > 0:
+        hint = (f"set `quorum: {t}` to survive a dropout" if t == n - 1 else
+                f"set a quorum between {t} and {n - 1} to survive dropouts" if t < n - 1 else
+                "lower the threshold below the participants, and set a quorum from it")
+        report.warning("MESH542", f"model '{model.name}' declares a secure aggregation threshold, but its quorum "
+                       f"is every participant, so no round goes on without a dropped domain", where, hint=hint)
 
 
 STREAMED_FORMATS = ("csv", "parquet", "duckdb")
@@ -355,7 +595,7 @@ def _check_personalization(model: Model, report: Reporter) -> None:
     if personal.fine_tune_lr is not None and not personal.fine_tune_epochs:
         report.error("MESH531", f"model '{model.name}' sets fine_tune_lr without fine_tune_epochs, so it "
                      "would be ignored", (*at, "fine_tune_lr"), hint="add `fine_tune_epochs: N` or drop it")
-    if personal.fine_tune_epochs and model.privacy.dp is not None:
+    if personal.fine_tune_epochs and (model.privacy.dp is not None or model.privacy.client_dp is not None):
         report.error("MESH532", f"model '{model.name}' trains with DP, but fine-tuning trains each domain's "
                      "model again outside the DP accountant, and its metrics leave the domain",
                      (*at, "fine_tune_epochs"), hint="drop `fine_tune_epochs` (local layers train under DP)")
@@ -395,6 +635,40 @@ def _check_built(plan: Plan, spec: MeshSpec, report: Reporter) -> bool:
                              hint="keep only the last layers local, e.g. the head")
                 failed = True
     return failed
+
+
+def _check_client_dp(model: Model, report: Reporter) -> None:
+    """Client-level DP noises the mean of clipped updates: nothing may leave a domain outside it
+    (MESH546), the rule must be a mean (MESH547), and domain noise needs secure aggregation (MESH548)."""
+    privacy, cdp = model.privacy, model.privacy.client_dp
+    if cdp is None:
+        return
+    at = (*model.path, "privacy", "client_dp")
+    if privacy.dp is not None:
+        report.error("MESH546", f"model '{model.name}' declares both record-level `dp` (DP-SGD in each domain) and "
+                     "`client_dp`; meshctl accounts for one of them per job", at,
+                     hint="keep `client_dp` to protect each domain's participation, or `dp` for each record")
+    if model.training.standardize:
+        report.error("MESH546", f"model '{model.name}' trains with client-level DP, but `standardize` sends "
+                     "exact feature sums, which DP does not cover", (*model.path, "training", "standardize"),
+                     hint="standardize the data in the product, or drop `standardize`")
+    if model.evaluation.cross_site:
+        report.error("MESH546", f"model '{model.name}' trains with client-level DP, but cross_site evaluation "
+                     "sends each domain's local model, which only the noised mean protects, to the others",
+                     (*model.path, "evaluation", "cross_site"), hint="drop `cross_site`, or client_dp")
+    if model.aggregation.strategy in ROBUST_STRATEGIES:  # (scaffold with client_dp: MESH550)
+        report.error("MESH547", f"model '{model.name}' trains with client-level DP, which noises the mean of "
+                     f"clipped updates; strategy {model.aggregation.strategy} needs more than that mean",
+                     (*model.path, "aggregation", "strategy"),
+                     hint="use fedavg, fedprox, fedavgm, fedadam or fedyogi (clipping bounds each domain)")
+    if model.compression is not None and model.compression.kind == "topk":
+        report.error("MESH546", f"model '{model.name}' trains with client-level DP, but topk compression's error "
+                     "feedback adds what earlier rounds did not send to a clipped update, past the clip norm",
+                     (*model.path, "compression", "kind"), hint="use `kind: fp16` or `int8`, or drop compression")
+    if cdp.noise == "domain" and not privacy.secure_aggregation:
+        report.error("MESH548", f"model '{model.name}' adds client-level DP noise in the domains, but each domain's "
+                     "share is too small to hide its update unless secure aggregation masks it",
+                     (*at, "noise"), hint="set `secure_aggregation: true`, or `noise: server`")
 
 
 def _check_privacy(model: Model, report: Reporter) -> None:

@@ -189,6 +189,41 @@ CODES: dict[str, str] = {
                "train, so it gets no mesh-wide statistics to score with.",
     "MESH538": "A model keeps personal layers (personalization.local) in each domain and declares cross_site "
                "evaluation or an evaluation product: a personal model never leaves its domain.",
+    "MESH540": "A secure aggregation threshold must be more than half of a round's participants (else two "
+               "disjoint groups could each rebuild masks) and at most all of them (docs/secure-aggregation.md).",
+    "MESH541": "A model's quorum is below its secure aggregation threshold: a round could go on with fewer "
+               "masked updates than the shares needed to unmask them.",
+    "MESH542": "A secure aggregation threshold is declared but the quorum is every participant, so no round "
+               "goes on without a dropped domain: set a quorum between the threshold and n - 1.",
+    "MESH543": "`effect: exclude` leaves one domain's update out of a round, so only a `scope: round` policy "
+               "has it; `suspend_after` counts those exclusions, and the variable `update` is bound per update, "
+               "so both need `effect: exclude` (docs/governance.md).",
+    "MESH544": "A round policy with `effect: exclude` applies to a model with secure aggregation: the coordinator "
+               "sees only the sum of the updates, not the single update it would exclude.",
+    "MESH546": "A model with client-level DP (`privacy.client_dp`) also declares record-level `dp`, "
+               "`standardize` or cross_site evaluation, which send what its noise does not cover (docs/privacy.md).",
+    "MESH547": "Client-level DP noises the mean of clipped updates; a robust strategy (median, krum, ...) needs "
+               "each single update: use fedavg, fedprox, fedavgm, fedadam or fedyogi.",
+    "MESH548": "Client-level DP with `client_dp.noise: domain` splits the noise among the domains; each share "
+               "hides an update only inside secure aggregation's sum, so it needs `secure_aggregation: true`.",
+    "MESH545": "A round policy may exclude updates of a model whose quorum is every participant: a round "
+               "with an exclusion (or after a suspension) has fewer updates than the quorum and fails.",
+    "MESH549": "A scaffold model uses secure aggregation: each domain's control variate change would travel "
+               "unmasked beside its masked update, so the two are refused together.",
+    "MESH550": "A scaffold model trains with adam, DP-SGD, client-level DP or compression: its option II "
+               "control variates assume plain SGD steps corrected by c - c_i and full, unnoised updates.",
+    "MESH551": "A model's `sampling` draws more participants than it has, fewer than its quorum, or fewer "
+               "than its strategy needs per round (krum 2f + 3, bulyan 4f + 3, secure aggregation 3).",
+    "MESH552": "A model compresses its updates (`compression`) and uses secure aggregation, whose masks cover the "
+               "full fixed-point update: a compressed update cannot be masked.",
+    "MESH553": "A model sends top-k compressed updates to median, trimmed_mean or bulyan, each of which would "
+               "read the values a domain did not send as 0 (docs/compression.md).",
+    "MESH554": "A model's `compression.k` is wrong: topk needs it, a share in (0, 1]; fp16 and int8 take no k. "
+               "A k over 0.5 is a warning: top-k then sends more bytes than float32.",
+    "MESH555": "A robust rule's `bucketing: s` is below 1, or leaves too few buckets (ceil(n / s) of a round's n updates) for "
+               "the rule: krum and multi_krum need 2f + 3, bulyan 4f + 3, the others 3; multi_krum selects at most the buckets.",
+    "MESH556": "trimmed_mean with bucketing cuts floor(trim x buckets) = 0 bucket means from each end: a plain mean "
+               "of the bucket means, no longer robust.",
 }
 
 SHOWN = 100

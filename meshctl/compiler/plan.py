@@ -230,16 +230,18 @@ STRATEGY_SETTINGS: dict[str, dict[str, float]] = {
     "fedadam": {"server_lr": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
     "fedyogi": {"server_lr": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
     "fedavgm": {"server_lr": 1.0, "server_momentum": 0.9},
-    "median": {},
-    "trimmed_mean": {"trim": 0.1},
-    "krum": {"byzantine": 1},
-    "multi_krum": {"byzantine": 1, "select": 0, "server_momentum": 0.0},
-    "bulyan": {"byzantine": 1, "server_momentum": 0.0},
-    "centered_clip": {"radius": 0.0, "iterations": 3, "server_momentum": 0.0},
+    "median": {"bucketing": 1, "server_momentum": 0.9},
+    "trimmed_mean": {"trim": 0.1, "bucketing": 1, "server_momentum": 0.9},
+    "krum": {"byzantine": 1, "bucketing": 1, "server_momentum": 0.9},
+    "multi_krum": {"byzantine": 1, "select": 0, "bucketing": 1, "server_momentum": 0.9},
+    "bulyan": {"byzantine": 1, "bucketing": 1, "server_momentum": 0.9},
+    "centered_clip": {"radius": 0.0, "iterations": 3, "bucketing": 1, "server_momentum": 0.9},
+    "scaffold": {"server_lr": 1.0},
 }
 """Each strategy's settings and their defaults; the plan carries every setting of its strategy.
 `select: 0` is n - f of the round's updates; `radius: 0` is the median distance of the round's
-updates from the centre."""
+updates from the centre; `bucketing: 1` is no buckets. The robust rules' server momentum 0.9 is
+benchmarks/robustness.py's choice (issue 13): without it they lose 1 to 24 points on clean non-IID data."""
 
 ROBUST_STRATEGIES = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "centered_clip")
 """Rules that need every single update (so none combines with secure aggregation)."""
@@ -258,7 +260,7 @@ def aggregation_settings(given: dict[str, Any]) -> dict[str, Any]:
 
 class PlanAggregation(_Frozen):
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "median", "trimmed_mean", "krum",
-                      "multi_krum", "bulyan", "centered_clip"] = "fedavg"
+                      "multi_krum", "bulyan", "centered_clip", "scaffold"] = "fedavg"
     mu: float | None = None
     server_lr: float | None = None
     beta_1: float | None = None
@@ -270,18 +272,43 @@ class PlanAggregation(_Frozen):
     server_momentum: float | None = None
     radius: float | None = None
     iterations: int | None = None
+    bucketing: int | None = None
+    """Robust rules: updates per bucket (1: no bucketing); the rule runs over the bucket means."""
 
     def settings(self) -> dict[str, Any]:
         """Every setting of the strategy: the plan's value, else the default (a hand-built plan may omit them)."""
         return aggregation_settings(self.model_dump())
 
     def min_updates(self) -> int:
-        """The fewest updates a round needs under this strategy (krum, multi_krum: 2f + 3; bulyan: 4f + 3)."""
+        """The fewest updates a round needs under this strategy (krum, multi_krum: 2f + 3; bulyan: 4f + 3);
+        with `bucketing: s`, enough updates for that many buckets, (need - 1) s + 1."""
+        return (self.min_inputs() - 1) * max(1, int(self.settings().get("bucketing") or 1)) + 1
+
+    def min_inputs(self) -> int:
+        """The fewest inputs (updates, or bucket means) the rule itself takes: krum, multi_krum 2f + 3,
+        bulyan 4f + 3, else 1."""
         if self.strategy in ("krum", "multi_krum"):
             return 2 * int(self.settings()["byzantine"]) + 3
         if self.strategy == "bulyan":
             return 4 * int(self.settings()["byzantine"]) + 3
         return 1
+
+
+class PlanSampling(_Frozen):
+    """Client sampling: each round trains a seeded sample of the active participants."""
+
+    per_round: int
+    """Participants sampled per round (a `fraction` resolved against the participants at compile
+    time, rounded up); all the active ones when fewer are active."""
+    seed: int = 0
+    """Round r's sample is drawn from `random.Random(f"{seed}:{r}")` over the active participants."""
+
+
+class PlanCompression(_Frozen):
+    """How domains compress their updates (meshctl.runtime.kernels.compress); `k` is topk's share."""
+
+    kind: Literal["fp16", "int8", "topk"]
+    k: float | None = None
 
 
 class PlanDp(_Frozen):
@@ -290,9 +317,28 @@ class PlanDp(_Frozen):
     clip: float = 1.0
 
 
+class PlanAdaptiveClip(_Frozen):
+    target_quantile: float = 0.5
+    lr: float = 0.2
+
+
+class PlanClientDp(_Frozen):
+    """Client-level DP (meshctl/runtime/kernels/client_dp.py)."""
+
+    epsilon: float
+    delta: float = 1e-5
+    clip: float = 1.0
+    adaptive: PlanAdaptiveClip | None = None
+    noise: Literal["server", "domain"] = "server"
+
+
 class PlanPrivacy(_Frozen):
     secure_aggregation: bool = False
+    secagg_threshold: int | None = None
+    """Secure aggregation: the declared reconstruction threshold; None is ceil(2n/3) of a round's n."""
     dp: PlanDp | None = None
+    client_dp: PlanClientDp | None = None
+    """Client-level DP; None without it."""
 
 
 class PlanRead(_Frozen):
@@ -362,8 +408,13 @@ class PlanJob(_Frozen):
     aggregation: PlanAggregation = PlanAggregation()
     evaluation: PlanEvaluation = PlanEvaluation()
     privacy: PlanPrivacy = PlanPrivacy()
+    compression: PlanCompression | None = None
+    """Compression of updates on the wire; None: float32 (the TOML then has no such table)."""
     quorum: int
-    """Participants an update round needs; fewer and the round waits, then fails."""
+    """Participants an update round needs; fewer and the round waits, then fails. With `sampling`,
+    of the round's sample (default: the whole sample)."""
+    sampling: PlanSampling | None = None
+    """Client sampling: each round trains a seeded sample of the participants; None: all of them."""
     round_timeout_s: float = 300.0
     """Per-round deadline for every participant's reply."""
     grants: list[str] = Field(default_factory=list)
@@ -438,11 +489,13 @@ class PlanPolicy(_Frozen):
     scope: str
     require: str
     when: str = ""
-    effect: Literal["deny", "warn"] = "deny"
+    effect: Literal["deny", "warn", "exclude"] = "deny"
     message: str = ""
     domain: str = ""
     """Owning domain of a domain-local policy; empty for a global one."""
     at: str = ""
+    suspend_after: int | None = None
+    """`effect: exclude`: a domain with this many updates excluded by the policy leaves the job."""
 
 
 class PlanDecision(_Frozen):

@@ -155,8 +155,8 @@ def activation(resolved: ResolvedModel, spec: MeshSpec,
                          else model.architecture.model_dump(mode="json", exclude_none=True)),
         "training": model.training.model_dump(mode="json"),
         "aggregation": aggregation_settings(model.aggregation.model_dump(mode="json")),
-        "privacy": {"secure_aggregation": model.privacy.secure_aggregation,
-                    "dp": _dp(model.privacy.dp)},
+        "privacy": {"secure_aggregation": bool(model.privacy.secure_aggregation),
+                    "dp": _dp(model.privacy.dp), "client_dp": _dp(model.privacy.client_dp)},
         "parameters": (resolved.network.parameters if resolved.network is not None
                        else parameter_count(mlp_tensors(resolved.input_width,
                                                         list(model.architecture.hidden),
@@ -331,7 +331,7 @@ def plan_policies(spec: MeshSpec, report: Reporter, file: str) -> list[PlanPolic
     def one(policy: Policy, domain: str) -> PlanPolicy:
         return PlanPolicy(name=policy.name, scope=policy.scope, require=policy.require,
                           when=policy.when or "", effect=policy.effect, message=policy.message,
-                          domain=domain, at=report.at(policy.path))
+                          domain=domain, at=report.at(policy.path), suspend_after=policy.suspend_after)
 
     out = [one(p, "") for p in spec.policies]
     for domain in spec.domains:

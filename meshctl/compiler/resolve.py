@@ -205,7 +205,7 @@ class Resolver:
                 cap = min(caps.get(name, len(declared)), len(declared)) if declared else caps[name]
                 out.append(PlanFeature(name=name, kind="categorical", width=max(cap, 1) + 1,
                                        vocabulary=declared or None, min_count=model.inputs.min_category_count))
-        if model.privacy.dp is not None and any(f.kind == "categorical" for f in out):
+        if (model.privacy.dp or model.privacy.client_dp) is not None and any(f.kind == "categorical" for f in out):
             self.report.error("MESH523", f"model '{model.name}' trains with DP, but the domains agree the vocabulary "
                               "of its category and string features from exact value counts, which DP does not "
                               "cover", (*at, "features"),

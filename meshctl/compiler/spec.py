@@ -192,8 +192,12 @@ class Policy(_Item):
     """CEL condition; the policy applies only where it is true."""
     require: str
     """CEL condition that must hold."""
-    effect: Literal["deny", "warn"] = "deny"
-    """What a failed `require` does: deny (an error) or warn."""
+    effect: Literal["deny", "warn", "exclude"] = "deny"
+    """What a failed `require` does: deny (an error) or warn; `exclude` (scope: round only) is
+    decided once per update, with `update` bound, and leaves that update out of the round."""
+    suspend_after: int | None = Field(default=None, ge=1)
+    """With `effect: exclude`: after this many of a domain's updates are excluded in a job, the
+    domain takes no further part in it (docs/governance.md)."""
     message: str = ""
     """Shown when the policy does not hold."""
 
@@ -360,18 +364,19 @@ class Aggregation(_Spec):
 
     strategy: Literal[
         "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "median", "trimmed_mean", "krum",
-        "multi_krum", "bulyan", "centered_clip"
+        "multi_krum", "bulyan", "centered_clip", "scaffold"
     ] = "fedavg"
     """fedavg (weighted mean), fedprox (fedavg plus a proximal term in local training),
     fedadam / fedyogi (an adaptive server optimizer on the mean update), fedavgm (server
     momentum on the mean update), median or trimmed_mean (coordinate-wise, robust), krum
     (the update closest to its neighbours), multi_krum (the mean of the `select` closest),
     bulyan (Krum selection, then a trimmed mean around the median), centered_clip (the
-    mean of updates clipped around the last global update)."""
+    mean of updates clipped around the last global update), scaffold (control variates that
+    correct each domain's drift on non-IID data, Karimireddy et al. 2020)."""
     mu: float | None = Field(default=None, ge=0)
     """fedprox: weight of the proximal term (mu/2)·||w - w_global||² (default 0.01)."""
     server_lr: float | None = Field(default=None, gt=0)
-    """fedadam, fedyogi: the server's learning rate (default 0.03); fedavgm: (default 1.0)."""
+    """fedadam, fedyogi: the server's learning rate (default 0.03); fedavgm, scaffold: (default 1.0)."""
     beta_1: float | None = Field(default=None, ge=0, lt=1)
     """fedadam, fedyogi: first-moment decay (default 0.9)."""
     beta_2: float | None = Field(default=None, ge=0, lt=1)
@@ -379,7 +384,9 @@ class Aggregation(_Spec):
     tau: float | None = Field(default=None, gt=0)
     """fedadam, fedyogi: adaptivity, added to the root of the second moment (default 0.001)."""
     server_momentum: float | None = Field(default=None, ge=0, lt=1)
-    """fedavgm: the server momentum beta in v = beta v + delta (default 0.9)."""
+    """fedavgm: the server momentum beta in v = beta v + delta (default 0.9); median,
+    trimmed_mean, krum, multi_krum, bulyan, centered_clip: the same momentum on the rule's step,
+    off at 0 (default 0.9)."""
     trim: float | None = Field(default=None, ge=0, lt=0.5)
     """trimmed_mean: share of updates cut from each end, per coordinate (default 0.1)."""
     byzantine: int | None = Field(default=None, ge=0)
@@ -392,6 +399,41 @@ class Aggregation(_Spec):
     median distance of the updates from the centre)."""
     iterations: int | None = Field(default=None, ge=1, le=100)
     """centered_clip: clipping iterations L per round (default 3)."""
+    bucketing: int | None = None
+    """median, trimmed_mean, krum, multi_krum, bulyan, centered_clip: bucketing (Karimireddy,
+    He and Jaggi 2022): each round the updates are split at random (seeded) into buckets of
+    this many, each bucket is averaged, and the rule runs over the bucket means (default 1:
+    no buckets). `byzantine` and `select` then count buckets (MESH555)."""
+
+
+class Sampling(_Spec):
+    """Client sampling: each round trains a seeded sample of the active participants; the others
+    sit the round out (they still evaluate). Give `fraction` or `per_round`."""
+
+    fraction: float | None = Field(default=None, gt=0, le=1)
+    """Share of the participants sampled per round, rounded up (0.5 of 16 is 8)."""
+    per_round: int | None = Field(default=None, ge=1)
+    """Participants sampled per round."""
+    seed: int | None = None
+    """Seed of the sampler (default: training.seed); the same seed draws the same samples."""
+
+    @model_validator(mode="after")
+    def _one_size(self) -> Sampling:
+        if (self.fraction is None) == (self.per_round is None):
+            raise ValueError("give exactly one of `fraction` and `per_round`")
+        return self
+
+
+class Compression(_Spec):
+    """How a domain compresses its update (the change to the global weights) for the wire
+    (docs/compression.md); the coordinator restores float32 before aggregating."""
+
+    kind: Literal["fp16", "int8", "topk"]
+    """fp16 (half precision, about 2x fewer bytes), int8 (one scale per tensor, about 4x), topk
+    (only the largest `k` share of each tensor's values, with their indices; the rest is kept in
+    the domain and added to the next round's update: error feedback)."""
+    k: float | None = None
+    """topk: the share of each tensor's values sent each round, 0 < k <= 1 (e.g. 0.1)."""
 
 
 class DifferentialPrivacy(_Spec):
@@ -405,13 +447,49 @@ class DifferentialPrivacy(_Spec):
     """L2 norm bound of each update."""
 
 
+class AdaptiveClip(_Spec):
+    """Adaptive clipping (Andrew et al. 2021): the clip norm follows a quantile of the update norms."""
+
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    """Share of updates the clip norm should leave unclipped."""
+    lr: float = Field(default=0.2, gt=0, le=10)
+    """Geometric step: clip *= exp(-lr * (unclipped share - target_quantile)) each round."""
+
+
+class ClientDp(_Spec):
+    """Client-level DP (DP-FedAvg, McMahan et al. 2018): clip each domain's update, noise the mean."""
+
+    epsilon: float = Field(gt=0)
+    """Privacy budget of the whole job (every round together), per domain."""
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    """Failure probability."""
+    clip: float = Field(default=1.0, gt=0)
+    """L2 norm bound C of each domain's update (w_local - w_global); adaptive: the first round's."""
+    adaptive: AdaptiveClip | None = None
+    """Adapt the clip norm each round (Andrew et al. 2021), if given."""
+    noise: Literal["server", "domain"] = "server"
+    """server: the coordinator noises the mean; domain: each domain adds its share of the noise
+    before secure aggregation masks its update (needs `secure_aggregation`)."""
+
+
+class SecureAggregation(_Spec):
+    """Secure aggregation with dropout recovery (docs/secure-aggregation.md)."""
+
+    threshold: int | None = Field(default=None, ge=3)
+    """Shares that rebuild a domain's masks: a round completes when up to n - threshold domains drop
+    after sharing them (default ceil(2n/3) of the round's n participants, at least 3)."""
+
+
 class Privacy(_Spec):
     """Privacy protections of a model's updates."""
 
-    secure_aggregation: bool = False
-    """Mask updates so the coordinator sees only their sum."""
+    secure_aggregation: bool | SecureAggregation = False
+    """Mask updates so the coordinator sees only their sum: `true`, or `{threshold: t}`."""
     dp: DifferentialPrivacy | None = None
     """Differential privacy, if any."""
+    client_dp: ClientDp | None = None
+    """Client-level differential privacy (DP-FedAvg, docs/privacy.md): each domain's whole update
+    is clipped and the round's mean is noised, so the model hides any one domain's participation."""
 
 
 class Evaluation(_Spec):
@@ -478,12 +556,16 @@ class Model(_Item):
     """How updates are combined."""
     privacy: Privacy = Privacy()
     """Protections of updates."""
+    compression: Compression | None = None
+    """Compression of updates on the wire (fp16, int8, topk); default none: float32."""
     evaluation: Evaluation = Evaluation()
     """Evaluation of the global model."""
     personalization: Personalization | None = None
     """Per-domain personal models: local layers and/or local fine-tuning."""
     quorum: int | None = Field(default=None, ge=1)
-    """Participants a round needs; default all participants."""
+    """Participants a round needs; default all participants (with `sampling`: the whole sample)."""
+    sampling: Sampling | None = None
+    """Client sampling: train a seeded sample of the participants each round (default: all)."""
     round_timeout_s: float = Field(default=300.0, gt=0)
     """Per-round deadline in seconds."""
 

@@ -43,7 +43,8 @@ def _jobs(plan: Plan) -> list[str]:
             model += f" {job.task_name} ({job.loss_name})"
         lines.append(f"  job {job.name}: {model}, {job.parameters:,} parameters, "
                      f"{job.training.rounds} rounds, {job.aggregation.strategy}, "
-                     f"quorum {job.quorum}/{len(job.participants)}")
+                     f"quorum {job.quorum}/{len(job.participants)}"
+                     + (f", sampling {job.sampling.per_round} per round" if job.sampling is not None else ""))
         lines.append(f"    reads {', '.join(r.product for r in job.reads)}")
         if job.evaluation.product or job.evaluation.cross_site:
             held = f"scored on {job.evaluation.product} (held out, never trains)" if job.evaluation.product else ""

@@ -200,6 +200,17 @@ def _products(plan: Any, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _exclusion(e: dict[str, Any]) -> dict[str, Any]:
+    """An `update_excluded` or `domain_suspended` event as a run-time decision's fields (else the event)."""
+    if e.get("type") == "update_excluded":
+        return {**e, "scope": "round", "subject": f"update.{e.get('job')}.{e.get('round')}.{e.get('domain')}",
+                "effect": "exclude", "domain": ""}
+    if e.get("type") == "domain_suspended":
+        return {**e, "scope": "round", "subject": f"domain.{e.get('domain')}", "effect": "suspend", "domain": "",
+                "reason": f"{e.get('exclusions')} update(s) excluded in job {e.get('job')}: no further part in it"}
+    return e
+
+
 def _policies(plan: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
     compile_time = [
         {
@@ -223,12 +234,13 @@ def _policies(plan: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
             "domain": e.get("domain", ""),
             "time": iso_time(e.get("ts")),
         }
-        for e in find_events(events, "policy_decided")
-        if e.get("stage", "compile") != "compile"
+        for e in map(_exclusion, events)  # (each exclusion and suspension is a run-time decision too)
+        if e.get("type") == "policy_decided" and e.get("stage", "compile") != "compile"
+        or e.get("type") in ("update_excluded", "domain_suspended")
     ]
     counts = {
         k: sum(1 for d in compile_time + run_time if d["effect"] == k)
-        for k in ("allow", "warn", "deny")
+        for k in ("allow", "warn", "deny", "exclude", "suspend")
     }
     return {"compile": compile_time, "runtime": run_time, "counts": counts}
 

@@ -125,6 +125,14 @@ class _JobState:
     """DP training: rounds this process has charged."""
     spent: float = 0.0
     """DP training: ε of the rounds trained so far in this run (what the ledger has been charged)."""
+    client_noise: Any = None
+    """Client-level DP: the job's `client_dp.Noise`, once its first round is charged."""
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Top-k compression: what earlier rounds' updates did not send (error feedback), by tensor."""
+    server_control: dict[str, torch.Tensor] = field(default_factory=dict)
+    """SCAFFOLD: the server's control variate c of `version`, as received beside the weights."""
+    control: dict[str, torch.Tensor] = field(default_factory=dict)
+    """SCAFFOLD: this domain's control variate c_i, kept across rounds (empty: zero)."""
 
 
 class Daemon:
@@ -141,6 +149,10 @@ class Daemon:
         """This domain's own `scope: round` policies per job, compiled on first use."""
         """Jobs this domain will not take part in, with the denying policies."""
         self.secagg: dict[str, Any] = {}
+        self.secagg_rounds: dict[tuple[str, int, int], dict[str, Any]] = {}
+        """Secure aggregation: (job, round, attempt) -> this domain's self-mask seed and share pair of it."""
+        self.secagg_revealed: set[str] = set()
+        """Public keys (base64) whose mask-key shares this domain revealed: it never reveals their seeds."""
         self.held_out: dict[str, JobData] = {}
         """Job -> the rows of its evaluation product, when this domain holds it (all test data)."""
         """Secure aggregation: job -> this domain's X25519 private key for it (made at start, never sent)."""
@@ -234,7 +246,9 @@ class Daemon:
         reason = check_code(job.architecture, self.cfg.base_dir)
         if reason is None:
             try:
-                return build_model(job, root=self.cfg.base_dir.resolve())
+                # seeded as the coordinator's initial model: layers that never come from the
+                # coordinator (personalisation's local ones) start from the same weights every run
+                return build_model(job, root=self.cfg.base_dir.resolve(), seed=job.training.seed)
             except Exception as err:  # noqa: BLE001 - user code: refuse the job in one line
                 reason = f"cannot build model {job.architecture.entrypoint}: {type(err).__name__}: {err}"
         reason = reason.splitlines()[0][:1000]
@@ -283,7 +297,7 @@ class Daemon:
 
     def _capped(self, plan: Plan, jobs: list[PlanJob]) -> set[str]:
         """This domain's products with an ε budget that DP jobs among `jobs` read."""
-        return {r.product for j in jobs if j.privacy.dp is not None for r in j.reads
+        return {r.product for j in jobs if (j.privacy.dp or j.privacy.client_dp) is not None for r in j.reads
                 if r.domain == self.cfg.domain and plan.product(r.product).epsilon_budget is not None}
 
     def _reserve(self, jobs: list[PlanJob]) -> None:
@@ -293,7 +307,7 @@ class Daemon:
 
         plan = self.cfg.plan
         for job in jobs:
-            dp = job.privacy.dp
+            dp = job.privacy.dp or job.privacy.client_dp
             for pid in sorted(self._capped(plan, [job])):
                 try:
                     Ledger(ledger_path(self.cfg.base_dir)).reserve(
@@ -527,9 +541,15 @@ class Daemon:
         """Serve one instruction; anything this daemon's plan does not allow gets an ErrorReply."""
         if isinstance(msg, wire.TrainIns):
             self.state = "training"
-            reply, update = self._train(msg, tensors)
-            self._send(sock, reply, update)
-            say(_trained(msg, reply))
+            shared = self._secagg_share(msg)  # secure aggregation: the shares go out before training
+            if shared is not None:
+                self._send(sock, shared)
+            if not isinstance(shared, wire.ErrorReply):
+                reply, update = self._train(msg, tensors)
+                self._send(sock, reply, update)
+                say(_trained(msg, reply))
+        elif isinstance(msg, wire.SecaggUnmaskIns):
+            self._send(sock, self._secagg_unmask(msg))
         elif isinstance(msg, wire.EvalIns):
             self.state = "evaluating"
             self._send(sock, self._evaluate(msg, tensors))
@@ -589,10 +609,14 @@ class Daemon:
                                    f"not {rnd}", job=job)
         if tensors:
             expect = {t.name: (t.shape, t.dtype) for t in st.job.tensors}
+            if uses_control(st.job):  # SCAFFOLD: the server's c travels beside the weights
+                expect |= {CONTROL + t.name: (t.shape, t.dtype) for t in st.job.tensors}
             got = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
             if got != expect:
                 print(f"rejected weights for job {job!r} that do not match this domain's plan", file=sys.stderr)
                 return wire.ErrorReply(code="bad-weights", reason="weights do not match the plan's model", job=job)
+            st.server_control = {k.removeprefix(CONTROL): v for k, v in tensors.items() if k.startswith(CONTROL)}
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(CONTROL)}
             st.version, st.weights = version, tensors
         elif st.version != version:
             return wire.ErrorReply(code="stale", reason=f"have weights v{st.version}, asked for v{version}", job=job)
@@ -657,6 +681,11 @@ class Daemon:
         start = time.perf_counter()
         read = next(r for r in st.job.reads if r.domain == self.cfg.domain)
         charges: list[wire.LedgerCharge] = []
+        if st.job.privacy.client_dp is not None:
+            charged = self._charge_client_round(st, read.product, ins.round)
+            if isinstance(charged, wire.ErrorReply):
+                return charged, None
+            charges = [charged]
         if st.job.privacy.dp is not None:
             charged = self._charge_round(st, read.product, ins.round)
             if isinstance(charged, wire.ErrorReply):
@@ -674,33 +703,104 @@ class Daemon:
                                 optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay, shuffle_seed=1000 * ins.round + read.client_id,
                                 prox_mu=_prox_mu(st.job), loss=st.job.loss_name,
-                                huber_delta=st.job.huber_delta or 1.0)
+                                huber_delta=st.job.huber_delta or 1.0, control=_correction(st))
         else:
             loss = train_local(st.model, st.data.x_train, st.data.y_train, epochs=t.local_epochs,
                                batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
                                weight_decay=t.weight_decay, shuffle_seed=1000 * ins.round + read.client_id,
                                prox_mu=_prox_mu(st.job), loss=st.job.loss_name,
-                               huber_delta=st.job.huber_delta or 1.0)
+                               huber_delta=st.job.huber_delta or 1.0, control=_correction(st))
         seconds = time.perf_counter() - start
         st.loaded = -1
         update = personal.shared_state(st.model, st.job)  # a personalised job's local tensors stay here
+        update = _sign_flipped(self.cfg.domain, update, st.weights)  # (a test hook; a no-op unless set)
         examples = st.data.n_train if isinstance(st.data, StreamData) else len(st.data.y_train)
         res = wire.TrainRes(job=ins.job, round=ins.round, examples=examples, loss=loss,
                             seconds=seconds, charges=charges, attempt=ins.attempt)
+        if st.job.privacy.client_dp is not None:
+            return self._client_update(st, ins, res, update)
         if st.job.privacy.secure_aggregation:
             masked = self._masked(st, ins, update, examples)
             if isinstance(masked, wire.ErrorReply):
                 return masked, None
             return res, {"masked": masked}
+        if st.job.compression is not None:
+            return res, self._compressed(st, update)
+        if uses_control(st.job):
+            return res, {**update, **_controlled(st, update, examples)}
         return res, update
+
+    @staticmethod
+    def _compressed(st: _JobState, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The update's change to the round's global weights, compressed as the plan says (top-k keeps
+        what it did not send in the job's residual, added to the next round's change)."""
+        from meshctl.runtime.kernels import compress
+
+        comp = st.job.compression
+        assert comp is not None
+        delta = {name: t - st.weights[name].to(t.dtype) for name, t in update.items()}
+        sent, st.residual = compress.compress(comp.kind, comp.k, delta, st.residual)
+        return sent
 
     def _secagg_public(self) -> dict[str, str]:
         from meshctl.runtime.kernels import secagg
 
         return {job: base64.b64encode(secagg.public_bytes(key)).decode() for job, key in self.secagg.items()}
 
+    def _client_update(self, st: _JobState, ins: wire.TrainIns, res: wire.TrainRes,
+                       update: dict[str, torch.Tensor]) -> tuple[object, dict[str, torch.Tensor] | None]:
+        """Client-level DP: the update Δ = w_local - w_global clipped to the round's clip norm (and, with
+        `noise: domain`, this domain's noise share), with the adaptive clipping bit; masked under secure
+        aggregation (Δ then, and the bit as one more word), else sent as w_global + Δ with the bit beside."""
+        from meshctl.runtime.kernels import client_dp
+
+        job, cdp = st.job, st.job.privacy.client_dp
+        assert cdp is not None
+        bound = ins.clip if ins.clip is not None else cdp.clip
+        base = [st.weights[t.name] for t in job.tensors]
+        delta, bit, _ = client_dp.domain_update(base, [update[t.name] for t in job.tensors], bound,
+                                                st.client_noise, domain_noise=cdp.noise == "domain",
+                                                gen=client_dp.generator())
+        if job.privacy.secure_aggregation:
+            values = {t.name: d for t, d in zip(job.tensors, delta)}
+            extra = [torch.tensor([bit], dtype=torch.float64)] if cdp.adaptive is not None else []
+            masked = self._masked(st, ins, values, 1, extra)
+            if isinstance(masked, wire.ErrorReply):
+                return masked, None
+            return res, {"masked": masked}
+        sent = {t.name: (b.double() + d).to(b.dtype) for t, b, d in zip(job.tensors, base, delta)}
+        if job.compression is not None:  # fp16, int8 (topk is refused: MESH546)
+            sent = self._compressed(st, sent)
+        return res.model_copy(update={"clip_bit": bit if cdp.adaptive is not None else None}), sent
+
+    def _charge_client_round(self, st: _JobState, product: str, rnd: int) -> wire.LedgerCharge | wire.ErrorReply:
+        """Client-level DP: charge the ledger ε(after round `rnd`) - ε(charged so far in this run), before
+        training; every participant pays the same (the accountant of meshctl.runtime.kernels.client_dp)."""
+        from meshctl.runtime.kernels import client_dp
+        from meshctl.runtime.ledger import BudgetExceeded, Ledger, ledger_path
+
+        job = st.job
+        ledger = Ledger(ledger_path(self.cfg.base_dir))
+        subject = f"model:{job.name}"
+        if st.client_noise is None:
+            try:
+                st.client_noise = client_dp.job_noise(job)
+            except ValueError as err:
+                return wire.ErrorReply(code="policy:privacy-ledger", reason=f"{product}: {err}", job=job.name,
+                                       round=rnd)
+            if self.cfg.run:  # a resumed run: what this run charged before counts
+                st.spent = ledger.spent(product, subject=subject, run=self.cfg.run)
+        after = st.client_noise.epsilon(rnd)
+        try:
+            charge = ledger.charge(product, max(0.0, after - st.spent), self.cfg.plan.product(product).epsilon_budget,
+                                   subject=subject, run=self.cfg.run)
+        except BudgetExceeded as err:
+            return wire.ErrorReply(code="policy:privacy-ledger", reason=str(err), job=job.name, round=rnd)
+        st.spent, st.trained = max(st.spent, after), st.trained + 1
+        return wire.LedgerCharge(product=charge.product, epsilon=charge.epsilon, total=charge.total, cap=charge.cap)
+
     def _masked(self, st: _JobState, ins: wire.TrainIns, update: dict[str, torch.Tensor],
-                examples: int) -> torch.Tensor | wire.ErrorReply:
+                examples: int, extra: list[torch.Tensor] | None = None) -> torch.Tensor | wire.ErrorReply:
         """The example-weighted update, fixed-point and masked pairwise with the round's other participants."""
         from meshctl.runtime.kernels import secagg
 
@@ -716,14 +816,100 @@ class Daemon:
             return refuse(f"a round of {len(ins.participants)} would let a participant learn another's update "
                           f"from the aggregate; it needs {secagg.MIN_PARTICIPANTS}")
         try:
-            encoded = secagg.encode([update[t.name] for t in job.tensors], float(examples))
+            encoded = secagg.encode([update[t.name] for t in job.tensors] + (extra or []), float(examples))
         except secagg.EncodeError as err:
             return refuse(str(err))
         peers = {d: base64.b64decode(k) for d, k in ins.peer_keys.items()}
-        context = f"{self.cfg.run}|{job.name}" + (f"|{ins.attempt}" if ins.attempt > 1 else "")
-        context = context.encode()  # a re-run round (attempt 2, ...) gets masks no earlier attempt used
-        masked = secagg.mask(encoded, me, self.secagg[job.name], peers, context, ins.round)
+        context = secagg.context(self.cfg.run, job.name, ins.attempt)
+        held = getattr(self, "secagg_rounds", {}).get((job.name, ins.round, ins.attempt))
+        if held is None:
+            return refuse("this round's self-mask seed was never shared")
+        masked = secagg.mask(encoded, me, self.secagg[job.name], peers, context, ins.round, self_seed=held["seed"])
         return torch.from_numpy(masked.view(np.int64))
+
+    def _secagg_share(self, ins: wire.TrainIns) -> wire.SecaggShares | wire.ErrorReply | None:
+        """A fresh self-mask seed for the round and Shamir shares of it and of this domain's mask key,
+        each participant's pair sealed for it; None when the job has no secure aggregation (or
+        `_masked` refuses the round)."""
+        from meshctl.runtime.kernels import secagg, shamir
+
+        st, me = self.jobs.get(ins.job), self.cfg.domain
+        if st is None or not st.job.privacy.secure_aggregation or ins.job not in self.secagg:
+            return None
+        job, key = st.job, self.secagg[ins.job]
+        n = len(ins.participants)
+        t = secagg.threshold(n, job.privacy.secagg_threshold)
+        if set(ins.peer_keys) != set(ins.participants) or me not in ins.participants or n < secagg.MIN_PARTICIPANTS:
+            return None  # `_masked` refuses it with the reason
+        if n < t:
+            return wire.ErrorReply(code="secagg", job=job.name, round=ins.round, reason=(
+                f"secure aggregation: a round of {n} participants is below the reconstruction threshold {t}"))
+        if (job.name, ins.round, ins.attempt) in self.secagg_rounds:  # (two seeds for one attempt: two masked
+            return wire.ErrorReply(code="secagg", job=job.name, round=ins.round, reason=(  # updates to compare)
+                f"secure aggregation: round {ins.round} attempt {ins.attempt} was shared already; "
+                "a re-run is a new attempt"))
+        seed, order = secagg.new_seed(), sorted(ins.participants)
+        pairs = zip(shamir.split(seed, n, t), shamir.split(secagg.private_bytes(key), n, t))
+        context, sealed, own = secagg.context(self.cfg.run, job.name, ins.attempt), {}, b""
+        for v, ((_, b), (_, s)) in zip(order, pairs):
+            pair = b.to_bytes(shamir.SHARE_BYTES, "big") + s.to_bytes(shamir.SHARE_BYTES, "big")
+            if v == me:
+                own = pair
+                continue
+            label = f"{me}>{v}|{ins.round}|{ins.attempt}".encode()
+            sealed[v] = base64.b64encode(secagg.seal(key, base64.b64decode(ins.peer_keys[v]), context, label,
+                                                     pair)).decode()
+        for old in [k for k in self.secagg_rounds if k[0] == job.name and k[1] < ins.round - 1]:
+            del self.secagg_rounds[old]
+        self.secagg_rounds[(job.name, ins.round, ins.attempt)] = {
+            "seed": seed, "order": order, "keys": dict(ins.peer_keys), "own": own, "threshold": t, "answered": False}
+        return wire.SecaggShares(job=job.name, round=ins.round, attempt=ins.attempt, shares=sealed)
+
+    def _secagg_unmask(self, ins: wire.SecaggUnmaskIns) -> wire.SecaggUnmaskRes | wire.ErrorReply:
+        """This domain's shares of the survivors' seeds and the dropped domains' mask keys, once per
+        round attempt; never both for one domain, and never a seed of a key whose shares it revealed."""
+        from meshctl.runtime.kernels import secagg, shamir
+
+        me = self.cfg.domain
+        held = self.secagg_rounds.get((ins.job, ins.round, ins.attempt))
+
+        def refuse(why: str) -> wire.ErrorReply:
+            return wire.ErrorReply(code="secagg", job=ins.job, round=ins.round,
+                                   reason=f"secure aggregation: {me} will not unmask round {ins.round}: {why}")
+
+        if held is None:
+            return refuse("it holds no shares of that round")
+        survivors, dropped, order = set(ins.survivors), set(ins.dropped), held["order"]
+        if held["answered"]:
+            return refuse("it already answered for that round")
+        if survivors & dropped or not survivors | dropped <= set(order) or me not in survivors:
+            return refuse("the survivors and the dropped must split the round's participants")
+        if len(survivors) < held["threshold"]:
+            return refuse(f"{len(survivors)} survivors are below the threshold {held['threshold']}")
+        if any(held["keys"][u] in self.secagg_revealed for u in survivors):
+            return refuse("a survivor's mask key was revealed in an earlier round")
+        if set(ins.shares) != (survivors | dropped) - {me}:
+            return refuse("the relayed shares are not those of the survivors and the dropped")
+        key, context = self.secagg[ins.job], secagg.context(self.cfg.run, ins.job, ins.attempt)
+        held["answered"] = True
+        seeds, keys, w = {}, {}, shamir.SHARE_BYTES
+        for u in sorted(survivors | dropped):
+            if u == me:
+                pair = held["own"]
+            else:
+                try:
+                    pair = secagg.open_sealed(key, base64.b64decode(held["keys"][u]), context,
+                                              f"{u}>{me}|{ins.round}|{ins.attempt}".encode(),
+                                              base64.b64decode(ins.shares[u]))
+                except secagg.RecoveryError as err:
+                    return refuse(f"the share from {u}: {err}")
+            if u in survivors:
+                seeds[u] = base64.b64encode(pair[:w]).decode()
+            else:
+                keys[u] = base64.b64encode(pair[w:]).decode()
+                self.secagg_revealed.add(held["keys"][u])
+        return wire.SecaggUnmaskRes(job=ins.job, round=ins.round, attempt=ins.attempt,
+                                    index=order.index(me) + 1, seeds=seeds, keys=keys)
 
     def _charge_round(self, st: _JobState, product: str, rnd: int) -> wire.LedgerCharge | wire.ErrorReply:
         """Charge the privacy ledger what DP training round `rnd` costs, before training it.
@@ -834,7 +1020,7 @@ class Daemon:
         and the evaluation product through this too)."""
         job = st.job
         how = {"task": job.task_name, "loss": job.loss_name, "classes": job.classes,
-               "huber_delta": job.huber_delta or 1.0}
+               "huber_delta": job.huber_delta or 1.0, "auroc": "auroc" in job.evaluation.metrics}
         stats = evaluate_stream(st.model, st.data.batches("test"), **how) if isinstance(st.data, StreamData) \
             else evaluate(st.model, st.data.x_test, st.data.y_test, **how)
         k = len(job.classes)
@@ -911,6 +1097,23 @@ def _short(plan_hash: str) -> str:
     return plan_hash[:19] + "…" if len(plan_hash) > 19 else plan_hash or "(none)"
 
 
+SIGN_FLIP_ENV = "MESHCTL_TEST_SIGN_FLIP"
+"""Tests and benchmarks only: `client-0:10,client-5:10` makes those domains attack, sending
+`w - s (u - w)` (their update sign-flipped and scaled by s) instead of their trained weights `u`."""
+
+
+def _sign_flipped(domain: str, update: dict[str, torch.Tensor], weights: wire.Tensors) -> dict[str, torch.Tensor]:
+    """`update`, or its sign flip x s when MESHCTL_TEST_SIGN_FLIP names this domain with scale s."""
+    spec = os.environ.get(SIGN_FLIP_ENV, "")
+    if not spec:
+        return update
+    scales = dict(item.rsplit(":", 1) for item in spec.split(",") if ":" in item)
+    if domain not in scales:
+        return update
+    s = float(scales[domain])
+    return {k: w - s * (u - w) if (w := weights.get(k)) is not None else u for k, u in update.items()}
+
+
 def _trained(ins: wire.TrainIns, reply: object) -> str:
     """The line for one round: plan names and counts (and the training loss), never data."""
     if isinstance(reply, wire.TrainRes):
@@ -933,6 +1136,52 @@ def save_personal(path: Path, model: torch.nn.Module, meta: dict[str, str]) -> N
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+CONTROL = "control/"
+"""SCAFFOLD: the prefix of a control variate's tensor name on the wire (c beside the weights, delta c_i
+beside the update)."""
+
+
+def uses_control(job: PlanJob) -> bool:
+    """Whether the job trains with SCAFFOLD's control variates (never under secure aggregation: MESH549)."""
+    return job.aggregation.strategy == "scaffold" and not job.privacy.secure_aggregation
+
+
+def _correction(st: _JobState) -> list[torch.Tensor | None] | None:
+    """SCAFFOLD: `c - c_i` per model parameter (None for one the wire does not carry); None otherwise."""
+    if not uses_control(st.job):
+        return None
+    out: list[torch.Tensor | None] = []
+    for name, p in st.model.named_parameters():
+        c = st.server_control.get(name)
+        if c is None:
+            out.append(None)
+            continue
+        ci = st.control.get(name)
+        out.append((c - ci if ci is not None else c.clone()).to(p.dtype))
+    return out
+
+
+def control_lr(lr: float, momentum: float) -> float:
+    """The step size SCAFFOLD's option II divides by: lr, or lr / (1 - momentum) under SGD momentum (a
+    heavy-ball step moves about that far per gradient, so c_i stays a gradient, not 1/(1 - momentum) of one)."""
+    return lr / (1.0 - momentum) if 0 < momentum < 1 else lr
+
+
+def _controlled(st: _JobState, update: dict[str, torch.Tensor], examples: int) -> dict[str, torch.Tensor]:
+    """SCAFFOLD after local training: keep c_i+ (option II) and return delta c_i, named CONTROL + tensor."""
+    from meshctl.runtime.kernels.scaffold import client_control
+    from meshctl.runtime.kernels.train import local_steps
+
+    t, names = st.job.training, list(update)
+    zero = [torch.zeros_like(update[n]) for n in names]
+    c_i = [st.control.get(n, z) for n, z in zip(names, zero)]
+    c = [st.server_control.get(n, z) for n, z in zip(names, zero)]
+    new, delta = client_control(c_i, c, [st.weights[n] for n in names], [update[n] for n in names],
+                                local_steps(examples, t.local_epochs, t.batch_size), control_lr(t.lr, t.momentum))
+    st.control = dict(zip(names, new))
+    return {CONTROL + n: d for n, d in zip(names, delta)}
 
 
 def _prox_mu(job: PlanJob) -> float:

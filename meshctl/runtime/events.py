@@ -175,6 +175,45 @@ class RoundRetried(Event):
                 f"{', '.join(self.domains)} back" + (f" (was {self.reason})" if self.reason else ""))
 
 
+class UpdateExcluded(Event):
+    """A round policy with `effect: exclude` left `domain`'s update out of round `round`'s aggregation
+    (an audit entry; the round goes on with the others)."""
+
+    type: ClassVar[str] = "update_excluded"
+    level: ClassVar[str] = "warning"
+    job: str
+    round: int
+    domain: str
+    policy: str
+    reason: str
+    at: str = ""
+    update_norm: float = 0.0
+    exclusions: int = 1
+    """How many of the domain's updates the policy has excluded in this job, this one included."""
+
+    def message(self) -> str:
+        return (f"job {self.job} round {self.round}: policy {self.policy} excludes the update of "
+                f"{self.domain}: {self.reason}")
+
+
+class DomainSuspended(Event):
+    """`domain` takes no further part in `job`: policy `policy` excluded `exclusions` of its updates
+    (its `suspend_after`). An audit entry; the domain is listed in the job's left_out."""
+
+    type: ClassVar[str] = "domain_suspended"
+    level: ClassVar[str] = "warning"
+    job: str
+    round: int
+    domain: str
+    policy: str
+    exclusions: int
+    reason: str = ""
+
+    def message(self) -> str:
+        return (f"job {self.job} round {self.round}: {self.domain} suspended by policy {self.policy} "
+                f"after {self.exclusions} excluded update(s)")
+
+
 class MessageRejected(Event):
     type: ClassVar[str] = "message_rejected"
     level: ClassVar[str] = "warning"
@@ -213,9 +252,13 @@ class RoundStarted(Event):
     job: str
     round: int
     participants: list[str]
+    """Those that train this round (with client sampling: the round's sample)."""
+    idle: list[str] = Field(default_factory=list)
+    """Client sampling: the active participants not sampled this round (they still evaluate)."""
 
     def message(self) -> str:
-        return f"job {self.job} round {self.round} started with {len(self.participants)} participants"
+        rest = f" (sampled; {len(self.idle)} idle)" if self.idle else ""
+        return f"job {self.job} round {self.round} started with {len(self.participants)} participants{rest}"
 
 
 class UpdateReceived(Event):
@@ -246,8 +289,12 @@ class RoundCompleted(Event):
     metrics: dict[str, float]
     """Evaluation of the aggregated model on the domains' holdouts (example-weighted)."""
     bytes_in: int
+    """Bytes of the round's replies as received: its updates (`update_bytes`) and evaluation results."""
     bytes_out: int
     seconds: float
+    update_bytes: int = 0
+    """Of `bytes_in`: the round's updates (TrainRes messages, compressed when the model declares
+    `compression`), header and tensor frames."""
     aggregation: str = ""
     """What a robust strategy did (e.g. which update krum chose); empty for means."""
     epsilon: float | None = None
@@ -454,6 +501,37 @@ class StragglersDropped(Event):
                 f"{', '.join(self.domains)} (no reply within {self.waited_s:.0f}s)")
 
 
+class MasksShared(Event):
+    """Secure aggregation: a domain's sealed Shamir shares of its round masks reached the coordinator
+    (from here on the round survives its dropping out)."""
+
+    type: ClassVar[str] = "masks_shared"
+    job: str
+    round: int
+    domain: str
+    attempt: int = 1
+
+    def message(self) -> str:
+        return f"job {self.job} round {self.round}: {self.domain} shared its masks"
+
+
+class DropoutsRecovered(Event):
+    """Secure aggregation: the round was unmasked without `dropped`, whose pairwise masks were rebuilt
+    from `threshold` or more survivors' shares (never their updates: they sent none)."""
+
+    type: ClassVar[str] = "dropouts_recovered"
+    level: ClassVar[str] = "warning"
+    job: str
+    round: int
+    dropped: list[str]
+    survivors: int
+    threshold: int
+
+    def message(self) -> str:
+        return (f"job {self.job} round {self.round}: secure aggregation recovered without "
+                f"{', '.join(self.dropped)} ({self.survivors} survivors, threshold {self.threshold})")
+
+
 class HeldOutEvaluated(Event):
     """A round's global model scored on the job's evaluation product by the domain that holds it
     (coordinator/crosssite.py); `reason` says why it was not, when it was not."""
@@ -528,7 +606,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
                 MessageRejected, JobStarted, JobWaiting, RoundStarted, UpdateReceived,
                 RoundCompleted, CheckpointWritten, JobCompleted, JobFailed, RunCompleted,
                 ProductListed, ContractChecked, DomainHeartbeat, BudgetSpent,
-                AnalysisStarted, AnalysisCompleted, StragglersDropped, RoundRetried, Personalized,
+                AnalysisStarted, AnalysisCompleted, StragglersDropped, RoundRetried, UpdateExcluded, DomainSuspended,
+                Personalized, MasksShared, DropoutsRecovered,
                 HeldOutEvaluated, CrossSiteEvaluated)
 }
 

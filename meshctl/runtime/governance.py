@@ -14,7 +14,8 @@ on top of them the invariants a domain enforces whatever the policies say:
 - ``invariant:participant``: the domain is a declared participant of the job.
 
 `RoundGate` evaluates `scope: round` policies in the coordinator before each
-aggregation. CEL programs are compiled once per process (cached by source) and
+aggregation; those with `effect: exclude` once per update (`update` bound, see
+`update_facts`), each exclusion leaving that update out of the round. CEL programs are compiled once per process (cached by source) and
 a policy that fails to compile or evaluate denies: governance fails closed.
 """
 
@@ -24,11 +25,14 @@ import functools
 import re
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshctl.compiler.entrypoint import architecture_facts
 from meshctl.compiler.plan import Plan, PlanJob, PlanPolicy, PlanProduct
 from meshctl.runtime.wire import Decision
+
+if TYPE_CHECKING:
+    import torch
 
 RUNTIME = "runtime"
 """The `stage` of every decision made here."""
@@ -98,7 +102,7 @@ def decide_policy(policy: PlanPolicy, var: str, data: dict[str, Any], subject: s
         return made("deny", f"{err} (fails closed)")
     if holds:
         return made("allow", reason)
-    return made("warn" if policy.effect == "warn" else "deny", reason)
+    return made(policy.effect if policy.effect in ("warn", "exclude") else "deny", reason)
 
 
 # -- the `model` activation ------------------------------------------------------------
@@ -134,6 +138,7 @@ def job_activation(plan: Plan, job: PlanJob) -> dict[str, Any]:
             "secure_aggregation": job.privacy.secure_aggregation,
             "dp": {"epsilon": dp.epsilon if dp else 0.0, "delta": dp.delta if dp else 0.0,
                    "clip": dp.clip if dp else 0.0},
+            "client_dp": {k: getattr(job.privacy.client_dp, k, 0.0) for k in ("epsilon", "delta", "clip")},
         },
         "parameters": job.parameters,
     }
@@ -237,7 +242,7 @@ def _epsilon(job: PlanJob, products: list[PlanProduct], spent: dict[str, float])
     capped = [p for p in products if p.epsilon_budget is not None]
     if not capped:
         return "allow", "no product read has an ε budget"
-    dp = job.privacy.dp
+    dp = job.privacy.dp or job.privacy.client_dp
     if dp is None:
         return "warn", (f"{', '.join(p.id for p in capped)} ha{'s' if len(capped) == 1 else 've'} an ε budget "
                         f"but the job declares no differential privacy")
@@ -259,6 +264,37 @@ class RoundUpdate:
     examples: int
     loss: float
     update_norm: float
+    cosine: float = 1.0
+    """Cosine similarity of the update (new weights - global) to the coordinate-wise median update
+    of the round (robust to a minority of attackers); 1.0 unless an `exclude` policy reads it."""
+
+
+def update_cosines(base: list[torch.Tensor], updates: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Each domain's cosine similarity of its update (weights - base) to the round's coordinate-wise
+    median update; 0.0 for a zero update or a zero median."""
+    import torch
+
+    if not updates:
+        return {}
+    flat = {d: torch.cat([(w.float() - b.float()).reshape(-1) for w, b in zip(ws, base)]) for d, ws in updates.items()}
+    median = torch.stack(list(flat.values())).median(dim=0).values.double()  # (N x P float32 while it runs)
+    m = float(median.norm())
+    out = {}
+    for d, u in flat.items():
+        u = u.double()
+        n = float(u.norm())
+        out[d] = float(u @ median) / (n * m) if n > 0 and m > 0 else 0.0
+    return out
+
+
+def update_facts(u: RoundUpdate, norms: list[float], excluded_before: int) -> dict[str, Any]:
+    """The `update` variable an `effect: exclude` policy sees for one update of a round."""
+    ordered = sorted(norms)
+    mid = len(ordered) // 2
+    median = (ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2) if ordered else 0.0
+    return {"domain": u.domain, "examples": u.examples, "loss": float(u.loss), "update_norm": float(u.update_norm),
+            "norm_ratio": float(u.update_norm) / median if median > 0 else 1.0, "cosine": float(u.cosine),
+            "excluded_before": excluded_before}
 
 
 _UPDATES = re.compile(r"\bround\s*\.\s*updates\b")
@@ -275,14 +311,19 @@ class RoundGate:
         self.job = job
         self.policies = [p for p in plan.policies
                          if p.scope == "round" and (not p.domain or p.domain in job.participants)]
-        if domain:
-            self.policies = [p for p in self.policies if p.domain in ("", domain)
+        if domain:  # (`effect: exclude` policies read single updates: only the coordinator decides them)
+            self.policies = [p for p in self.policies if p.domain in ("", domain) and p.effect != "exclude"
                              and not _UPDATES.search(f"{p.when or ''} {p.require}")]
         else:  # a domain decides its own local policies, except those on facts only we have
-            self.policies = [p for p in self.policies if not p.domain
+            self.policies = [p for p in self.policies if not p.domain or p.effect == "exclude"
                              or _UPDATES.search(f"{p.when or ''} {p.require}")]
-        self.coordinator = _coordinator(plan) if self.policies else None
-        for p in self.policies:  # compile now (cached), not in the first round
+        self.excluders = [p for p in self.policies if p.effect == "exclude"]
+        """`effect: exclude` policies: decided once per update, before the others see the round."""
+        self.policies = [p for p in self.policies if p.effect != "exclude"]
+        self.counts: dict[tuple[str, str], int] = {}
+        """(policy label, domain) -> how many of the domain's updates the policy excluded in this job."""
+        self.coordinator = _coordinator(plan) if self.policies or self.excluders else None
+        for p in [*self.policies, *self.excluders]:  # compile now (cached), not in the first round
             for source in (p.when, p.require):
                 if source:
                     try:
@@ -291,7 +332,49 @@ class RoundGate:
                         pass  # decide_policy denies with the reason
 
     def __bool__(self) -> bool:
-        return bool(self.policies)
+        return bool(self.policies or self.excluders)
+
+    @property
+    def reads_cosine(self) -> bool:
+        """Whether an exclude policy reads `update.cosine` (the coordinator computes it only then)."""
+        return any("cosine" in f"{p.when or ''} {p.require}" for p in self.excluders)
+
+    def exclusions(self, number: int, participants: list[str], updates: list[RoundUpdate],
+                   epsilon_spent: float = 0.0) -> list[tuple[str, Decision, int | None]]:
+        """(domain, decision, suspend_after or None) for each update an exclude policy excludes (effect
+        `exclude`) or fails to decide on (`deny`: it fails closed), in update order; each exclusion is
+        counted, and `suspend_after` is set on the one that reaches the policy's `suspend_after`."""
+        if not self.excluders:
+            return []
+        data = self._round(number, participants, updates, epsilon_spent)
+        norms = [float(u.update_norm) for u in updates]
+        out = []
+        for u in updates:
+            for p in self.excluders:
+                key = (policy_label(p), u.domain)
+                variables = {"round": data, "coordinator": self.coordinator,
+                             "update": update_facts(u, norms, self.counts.get(key, 0))}
+                d = decide_policy(p, "update", {}, f"update.{self.job.name}.{number}.{u.domain}", p.domain, variables)
+                if d.effect == "allow":
+                    continue
+                suspend = None
+                if d.effect == "exclude":
+                    self.counts[key] = self.counts.get(key, 0) + 1
+                    if p.suspend_after is not None and self.counts[key] == p.suspend_after:
+                        suspend = p.suspend_after
+                out.append((u.domain, d, suspend))
+                break  # one exclusion (or failure) per update is enough
+        return out
+
+    def _round(self, number: int, participants: list[str], updates: list[RoundUpdate],
+               epsilon_spent: float) -> dict[str, Any]:
+        job = self.job
+        return {
+            "job": job.name, "number": number, "rounds": job.training.rounds,
+            "participants": list(participants), "epsilon_spent": float(epsilon_spent),
+            "updates": [{"domain": u.domain, "examples": u.examples, "loss": float(u.loss),
+                         "update_norm": float(u.update_norm)} for u in updates],
+        }
 
     def evaluate(self, number: int, participants: list[str], updates: list[RoundUpdate],
                  epsilon_spent: float = 0.0) -> list[Decision]:
@@ -299,12 +382,7 @@ class RoundGate:
         if not self.policies:
             return []
         job = self.job
-        data = {
-            "job": job.name, "number": number, "rounds": job.training.rounds,
-            "participants": list(participants), "epsilon_spent": float(epsilon_spent),
-            "updates": [{"domain": u.domain, "examples": u.examples, "loss": float(u.loss),
-                         "update_norm": float(u.update_norm)} for u in updates],
-        }
+        data = self._round(number, participants, updates, epsilon_spent)
         variables = {"round": data, "coordinator": self.coordinator}
         subject = f"round.{job.name}.{number}"
         return [decide_policy(p, "round", data, subject, p.domain, variables) for p in self.policies]

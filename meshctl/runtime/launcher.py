@@ -479,8 +479,8 @@ def render_event(event: ev.Event) -> str | None:
         ms = "  ".join(f"{k} {v:.4f}" for k, v in event.metrics.items())
         eps = "" if event.epsilon is None else f"  ε {event.epsilon:.3f}"
         return (f"{event.job}  round {event.round:>3}/{event.rounds}  participants {len(event.participants)}  "
-                f"train_loss {event.train_loss:.4f}  {ms}{eps}  in {human_bytes(event.bytes_in)}  "
-                f"out {human_bytes(event.bytes_out)}  {event.seconds:.3f}s")
+                f"train_loss {event.train_loss:.4f}  {ms}{eps}  in {human_bytes(event.bytes_in)} "
+                f"(updates {human_bytes(event.update_bytes)})  out {human_bytes(event.bytes_out)}  {event.seconds:.3f}s")
     if isinstance(event, (ev.UpdateReceived, ev.RoundStarted, ev.CheckpointWritten, ev.RunCompleted)):
         return None
     if isinstance(event, ev.BudgetSpent) and event.subject.startswith("model."):

@@ -39,6 +39,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int8": torch.int8,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -52,7 +53,7 @@ class TensorSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(max_length=256)
-    dtype: Literal["float32", "float64", "float16", "int64", "int32"]
+    dtype: Literal["float32", "float64", "float16", "int64", "int32", "int8"]
     shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
     nbytes: int = Field(ge=0)
     chunks: int = Field(ge=1)
@@ -84,7 +85,8 @@ class Decision(BaseModel):
     policy: str = Field(max_length=256)
     scope: str = Field(max_length=32)
     subject: str = Field(max_length=512)
-    effect: Literal["allow", "deny", "warn"]
+    effect: Literal["allow", "deny", "warn", "exclude"]
+    """`exclude`: the coordinator left one update out of a round (a round policy's `effect: exclude`)."""
     reason: str = Field(max_length=4096)
     at: str = Field(default="", max_length=512)
     domain: str = Field(default="", max_length=128)
@@ -201,6 +203,8 @@ class TrainIns(_Msg):
     attempt: int = Field(default=1, ge=1, le=1_000)
     """Which run of this round (a round re-run after a loss is attempt 2, ...): secure aggregation
     derives fresh pairwise masks per attempt, so no two masked updates share a mask."""
+    clip: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Client-level DP: the round's clip norm of the update (adaptive clipping moves it); None: the plan's."""
 
 
 class TrainRes(_Msg):
@@ -216,6 +220,8 @@ class TrainRes(_Msg):
     """DP training: the ε this round cost, as charged to the domain's privacy ledger."""
     attempt: int = Field(default=1, ge=1, le=1_000)
     """The TrainIns attempt this answers."""
+    clip_bit: float | None = Field(default=None, ge=-0.5, le=0.5)
+    """Client-level DP with adaptive clipping, without secure aggregation: [||Δ|| <= clip] - 1/2."""
 
 
 class EvalIns(_Msg):
@@ -491,6 +497,51 @@ def _with_messages(*extra: type[_Msg]) -> None:
 
 _with_messages(AnalyzeIns, AnalyzeRes)
 _with_messages(Knock, RunInfo)
+
+Sealed = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/=]{1,512}$")]
+"""A Shamir share pair sealed for one participant (base64), or one opened share value."""
+
+
+class SecaggShares(_Msg):
+    """Daemon -> coordinator, on a secure-aggregation TrainIns before it trains: for each other
+    participant, that participant's Shamir shares of this domain's self-mask seed and mask key,
+    sealed with their pairwise key (the coordinator relays them and cannot read them)."""
+
+    type: Literal["secagg_shares"] = "secagg_shares"
+    job: str
+    round: int = Field(ge=1)
+    attempt: int = Field(default=1, ge=1, le=1_000)
+    shares: dict[str, Sealed] = Field(default_factory=dict, max_length=10_000)
+
+
+class SecaggUnmaskIns(_Msg):
+    """Coordinator -> daemon: the round's masked updates came from `survivors`; reveal your shares
+    of their self-mask seeds and of the mask keys of `dropped`. `shares`: what each of them sealed
+    for you (sender -> sealed)."""
+
+    type: Literal["secagg_unmask_ins"] = "secagg_unmask_ins"
+    job: str
+    round: int = Field(ge=1)
+    attempt: int = Field(default=1, ge=1, le=1_000)
+    survivors: list[str] = Field(default_factory=list, max_length=10_000)
+    dropped: list[str] = Field(default_factory=list, max_length=10_000)
+    shares: dict[str, Sealed] = Field(default_factory=dict, max_length=10_000)
+
+
+class SecaggUnmaskRes(_Msg):
+    """Daemon -> coordinator: this domain's share (index `index`) of each survivor's self-mask seed
+    (`seeds`) and of each dropped domain's mask key (`keys`), base64."""
+
+    type: Literal["secagg_unmask_res"] = "secagg_unmask_res"
+    job: str
+    round: int = Field(ge=1)
+    attempt: int = Field(default=1, ge=1, le=1_000)
+    index: int = Field(ge=1, le=10_000)
+    seeds: dict[str, Sealed] = Field(default_factory=dict, max_length=10_000)
+    keys: dict[str, Sealed] = Field(default_factory=dict, max_length=10_000)
+
+
+_with_messages(SecaggShares, SecaggUnmaskIns, SecaggUnmaskRes)
 
 
 TrainRes.model_rebuild()  # LedgerCharge is defined below TrainRes

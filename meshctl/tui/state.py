@@ -185,6 +185,10 @@ class JobView:
     seconds: float | None = None
     epsilon: float | None = None
     """ε spent so far (the largest ledger total charged to this job), None without DP."""
+    sampled: list[str] = field(default_factory=list)
+    """Client sampling: the current round's sample (empty without sampling)."""
+    idle: list[str] = field(default_factory=list)
+    """Client sampling: the active participants the current round did not sample."""
 
 
 @dataclass
@@ -369,7 +373,8 @@ def coordinator_status(state: MeshState) -> str:
         return f"lost: {state.reason}"
     for job in state.jobs.values():
         if job.state == "training":
-            return f"training {job.name}, round {job.current_round}/{job.rounds_total or '?'}"
+            sampled = f", sampled {', '.join(job.sampled)}" if job.sampled else ""
+            return f"training {job.name}, round {job.current_round}/{job.rounds_total or '?'}{sampled}"
         if job.state == "waiting" and (job.waiting_have or job.quorum):
             return (f"waiting for quorum for {job.name} "
                     f"({len(job.waiting_have)}/{job.quorum or '?'} domains)")
@@ -427,6 +432,19 @@ def _policy_decided(s: MeshState, e: ev.PolicyDecided) -> None:
     if e.domain and e.effect == "deny" and e.policy == "data":  # the domain refused its own data
         d = s.domain(e.domain)
         d.state, d.reason, d.cause = "refused", e.reason, "data"
+
+
+def _update_excluded(s: MeshState, e: ev.UpdateExcluded) -> None:
+    """A round policy left one update out: a row of the policy decisions list (effect `exclude`)."""
+    s.decisions.append(Decision(e.policy, "round", f"update.{e.job}.{e.round}.{e.domain}", "exclude", e.reason,
+                                "runtime", e.at))
+
+
+def _domain_suspended(s: MeshState, e: ev.DomainSuspended) -> None:
+    """A domain left the job by policy: a row of the policy decisions list (effect `suspend`)."""
+    s.decisions.append(Decision(e.policy, "round", f"domain.{e.domain}", "suspend",
+                                f"{e.exclusions} update(s) excluded in job {e.job}: {e.domain} takes no further part",
+                                "runtime"))
 
 
 def _domain_joined(s: MeshState, e: ev.DomainJoined) -> None:
@@ -494,8 +512,11 @@ def _job_waiting(s: MeshState, e: ev.JobWaiting) -> None:
 def _round_started(s: MeshState, e: ev.RoundStarted) -> None:
     j = s.job(e.job)
     j.state, j.current_round, j.waiting_have = "training", e.round, []
+    j.sampled, j.idle = (list(e.participants), list(e.idle)) if e.idle else ([], [])
     for name in e.participants:
         _set_live(s.domain(name), "training")
+    for name in e.idle:  # client sampling: not in this round's sample
+        _set_live(s.domain(name), "idle")
 
 
 def _update_received(s: MeshState, e: ev.UpdateReceived) -> None:
@@ -609,6 +630,8 @@ _HANDLERS: dict[type[ev.Event], Callable[[MeshState, ev.Event], None]] = {
     ev.RunStarted: _run_started,
     ev.RunResumed: _run_resumed,
     ev.PolicyDecided: _policy_decided,
+    ev.UpdateExcluded: _update_excluded,
+    ev.DomainSuspended: _domain_suspended,
     ev.DomainJoined: _domain_joined,
     ev.DomainRefused: _domain_refused,
     ev.DomainLost: _domain_lost,

@@ -32,12 +32,15 @@ def _compile(mesh: Path, aggregation: str, privacy: str = ""):
 
 
 @pytest.mark.parametrize(("given", "carried"), [
-    ("strategy: multi_krum", {"byzantine": 1, "select": 0, "server_momentum": 0.0}),
-    ("strategy: multi_krum, byzantine: 2, select: 5, server_momentum: 0.9",
-     {"byzantine": 2, "select": 5, "server_momentum": 0.9}),
-    ("strategy: bulyan", {"byzantine": 1, "server_momentum": 0.0}),
-    ("strategy: centered_clip", {"radius": 0.0, "iterations": 3, "server_momentum": 0.0}),
-    ("strategy: centered_clip, radius: 2.5, iterations: 5", {"radius": 2.5, "iterations": 5, "server_momentum": 0.0}),
+    ("strategy: multi_krum", {"byzantine": 1, "select": 0, "bucketing": 1, "server_momentum": 0.9}),
+    ("strategy: multi_krum, byzantine: 2, select: 5, server_momentum: 0.0",
+     {"byzantine": 2, "select": 5, "bucketing": 1, "server_momentum": 0.0}),
+    ("strategy: bulyan", {"byzantine": 1, "bucketing": 1, "server_momentum": 0.9}),
+    ("strategy: centered_clip", {"radius": 0.0, "iterations": 3, "bucketing": 1, "server_momentum": 0.9}),
+    ("strategy: centered_clip, radius: 2.5, iterations: 5",
+     {"radius": 2.5, "iterations": 5, "bucketing": 1, "server_momentum": 0.9}),
+    ("strategy: median", {"bucketing": 1, "server_momentum": 0.9}),
+    ("strategy: median, bucketing: 2, server_momentum: 0.5", {"bucketing": 2, "server_momentum": 0.5}),
     ("strategy: fedavgm", {"server_lr": 1.0, "server_momentum": 0.9}),
     ("strategy: fedadam", {"server_lr": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
 ])
@@ -58,7 +61,7 @@ def test_a_setting_of_another_strategy_names_its_owners(digits8):
     [err] = result.errors
     assert err.code == "MESH510"
     assert err.message == ("'server_momentum' does not apply to strategy fedadam (it is a setting of "
-                           "bulyan, centered_clip, fedavgm and multi_krum)")
+                           "bulyan, centered_clip, fedavgm, krum, median, multi_krum and trimmed_mean)")
     [err] = _compile(digits8, "strategy: krum, select: 3").errors
     assert err.code == "MESH510" and "(it is a setting of multi_krum)" in err.message
 

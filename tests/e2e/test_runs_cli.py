@@ -82,7 +82,7 @@ def test_runs_status_logs_and_stop_a_live_run_from_another_shell(hospitals, mesh
         assert up.returncode == 1 and "Traceback" not in err  # `up` reports the failed run
         assert err.strip().splitlines()[-1].startswith("error: stopped by `meshctl stop`")
         followed, _ = follow.communicate(timeout=30)  # --follow returns once the run's processes are gone
-        assert follow.returncode == 0 and len(re.findall(r"^job malignancy round \d+: trained", followed, re.M)) > 3
+        assert follow.returncode == 0 and len(re.findall(r"^job malignancy round \d+: trained", followed, re.MULTILINE)) > 3
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)

@@ -113,3 +113,15 @@ def test_undefined_metrics_are_nan_and_misfits_refused():
     assert len(one_class["score_hist"]) == 2 * BINS
     with pytest.raises(ValueError, match="does not fit"):
         finish("regression", ["auroc"], [eval_stats("regression", torch.zeros(2, 1), torch.zeros(2), classes=None)])
+
+
+def test_the_score_histograms_travel_only_when_auroc_is_declared():
+    """k x BINS numbers per histogram: a 10-class job that does not declare auroc sends n, loss and the
+    confusion matrix only (an evaluation reply of ~79 KB cost a round trip over a 200 ms link)."""
+    out, y = torch.randn(50, 10), torch.randint(0, 10, (50,))
+    lean = eval_stats("classification", out, y, classes=10, loss="cross_entropy", auroc=False)
+    assert {k: len(v) for k, v in lean.items()} == stat_lengths("classification", 10, auroc=False) == {
+        "n": 1, "loss": 1, "confusion": 100}
+    full = eval_stats("classification", out, y, classes=10, loss="cross_entropy")
+    assert finish("classification", ["loss", "accuracy", "f1"], [lean]) == \
+        finish("classification", ["loss", "accuracy", "f1"], [full])

@@ -69,15 +69,18 @@ def test_a_re_run_round_masks_afresh_so_two_attempts_reveal_no_difference():
     updates = {d: {"w": torch.randn(4, generator=g)} for d in keys}
 
     def masked(d: str, attempt: int) -> np.ndarray:
-        me = SimpleNamespace(cfg=SimpleNamespace(domain=d, run="20261206-1"), secagg={"digits": keys[d]})
+        me = SimpleNamespace(cfg=SimpleNamespace(domain=d, run="20261206-1"), secagg={"digits": keys[d]},
+                             secagg_rounds={("digits", 2, attempt): {"seed": seeds[(d, attempt)]}})
         ins = wire.TrainIns(sender="coordinator", job="digits", round=2, version=1, participants=sorted(keys),
                             peer_keys=peer_keys, attempt=attempt)
         out = Daemon._masked(me, SimpleNamespace(job=job), ins, updates[d], 10)
         assert isinstance(out, torch.Tensor), out
         return out.numpy().view(np.uint64)
 
-    for attempt in (1, 2):  # each attempt's masks cancel among its own replies
-        total = secagg.add([masked(d, attempt) for d in keys])
+    seeds = {(d, a): secagg.new_seed() for d in keys for a in (1, 2)}
+    for attempt in (1, 2):  # each attempt's pairwise masks cancel among its own replies
+        total = secagg.unmask(secagg.add([masked(d, attempt) for d in keys]), sorted(keys),
+                              {d: seeds[(d, attempt)] for d in keys}, {}, pubs, b"", 2)
         assert np.array_equal(total, secagg.add([secagg.encode([updates[d]["w"]], 10.0) for d in keys]))
     # the same survivor, same update, two attempts: different masks, so subtracting reveals nothing
     diff = (masked("d0", 1) - masked("d0", 2)).view(np.int64).astype(np.float64)

@@ -7,6 +7,9 @@ import csv
 import socket
 from pathlib import Path
 
+import pytest
+
+from meshctl.errors import UserError
 from meshctl.runtime.audit import Chain, plan_hash_of, run_anchor, verify_mesh, verify_run
 from meshctl.runtime.launcher import LocalRun, prepare_run, state_dir
 from meshctl.runtime.run import EVENTS_FILE, RunManifest
@@ -87,10 +90,17 @@ def test_a_busy_port_leaves_no_run_directory(hospitals, meshctl):
 
 def test_a_port_taken_between_check_and_bind_ends_the_run_and_verify_passes(mesh_file, make_plan):
     """The bind race of two `up`s: the port was free when the run was prepared, taken when it binds."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manifest, observer = prepare_run(mesh_file, make_plan(n=2, rounds=3), address=f"tcp://127.0.0.1:{port}")
+    for _ in range(5):  # a free port: another test (another xdist worker) may take it before prepare_run
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            manifest, observer = prepare_run(mesh_file, make_plan(n=2, rounds=3), address=f"tcp://127.0.0.1:{port}")
+            break
+        except UserError:
+            continue
+    else:
+        pytest.fail("no free port in 5 tries")
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
         s.listen()

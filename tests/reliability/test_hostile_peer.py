@@ -61,7 +61,7 @@ class HostilePeer(threading.Thread):
         self.stranger = KeyPair.generate()
         self.error: BaseException | None = None
 
-    def run(self) -> None:  # noqa: D102 - threading.Thread's
+    def run(self) -> None:
         try:
             self._serve()
         except BaseException as err:  # noqa: BLE001 - the test reads it

@@ -63,8 +63,8 @@ def test_generate_writes_a_0600_secret_prints_the_line_and_refuses_to_overwrite(
     again = meshctl("keys", "generate", "charite", cwd=tmp_path)
     assert again.returncode == 1 and again.stdout == ""
     assert again.stderr.strip().splitlines() == [
-        f"{secret}: error: key charite exists already (hint: `meshctl keys show charite` prints its public key; "
-        "--force replaces it (then the new public_key must replace the old one in mesh.yaml))"]
+        (f"{secret}: error: key charite exists already (hint: `meshctl keys show charite` prints its public key; "
+        "--force replaces it (then the new public_key must replace the old one in mesh.yaml))")]
     assert zmq.auth.load_certificate(str(secret))[0] == pub, "the refused generate left the key alone"
 
     secret.chmod(0o644)  # a replaced secret must not keep a loose mode
@@ -121,9 +121,9 @@ def test_up_refuses_a_declared_coordinator_key_without_its_secret_before_startin
 
     out = meshctl("up", "--headless", "--address", "tcp://127.0.0.1:0", cwd=path.parent)
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
-        f"{default}: error: mesh.coordinator.public_key ({want}) is declared but its secret key is not on this "
+        (f"{default}: error: mesh.coordinator.public_key ({want}) is declared but its secret key is not on this "
         "host (hint: copy the coordinator's secret key here or pass --coordinator-key FILE; a new mesh makes one "
-        "with `meshctl keys generate coordinator`)"]
+        "with `meshctl keys generate coordinator`)")]
 
     meshctl("keys", "generate", "coordinator", "--mesh", str(path), cwd=tmp_path)  # a different key
     out = meshctl("up", "--headless", "--address", "tcp://127.0.0.1:0", cwd=path.parent)

@@ -178,6 +178,7 @@ def test_local_tensors_never_cross_the_wire_and_personal_models_stay_in_the_doma
     ("{local: [], fine_tune_lr: 0.1}", "", "MESH531", "neither local layers nor fine-tuning"),
     ('{local: ["2.*"], fine_tune_lr: 0.1}', "", "MESH531", "fine_tune_lr without fine_tune_epochs"),
     ("{fine_tune_epochs: 2}", "    privacy: {dp: {epsilon: 2.0}}\n", "MESH532", "fine-tuning trains each domain's"),
+    ("{fine_tune_epochs: 2}", "    privacy: {client_dp: {epsilon: 2.0}}\n", "MESH532", "fine-tuning trains each domain's"),
     ('{local: ["2.*"]}', "    aggregation: {strategy: fedavg}\n", None, None),
 ])
 def test_what_personalisation_cannot_do_is_refused_at_compile_time(tmp_path, personal, extra, code, says):
@@ -222,3 +223,14 @@ def test_a_domain_keeps_its_local_tensors_when_it_loads_the_global_ones(make_pla
     res = wire.EvalRes(job=job.name, round=job.training.rounds, examples=1, loss_sum=0.0, correct=0,
                        personal={"after": {"n": [1.0]}})
     assert "fine-tuning sums for a job or round that has none" in check_personal(job, res)
+
+
+def test_local_layers_start_from_the_seeded_initial_weights_so_a_run_repeats(tmp_path):
+    """A domain's local head never comes from the coordinator: it must start from the plan's seeded
+    initial weights (as the shared layers do), or two runs of the same mesh train differently."""
+    losses = []
+    for k in range(2):
+        mesh = write_mesh(tmp_path / str(k), {"fedper": '{local: ["2.*"]}'})
+        _, events, _ = run(mesh)
+        losses.append([(e.train_loss, e.metrics["loss"]) for e in events if isinstance(e, ev.RoundCompleted)])
+    assert len(losses[0]) == 4 and losses[0] == losses[1]

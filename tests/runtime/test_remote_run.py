@@ -5,6 +5,7 @@ under its own id. The daemon says what it does, one line per state change, on st
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
 from pathlib import Path
@@ -209,7 +210,7 @@ class _FakeCoordinator:
         self.ctx.term()
 
 
-_READERS: dict[int, "queue.Queue[str | None]"] = {}
+_READERS: dict[int, queue.Queue[str | None]] = {}
 
 
 def _wait_line(proc, text: str, seen: list[str], timeout: float = 60.0) -> None:

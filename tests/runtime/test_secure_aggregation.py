@@ -1,6 +1,7 @@
 """Secure aggregation through real processes: the model equals plain FedAvg's, what a domain
 sends is masked words that decode to nothing like weights, and a domain that drops out of a
-round fails it rather than leaving its masks in the model."""
+round below the reconstruction threshold fails it rather than leaving its masks in the model
+(above it the round recovers: test_secagg_dropout.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from meshctl.runtime.daemon import read_tap
 from meshctl.runtime.launcher import start_run
 
 
-def _secure(plan, quorum: int | None = None):
-    job = plan.jobs[0].model_copy(update={"privacy": PlanPrivacy(secure_aggregation=True),
+def _secure(plan, quorum: int | None = None, threshold: int | None = None):
+    job = plan.jobs[0].model_copy(update={"privacy": PlanPrivacy(secure_aggregation=True,
+                                                                 secagg_threshold=threshold),
                                           **({"quorum": quorum} if quorum else {})})
     return plan.model_copy(update={"jobs": [job]}).with_hash()
 
@@ -66,8 +68,8 @@ def test_the_securely_aggregated_model_is_fedavgs_and_the_wire_carries_only_mask
             assert t.reshape(-1)[:16].numpy().tobytes() not in np.asarray(m).tobytes()
 
 
-def test_a_domain_that_drops_out_fails_the_round_instead_of_skewing_it(mesh_file, make_plan):
-    run = start_run(mesh_file, _secure(make_plan(n=4, rounds=10_000), quorum=3))
+def test_a_domain_that_drops_out_below_the_threshold_fails_the_round_instead_of_skewing_it(mesh_file, make_plan):
+    run = start_run(mesh_file, _secure(make_plan(n=4, rounds=10_000), quorum=3, threshold=4))
     pids = {}
     for e in run.follow():
         if isinstance(e, ev.DomainJoined):
@@ -77,6 +79,9 @@ def test_a_domain_that_drops_out_fails_the_round_instead_of_skewing_it(mesh_file
     result = run.finish()
     assert not result.ok
     assert "secure aggregation" in result.reason and "client-2" in result.reason, result.reason
+    # (as it dies: before its masked update, or after it, while the round is unmasked)
+    assert any(why in result.reason for why in ("below the threshold 4", "before it shared",
+                                                "the unmasking needs 4 of the 4 survivors")), result.reason
 
 
 @pytest.mark.parametrize("n", [2])

@@ -147,8 +147,8 @@ def test_contract_test_passes_on_every_source_kind(mesh):
     out = meshctl("contract", "test", cwd=mesh)
     assert out.returncode == 0, out.stderr + out.stdout
     assert out.stdout.splitlines()[-1] == "40 checks on 4 products: 40 passed, 0 failed (0 errors, 0 warnings), 0 skipped"  # 6 type(column) each
-    assert re.search(r"^sqlite-site\.biopsies +rowCount +130 ", out.stdout, re.M)
-    assert re.search(r"^duckdb-site\.biopsies +rowCount +129 ", out.stdout, re.M)
+    assert re.search(r"^sqlite-site\.biopsies +rowCount +130 ", out.stdout, re.MULTILINE)
+    assert re.search(r"^duckdb-site\.biopsies +rowCount +129 ", out.stdout, re.MULTILINE)
 
 
 def _model(run: Path) -> dict:

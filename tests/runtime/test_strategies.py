@@ -35,7 +35,8 @@ def test_the_plan_carries_every_setting_of_its_strategy(tmp_path):
     text = mesh.read_text()
     cases = {"fedavg": {}, "fedprox, mu: 0.5": {"mu": 0.5},
              "fedyogi": {"server_lr": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
-             "trimmed_mean": {"trim": 0.1}, "krum, byzantine: 0": {"byzantine": 0}}
+             "trimmed_mean": {"trim": 0.1, "bucketing": 1, "server_momentum": 0.9},
+             "krum, byzantine: 0": {"byzantine": 0, "bucketing": 1, "server_momentum": 0.9}}
     for setting, expect in cases.items():
         spec = tmp_path / "mesh.yaml"
         spec.write_text(text.replace("aggregation: {strategy: fedavg}", f"aggregation: {{strategy: {setting}}}"))

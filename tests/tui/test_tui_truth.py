@@ -99,7 +99,7 @@ def test_silence_beyond_the_loss_limit_is_lost_and_an_event_brings_it_back(
             beat = ev.DomainHeartbeat(seq=999, ts=now["t"], domain="charite", state="training")
             await _feed(app, pilot, [beat])
             assert app.mesh_state.state == "running" and "RUNNING" in app.query_one(RunHeader).text
-            assert dict((r[0], r[1]) for r in table.plain_rows)["charite"] == "training"
+            assert {r[0]: r[1] for r in table.plain_rows}["charite"] == "training"
 
     asyncio.run(run())
 

@@ -22,11 +22,16 @@ from meshctl.compiler.plan import PlanJob
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.coordinator.members import Members, Sink
+from meshctl.runtime.kernels import client_dp, compress
 from meshctl.runtime.transport import Clock
 
 REJECT_CODES = ("not-running", "not-participant", "superseded", "duplicate", "late", "stale", "far-future",
                 "dropped", "not-admitted", "bad-update", "bad-evaluation")
 """Why a result is rejected: `Collector.judge`'s first value."""
+
+
+CONTROL = "control/"
+"""SCAFFOLD: the name prefix of a control variate beside the weights (daemon.CONTROL, the same)."""
 
 
 class JobAborted(Exception):
@@ -55,6 +60,8 @@ class Collector:
         """(kind, round) of the current job whose collection is over: later replies are late."""
         self.norms: dict[tuple[int, str], float] = {}
         self.bytes_in: dict[tuple[str, int], int] = {}
+        self.update_bytes: dict[tuple[str, int], int] = {}
+        """Of `bytes_in`: the bytes of the updates (TrainRes) kept, per (job, round)."""
         self.job_epsilon: dict[tuple[str, str], float] = {}
         """DP training: ε charged in this run per (job, product)."""
         self.gated = False
@@ -64,12 +71,15 @@ class Collector:
         self.attempts: dict[int, int] = {}
         """Secure aggregation: round -> the attempt now running (re-runs after a loss); a masked update
         of an earlier attempt is refused (its masks cancel only against that attempt's)."""
+        self.shares: dict[tuple[int, int, str], wire.SecaggShares] = {}
+        """Secure aggregation: (round, attempt, domain) -> the sealed shares it sent (relayed at unmasking)."""
 
     def start(self, job: PlanJob | None) -> None:
         self.current, self.closed, self.round = job, set(), 0
         self.norms.clear()
         self.bases.clear()
         self.attempts.clear()
+        self.shares.clear()
 
     def receive(self, domain: str, msg: wire.TrainRes | wire.EvalRes, tensors: wire.Tensors, size: int) -> None:
         """Keep a result for its phase, or reject it (a MessageRejected event)."""
@@ -78,6 +88,12 @@ class Collector:
             self.sink.emit(ev.MessageRejected(sender=domain, reason=problem))
             return
         self.bytes_in[(msg.job, msg.round)] = self.bytes_in.get((msg.job, msg.round), 0) + size
+        if isinstance(msg, wire.TrainRes):
+            self.update_bytes[(msg.job, msg.round)] = self.update_bytes.get((msg.job, msg.round), 0) + size
+        job = self.current
+        if isinstance(msg, wire.TrainRes) and job is not None and job.compression is not None \
+                and not job.privacy.secure_aggregation:  # (judged: it restores, and its round has a base)
+            tensors = restored(job, tensors, self.bases[msg.round])
         self.inbox[(kind_of(msg), msg.round, domain)] = (msg, tensors)
         if self.gated and isinstance(msg, wire.TrainRes) and norm is not None:
             self.norms[(msg.round, domain)] = norm
@@ -89,6 +105,28 @@ class Collector:
                                               total=c.total, cap=c.cap))
             self.sink.emit(ev.UpdateReceived(job=msg.job, round=msg.round, domain=domain, examples=msg.examples,
                                              loss=msg.loss, seconds=msg.seconds, bytes=size, update_norm=norm))
+
+    def receive_secagg(self, domain: str, msg: wire.SecaggShares | wire.SecaggUnmaskRes) -> None:
+        """Keep a domain's sealed shares, or its unmasking answer (collected as `secagg_unmask_res`)."""
+        job, problem = self.current, ""
+        if job is None or msg.job != job.name or not job.privacy.secure_aggregation:
+            problem = f"{msg.type} for job {msg.job!r}, which is not running with secure aggregation"
+        elif domain not in job.participants:
+            problem = f"{domain} is not a participant of job {job.name}"
+        elif msg.attempt != self.attempts.get(msg.round, 1):
+            problem = f"{msg.type} for round {msg.round} attempt {msg.attempt}, which was re-run"
+        elif not self.round <= msg.round <= self.round + 1:
+            problem = f"{msg.type} for round {msg.round} while round {self.round} runs"
+        elif (msg.round, msg.attempt, domain) in self.shares if isinstance(msg, wire.SecaggShares) else \
+                ("secagg_unmask_res", msg.round, domain) in self.inbox or ("secagg_unmask_res", msg.round) in self.closed:
+            problem = f"duplicate or late {msg.type} for round {msg.round}"
+        if problem:
+            self.sink.emit(ev.MessageRejected(sender=domain, reason=problem))
+        elif isinstance(msg, wire.SecaggShares):
+            self.shares[(msg.round, msg.attempt, domain)] = msg
+            self.sink.emit(ev.MasksShared(job=msg.job, round=msg.round, domain=domain, attempt=msg.attempt))
+        else:
+            self.inbox[("secagg_unmask_res", msg.round, domain)] = (msg, {})
 
     def check(self, domain: str, msg: Any, tensors: wire.Tensors) -> tuple[str, float | None]:
         """(problem or "", update norm); the norm is finite only if every value is, so one pass checks both.
@@ -222,7 +260,11 @@ def _check_update(job: PlanJob, domain: str, msg: wire.TrainRes, tensors: wire.T
     `base`, i.e. the update itself, not the weights)."""
     expect = [(t.name, t.shape, t.dtype) for t in job.tensors]
     if job.privacy.secure_aggregation:
-        expect = [("masked", [job.shared_parameters], "int64")]
+        expect = [("masked", [job.shared_parameters + client_dp.extra_words(job)], "int64")]
+    elif job.compression is not None:
+        expect = compress.layout(job.compression.kind, job.compression.k, [(t.name, t.shape) for t in job.tensors])
+    elif job.aggregation.strategy == "scaffold":  # each control variate change follows the weights (CONTROL)
+        expect += [(CONTROL + t.name, t.shape, t.dtype) for t in job.tensors]
     got = [(s.name, s.shape, s.dtype) for s in msg.tensors]
     if got != expect:
         return "update tensors do not match the plan's model", 0.0
@@ -231,16 +273,36 @@ def _check_update(job: PlanJob, domain: str, msg: wire.TrainRes, tensors: wire.T
     if msg.examples <= 0:
         return "update trained on no examples", 0.0
     mine = {r.product for r in job.reads if r.domain == domain}
-    if msg.charges and (job.privacy.dp is None or any(c.product not in mine for c in msg.charges)):
+    if msg.charges and ((job.privacy.dp or job.privacy.client_dp) is None
+                        or any(c.product not in mine for c in msg.charges)):
         return "ledger charges for a product this domain does not train on with DP", 0.0
     if job.privacy.secure_aggregation:
         return "", None  # masked words: no norm to see, and no way to check finiteness
+    if job.compression is not None:
+        if base is None:
+            return f"a compressed update for round {msg.round}, whose global weights are gone", 0.0
+        try:
+            delta = compress.restore(job.compression.kind, job.compression.k,
+                                     [(t.name, t.shape) for t in job.tensors], tensors)
+        except compress.CompressError as err:
+            return f"compressed update: {err}", 0.0
+        return "", math.sqrt(sum(float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in delta.values()))
     norm = math.sqrt(sum(float(torch.linalg.vector_norm(
         t.to(torch.float64) - base[name].to(torch.float64) if base is not None and name in base else t,
-        dtype=torch.float64)) ** 2 for name, t in tensors.items()))
+        dtype=torch.float64)) ** 2 for name, t in tensors.items() if not name.startswith(CONTROL)))
+    if not all(bool(torch.isfinite(t).all()) for name, t in tensors.items() if name.startswith(CONTROL)):
+        return "control variate change holds non-finite values", norm
     if not math.isfinite(norm):
         return "update holds non-finite values", norm
     return "", norm
+
+
+def restored(job: PlanJob, tensors: wire.Tensors, base: wire.Tensors) -> wire.Tensors:
+    """A compressed update (checked by `_check_update`) as full float32 weights: the round's global
+    weights `base` plus the delta it restores to, what every aggregation rule takes."""
+    assert job.compression is not None
+    delta = compress.restore(job.compression.kind, job.compression.k, [(t.name, t.shape) for t in job.tensors], tensors)
+    return {t.name: base[t.name] + delta[t.name] for t in job.tensors}
 
 
 def check_stats(job: PlanJob, msg: wire.EvalRes) -> str:
@@ -248,7 +310,7 @@ def check_stats(job: PlanJob, msg: wire.EvalRes) -> str:
     task, finite values, counts that are not negative and add up to the examples."""
     from meshctl.runtime.kernels.metrics import stat_lengths
 
-    want = stat_lengths(job.task_name, job.classes)
+    want = stat_lengths(job.task_name, job.classes, auroc="auroc" in job.evaluation.metrics)
     got = {k: len(v) for k, v in msg.stats.items()}
     if got != want:
         return f"evaluation sums {sorted(got.items())} are not those of a {job.task_name} job {sorted(want.items())}"

@@ -213,11 +213,13 @@ def append_metrics(run_dir: Path, job: PlanJob, rnd: int, participants: int, los
                    metrics: dict[str, float], *, evaluated: int, eval_examples: int,
                    domain_metrics: dict[str, dict[str, float]] | None = None,
                    domain_examples: dict[str, int] | None = None,
-                   held_out: tuple[dict[str, float], int] | None = None, product_columns: bool = False) -> None:
+                   held_out: tuple[dict[str, float], int] | None = None, product_columns: bool = False,
+                   wire_bytes: tuple[int, int, int] | None = None) -> None:
     """One metrics.csv row for a completed round, with how many domains and holdout examples its test
     metrics cover (they change when a domain drops out), and one domain_metrics.csv row per evaluating
     domain. `product_columns`: the file has the evaluation product's columns (some job of the run's plan
-    declares one: the header is the run's, whichever job writes first). Raises OSError (a full disk, say)."""
+    declares one: the header is the run's, whichever job writes first). `wire_bytes`: the round's bytes in,
+    out and of its updates (the last columns). Raises OSError (a full disk, say)."""
     header = ["job", "round", "participants", "train_loss", "test_loss", "test_accuracy", "evaluated",
               "eval_examples", *(f"test_{m}" for m in METRIC_COLUMNS)]
     row: dict[str, object] = {"job": job.name, "round": rnd, "participants": participants,
@@ -227,6 +229,8 @@ def append_metrics(run_dir: Path, job: PlanJob, rnd: int, participants: int, los
         header += ["product_examples", *(f"product_{m}" for m in DOMAIN_COLUMNS)]
         values, examples = held_out or ({}, "")
         row.update({"product_examples": examples, **{f"product_{m}": _cell(values, m) for m in DOMAIN_COLUMNS}})
+    header += ["bytes_in", "bytes_out", "update_bytes"]
+    row.update(dict(zip(["bytes_in", "bytes_out", "update_bytes"], wire_bytes or ("", "", ""))))
     append_row(run_dir / "metrics.csv", header, row)
     if domain_metrics is None:
         return

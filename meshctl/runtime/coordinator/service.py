@@ -44,6 +44,7 @@ from meshctl.runtime.coordinator.analysis import Analysis
 from meshctl.runtime.coordinator.collector import Collector, JobAborted
 from meshctl.runtime.coordinator.members import Members, Peer
 from meshctl.runtime.coordinator.training import Training
+from meshctl.runtime.kernels import client_dp, compress
 from meshctl.runtime.keys import KeyPair
 from meshctl.runtime.liveness import heartbeat_timeout
 from meshctl.runtime.run import EVENTS_FILE, RunManifest, last_line, stop_reason
@@ -388,6 +389,8 @@ class Coordinator:
                 self._fail(domain, msg.reason)
         elif isinstance(msg, (wire.TrainRes, wire.EvalRes)):
             self.collector.receive(domain, msg, tensors, wire.frames_size(body))
+        elif isinstance(msg, (wire.SecaggShares, wire.SecaggUnmaskRes)):
+            self.collector.receive_secagg(domain, msg)
         elif not self._handle_other(domain, msg, tensors):
             self.sink.emit(ev.MessageRejected(sender=domain, reason=f"unexpected {msg.type} message"))
 
@@ -402,7 +405,13 @@ class Coordinator:
         for job in self.plan.jobs:
             sizes = [math.prod(t.shape) * wire.DTYPES[t.dtype].itemsize for t in job.tensors]
             if job.privacy.secure_aggregation:
-                sizes = [job.shared_parameters * 8]  # the masked update: one int64 word per shared parameter
+                # the masked update: one int64 word per shared parameter (and adaptive client DP's bit)
+                sizes = [(job.shared_parameters + client_dp.extra_words(job)) * 8]
+            elif job.aggregation.strategy == "scaffold":
+                sizes += sizes  # SCAFFOLD: each tensor's control variate change follows the update
+            elif job.compression is not None:  # its frames follow from the plan (top-k over k = 0.5 is larger)
+                sizes = [math.prod(shape) * wire.DTYPES[dtype].itemsize for _, shape, dtype in compress.layout(
+                    job.compression.kind, job.compression.k, [(t.name, t.shape) for t in job.tensors])]
             frame = max(frame, min(wire.CHUNK_BYTES, max(sizes, default=0)))
             total = max(total, sum(sizes))
         return frame, total

@@ -25,6 +25,7 @@ from meshctl.runtime.kernels import fedavg
 from meshctl.runtime.kernels.robust import (
     ServerMomentum,
     ServerOptimizer,
+    bucket_means,
     bulyan,
     centered_clip,
     coordinate_median,
@@ -32,6 +33,7 @@ from meshctl.runtime.kernels.robust import (
     multi_krum,
     trimmed_mean,
 )
+from meshctl.runtime.kernels.scaffold import server_step
 
 Weights = Sequence[torch.Tensor]
 Updates = Sequence[Sequence[torch.Tensor]]
@@ -47,6 +49,8 @@ class Strategy(ABC):
     """The plan's `aggregation.strategy`; a subclass that declares it is registered."""
     needs_every_update: ClassVar[bool] = False
     """A robust rule looks at each update, so it cannot run on secure aggregation's mean."""
+    controls: ClassVar[bool] = False
+    """SCAFFOLD: the rule takes each domain's control variate change with its update."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -145,39 +149,32 @@ class FedAvgM(_ServerStep):
 # Robust rules: each looks at every single update.
 
 class _Robust(Strategy):
+    """A robust rule; with `bucketing: s` (s > 1) it runs over bucket means (kernels/robust.py
+    `bucket_means`): round r's buckets are a `random.Random(f"bucketing:{r}")` partition of the
+    updates in domain-name order, r counting this job's aggregations from 1."""
+
     needs_every_update = True
 
+    def __init__(self, agg: PlanAggregation):
+        super().__init__(agg)
+        self.round = 0
+        """Aggregations made so far (seeds the buckets)."""
 
-class Median(_Robust):
-    """The coordinate-wise median."""
-
-    name = "median"
-
-    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
-             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
-        return coordinate_median(updates), ""
-
-
-class TrimmedMean(_Robust):
-    """The coordinate-wise mean without the `trim` share from each end."""
-
-    name = "trimmed_mean"
-
-    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
-             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
-        trim = self.settings["trim"]
-        return trimmed_mean(updates, trim), f"trimmed {int(trim * len(updates))} from each end per coordinate"
-
-
-class Krum(_Robust):
-    """The update closest to its neighbours."""
-
-    name = "krum"
-
-    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
-             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
-        chosen, i = krum(updates, self.settings["byzantine"])
-        return chosen, f"krum chose {domains[i]}'s update"
+    def aggregate(self, weights: Weights, domains: Sequence[str], updates: Updates,
+                  examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        self.round += 1
+        size = int(self.settings.get("bucketing") or 1)
+        if size <= 1:
+            return super().aggregate(weights, domains, updates, examples)
+        if len(updates) < self.agg.min_updates():
+            raise ValueError(f"{self.name} over buckets of {size} needs at least {self.agg.min_inputs()} buckets "
+                             f"({self.agg.min_updates()} updates) per round, got {len(updates)} updates")
+        order = sorted(range(len(domains)), key=domains.__getitem__)
+        means, counts, parts = bucket_means([updates[i] for i in order], [examples[i] for i in order],
+                                            size, f"bucketing:{self.round}")
+        names = ["+".join(domains[order[i]] for i in b) for b in parts]
+        new, note = self.rule(weights, names, means, [int(c) for c in counts])
+        return new, f"{len(parts)} buckets of {size}" + (f"; {note}" if note else "")
 
 
 class _RobustWithMomentum(_Robust):
@@ -194,6 +191,38 @@ class _RobustWithMomentum(_Robust):
         if self.momentum is not None:
             new = self.momentum.step(weights, new)
         return new, note
+
+
+class Median(_RobustWithMomentum):
+    """The coordinate-wise median."""
+
+    name = "median"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        return coordinate_median(updates), ""
+
+
+class TrimmedMean(_RobustWithMomentum):
+    """The coordinate-wise mean without the `trim` share from each end."""
+
+    name = "trimmed_mean"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        trim = self.settings["trim"]
+        return trimmed_mean(updates, trim), f"trimmed {int(trim * len(updates))} from each end per coordinate"
+
+
+class Krum(_RobustWithMomentum):
+    """The update closest to its neighbours."""
+
+    name = "krum"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        chosen, i = krum(updates, self.settings["byzantine"])
+        return chosen, f"krum chose {domains[i]}'s update"
 
 
 class MultiKrum(_RobustWithMomentum):
@@ -242,3 +271,51 @@ class CenteredClip(_RobustWithMomentum):
                                          int(self.settings["iterations"]))
         self.last_step = [n.to(torch.float64) - w.to(torch.float64) for n, w in zip(new, weights)]
         return new, f"centered_clip radius {radius:.4g}: {far} of {len(updates)} updates clipped at first"
+
+
+# SCAFFOLD: the server keeps a control variate c beside the weights; each domain keeps its own.
+
+class Scaffold(Strategy):
+    """Control variates against client drift (Karimireddy et al. 2020, option II; kernels/scaffold.py).
+
+    `control` is the server's c, sent with the weights; `aggregate_controlled` takes the round's
+    updates with each domain's delta c_i. Plain `aggregate` and `from_mean` (no deltas) step the
+    weights alone and leave c as it is.
+    """
+
+    name = "scaffold"
+    controls: ClassVar[bool] = True
+
+    def __init__(self, agg: PlanAggregation):
+        super().__init__(agg)
+        self.control: list[torch.Tensor] | None = None
+        """The server control variate c, one tensor per weight tensor; None until set (zero)."""
+
+    def controls_for(self, weights: Weights) -> list[torch.Tensor]:
+        """c, zero (in the weights' shapes) before the first round."""
+        if self.control is None:
+            self.control = [torch.zeros_like(w) for w in weights]
+        return self.control
+
+    def aggregate_controlled(self, weights: Weights, domains: Sequence[str], updates: Updates,
+                             deltas: Updates, examples: Sequence[int], population: int) -> tuple[list[torch.Tensor], str]:
+        """(new weights, note) from the updates y_i and their delta c_i; c moves by |S|/N of their mean."""
+        if len(updates) < self.agg.min_updates():
+            raise ValueError(f"scaffold needs at least {self.agg.min_updates()} updates per round, got {len(updates)}")
+        new, self.control = server_step(weights, self.controls_for(weights), updates, deltas, examples,
+                                        float(self.settings["server_lr"]), population)
+        return new, f"scaffold: c moved by {len(updates)}/{max(population, len(updates))} of the mean control change"
+
+    def rule(self, weights: Weights, domains: Sequence[str], updates: Updates,
+             examples: Sequence[int]) -> tuple[list[torch.Tensor], str]:
+        c = self.controls_for(weights)
+        zero = [[torch.zeros_like(t) for t in c] for _ in updates]
+        new, _ = server_step(weights, c, updates, zero, examples, float(self.settings["server_lr"]), len(updates))
+        return new, ""
+
+    def from_mean(self, weights: Weights, mean: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The weights' step alone, c unchanged (the compiler refuses scaffold with secure aggregation,
+        MESH549, so no control variate change ever arrives masked)."""
+        lr = float(self.settings["server_lr"])
+        return [(w.to(torch.float64) + lr * (m.to(torch.float64) - w.to(torch.float64))).to(w.dtype)
+                for w, m in zip(weights, mean)]

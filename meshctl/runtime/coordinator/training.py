@@ -1,7 +1,8 @@
 """The training room: the round template of one job (Flower's `Strategy.start` is the model).
 
 Per round: send TrainIns to every participant (weights attached only to daemons that lack
-the current version) -> collect TrainRes -> aggregate (the job's `Strategy`, or the secure
+the current version) -> collect TrainRes -> round policies (`effect: exclude` ones drop single
+updates, and may suspend a domain from the job) -> aggregate (the job's `Strategy`, or the secure
 sum) -> send EvalIns with the new weights and, right behind it, the next round's TrainIns ->
 collect EvalRes -> RoundCompleted, metrics row, checkpoint in the background. Each round
 boundary re-admits the domains back from a loss (meshctl.runtime.coordinator.members);
@@ -17,7 +18,9 @@ setup restarts with the current keys, and every reply of the aborted attempt is 
 
 from __future__ import annotations
 
+import base64
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +33,13 @@ from meshctl.compiler.plan import Plan, PlanJob
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.coordinator import outputs
-from meshctl.runtime.coordinator.collector import Collector, JobAborted, RoundInterrupted
+from meshctl.runtime.coordinator.collector import CONTROL, Collector, JobAborted, RoundInterrupted
 from meshctl.runtime.coordinator.crosssite import Evaluations
 from meshctl.runtime.coordinator.members import Members, Peer, Sink
-from meshctl.runtime.coordinator.strategy import Strategy, make_strategy
+from meshctl.runtime.coordinator.strategy import Scaffold, Strategy, make_strategy
 from meshctl.runtime.data import pooled_mean_std
 from meshctl.runtime.features import agree_vocabulary, categorical, input_width, job_features
-from meshctl.runtime.governance import RoundGate, RoundUpdate
+from meshctl.runtime.governance import RoundGate, RoundUpdate, update_cosines
 from meshctl.runtime.kernels.models import build_model
 
 REJOIN_HEARTBEATS = 3
@@ -70,6 +73,28 @@ def pooled_metrics(job: PlanJob, evals: dict[str, wire.EvalRes]) -> tuple[dict[s
     return defined(pooled), {d: defined(v) for d, v in domains.items()}
 
 
+def sample_round(job: PlanJob, active: list[str], rnd: int) -> list[str]:
+    """Client sampling: round `rnd`'s sample of the `active` participants (in their order), drawn by
+    `random.Random(f"{seed}:{rnd}")` from their sorted names, so the same seed and round and the same
+    active domains give the same sample in any process; every one of them when fewer than `per_round`
+    are active, or without sampling."""
+    s = job.sampling
+    if s is None or len(active) <= s.per_round:
+        return list(active)
+    chosen = set(random.Random(f"{s.seed}:{rnd}").sample(sorted(active), s.per_round))
+    return [d for d in active if d in chosen]
+
+
+def _split_controls(results: dict[str, tuple[Any, wire.Tensors]]) -> tuple[
+        dict[str, tuple[Any, wire.Tensors]], dict[str, wire.Tensors]]:
+    """(results with the weights alone, each domain's SCAFFOLD control variate changes by tensor name)."""
+    if not any(k.startswith(CONTROL) for _, t in results.values() for k in t):
+        return results, {}
+    plain = {d: (m, {k: v for k, v in t.items() if not k.startswith(CONTROL)}) for d, (m, t) in results.items()}
+    return plain, {d: {k.removeprefix(CONTROL): v for k, v in t.items() if k.startswith(CONTROL)}
+                   for d, (_, t) in results.items()}
+
+
 def rejoin_grace(job: PlanJob, heartbeat_timeout: float) -> float:
     """How long a round waits for lost participants to say Hello again before the job fails."""
     return max(job.round_timeout_s, REJOIN_HEARTBEATS * heartbeat_timeout)
@@ -90,7 +115,19 @@ class Training:
         self.attempts: dict[int, int] = {}
         """Round -> how many times it was started (1 unless it was re-run after a loss)."""
         self.asked: dict[int, set[bytes]] = {}
+        self.strategy: Strategy | None = None
         """Round -> the connections its TrainIns went to."""
+        self.round_keys: dict[int, dict[str, str]] = {}
+        """Secure aggregation: round -> the participants' public keys its TrainIns carried."""
+        self.revealed: set[str] = set()
+        """Secure aggregation: public keys whose mask key was rebuilt (their domain takes no further part
+        with them: the peers would refuse to reveal their seeds)."""
+        self.client_clip: float | None = None
+        """Client-level DP: the clip norm the next TrainIns carries (adaptive clipping moves it)."""
+        self.client_noise: Any = None
+        """Client-level DP: the job's `client_dp.Noise`."""
+        self.client_gen: torch.Generator | None = None
+        """Client-level DP: the coordinator's noise source (seeded from the operating system)."""
 
     def _initial_model(self, job: PlanJob) -> torch.nn.Module:
         """The job's model as seeded by the plan; its entrypoint code must hash as the plan pins it."""
@@ -122,29 +159,46 @@ class Training:
         domain_metrics: dict[str, dict[str, float]] = {}
         domain_examples: dict[str, int] = {}
         covered: set[str] = set()
-        strategy = make_strategy(job.aggregation)
+        strategy = self.strategy = make_strategy(job.aggregation)
+        self._client_dp_start(job)
         evaluations, results = Evaluations(self, pooled_metrics), {}  # (results: the last round's updates, for cross-site)
         norm = {**self._standardization(job, participants), **self._vocabulary(job, participants)}
         first = version + 1
         round_start = {first: time.time()}
-        self.sink.emit(ev.RoundStarted(job=job.name, round=first, participants=participants))
-        self._send_train(job, participants, first, version, weights, norm)
+        sample, population = self._sample(participants, first), len(participants)
+        self._send_train(job, sample, first, version, weights, norm)
         for r in range(first, job.training.rounds + 1):
             self.collector.round = r
             while True:
                 try:
-                    results = self.collector.collect(job, "train_res", r, participants)
+                    results = self.collector.collect(job, "train_res", r, sample)
                     break
                 except RoundInterrupted as err:
-                    participants = self._rerun(r, "train", participants, err, version, weights, norm)
+                    if job.sampling is None:
+                        participants = sample = self._rerun(r, "train", participants, err, version, weights, norm)
+                        continue
+                    back = self._readmit(r, "train", sample, err)  # those back and not sampled sit it out
+                    participants = self.members.active([d for d in job.participants
+                                                        if d in back or d in participants])
+                    sample = [d for d in participants if d in sample]
+                    self._resend_train(r, sample, version, weights, norm)
             self.collector.bases.pop(r, None)
-            asked = list(participants)
+            asked = list(sample)
+            results, deltas = _split_controls(results)
+            results = self._gate_round(job, r, results, weights)  # (less the updates a policy excludes)
             contributors = list(results)
-            self._gate_round(job, r, results)
             total = sum(msg.examples for msg, _ in results.values())
             try:
-                if job.privacy.secure_aggregation:
+                if job.privacy.client_dp is not None:
+                    new, note = self._client_dp_round(job, r, asked, results, strategy, weights)
+                elif job.privacy.secure_aggregation:
                     new, note = self._secure_sum(job, r, asked, results, strategy, weights), ""
+                elif isinstance(strategy, Scaffold):
+                    new, note = strategy.aggregate_controlled(
+                        [weights[t.name] for t in job.tensors], contributors,
+                        [[results[d][1][t.name] for t in job.tensors] for d in contributors],
+                        [[deltas[d][t.name] for t in job.tensors] for d in contributors],
+                        [results[d][0].examples for d in contributors], population)
                 else:
                     new, note = strategy.aggregate(
                         [weights[t.name] for t in job.tensors], contributors,
@@ -154,6 +208,9 @@ class Training:
                 raise JobAborted(f"job {job.name} round {r}: {err}") from None
             weights = {t.name: w for t, w in zip(job.tensors, new)}
             version = r
+            if self.revealed:  # a domain whose mask key was rebuilt takes part again only with a new key
+                participants = [d for d in participants
+                                if getattr(self.members.peers.get(d), "secagg", {}).get(job.name) not in self.revealed]
             covered.update(contributors)
             train_loss = sum(m.loss * m.examples for m, _ in results.values()) / max(total, 1)
             participants = self.members.active(participants)
@@ -163,8 +220,8 @@ class Training:
             if r < job.training.rounds:
                 participants = self._boundary(participants, r + 1)
                 round_start[r + 1] = time.time()
-                self.sink.emit(ev.RoundStarted(job=job.name, round=r + 1, participants=participants))
-                self._send_train(job, participants, r + 1, r, weights, norm)
+                sample, population = self._sample(participants, r + 1), len(participants)
+                self._send_train(job, sample, r + 1, r, weights, norm)
             need = job.quorum
             while True:
                 try:
@@ -179,15 +236,22 @@ class Training:
                     if r < job.training.rounds:  # round r+1's TrainIns went out early, on the old connection
                         participants = self.members.active(
                             [d for d in job.participants if d in back or d in participants])
-                        self._resend_train(r + 1, participants, r, weights, norm)
+                        if job.sampling is None:
+                            sample = participants
+                        else:  # a sampled domain back takes its place again; one not sampled sits it out
+                            sample = [d for d in participants if d in sample]
+                        if job.privacy.secure_aggregation:  # a new attempt: fresh seeds, shares and masks
+                            self.attempts[r + 1] = self.attempts.get(r + 1, 1) + 1
+                        self._resend_train(r + 1, sample, r, weights, norm)
             n = sum(m.examples for m, _ in evals.values())
             metrics, domain_metrics = pooled_metrics(job, {d: m for d, (m, _) in evals.items()})
             domain_examples = {d: m.examples for d, (m, _) in evals.items()}
             held_out = evaluations.collect(r)
-            self.sink.emit(ev.RoundCompleted(
+            self.sink.emit(done := ev.RoundCompleted(
                 job=job.name, round=r, rounds=job.training.rounds, participants=contributors,
                 train_loss=train_loss, metrics=metrics, bytes_in=self.collector.bytes_in.pop((job.name, r), 0),
                 bytes_out=self.bytes_out.pop((job.name, r), 0), seconds=time.time() - round_start.pop(r),
+                update_bytes=self.collector.update_bytes.pop((job.name, r), 0),
                 aggregation=note, epsilon=max((v for (j, _), v in self.collector.job_epsilon.items() if j == job.name),
                                               default=None), domain_metrics=domain_metrics,
                 domain_examples=domain_examples))
@@ -195,7 +259,8 @@ class Training:
                 outputs.append_metrics(self.run_dir, job, r, len(contributors), train_loss, metrics,
                                        evaluated=len(evals), eval_examples=n, domain_metrics=domain_metrics,
                                        domain_examples=domain_examples, held_out=held_out,
-                                       product_columns=any(j.evaluation.product for j in self.plan.jobs))
+                                       product_columns=any(j.evaluation.product for j in self.plan.jobs),
+                                       wire_bytes=(done.bytes_in, done.bytes_out, done.update_bytes))
             except OSError as err:  # a full disk, say: the run fails with the reason
                 raise JobAborted(f"job {job.name} round {r}: cannot write {self.run_dir / 'metrics.csv'}: "
                                  f"{err.strerror or err}") from None
@@ -217,6 +282,14 @@ class Training:
             left_out={d: left.get(d, f"domain {d} sent no update that was aggregated").removeprefix(f"domain {d} ")
                       for d in job.participants if d not in covered},
             domain_metrics=domain_metrics, domain_examples=domain_examples))
+
+    def _sample(self, participants: list[str], rnd: int) -> list[str]:
+        """Round `rnd`'s trainers (a RoundStarted event): the seeded sample of the active participants
+        under client sampling, else all of them."""
+        sample = sample_round(self.job, participants, rnd)
+        self.sink.emit(ev.RoundStarted(job=self.job.name, round=rnd, participants=sample,
+                                       idle=[d for d in participants if d not in sample]))
+        return sample
 
     def _personalized(self, job: PlanJob, evals: dict[str, tuple[Any, wire.Tensors]]) -> None:
         """The final round of a personalised job: each domain's metrics before (its EvalRes's sums) and after
@@ -293,6 +366,8 @@ class Training:
         and, like any that lacks them, the current weights."""
         everyone = participants if everyone is None else everyone
         keys = self._peer_keys(job, everyone)
+        if keys:
+            self.round_keys[rnd] = keys
         self.collector.bases[rnd] = weights  # the update norms of round rnd are taken from these
         for d in participants:
             peer = self.members.peers.get(d)
@@ -300,7 +375,7 @@ class Training:
                 continue
             first = {} if job.name in peer.versions else norm
             msg = wire.TrainIns(job=job.name, round=rnd, version=version, participants=everyone,
-                                peer_keys=keys, attempt=self.attempts.get(rnd, 1), **first)
+                                peer_keys=keys, attempt=self.attempts.get(rnd, 1), clip=self.client_clip, **first)
             self.asked.setdefault(rnd, set()).add(peer.identity)
             self._send_to(job, peer, msg, weights, rnd)
 
@@ -339,12 +414,17 @@ class Training:
             vocab[f.name] = agree_vocabulary(counts, f.min_count or 1, f.width, f.vocabulary or ())
         return {"vocab": vocab}
 
-    def _gate_round(self, job: PlanJob, rnd: int, results: dict[str, tuple[Any, wire.Tensors]]) -> None:
-        """Evaluate the job's `scope: round` policies on this round's updates before aggregating them."""
+    def _gate_round(self, job: PlanJob, rnd: int, results: dict[str, tuple[Any, wire.Tensors]],
+                    weights: wire.Tensors) -> dict[str, tuple[Any, wire.Tensors]]:
+        """Evaluate the job's `scope: round` policies on this round's updates before aggregating them: the
+        `effect: exclude` ones on each update (UpdateExcluded; DomainSuspended at a policy's suspend_after),
+        then the others on the updates left; the updates left. JobAborted below the quorum."""
         if self.gate is None:
-            return
+            return results
         updates = [RoundUpdate(d, m.examples, m.loss, self.collector.norms.pop((rnd, d), 0.0)) for d, (m, _) in results.items()]
         spent = max((v for (j, _), v in self.collector.job_epsilon.items() if j == job.name), default=0.0)
+        if self.gate.excluders:
+            results, updates = self._exclude(job, rnd, results, updates, weights, spent)
         for d in self.gate.evaluate(rnd, list(results), updates, epsilon_spent=spent):
             if d.effect == "allow":
                 continue
@@ -353,6 +433,42 @@ class Training:
             if d.effect == "deny":
                 raise JobAborted(f"job {job.name} round {rnd}: policy {d.policy} denies aggregating the round: "
                                  f"{d.reason}")
+        return results
+
+    def _exclude(self, job: PlanJob, rnd: int, results: dict[str, tuple[Any, wire.Tensors]],
+                 updates: list[RoundUpdate], weights: wire.Tensors,
+                 spent: float) -> tuple[dict[str, tuple[Any, wire.Tensors]], list[RoundUpdate]]:
+        """Round `rnd`'s updates less those an `effect: exclude` policy excludes; a domain that reaches a
+        policy's `suspend_after` leaves the job (members.dropped). JobAborted when fewer updates than the
+        quorum are left."""
+        assert self.gate is not None
+        if self.gate.reads_cosine:
+            names = [t.name for t in job.tensors]
+            cosines = update_cosines([weights[n] for n in names], {d: [t[n] for n in names] for d, (_, t) in results.items()})
+            updates = [RoundUpdate(u.domain, u.examples, u.loss, u.update_norm, cosines.get(u.domain, 0.0)) for u in updates]
+        norms = {u.domain: u.update_norm for u in updates}
+        out: list[str] = []
+        for domain, d, suspend in self.gate.exclusions(rnd, list(results), updates, epsilon_spent=spent):
+            if d.effect != "exclude":  # the policy failed to evaluate: governance fails closed
+                self.sink.emit(ev.PolicyDecided(policy=d.policy, scope=d.scope, subject=d.subject, effect=d.effect,
+                                                reason=d.reason, at=d.at, stage=d.stage, domain=d.domain))
+                raise JobAborted(f"job {job.name} round {rnd}: policy {d.policy} on the update of {domain}: {d.reason}")
+            out.append(domain)
+            count = self.gate.counts[(d.policy, domain)]
+            self.sink.emit(ev.UpdateExcluded(job=job.name, round=rnd, domain=domain, policy=d.policy, reason=d.reason,
+                                             at=d.at, update_norm=norms.get(domain, 0.0), exclusions=count))
+            if suspend is not None:
+                why = f"was suspended by policy {d.policy} after {count} excluded update(s)"
+                self.members.dropped[domain] = why
+                self.sink.emit(ev.DomainSuspended(job=job.name, round=rnd, domain=domain, policy=d.policy,
+                                                  exclusions=count, reason=d.reason))
+        if not out:
+            return results, updates
+        kept = {d: v for d, v in results.items() if d not in out}
+        if len(kept) < job.quorum:
+            raise JobAborted(f"job {job.name} round {rnd}: {len(kept)} update(s) left after excluding "
+                             f"{', '.join(out)} by policy, below the quorum of {job.quorum}")
+        return kept, [u for u in updates if u.domain not in out]
 
     def _peer_keys(self, job: PlanJob, participants: list[str]) -> dict[str, str]:
         """Secure aggregation: the participants' public keys for `job` (empty without it)."""
@@ -363,19 +479,111 @@ class Training:
             raise JobAborted(f"job {job.name}: domain {missing[0]} sent no secure aggregation key")
         return {d: self.members.peers[d].secagg[job.name] for d in participants}
 
+    def _client_dp_start(self, job: PlanJob) -> None:
+        """Client-level DP: the noise that spends the job's ε over its rounds, and the first clip norm."""
+        from meshctl.runtime.kernels import client_dp
+
+        cdp = job.privacy.client_dp
+        if cdp is None:
+            return
+        try:
+            self.client_noise = client_dp.job_noise(job)
+        except ValueError as err:
+            raise JobAborted(f"job {job.name}: client-level DP: {err}") from None
+        self.client_clip, self.client_gen = cdp.clip, client_dp.generator()
+
+    def _client_dp_round(self, job: PlanJob, rnd: int, asked: list[str], results: dict[str, Any],
+                         strategy: Strategy, weights: wire.Tensors) -> tuple[list[torch.Tensor], str]:
+        """Client-level DP (meshctl.runtime.kernels.client_dp): the sum of the clipped updates (from masked
+        words under secure aggregation), noised, over the expected count; the strategy's server step from
+        that mean; adaptive clipping's next clip norm. (new weights, a note)."""
+        from meshctl.runtime.kernels import client_dp, secagg
+
+        cdp, noise, bound = job.privacy.client_dp, self.client_noise, self.client_clip
+        assert cdp is not None and bound is not None
+        base = [weights[t.name] for t in job.tensors]
+        adaptive = cdp.adaptive is not None
+        if job.privacy.secure_aggregation:  # (survivors of dropouts: the coordinator adds their noise shares)
+            words, survivors = self._unmasked_sum(job, rnd, asked, results)
+            parts = secagg.decode(words, [t.shape for t in job.tensors] + ([[1]] if adaptive else []), 1.0)
+            total, bits = parts[:len(job.tensors)], float(parts[-1]) if adaptive else 0.0
+            shares = len(survivors) if cdp.noise == "domain" else 0
+        else:
+            contributors = list(results)
+            total = [sum((results[d][1][t.name].double() - b.double() for d in contributors),
+                         torch.zeros(b.shape, dtype=torch.float64)) for t, b in zip(job.tensors, base)]
+            if adaptive and any(results[d][0].clip_bit is None for d in contributors):
+                raise ValueError("client-level DP: an update came without its adaptive clipping bit")
+            bits, shares = sum(results[d][0].clip_bit or 0.0 for d in contributors), 0
+        mean, unclipped, std = client_dp.noised_mean(total, bits, bound, noise,
+                                                     noised_shares=shares, gen=self.client_gen)
+        new = strategy.from_mean(base, [(b.double() + m).to(b.dtype) for b, m in zip(base, mean)])
+        note = f"client DP: clip {bound:.4g}, noise std {std:.4g} on the sum of {len(results)}"
+        if adaptive:
+            self.client_clip = client_dp.next_clip(bound, unclipped, cdp.adaptive.target_quantile, cdp.adaptive.lr)
+            note += f"; unclipped share {unclipped:.2f}, next clip {self.client_clip:.4g}"
+        return new, note
+
     def _secure_sum(self, job: PlanJob, rnd: int, asked: list[str], results: dict[str, Any],
                     strategy: Strategy, weights: wire.Tensors) -> list[torch.Tensor]:
-        """The example-weighted mean from masked updates: their sum unmasks only when all are there."""
+        """The example-weighted mean from the survivors' masked updates (`_unmasked_sum`)."""
         from meshctl.runtime.kernels import secagg
 
-        missing = [d for d in asked if d not in results]
-        if missing:
-            raise ValueError(f"secure aggregation: {missing[0]} sent no update, and its pairwise masks "
-                             "cannot be removed without it")
-        total = secagg.add([results[d][1]["masked"].numpy().view(np.uint64) for d in asked])
-        examples = sum(results[d][0].examples for d in asked)
-        mean = secagg.decode(total, [t.shape for t in job.tensors], float(examples))
+        total, survivors = self._unmasked_sum(job, rnd, asked, results)
+        examples = sum(results[d][0].examples for d in survivors)
+        mean = secagg.decode(total, [tensor.shape for tensor in job.tensors], float(examples))
         return strategy.from_mean([weights[t.name] for t in job.tensors], mean)
+
+    def _unmasked_sum(self, job: PlanJob, rnd: int, asked: list[str],
+                      results: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+        """(the sum of the survivors' masked updates, unmasked; the survivors): an unmasking round asks each
+        survivor for its shares of the survivors' self-mask seeds and of the dropped domains' mask keys,
+        and at least `threshold` answers rebuild them (kernels.secagg)."""
+        from meshctl.runtime.kernels import secagg, shamir
+
+        survivors = [d for d in asked if d in results]
+        dropped = [d for d in asked if d not in results]
+        attempt = self.attempts.get(rnd, 1)
+        t = secagg.threshold(len(asked), job.privacy.secagg_threshold)
+        if len(survivors) < t:
+            raise ValueError(f"secure aggregation: {len(survivors)} masked updates are below the threshold {t} "
+                             f"(none from {', '.join(dropped)})")
+        unshared = [d for d in asked if (rnd, attempt, d) not in self.collector.shares]
+        if unshared:
+            raise ValueError(f"secure aggregation: {unshared[0]} dropped out before it shared its masks, "
+                             "so they cannot be removed without it")
+        sealed = {d: self.collector.shares[(rnd, attempt, d)].shares for d in asked}
+        for d in survivors:
+            peer = self.members.peers.get(d)
+            if peer is not None:
+                self.members.send(peer, wire.SecaggUnmaskIns(
+                    job=job.name, round=rnd, attempt=attempt, survivors=survivors, dropped=dropped,
+                    shares={u: sealed[u][d] for u in asked if u != d}))
+        try:
+            answers = self.collector.collect(job, "secagg_unmask_res", rnd, survivors, need=t)
+        except JobAborted as err:  # survivors lost while unmasking: fewer than t can answer
+            raise ValueError(f"secure aggregation: the unmasking needs {t} of the {len(survivors)} survivors: "
+                             f"{str(err).split(': ', 1)[-1]}") from None
+        order = sorted(asked)
+        points: dict[str, list[tuple[int, int]]] = {u: [] for u in asked}
+        for v, (res, _) in answers.items():
+            if res.index != order.index(v) + 1 or set(res.seeds) != set(survivors) or set(res.keys) != set(dropped):
+                raise ValueError(f"secure aggregation: {v} answered the unmasking with shares of other domains")
+            for u, value in [*res.seeds.items(), *res.keys.items()]:
+                points[u].append((res.index, int.from_bytes(base64.b64decode(value), "big")))
+        seeds = {u: shamir.reconstruct(points[u], t) for u in survivors}
+        keys = {d: shamir.reconstruct(points[d], t) for d in dropped}
+        public = {d: base64.b64decode(k) for d, k in self.round_keys[rnd].items()}
+        total = secagg.add([results[d][1]["masked"].numpy().view(np.uint64) for d in survivors])
+        total = secagg.unmask(total, survivors, seeds, keys, public, secagg.context(self.members.run, job.name,
+                                                                                  attempt), rnd)
+        for key in [k for k in self.collector.shares if k[0] <= rnd]:
+            del self.collector.shares[key]
+        if dropped:
+            self.revealed.update(self.round_keys[rnd][d] for d in dropped)
+            self.sink.emit(ev.DropoutsRecovered(job=job.name, round=rnd, dropped=dropped,
+                                                survivors=len(survivors), threshold=t))
+        return total, survivors
 
     def _broadcast(self, job: PlanJob, participants: list[str], msg: Any, weights: wire.Tensors, rnd: int) -> None:
         for d in participants:
@@ -386,6 +594,10 @@ class Training:
     def _send_to(self, job: PlanJob, peer: Peer, msg: Any, weights: wire.Tensors, rnd: int) -> None:
         """Send an instruction, with the weights when it is an evaluation or the daemon lacks its version."""
         attach = isinstance(msg, wire.EvalIns) or peer.versions.get(job.name) != msg.version
+        if attach and isinstance(self.strategy, Scaffold) and not job.privacy.secure_aggregation and (
+                isinstance(msg, wire.TrainIns) or (msg.on == "holdout" and not msg.model)):
+            c = self.strategy.controls_for([weights[t.name] for t in job.tensors])  # the server's c beside x
+            weights = {**weights, **{CONTROL + t.name: v for t, v in zip(job.tensors, c)}}
         sent = self.members.send(peer, msg, weights if attach else None)
         if attach:
             peer.versions[job.name] = msg.version

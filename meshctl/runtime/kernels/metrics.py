@@ -51,8 +51,10 @@ def n_classes(task: str, classes: int | Sequence[object] | None) -> int:
     return classes if isinstance(classes, int) else len(classes)
 
 
-def stat_lengths(task: str, classes: int | Sequence[object] | None, *, with_loss: bool = True) -> dict[str, int]:
-    """The keys `eval_stats` gives for this task, and each value's length (the wire validates against this)."""
+def stat_lengths(task: str, classes: int | Sequence[object] | None, *, with_loss: bool = True,
+                 auroc: bool = True) -> dict[str, int]:
+    """The keys `eval_stats` gives for this task, and each value's length (the wire validates against this);
+    the score histograms only with `auroc` (they are k x BINS numbers: sent only when auroc is declared)."""
     out = {"n": 1}
     if with_loss:
         out["loss"] = 1
@@ -60,7 +62,9 @@ def stat_lengths(task: str, classes: int | Sequence[object] | None, *, with_loss
         out["moments"] = _MOMENTS
     else:
         k = n_classes(task, classes)
-        out.update(confusion=k * k, score_hist=k * BINS, pos_hist=k * BINS)
+        out.update(confusion=k * k)
+        if auroc:
+            out.update(score_hist=k * BINS, pos_hist=k * BINS)
     return out
 
 
@@ -95,8 +99,10 @@ def eval_stats(
     classes: int | Sequence[object] | None,
     loss: str | None = None,
     huber_delta: float = 1.0,
+    auroc: bool = True,
 ) -> dict[str, list[float]]:
-    """Sums over one domain's holdout that `finish` turns into metric values.
+    """Sums over one domain's holdout that `finish` turns into metric values (the score histograms
+    that auroc needs only with `auroc`).
 
     `output` is the model's raw output ([n, k] logits for classification, [n, 1]
     or [n] logit for binary, prediction for regression); `y` the targets (int64
@@ -122,6 +128,8 @@ def eval_stats(
         guess = pred.argmax(1)
     truth = y.to(torch.int64)
     out["confusion"] = torch.bincount(truth * k + guess, minlength=k * k).to(torch.float64).tolist()
+    if not auroc:
+        return out
     b = score_bin(logp)
     cls = torch.arange(k).expand(n, k)
     out["score_hist"] = torch.bincount((cls * BINS + b).reshape(-1), minlength=k * BINS).to(torch.float64).tolist()

@@ -17,6 +17,9 @@ daemons send them), and returns new float32 tensors; arithmetic is in float64.
 - `centered_clip`: from a centre `v` (the caller's: the weights plus the last global
   step), `L` times
   `v = v + sum_i p_i clip(x_i - v, radius)` (Karimireddy, He and Jaggi 2021).
+- `bucket_means`: bucketing (Karimireddy, He and Jaggi 2022): a seeded random
+  partition of the updates into buckets of `s`, each replaced by its example-weighted
+  mean, so that a robust rule sees `ceil(n / s)` less heterogeneous inputs.
 - `ServerOptimizer`: FedAdam / FedYogi (Reddi et al. 2021): the mean update minus
   the global weights is a pseudo-gradient that an Adam or Yogi step applies.
 - `ServerMomentum`: FedAvgM (Hsu et al. 2019): `v = beta v + delta`, `w = w + lr v`.
@@ -24,6 +27,7 @@ daemons send them), and returns new float32 tensors; arithmetic is in float64.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -176,6 +180,32 @@ def centered_clip(updates: Sequence[Sequence[torch.Tensor]], examples: Sequence[
         out.append(v[at:at + t.numel()].reshape(t.shape).to(t.dtype))
         at += t.numel()
     return out, radius, far
+
+
+def buckets(n: int, size: int, seed: int | str) -> list[list[int]]:
+    """A seeded random partition of `range(n)` into `ceil(n / size)` buckets of `size`
+    (the last one holds the rest): `random.Random(seed)` shuffles, consecutive runs are buckets."""
+    if size < 1:
+        raise ValueError(f"bucketing needs buckets of at least 1 update, not {size}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def bucket_means(updates: Sequence[Sequence[torch.Tensor]], examples: Sequence[float], size: int,
+                 seed: int | str) -> tuple[list[list[torch.Tensor]], list[float], list[list[int]]]:
+    """Bucketing (Karimireddy, He and Jaggi 2022, Algorithm 1): (bucket means, bucket examples,
+    buckets). Each bucket (see `buckets`) becomes the example-weighted mean of its updates (the
+    plain mean if their examples sum to 0) and counts the sum of their examples; a robust rule
+    then runs over the bucket means."""
+    _check(updates)
+    if len(examples) != len(updates):
+        raise ValueError(f"bucketing: {len(updates)} updates but {len(examples)} example counts")
+    parts = buckets(len(updates), size, seed)
+    # a bucket whose examples sum to zero takes the plain mean of its updates
+    means = [_weighted_mean([updates[i] for i in b], [examples[i] for i in b]
+                            if sum(examples[i] for i in b) > 0 else [1.0] * len(b)) for b in parts]
+    return means, [float(sum(examples[i] for i in b)) for b in parts], parts
 
 
 class ServerOptimizer:

@@ -1,4 +1,4 @@
-"""Secure aggregation by pairwise masking (Bonawitz et al. 2017, without dropout recovery).
+"""Secure aggregation by double masking with dropout recovery (Bonawitz et al. 2017, SecAgg+ style).
 
 Each participant u encodes its example-weighted update as fixed-point integers and
 adds, for every other participant v, a mask that v subtracts: u and v derive the
@@ -12,19 +12,32 @@ masked update on the wire is indistinguishable from random words.
     masked_u = encoded_u + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)   (mod 2^64)
     sum_u masked_u = sum_u encoded_u                                        (mod 2^64)
 
-If a participant drops out of a round its masks cannot be removed (this version
-has no recovery), so the round cannot be aggregated.
+Dropout recovery: each round, before it trains, u draws a fresh self-mask seed b_u and
+splits b_u and its mask private key s_u into t-of-n Shamir shares (meshctl.runtime.kernels
+.shamir), one pair per participant, each sealed (ChaCha20-Poly1305) with the u-v pairwise
+key, so the coordinator relays shares it cannot read. u's masked update also carries
+PRG(b_u). Once the coordinator holds the masked updates of the survivors U (|U| >= t), each
+survivor opens its shares and reveals b-shares of U and s-shares of the dropped D (never
+both for one domain); the coordinator rebuilds b_u and s_d and removes the self masks of
+U and the pairwise masks between U and D:
+
+    masked_u = encoded_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)
+    sum_{u in U} encoded_u = sum_U masked_u - sum_U PRG(b_u) -/+ sum_{u in U, d in D} PRG(s_ud)
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 FRACTION_BITS = 20
@@ -80,9 +93,12 @@ def _stream(seed: bytes, round_: int, count: int) -> np.ndarray:
 
 
 def mask(encoded: np.ndarray, me: str, key: X25519PrivateKey, peers: Mapping[str, bytes],
-         context: bytes, round_: int) -> np.ndarray:
-    """`encoded` plus this participant's pairwise masks with every other participant in `peers`."""
+         context: bytes, round_: int, self_seed: bytes | None = None) -> np.ndarray:
+    """`encoded` plus this participant's pairwise masks with every other participant in `peers`
+    (and its self mask PRG(`self_seed`), if given)."""
     out = encoded.copy()
+    if self_seed is not None:
+        out += _stream(self_seed, round_, len(encoded))
     for name in sorted(peers):
         if name == me:
             continue
@@ -100,3 +116,73 @@ def add(parts: Sequence[np.ndarray]) -> np.ndarray:
     for p in parts:
         total += p
     return total
+
+
+class RecoveryError(ValueError):
+    """Shares or replies that cannot unmask a round."""
+
+
+def threshold(participants: int, declared: int | None = None) -> int:
+    """Shares needed to rebuild a seed: the declared threshold, else ceil(2n/3) (Flower's SecAgg+
+    default fraction, 2/3), never below MIN_PARTICIPANTS."""
+    return declared if declared is not None else max(MIN_PARTICIPANTS, math.ceil(2 * participants / 3))
+
+
+def new_seed() -> bytes:
+    """A fresh 32-byte self-mask seed b_u (one per round attempt)."""
+    return os.urandom(32)
+
+
+def private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+
+
+def _share_key(key: X25519PrivateKey, peer: bytes, context: bytes) -> ChaCha20Poly1305:
+    shared = key.exchange(X25519PublicKey.from_public_bytes(peer))
+    return ChaCha20Poly1305(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                                 info=b"meshctl secagg shares v1|" + context).derive(shared))
+
+
+def seal(key: X25519PrivateKey, peer: bytes, context: bytes, label: bytes, plaintext: bytes) -> bytes:
+    """`plaintext` sealed for `peer` with the pairwise key; `label` (sender, receiver, round, attempt)
+    is authenticated, so a relayed ciphertext cannot be passed off as another pair's or round's."""
+    nonce = os.urandom(12)
+    return nonce + _share_key(key, peer, context).encrypt(nonce, plaintext, label)
+
+
+def open_sealed(key: X25519PrivateKey, peer: bytes, context: bytes, label: bytes, sealed: bytes) -> bytes:
+    """What `seal` sealed; RecoveryError when it was not sealed by `peer` for this label."""
+    try:
+        return _share_key(key, peer, context).decrypt(sealed[:12], sealed[12:], label)
+    except (InvalidTag, ValueError):
+        raise RecoveryError("a share that does not open with the pairwise key") from None
+
+
+def unmask(total: np.ndarray, survivors: Sequence[str], self_seeds: Mapping[str, bytes],
+           dropped_keys: Mapping[str, bytes], public: Mapping[str, bytes], context: bytes,
+           round_: int) -> np.ndarray:
+    """The sum of the survivors' encoded updates from `total` (the sum of their masked ones):
+    minus each survivor's self mask (its rebuilt seed in `self_seeds`), and minus the pairwise
+    masks each survivor shares with each dropped participant (its rebuilt private key in
+    `dropped_keys`; `public`: every participant's public key)."""
+    out = total.copy()
+    for u in survivors:
+        out -= _stream(self_seeds[u], round_, len(total))
+    for d, raw in sorted(dropped_keys.items()):
+        key = X25519PrivateKey.from_private_bytes(raw)
+        if public_bytes(key) != public[d]:
+            raise RecoveryError(f"the rebuilt mask key of {d} is not the one it announced")
+        for u in survivors:
+            stream = _stream(_seed(key, public[u], context), round_, len(total))
+            if u < d:
+                out -= stream  # u added the pair's mask
+            else:
+                out += stream
+    return out
+
+
+def context(run: str, job: str, attempt: int = 1) -> bytes:
+    """What a job's pairwise keys are bound to: the run, the job, and a re-run round's attempt
+    (attempt 2, ... gets masks and share keys no earlier attempt used)."""
+    return (f"{run}|{job}" + (f"|{attempt}" if attempt > 1 else "")).encode()

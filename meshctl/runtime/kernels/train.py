@@ -25,6 +25,7 @@ def train_local(
     prox_mu: float = 0.0,
     loss: str = "cross_entropy",
     huber_delta: float = 1.0,
+    control: Sequence[torch.Tensor | None] | None = None,
 ) -> float:
     """Minibatch training from the model's current weights; returns the last epoch's mean loss.
 
@@ -35,7 +36,10 @@ def train_local(
     shuffles with `torch.Generator().manual_seed(shuffle_seed + e)`; the last
     partial batch is kept. `prox_mu > 0` adds FedProx's proximal term
     `(mu/2)·||w - w0||²` (w0: the weights at the call) to every step's gradient as
-    `mu·(w - w0)`; the returned loss is the data loss only.
+    `mu·(w - w0)`; the returned loss is the data loss only. `control` (SCAFFOLD,
+    kernels/scaffold.py), one tensor or None per parameter in `model.parameters()` order,
+    is `c - c_i`, added to every step's gradient; a call takes `local_steps(n, epochs,
+    batch_size)` steps.
     """
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     if optimizer == "adam":
@@ -59,17 +63,33 @@ def train_local(
                 with torch.no_grad():
                     for p, p0 in zip(model.parameters(), anchor):
                         p.grad.add_(p.detach() - p0, alpha=prox_mu)
+            if control is not None:
+                _controlled(model, control)
             opt.step()
             total += batch_loss.item() * len(b)
         mean = total / max(n, 1)
     return mean
 
 
+def local_steps(n: int, epochs: int, batch_size: int) -> int:
+    """Optimizer steps of one `train_local` or `train_stream` call over n rows (the last partial batch is one)."""
+    return epochs * -(-n // batch_size)
+
+
+@torch.no_grad()
+def _controlled(model: nn.Module, control: Sequence[torch.Tensor | None]) -> None:
+    """SCAFFOLD's correction: each parameter's gradient plus its `c - c_i`."""
+    for p, corr in zip(model.parameters(), control):
+        if corr is not None and p.grad is not None:
+            p.grad.add_(corr)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, task: str = "classification",
              loss: str = "cross_entropy", classes: int | Sequence[object] | None = None,
-             huber_delta: float = 1.0) -> dict[str, list[float]]:
-    """Sums over (x, y) that pool exactly across domains (meshctl.runtime.kernels.metrics.eval_stats).
+             huber_delta: float = 1.0, auroc: bool = True) -> dict[str, list[float]]:
+    """Sums over (x, y) that pool exactly across domains (meshctl.runtime.kernels.metrics.eval_stats;
+    the score histograms only with `auroc`).
 
     `classes`: the class count or names (classification); by default the model's output width.
     """
@@ -77,7 +97,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, task: str = 
     out = model(x)
     if task == "classification" and classes is None:
         classes = out.shape[1]
-    return eval_stats(task, out, y, classes=classes, loss=loss, huber_delta=huber_delta)
+    return eval_stats(task, out, y, classes=classes, loss=loss, huber_delta=huber_delta, auroc=auroc)
 
 
 class _SGD:
@@ -127,6 +147,7 @@ def train_stream(
     prox_mu: float = 0.0,
     loss: str = "cross_entropy",
     huber_delta: float = 1.0,
+    control: Sequence[torch.Tensor | None] | None = None,
 ) -> float:
     """`train_local` over data read in chunks (`chunks()` walks the data once per epoch).
 
@@ -156,6 +177,8 @@ def train_stream(
                 with torch.no_grad():
                     for p, p0 in zip(model.parameters(), anchor):
                         p.grad.add_(p.detach() - p0, alpha=prox_mu)
+            if control is not None:
+                _controlled(model, control)
             opt.step()
             total += batch_loss.item() * len(yb)
             n += len(yb)

@@ -9,7 +9,8 @@ from textual.widgets import DataTable
 
 from meshctl.tui.state import Decision, MeshState
 
-EFFECTS = ("allow", "warn", "deny")
+EFFECTS = ("allow", "warn", "deny", "exclude", "suspend")
+"""`exclude` and `suspend`: a round policy left an update out, or a domain out of its job."""
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("effect", "effect"), ("policy", "policy"), ("subject", "subject"),

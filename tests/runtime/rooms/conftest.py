@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +19,25 @@ from meshctl.runtime.run import RunManifest
 from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
 
 BEAT_S = 2.0
+
+
+def secagg_key(byte: int) -> str:
+    """The public half (base64) of the real X25519 key pair whose private half is `byte` 32 times (the
+    test files make their keys this way; a fake domain finds its private half by `private_key`)."""
+    from meshctl.runtime.kernels import secagg
+
+    return base64.b64encode(secagg.public_bytes(_private(byte))).decode()
+
+
+def _private(byte: int) -> Any:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    return X25519PrivateKey.from_private_bytes(bytes([byte]) * 32)
+
+
+def private_key(public: str) -> Any:
+    """The private half of a key `secagg_key` made."""
+    return next(_private(b) for b in range(1, 256) if secagg_key(b) == public)
 
 
 class ListSink:
@@ -51,6 +72,8 @@ class Domain:
     secagg_key: str = ""
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     conn: Connection | None = None
+    secagg_rounds: dict[Any, Any] = field(default_factory=dict)
+    secagg_revealed: set[str] = field(default_factory=set)
 
     def connect(self, plan_hash: str | None = None) -> Connection:
         """A new connection that says Hello (the daemon started, or restarted)."""
@@ -77,11 +100,34 @@ class Domain:
             reply = wire.TrainRes(job=msg.job, round=msg.round, examples=10, loss=0.5, seconds=0.01,
                                   attempt=msg.attempt)
             if self.secagg_key:
-                n = self.plan.jobs[0].parameters
-                update = {"masked": torch.zeros(n, dtype=torch.int64)}
+                update = {"masked": self.secagg_masked(conn, msg)}
             self._later(conn, reply, update)
+        elif isinstance(msg, wire.SecaggUnmaskIns):
+            from meshctl.runtime.daemon import Daemon
+
+            self._later(conn, Daemon._secagg_unmask(self._daemon(msg), msg))
         elif isinstance(msg, wire.EvalIns):
             self._later(conn, wire.EvalRes(job=msg.job, round=msg.round, examples=10, loss_sum=5.0, correct=7))
+
+    def _daemon(self, msg: Any) -> Any:
+        """What the daemon's secure-aggregation methods read of a daemon, for this fake domain."""
+        job = self.plan.jobs[0]
+        return SimpleNamespace(cfg=SimpleNamespace(domain=self.name, run=msg.run), jobs={job.name: SimpleNamespace(job=job)},
+                               secagg={job.name: private_key(self.secagg_key)}, secagg_rounds=self.secagg_rounds,
+                               secagg_revealed=self.secagg_revealed)
+
+    def secagg_masked(self, conn: Connection, msg: wire.TrainIns, value: float = 0.0) -> torch.Tensor:
+        """The daemon's secure aggregation of an update of `value`s: its shares go out now (an ErrorReply if
+        it refuses), its masked words are returned."""
+        from meshctl.runtime.daemon import Daemon
+
+        me, job = self._daemon(msg), self.plan.jobs[0]
+        shares = Daemon._secagg_share(me, msg)
+        if shares is not None:
+            conn.send(shares)
+        zero = {t.name: torch.full(t.shape, value) for t in job.tensors}
+        masked = Daemon._masked(me, SimpleNamespace(job=job), msg, zero, 10)
+        return masked if isinstance(masked, torch.Tensor) else torch.zeros(job.parameters, dtype=torch.int64)
 
     def _later(self, conn: Connection, msg: Any, tensors: wire.Tensors | None = None) -> None:
         if self.delay_s:
@@ -154,6 +200,4 @@ def room(tmp_path: Path, make_plan: Any, monkeypatch: pytest.MonkeyPatch):
 
 
 def _key(i: int) -> str:
-    import base64
-
-    return base64.b64encode(bytes([i + 1]) * 32).decode()
+    return secagg_key(i + 1)

@@ -16,8 +16,12 @@ from meshctl.runtime import wire
 
 
 def new_key(i: int) -> str:
-    """A secure aggregation key other than the one a domain started with."""
-    return base64.b64encode(bytes([200 + i]) * 32).decode()
+    """A secure aggregation key other than the one a domain started with (a real X25519 public key)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from meshctl.runtime.kernels import secagg
+
+    return base64.b64encode(secagg.public_bytes(X25519PrivateKey.from_private_bytes(bytes([200 + i]) * 32))).decode()
 
 
 def test_every_domain_joins_and_the_result_covers_them(room):

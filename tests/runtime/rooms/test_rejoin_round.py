@@ -129,7 +129,13 @@ def test_a_domain_that_rejects_an_instruction_is_not_waited_for(room):
 
 
 def _key(i: int, fresh: bool = False) -> str:
-    return base64.b64encode(bytes([(200 if fresh else 0) + i + 1]) * 32).decode()
+    """A real X25519 public key (the fake domains mask and share with it, rooms/conftest.py)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from meshctl.runtime.kernels import secagg
+
+    key = X25519PrivateKey.from_private_bytes(bytes([(200 if fresh else 0) + i + 1]) * 32)
+    return base64.b64encode(secagg.public_bytes(key)).decode()
 
 
 def _masked_by_keys(r, name: str, delay_s: float = 0.0) -> list[tuple[int, str]]:
@@ -144,7 +150,8 @@ def _masked_by_keys(r, name: str, delay_s: float = 0.0) -> list[tuple[int, str]]
             d._on_message(conn, msg, tensors)
             return
         fresh = msg.peer_keys.get("client-3") == _key(3, fresh=True)
-        masked = torch.zeros(n, dtype=torch.int64) if fresh else torch.full((n,), 1 << 40, dtype=torch.int64)
+        masked = d.secagg_masked(conn, msg)  # (its shares go out now; masked words of a zero update)
+        masked = masked if fresh else torch.full((n,), 1 << 40, dtype=torch.int64)
         sent.append((msg.round, msg.peer_keys.get("client-3", "")))
         reply = wire.TrainRes(job=msg.job, round=msg.round, examples=10, loss=0.5, seconds=0.01,
                               attempt=msg.attempt)
