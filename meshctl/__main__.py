@@ -1,3 +1,3 @@
 from meshctl.cli import main
 
-main()
+main(prog_name="meshctl")  # usage and hints name the command users type, not `python -m meshctl`

@@ -7,10 +7,11 @@ Heavy imports (torch, textual) happen inside the commands that need them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,40 @@ MESH_FILE = click.argument(
 )
 
 
+def coloured(stream: Any) -> bool:
+    """Colour on `stream`: a terminal, NO_COLOR unset (https://no-color.org), TERM not `dumb`."""
+    return (stream.isatty() and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM") != "dumb")
+
+
+def say_err(text: str) -> None:
+    """Error and diagnostic lines on stderr: `error`/`warning` and hints coloured on a terminal (rich);
+    elsewhere exactly the text."""
+    if not coloured(sys.stderr):
+        click.echo(text, err=True)
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    line = Text(text)
+    line.highlight_regex(r"\b(internal )?error(\[MESH\d+\])?:", "bold red")
+    line.highlight_regex(r"\bwarning(\[MESH\d+\])?:", "bold yellow")
+    line.highlight_regex(r"\(hint: [^\n]*\)|^ *hint: .*$", "cyan")
+    Console(file=sys.stderr, highlight=False, soft_wrap=True).print(line)
+
+
+@contextlib.contextmanager
+def busy(what: str) -> Iterator[None]:
+    """A spinner on stderr while something slow runs, on a terminal only (never in a pipe or a log)."""
+    if not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
+        yield
+        return
+    from rich.console import Console
+
+    with Console(file=sys.stderr, no_color=bool(os.environ.get("NO_COLOR"))).status(what):
+        yield
+
+
 def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn MeshctlError into one line on stderr and its exit code; never a traceback."""
 
@@ -33,7 +68,7 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except MeshctlError as err:
-            click.echo(err.render(), err=True)
+            say_err(err.render())
             sys.exit(err.exit_code)
         except KeyboardInterrupt as err:  # launcher.Interrupted carries SIGTERM, SIGHUP, ...
             click.echo("interrupted", err=True)
@@ -63,7 +98,66 @@ def _silence_stdout() -> None:
         pass
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class UsageLine(click.ClickException):
+    """A click usage error as meshctl's one line, `error: … (hint: …)`, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        say_err(self.message)
+
+
+def one_line(err: click.UsageError) -> UsageLine:
+    """`error: <what> (hint: <command> --help)`: what click says, without its three-line usage block."""
+    command = err.ctx.command_path if err.ctx is not None else "meshctl"
+    message = err.format_message()
+    param = getattr(err, "param", None)
+    if isinstance(err, click.BadParameter) and param is not None and param.name == "file" \
+            and "is a directory" in message:
+        folder = Path(str(message.split("'")[3] if message.count("'") >= 4 else "."))
+        inside = folder / "mesh.yaml"
+        message = f"{folder}: is a folder, not a file"
+        return UsageLine(f"error: {message} (hint: " + (f"`{command} {inside}`)" if inside.is_file()
+                                                         else f"give a file; see `{command} --help`)"))
+    quoted = message.count("'") >= 4  # "Invalid value for 'NAME': … 'VALUE' …": VALUE is the 4th piece
+    if isinstance(err, click.BadParameter) and quoted and "' does not exist" in message:  # click.Path(exists=True)
+        message = f"{message.split(chr(39))[3]}: no such file"
+    if isinstance(err, click.BadParameter) and quoted and "does not match the format" in message:  # click.DateTime
+        message = f"{param.opts[0] if param is not None else 'date'} {message.split(chr(39))[3]!r} is not a date, YYYY-MM-DD"
+    message = message.rstrip(".")
+    return UsageLine(f"error: {message[0].lower() + message[1:] if message else message} "
+                     f"(hint: see `{command} --help`)")
+
+
+class MeshctlGroup(click.Group):
+    """A group whose usage errors (a folder as FILE, a missing file, a bad date, an unknown option)
+    are one line, never click's usage block."""
+
+    group_class = type  # `access`, `contract`, ... are MeshctlGroups too
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as err:
+            if _asks_for_help(err):
+                raise
+            raise one_line(err) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            if _asks_for_help(err):
+                raise
+            raise one_line(err) from None
+
+
+def _asks_for_help(err: click.UsageError) -> bool:
+    """`meshctl` or `meshctl access` alone: click's help, as before (its own UsageError since click 8.2)."""
+    return type(err).__name__ == "NoArgsIsHelpError"
+
+
+@click.group(cls=MeshctlGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meshctl")
 def main() -> None:
     """Run a federated data mesh declared in one mesh.yaml."""
@@ -81,19 +175,29 @@ def _load_cache(file: Path):
     return LoadCache(file.parent / ".meshctl" / "cache")
 
 
+def _no_file(file: Path) -> UserError:
+    """FILE is missing or not a file; outside a mesh folder the hint names `meshctl init`."""
+    if file.exists():
+        return UserError("not a file", where=str(file))
+    if file.name == "mesh.yaml":
+        return UserError("no such file: this is not a mesh folder", where=str(file),
+                         hint="`meshctl init` writes a mesh.yaml here, or give the path of one")
+    return UserError("no such file", where=str(file))
+
+
 def _compile_or_exit(file: Path, *, hashed: bool = True, cached: bool = False):
     """Compile FILE; on errors print every diagnostic and `N errors`, then exit 1.
 
     With `cached`, files load through .meshctl/cache/ (validate and plan)."""
     from meshctl.compiler.compile import compile_mesh
     from meshctl.compiler.diagnostics import SHOWN
-    from meshctl.errors import UserError
 
     if not file.is_file():
-        raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
-    result = compile_mesh(file, hashed=hashed, cache=_load_cache(file) if cached else None)
+        raise _no_file(file)
+    with busy(f"compiling {file}"):
+        result = compile_mesh(file, hashed=hashed, cache=_load_cache(file) if cached else None)
     if result.diagnostics:
-        click.echo(result.render_diagnostics(limit=SHOWN), err=True)
+        say_err(result.render_diagnostics(limit=SHOWN))
     if result.plan is None:
         n = len(result.errors)
         click.echo(f"{n} error{'s' if n != 1 else ''}", err=True)
@@ -208,7 +312,7 @@ def codeowners(file: Path, output: str) -> None:
     from meshctl.compiler.diagnostics import render_all
 
     if not file.is_file():
-        raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
+        raise _no_file(file)
     result = compile_mesh(file, hashed=False)
     if result.errors or result.spec is None:  # warnings say nothing about owners
         click.echo(render_all(result.errors, result.sources), err=True)
@@ -246,10 +350,29 @@ def explain(code: str | None) -> None:
         return
     known = normalize_code(code)
     if known not in CODES:
+        from meshctl.compiler.diagnostics import did_you_mean
+
+        near = did_you_mean(code.upper().replace("O", "0"), CODES) or did_you_mean(code.upper(), CODES)
         raise UserError(f"unknown diagnostic code '{code}'",
-                        hint="`meshctl explain` lists every code")
+                        hint=near or "`meshctl explain` lists every code")
     click.echo(f"{known} ({stage_of(known)})")
     click.echo(CODES[known])
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path), default=".", required=False)
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="CSV or Parquet file the first product serves (inspected with DuckDB).")
+@click.option("--domain", metavar="NAME", help="Name of the first domain [default: my-domain].")
+@click.option("--target", metavar="COLUMN", help="Column the model predicts [default: the last category].")
+@reports_errors
+def init(folder: Path, data: Path | None, domain: str | None, target: str | None) -> None:
+    """Write FOLDER/mesh.yaml (default: here) from a data file: a domain, a product, a contract, a
+    policy and a model. Never overwrites."""
+    from meshctl.scaffold import init_mesh
+
+    mesh = init_mesh(folder, data, domain=domain, target=target)
+    click.echo(f"wrote {mesh}; next: meshctl validate {mesh}, then meshctl up {mesh}")
 
 
 @main.command()
@@ -386,9 +509,10 @@ def stop(run: str, mesh_file: Path, timeout: float) -> None:
 
 
 def _end(result: Any) -> None:
-    """Exit as the attended run ended: 128+N after signal N stopped it, 1 when it failed."""
+    """Exit as the attended run ended: 128+N after signal N stopped it (Ctrl-C, the dashboard's "stop the
+    run": 130), 1 when it failed. A run stopped on purpose says so in one line: stopped, not failed."""
     if result is not None and result.signal:
-        click.echo(f"error: run stopped: {result.reason}", err=True)
+        click.echo(f"run stopped: {result.run_dir} ({result.reason})", err=True)
         sys.exit(128 + result.signal)
     if result is not None and not result.ok:
         raise UserError(result.reason or "run failed") from None
@@ -411,7 +535,8 @@ def _attend(run: Any, headless: bool) -> Any:
     if result.detached:  # the run goes on in the background
         click.echo(result.reason)
         return None
-    click.echo(f"run {'completed' if result.ok else 'failed'}: {result.run_dir}")
+    if not result.signal:  # a stopped run: `_end` says so
+        click.echo(f"run {'completed' if result.ok else 'failed'}: {result.run_dir}")
     return result
 
 
@@ -652,7 +777,7 @@ def _spec_or_exit(file: Path) -> Any:
     from meshctl.compiler.diagnostics import render_all
 
     if not file.is_file():
-        raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
+        raise _no_file(file)
     result = compile_mesh(file)
     if result.errors or result.spec is None:
         click.echo(render_all(result.errors, result.sources), err=True)
@@ -766,7 +891,7 @@ def _plan_one_line(file: Path):
     from meshctl.compiler.compile import compile_mesh
 
     if not file.is_file():
-        raise UserError("no such file" if not file.exists() else "not a file", where=str(file))
+        raise _no_file(file)
     result = compile_mesh(file)
     if result.plan is None:
         first, n = result.errors[0], len(result.errors)
@@ -807,7 +932,8 @@ def contract_test(product: str | None, mesh_file: Path | None, fmt: str) -> None
     file = mesh_file or Path("mesh.yaml")
     plan = _plan_one_line(file)
     only = _product_id(product, [p.id for p in plan.products]) if product else None
-    results = quality.check_plan(plan, file.resolve().parent, only)
+    with busy("testing contracts"):
+        results = quality.check_plan(plan, file.resolve().parent, only)
     db = catalog.catalog_path(file)
     catalog.sync_plan(db, plan)
     for pid, rs in results.items():

@@ -226,6 +226,10 @@ def request_access(path: Path, product: str, subject: str, purpose: str, *,
     if product not in products:
         raise UserError(f"unknown product '{product}'", where=where,
                         hint=did_you_mean(product, products) or "products are <domain>.<name>")
+    found = next(p for p in spec.products if f"{p.domain}.{p.name}" == product)
+    if found.access == "open":
+        raise UserError(f"product '{product}' is `access: open`: every model and analysis may read it, "
+                        "no grant is needed", where=where)
     kind, name = _subject(spec, subject, where)
     item = next(x for x in (spec.models if kind == "model" else spec.analyses) if x.name == name)
     if item.purpose and purpose != item.purpose:

@@ -115,6 +115,10 @@ class DomainLost(Event):
     level: ClassVar[str] = "error"
     domain: str
     reason: str
+    cause: str = ""
+    """Why the coordinator decided it is lost: `heartbeat silence`, `restarted`, `connection closed`,
+    `exited with code N`, `data refused` (its daemon exited before it joined), `error reported`,
+    `output gate`; '' in events written before the field."""
 
     def message(self) -> str:
         return f"domain {self.domain} lost: {self.reason}"

@@ -457,11 +457,27 @@ def _fresh_keys(m: RunManifest, declared: tuple[Path, KeyPair] | None = None) ->
 # -- the headless printer ------------------------------------------------------------
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    """Binary units, as the dashboard shows them: `512 B`, `2.5 KiB`, `3.1 MiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
+
+
+WIDTH = 120
+"""Columns a headless line fits: a round line longer than that goes on under a 4-space indent."""
+
+
+def fit(parts: list[str], width: int = WIDTH) -> str:
+    """`parts` joined by two spaces, on as many lines of at most `width` columns as they need."""
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + 2 + len(part) > width:
+            lines.append("    " + part)
+        else:
+            lines[-1] += "  " + part
+    return "\n".join(lines)
 
 
 def domain_lines(event: ev.JobCompleted) -> list[str]:
@@ -476,11 +492,11 @@ def domain_lines(event: ev.JobCompleted) -> list[str]:
 def render_event(event: ev.Event) -> str | None:
     """The headless line for an event, or None for events it does not print."""
     if isinstance(event, ev.RoundCompleted):
-        ms = "  ".join(f"{k} {v:.4f}" for k, v in event.metrics.items())
-        eps = "" if event.epsilon is None else f"  ε {event.epsilon:.3f}"
-        return (f"{event.job}  round {event.round:>3}/{event.rounds}  participants {len(event.participants)}  "
-                f"train_loss {event.train_loss:.4f}  {ms}{eps}  in {human_bytes(event.bytes_in)} "
-                f"(updates {human_bytes(event.update_bytes)})  out {human_bytes(event.bytes_out)}  {event.seconds:.3f}s")
+        eps = [] if event.epsilon is None else [f"ε {event.epsilon:.3f}"]
+        return fit([f"{event.job}  round {event.round:>3}/{event.rounds}", f"participants {len(event.participants)}",
+                    *eps, f"train_loss {event.train_loss:.4f}", *(f"{k} {v:.4f}" for k, v in event.metrics.items()),
+                    f"in {human_bytes(event.bytes_in)} (updates {human_bytes(event.update_bytes)})",
+                    f"out {human_bytes(event.bytes_out)}", f"{event.seconds:.3f}s"])
     if isinstance(event, (ev.UpdateReceived, ev.RoundStarted, ev.CheckpointWritten, ev.RunCompleted)):
         return None
     if isinstance(event, ev.BudgetSpent) and event.subject.startswith("model."):

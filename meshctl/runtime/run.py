@@ -450,7 +450,7 @@ class RunDir:
             if isinstance(e, ev.DomainJoined):
                 d.state, d.reason, d.pid, d.last_seen = "connected", "", e.pid, e.ts
             elif isinstance(e, ev.DomainLost):
-                d.state, d.reason = "lost", e.reason
+                d.state, d.reason = "lost", f"{e.cause}: {e.reason}" if e.cause else e.reason
             elif isinstance(e, ev.DomainRejoined):
                 d.state, d.reason, d.pid, d.last_seen = "connected", "", e.pid or d.pid, e.ts
             elif isinstance(e, ev.DomainRefused):

@@ -15,6 +15,7 @@ Rounds (rounds table, contributions, plots), Policies (every decision), Catalog
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
+from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
 
 from meshctl.runtime.events import Event, RunCompleted
 from meshctl.tui.messages import BridgeNote, EventReceived, FrameSkipped
@@ -38,15 +40,24 @@ from meshctl.tui.widgets import (
     DomainTable,
     EventLog,
     EventsView,
+    FailureBanner,
+    HelpScreen,
     JobsPanel,
     PolicyTable,
     QuitDialog,
     RoundsView,
     RunHeader,
 )
+from meshctl.tui.widgets.domain_screen import DomainScreen
+from meshctl.tui.widgets.help_screen import key_rows
+from meshctl.tui.widgets.jump_dialog import JumpDialog
+from meshctl.tui.widgets.log_screen import LogScreen, log_label, run_logs
 
 if TYPE_CHECKING:
     from meshctl.compiler.plan import Plan
+
+SCREENSHOTS_DIR = "screenshots"
+"""Where `s` saves screenshots, under the run directory (else the working directory)."""
 
 __all__ = ["TABS", "THEMES", "EventReceived", "EventSource", "MeshApp", "make_app"]
 
@@ -66,7 +77,8 @@ GONE_GRACE_S = 2.0
 """How long after the last event a run whose processes are gone is shown as lost (its last
 events may still be on their way)."""
 
-_SCRUB_ACTIONS = {"scrub_toggle", "scrub_round", "scrub_edge", "scrub_speed"}
+_TAB_ACTIONS = {"show_tab", "search"}
+_SCRUB_ACTIONS = {"scrub_toggle", "scrub_round", "scrub_edge", "scrub_speed", "scrub_jump"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,7 @@ class _Views:
     events: EventsView
     scrubber: Static
     analysis: AnalysisTable
+    failure: FailureBanner
 
 
 class EventSource(Protocol):
@@ -105,10 +118,15 @@ class MeshApp(App[MeshState]):
         *(Binding(key, f"show_tab('{pane}')", title, show=False) for key, pane, title in TABS),
         Binding("slash", "search", "Search"),
         Binding("t", "toggle_theme", "Theme"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("f1", "help", "Help", show=False),
+        Binding("s", "screenshot", "Screenshot", show=False),
+        Binding("l", "logs", "Logs", show=False),
         Binding("space", "scrub_toggle('pause')", "Pause"),
         Binding("space", "scrub_toggle('play')", "Play"),
         Binding("left_square_bracket", "scrub_round(-1)", "-round", key_display="[", show=False),
         Binding("right_square_bracket", "scrub_round(1)", "+round", key_display="]", show=False),
+        Binding("j", "scrub_jump", "Jump to round", show=False),
         Binding("g", "scrub_edge(0)", "Start", show=False),
         Binding("G", "scrub_edge(1)", "End", show=False),
         Binding("minus", "scrub_speed(-1)", "Slower", key_display="-", show=False),
@@ -157,6 +175,8 @@ class MeshApp(App[MeshState]):
         self._views: _Views | None = None
         self._clock_timer: Timer | None = None
         self._shown_paused: bool | None = None
+        self.last_screenshot: Path | None = None
+        """The file the last screenshot went to."""
         self.theme = THEMES[0]
 
     @property
@@ -166,6 +186,7 @@ class MeshApp(App[MeshState]):
 
     def compose(self) -> ComposeResult:
         yield RunHeader(id="header")
+        yield FailureBanner(id="failure")
         with TabbedContent(initial="overview", id="tabs"):
             with TabPane("1 Overview", id="overview"):
                 yield JobsPanel(id="jobs")
@@ -188,7 +209,8 @@ class MeshApp(App[MeshState]):
             self.query_one(RunHeader), self.query_one(JobsPanel), self.query_one(DomainTable),
             self.query_one("#log", EventLog), self.query_one(RoundsView),
             self.query_one(PolicyTable), self.query_one(CatalogView), self.query_one(EventsView),
-            self.query_one("#scrubber", Static), self.query_one(AnalysisTable))
+            self.query_one("#scrubber", Static), self.query_one(AnalysisTable),
+            self.query_one(FailureBanner))
         self._views.scrubber.display = self.scrubber is not None
         self.flush()
         self._clock_timer = self.set_interval(1.0, self._tick_clock)
@@ -218,7 +240,7 @@ class MeshApp(App[MeshState]):
     @property
     def active_tab(self) -> str:
         """The tab shown now: `overview`, `rounds`, `policies`, `catalog` or `events`."""
-        return self.query_one(TabbedContent).active.removesuffix("-tab")
+        return self.screen_stack[0].query_one(TabbedContent).active.removesuffix("-tab")
 
     def action_show_tab(self, pane: str) -> None:
         """Show tab `pane` and focus its main widget."""
@@ -241,6 +263,99 @@ class MeshApp(App[MeshState]):
         """Switch between the dark and the light theme."""
         self.theme = THEMES[1] if self.theme == THEMES[0] else THEMES[0]
 
+    # -- help, palette, screenshots --------------------------------------------------
+
+    def action_help(self) -> None:
+        """`?`/F1: the keys of the screen shown now, read from its bindings."""
+        if isinstance(self.screen, HelpScreen):
+            return
+        where = self.screen.__class__.__name__ if self.screen is not self.screen_stack[0] \
+            else {pane: title for _, pane, title in TABS}[self.active_tab]
+        self.push_screen(HelpScreen(where, key_rows(self, self.screen)))
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        """The command palette (ctrl+p): the dashboard's own commands."""
+        for key, pane, title in TABS:
+            yield SystemCommand(f"Go to {title}", f"Show the {title} tab (key {key})",
+                                lambda pane=pane: self.action_show_tab(pane))
+        yield SystemCommand("Filter events", "Filter the Events tab by kind, domain, job, round (/)",
+                            self._filter_events)
+        for path in run_logs(self.run_path):
+            yield SystemCommand(f"Open log: {log_label(path)}", f"Read and follow {path} (l)",
+                                lambda path=path: self.action_logs(path.stem))
+        for name in self.mesh_state.domains:
+            yield SystemCommand(f"Domain {name}", f"Drill into domain {name} (enter on its row)",
+                                lambda name=name: self.action_domain(name))
+        if self.scrubber is not None:
+            yield SystemCommand("Jump to round", "Replay: pause just after round N (j)",
+                                self.action_scrub_jump)
+        yield SystemCommand("Screenshot", "Save an SVG of the screen into the run directory (s)",
+                            lambda: self.call_after_refresh(self.action_screenshot))
+        yield SystemCommand("Keys", "Show every key of this screen (? or F1)", self.action_help)
+        yield SystemCommand("Theme", "Switch between the dark and the light theme (t)",
+                            self.action_toggle_theme)
+        yield SystemCommand("Quit", "Quit the dashboard (q)", self.action_quit)
+
+    def _filter_events(self) -> None:
+        self.action_show_tab("events")
+        self.query_one("#event-filter", Input).focus()
+
+    @property
+    def run_path(self) -> Path | None:
+        """The run's directory: the one the CLI gave, else the one the run announced."""
+        if self.run_dir is not None:
+            return self.run_dir
+        return Path(self.mesh_state.run_dir) if self.mesh_state.run_dir else None
+
+    def action_logs(self, name: str = "") -> None:
+        """`l`: the log viewer on the coordinator's log (or `name`'s: `coordinator` or a domain)."""
+        if isinstance(self.screen, LogScreen):
+            return
+        files = run_logs(self.run_path)
+        if not files:
+            where = self.run_path / "logs" if self.run_path is not None else "this run (no run directory)"
+            self.notify(f"no log files in {where}", severity="warning")
+            return
+        shown = next((p for p in files if p.stem == name), None)
+        self.push_screen(LogScreen(files, shown))
+
+    def on_data_table_row_selected(self, message: DataTable.RowSelected) -> None:
+        """Enter on a domain's row: its drill-down."""
+        if isinstance(message.data_table, DomainTable) and message.row_key.value is not None:
+            self.action_domain(message.row_key.value)
+
+    def action_domain(self, name: str) -> None:
+        """The drill-down of domain `name` (products, checks, decisions, rounds, metrics)."""
+        if isinstance(self.screen, DomainScreen):
+            return
+        self.push_screen(DomainScreen(name))
+
+    def screenshot_path(self) -> Path:
+        """Where a screenshot taken now goes: `<run>/screenshots/<tab>-<UTC time>.svg`."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        run = self.run_dir or self.run_path  # the announced one only when it is here
+        if run is None or (self.run_dir is None and not run.is_dir()):
+            run = Path.cwd()
+        base = run / SCREENSHOTS_DIR
+        path = base / f"{self.active_tab}-{stamp}.svg"
+        n = 1
+        while path.exists():  # two in one second: keep both
+            n += 1
+            path = base / f"{self.active_tab}-{stamp}-{n}.svg"
+        return path
+
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """`s`: save an SVG of the screen into the run directory and say where."""
+        target = Path(path) / filename if path and filename else self.screenshot_path()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(self.export_screenshot(), encoding="utf-8")
+        except OSError as err:
+            self.notify(f"screenshot not saved: {target}: {err.strerror or err}", severity="error")
+            return
+        self.last_screenshot = target
+        self.notify(f"screenshot saved to {target}", title="Screenshot")
+
     # -- quitting ----------------------------------------------------------------
 
     async def action_quit(self) -> None:
@@ -260,7 +375,10 @@ class MeshApp(App[MeshState]):
     # -- the scrubber ----------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """Scrubber keys exist only while replaying with a scrubber."""
+        """Scrubber keys exist only while replaying with a scrubber; the tab keys only on the tabs
+        (not under help, the log viewer or a drill-down)."""
+        if action in _TAB_ACTIONS and self.screen is not self.screen_stack[0]:
+            return False
         if action in _SCRUB_ACTIONS:
             if self.scrubber is None:
                 return False
@@ -286,6 +404,25 @@ class MeshApp(App[MeshState]):
         if self.scrubber is not None:
             self.scrubber.paused = True
             self.scrubber.seek(len(self.scrubber.events) if end else 0)
+            self._show_scrubber()
+
+    def action_scrub_jump(self) -> None:
+        """`j`: ask for a round and jump just after it (paused)."""
+        scrubber = self.scrubber
+        if scrubber is None or isinstance(self.screen, JumpDialog):
+            return
+
+        def jump(n: int | None) -> None:
+            if n is not None:
+                self.jump_to_round(n)
+
+        self.push_screen(JumpDialog(len(scrubber.marks), bisect.bisect_right(scrubber.marks, scrubber.pos)),
+                         jump)
+
+    def jump_to_round(self, n: int) -> None:
+        """Replay: pause just after round `n` completed (0: the start)."""
+        if self.scrubber is not None:
+            self.scrubber.seek_round(n)
             self._show_scrubber()
 
     def action_scrub_speed(self, delta: int) -> None:
@@ -360,6 +497,7 @@ class MeshApp(App[MeshState]):
         state, v = self.mesh_state, self._views
         assert v is not None
         v.header.show(state)
+        v.failure.show(state, self.run_dir)
         v.jobs.show(state)
         v.analysis.show(state, self.run_dir)
         v.domains.flag_silent = self.watch or self.scrubber is not None
@@ -370,6 +508,8 @@ class MeshApp(App[MeshState]):
         v.catalog.show(state)
         v.events.show(state)
         self._show_scrubber()
+        if isinstance(self.screen, DomainScreen):
+            self.screen.show(state)
         if isinstance(self.screen, QuitDialog) and state.state in ("completed", "failed"):
             self.screen.ended("completed" if state.state == "completed" else f"failed: {state.reason}")
 
@@ -416,8 +556,9 @@ class MeshApp(App[MeshState]):
     def _show_scrubber(self) -> None:
         if self.scrubber is not None and self._drawable and self._views is not None:
             space = "space play" if self.scrubber.paused else "space pause"
-            keys = f"{space} · [ ] round · g/G start/end · -/+ speed"
-            self._views.scrubber.update(f"{self.scrubber.status()}   {keys}")
+            keys = f"{space} · [ ] round · j jump · g/G start/end · -/+ speed"
+            bar = self.scrubber.timeline(max(10, self.size.width - 4))
+            self._views.scrubber.update(f"{bar}\n{self.scrubber.status()}   {keys}")
             self._views.header.show(self.mesh_state, replay=self.scrubber.status().split(" · ")[0])
             if self.scrubber.paused != self._shown_paused:
                 self._shown_paused = self.scrubber.paused

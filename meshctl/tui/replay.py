@@ -253,6 +253,24 @@ class ScrubReplay:
         else:
             self.seek(next((m for m in reversed(marks) if m < self.pos), 0))
 
+    def seek_round(self, n: int) -> None:
+        """Pause just after round `n` completed (0: the start; clamped to the last round)."""
+        self.paused = True
+        n = max(0, min(len(self.marks), n))
+        self.seek(self.marks[n - 1] if n else 0)
+
+    def timeline(self, width: int = 30) -> str:
+        """A bar `width` cells wide: filled up to the position, `┃` where each round ended
+        (every round when they fit, else evenly spaced ones)."""
+        width = max(4, width)
+        total = max(1, len(self.events))
+        cells = ["━" if i < round(self.pos / total * width) else "─" for i in range(width)]
+        step = max(1, -(-len(self.marks) // width))
+        for mark in self.marks[step - 1::step]:
+            i = min(width - 1, max(0, round(mark / total * width) - 1))
+            cells[i] = "┃" if mark <= self.pos else "│"
+        return "".join(cells)
+
     def change_speed(self, delta: int) -> None:
         """Move `delta` steps along `SPEEDS` (0, as fast as possible, is the top)."""
         at = SPEEDS.index(self.speed) if self.speed in SPEEDS else \

@@ -48,6 +48,10 @@ def run_dashboard(run: LocalRun) -> RunResult:
         result = run.finish()
         name = signal.Signals(app.stopped_by).name
         return RunResult(False, result.run_dir, f"interrupted by {name}", result.events, signal=app.stopped_by)
+    if app.quit_choice == "stop":  # "stop the run" in the quit dialog: stopped on purpose, as Ctrl-C is
+        result = run.finish()  # it may have ended by itself while the dialog was open
+        return result if result.ok else RunResult(False, result.run_dir, "stopped from the dashboard",
+                                                  result.events, signal=signal.SIGINT)
     if detached:
         run.detach()  # `up` exits now: the run must not take that for `up` being killed
         hint = reattach_hint(run.m.path)
@@ -71,7 +75,7 @@ def _watch_close(app, run: LocalRun, closed: threading.Event) -> None:
 def _leave(run: LocalRun, sig: int) -> None:
     try:
         run.stop()
-        os.write(2, f"\nerror: run stopped: interrupted by {signal.Signals(sig).name}\n".encode())
+        os.write(2, f"\nrun stopped: {run.m.path} (interrupted by {signal.Signals(sig).name})\n".encode())
     except OSError:  # the terminal is gone (EIO): nothing to tell, and still nothing may stay behind
         pass
     finally:

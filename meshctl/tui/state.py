@@ -202,6 +202,15 @@ class Decision:
     reason: str
     stage: str = "compile"
     at: str = ""
+    domain: str = ""
+    """The domain that decided at run time ('' for the compiler or the coordinator)."""
+
+    @property
+    def decided_by(self) -> str:
+        """`compiler`, `coordinator` or `domain D`."""
+        if self.stage == "compile":
+            return "compiler"
+        return f"domain {self.domain}" if self.domain else "coordinator"
 
 
 @dataclass
@@ -428,7 +437,7 @@ def _run_started(s: MeshState, e: ev.RunStarted) -> None:
 
 
 def _policy_decided(s: MeshState, e: ev.PolicyDecided) -> None:
-    s.decisions.append(Decision(e.policy, e.scope, e.subject, e.effect, e.reason, e.stage, e.at))
+    s.decisions.append(Decision(e.policy, e.scope, e.subject, e.effect, e.reason, e.stage, e.at, e.domain))
     if e.domain and e.effect == "deny" and e.policy == "data":  # the domain refused its own data
         d = s.domain(e.domain)
         d.state, d.reason, d.cause = "refused", e.reason, "data"
@@ -467,11 +476,11 @@ def _domain_refused(s: MeshState, e: ev.DomainRefused) -> None:
 
 def _domain_lost(s: MeshState, e: ev.DomainLost) -> None:
     d = s.domain(e.domain)
-    if d.state == "connecting" and not d.last_seen:
-        # it never joined, so no heartbeat was missed: its daemon could not start on its data
+    if e.cause == "data refused" or (not e.cause and d.state == "connecting" and not d.last_seen):
+        # the coordinator says its daemon could not start on its data (events before `cause`: it never joined)
         d.state, d.reason, d.cause = "refused", e.reason, "data"
         return
-    d.state, d.reason, d.cause = "lost", e.reason, ""
+    d.state, d.reason, d.cause = "lost", e.reason, e.cause
 
 
 def _domain_rejoined(s: MeshState, e: ev.DomainRejoined) -> None:

@@ -28,6 +28,9 @@ analyses:
 GRANTS_IN_THE_MIDDLE = """
 # Approved grants: one stanza per access.
 grants:
+  - product: charite.biopsies
+    model: malignancy
+    purpose: cancer-research
   # approved in PR #12
   - product: karolinska.biopsies
     analysis: radius-by-diagnosis
@@ -43,7 +46,9 @@ def mesh(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "examples" / "hospitals" / "data",
                     tmp_path / "examples" / "hospitals" / "data")
     path = tmp_path / "mesh.yaml"
-    path.write_text(ROOT_MESH.read_text() + ANALYSIS)
+    # charite's product asks for grants (a request on an `access: open` product is refused: issue 14)
+    text = ROOT_MESH.read_text().replace("    domain: charite\n", "    domain: charite\n    access: request\n", 1)
+    path.write_text(text + ANALYSIS)
     return path
 
 
@@ -81,6 +86,8 @@ def test_request_creates_the_grants_section(mesh: Path) -> None:
     (grant,) = spec.grants
     assert (grant.product, grant.subject, str(grant.until)) == (
         "charite.biopsies", "model:malignancy", "2031-06-30")
+    assert request(mesh, "charite.biopsies", "--for", "radius-by-diagnosis", "--purpose",
+                   "cancer-research").exit_code == 0  # the analysis reads it too
     validated = CliRunner().invoke(main, ["validate", str(mesh)])
     assert validated.exit_code == 0, validated.output
 
@@ -88,18 +95,18 @@ def test_request_creates_the_grants_section(mesh: Path) -> None:
 def test_request_appends_to_an_existing_section_keeping_comments(mesh: Path) -> None:
     mesh.write_text(mesh.read_text().replace("\nmodels:", GRANTS_IN_THE_MIDDLE, 1))
     before = mesh.read_text()
-    result = request(mesh, "amsterdam-umc.biopsies", "--for", "analysis:radius-by-diagnosis",
+    result = request(mesh, "charite.biopsies", "--for", "analysis:radius-by-diagnosis",
                      "--purpose", "cancer-research", "--by", "bob")
     assert result.exit_code == 0, result.output
     after = mesh.read_text()
     inserted = only_insertions(before, after)
     assert inserted == [
         f"  # requested by bob on {TODAY}: merge this change to approve\n",
-        "  - product: amsterdam-umc.biopsies\n", "    analysis: radius-by-diagnosis\n",
+        "  - product: charite.biopsies\n", "    analysis: radius-by-diagnosis\n",
         "    purpose: cancer-research\n", "    requested_by: bob\n"]
     # the new stanza sits right after the last grant, before the comment of `models:`
     assert "    purpose: cancer-research   # why: tumour statistics\n  # requested by bob" in after
-    assert len(compile_mesh(mesh).spec.grants) == 2
+    assert len(compile_mesh(mesh).spec.grants) == 3
     assert CliRunner().invoke(main, ["validate", str(mesh)]).exit_code == 0
 
 

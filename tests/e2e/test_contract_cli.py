@@ -134,7 +134,9 @@ def test_a_missing_data_file_is_one_line(tmp_path, meshctl):
 
 def test_a_missing_mesh_and_a_typo_are_one_line(tmp_path, meshctl):
     out = meshctl("contract", "test", cwd=tmp_path)
-    assert out.returncode == 1 and out.stderr.strip() == "mesh.yaml: error: no such file"
+    assert out.returncode == 1 and out.stderr.strip() == ("mesh.yaml: error: no such file: this is not a mesh folder "
+                                                          "(hint: `meshctl init` writes a mesh.yaml here, or give "
+                                                          "the path of one)")
     mesh(tmp_path)
     out = meshctl("contract", "test", "charite.biopsy", cwd=tmp_path)
     assert out.returncode == 1

@@ -23,9 +23,11 @@ def _run_dir(stdout: str) -> Path:
 def test_up_trains_the_hospitals_model_and_leaves_the_run(hospitals, meshctl):
     out = meshctl("up", "--headless", *FREE, cwd=hospitals.parent)
     assert out.returncode == 0, out.stderr + out.stdout
-    rounds = [ln for ln in out.stdout.splitlines() if re.match(r"malignancy +round", ln)]
+    round_lines = [ln for ln in out.stdout.splitlines() if re.match(r"malignancy +round|    in ", ln)]
+    assert max(len(ln) for ln in round_lines) <= 120  # what does not fit goes on below, indented
+    rounds = [ln for ln in out.stdout.replace("\n    ", "  ").splitlines() if re.match(r"malignancy +round", ln)]
     assert len(rounds) == 15
-    assert all(re.search(r"participants 3 .*train_loss [\d.]+ .*accuracy [\d.]+ .*in .* out .* [\d.]+s$", ln)
+    assert all(re.search(r"participants 3 .*train_loss [\d.]+ .*accuracy [\d.]+ .*in .* KiB .* out .* [\d.]+s$", ln)
                for ln in rounds)
     run = _run_dir(out.stdout)
     assert run.parent == hospitals.parent / ".meshctl" / "runs"

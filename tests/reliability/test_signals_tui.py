@@ -94,3 +94,21 @@ def test_a_terminal_that_goes_away_stops_the_run(tmp_path: Path) -> None:
         assert not event["ok"]
     finally:
         _tmux(sock, "kill-server")
+
+
+def test_stop_the_run_in_the_quit_dialog_says_stopped_and_exits_130(tmp_path: Path) -> None:
+    """Issue 14: "stop the run" is a stop on purpose, as Ctrl-C is: `run stopped: <run dir>`, exit 130."""
+    sock = f"meshctl-stop-{uuid.uuid4().hex[:8]}"
+    try:
+        _, procs = _start(tmp_path, sock)
+        _tmux(sock, "send-keys", "-t", "dash", "q")
+        _wait(lambda: "Stop the run" in _tmux(sock, "capture-pane", "-p", "-t", "dash"), 20)
+        _tmux(sock, "send-keys", "-t", "dash", "s")
+        event = _ended(tmp_path, procs)
+        assert not event["ok"]
+        pane = _wait(lambda: (p := _tmux(sock, "capture-pane", "-p", "-J", "-t", "dash")) and "exit=" in p and p, 30)
+        run = next((tmp_path / ".meshctl" / "runs").iterdir())
+        assert "exit=130" in pane and f"run stopped: {run} (stopped from the dashboard)" in pane, pane
+        assert "failed" not in pane, pane
+    finally:
+        _tmux(sock, "kill-server")

@@ -245,9 +245,9 @@ def test_the_policy_decisions_list_shows_exclusions_and_suspensions():
             await pilot.pause()
             table = app.query_one(PolicyTable)
             assert table.plain_rows == [
-                ["exclude", "outlier", "update.digits.2.client-0", "norm far above", "mesh.yaml:30:5", "runtime"],
-                ["suspend", "outlier", "domain.client-0",
-                 "2 update(s) excluded in job digits: client-0 takes no further part", "–", "runtime"]]
+                ["exclude", "outlier", "mesh.yaml:30:5", "coordinator", "update.digits.2.client-0", "norm far above"],
+                ["suspend", "outlier", "–", "coordinator", "domain.client-0",
+                 "2 update(s) excluded in job digits: client-0 takes no further part"]]
             styles = [table.get_row_at(i)[0].style for i in range(2)]
             assert all(s.bold for s in styles)
 

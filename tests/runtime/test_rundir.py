@@ -160,7 +160,7 @@ def test_jobs_and_domains_from_the_events(tmp_path, make_plan):
                           metrics={"loss": 0.5, "accuracy": 0.75}, bytes_in=1, bytes_out=1, seconds=0.1),
         ev.RoundCompleted(job="digits", round=2, rounds=5, participants=[], train_loss=1.0,
                           metrics={"loss": 0.4, "accuracy": 0.8125}, bytes_in=1, bytes_out=1, seconds=0.1),
-        ev.DomainLost(domain="client-1", reason="no heartbeat for 15 s"),
+        ev.DomainLost(domain="client-1", reason="no heartbeat for 15 s", cause="heartbeat silence"),
         ev.DomainRefused(domain="client-2", reason="cannot read its data"),
         ev.DomainHeartbeat(domain="client-0", state="training"),
     ], plan=plan)
@@ -171,12 +171,13 @@ def test_jobs_and_domains_from_the_events(tmp_path, make_plan):
         assert (job.name, job.state, job.done, job.rounds, job.metrics["accuracy"]) == ("digits", "training", 2, 5,
                                                                                         0.8125)
         states = {x.name: (x.state, x.reason, x.pid) for x in run.domains()}
-        assert states == {"client-0": ("connected", "", 11), "client-1": ("lost", "no heartbeat for 15 s", 12),
+        assert states == {"client-0": ("connected", "", 11),
+                          "client-1": ("lost", "heartbeat silence: no heartbeat for 15 s", 12),
                           "client-2": ("refused", "cannot read its data", 13)}
         text = render_status(d)
         assert text.splitlines()[0].startswith("run r: running  (started ")
         assert "domains: 1 connected, 0 missing, 2 lost or refused" in text
-        assert "no heartbeat for 15 s" in text and "digits  training  2/5" in text
+        assert "heartbeat silence: no heartbeat for 15 s" in text and "digits  training  2/5" in text
         table = render_runs(tmp_path).splitlines()
         assert table[0].split() == ["RUN", "STATUS", "STARTED", "(UTC)", "DURATION", "JOBS", "ROUNDS", "METRIC",
                                     "REASON"]

@@ -102,9 +102,9 @@ def test_catalog_tab_search_and_detail() -> None:
             rows = table.plain_rows
             assert [r[0] for r in rows] == ["charite.biopsies", "karolinska.biopsies",
                                             "amsterdam-umc.biopsies"]
-            assert rows[0][1:] == ["charite", "data@charite.example", "restricted",
-                                   "tumor-biopsy@1.0.0", "failed 1/2", "7d", "259"]
-            assert rows[1][5] == "passed 2/2"
+            assert rows[0][1:] == ["failed 1/2", "259", "restricted", "7d", "tumor-biopsy@1.0.0",
+                                   "data@charite.example", "charite"]
+            assert rows[1][1] == "passed 2/2"
             view = app.query_one(CatalogView)
             text = view.detail_text
             assert "charite.biopsies" in text and "restricted" in text
@@ -142,6 +142,19 @@ def test_catalog_without_product_listed_still_lists_joined_products() -> None:
             rows = app.query_one(CatalogTable).plain_rows
             assert [r[0] for r in rows] == ["charite.biopsies", "karolinska.biopsies",
                                             "vhio.biopsies"]
-            assert rows[0][5] == "unchecked" and rows[0][7] == "200"
+            assert rows[0][1] == "unchecked" and rows[0][2] == "200"
 
     asyncio.run(run())
+
+
+def test_round_ticks_are_integers_and_the_best_round_is_marked() -> None:
+    from meshctl.tui.widgets.rounds_view import best_round, round_ticks
+
+    assert round_ticks(1, 15) == [1, 5, 9, 13, 15]
+    assert round_ticks(1, 2) == [1, 2] and round_ticks(3, 3) == [3]
+    assert all(isinstance(t, int) for t in round_ticks(1, 400)) and len(round_ticks(1, 400)) <= 5
+    loss = {"train": ([1, 2, 3], [0.9, 0.5, 0.4]), "test": ([1, 2, 3], [0.8, 0.3, 0.35])}
+    assert best_round(loss) == (2, "test")  # the lowest test loss
+    assert best_round({"accuracy": ([1, 2, 3], [0.7, 0.9, 0.8])}) == (2, "accuracy")  # the highest
+    assert best_round({"mae": ([1, 2], [3.0, 2.0])}) == (2, "mae")
+    assert best_round({"accuracy": ([], [])}) is None

@@ -170,3 +170,60 @@ def test_events_filtered_by_kind_domain_and_rounds(snap_compare, size: tuple[int
     app, fed = _app()
     assert snap_compare(app, press=["5", "slash", *"kind:update domain:charite round:3-5"],
                         terminal_size=size, run_before=fed)
+
+
+# -- issue 14: the console people want ------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_help_screen(snap_compare, size: tuple[int, int]) -> None:
+    app, fed = _app()
+    assert snap_compare(app, press=["2", "question_mark"], terminal_size=size, run_before=fed)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_failed_run(snap_compare, size: tuple[int, int]) -> None:
+    from pathlib import Path
+
+    from test_tui_failure import _failed
+
+    events = _failed()
+    app = make_app(clock=lambda: events[-1].ts + 1.0)
+    app.run_dir = Path("/srv/runs/r-0001")
+    assert snap_compare(app, terminal_size=size, run_before=_fed(app, events))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_log_viewer(snap_compare, size: tuple[int, int]) -> None:
+    app, fed = _app()
+    app.run_dir = FIXTURES  # tests/tui/fixtures/logs/*.log
+
+    async def opened(pilot) -> None:
+        await fed(pilot)
+        await pilot.press("l")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=size, run_before=opened)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_domain_drill_down(snap_compare, size: tuple[int, int]) -> None:
+    app, fed = _app()
+
+    async def opened(pilot) -> None:
+        from meshctl.tui.widgets import DomainTable
+
+        await fed(pilot)
+        app.query_one(DomainTable).focus()
+        await pilot.press("down", "enter")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=size, run_before=opened)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_replay_jumped_to_round_7(snap_compare, size: tuple[int, int]) -> None:
+    replay = ScrubReplay(FIXTURES / "events.jsonl", speed=1.0)
+    replay.paused = True
+    app = make_app(event_source=replay, plan=load_plan(FIXTURES))
+    assert snap_compare(app, press=["j", "7", "enter", "2"], terminal_size=size)

@@ -67,10 +67,9 @@ def test_policies_tab_lists_every_decision_and_styles_denials() -> None:
             await pilot.pause()
             table = app.query_one(PolicyTable)
             assert table.plain_rows == [
-                ["allow", "minimum-cohort", "malignancy", "3 participants", "–", "compile"],
-                ["warn", "fresh-data", "vhio.biopsies", "data is 9 days old", "–", "run"],
-                ["deny", "no-export", "vhio.raw", "raw rows may not leave", "mesh.yaml:42:5",
-                 "compile"],
+                ["allow", "minimum-cohort", "–", "compiler", "malignancy", "3 participants"],
+                ["warn", "fresh-data", "–", "coordinator", "vhio.biopsies", "data is 9 days old"],
+                ["deny", "no-export", "mesh.yaml:42:5", "compiler", "vhio.raw", "raw rows may not leave"],
             ]
             assert table.border_subtitle == "3 decisions, 1 denied"
             allow, warn, deny = (table.get_row_at(i)[0].style for i in range(3))
@@ -78,7 +77,7 @@ def test_policies_tab_lists_every_decision_and_styles_denials() -> None:
             assert deny.bold and deny.color != allow.color
             # new decisions arrive as rows too
             await _feed(app, pilot, [DENY.model_copy(update={"subject": "karolinska.raw"})])
-            assert table.row_count == 4 and table.plain_rows[-1][2] == "karolinska.raw"
+            assert table.row_count == 4 and table.plain_rows[-1][4] == "karolinska.raw"
 
     asyncio.run(run())
 

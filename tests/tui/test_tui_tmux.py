@@ -66,8 +66,9 @@ def test_up_shows_the_rounds_advance_in_a_real_terminal(tmp_path: Path) -> None:
         assert len(seen) >= 2, f"saw only {seen}"  # more than one frame of progress
         assert "malignancy  15/15" in final and "0.9211" in final  # last round's accuracy
         _tmux(sock, "send-keys", "-t", "dash", "1")
-        overview = _wait(sock, lambda s: "malignancy 15/15 completed" in s, 10)
-        assert "coordinator completed" in overview
+        # (the header's job line says `malignancy 15/15 completed` on every tab: wait for the Overview's own line)
+        overview = _wait(sock, lambda s: "coordinator completed" in s, 10)
+        assert "malignancy 15/15 completed" in overview
         _tmux(sock, "send-keys", "-t", "dash", "q")
         after = _wait(sock, lambda s: "run completed:" in s, 30)
         run_dir = Path(after.split("run completed:")[1].split()[0])

@@ -215,6 +215,23 @@ def test_a_result_file_that_is_gone_is_one_line_in_the_table(tmp_path: Path) -> 
 # -- a domain that could not read its data ---------------------------------------------
 
 
+def test_the_dashboard_takes_a_lost_domains_cause_from_the_event_not_a_guess() -> None:
+    """Issue 14: DomainLost.cause, set by the coordinator, is what the dashboard shows."""
+    t0 = 1_700_000_000.0
+    events = [
+        ev.RunStarted(seq=1, ts=t0, run="r", mesh="m", plan_hash="h", run_dir="/x", jobs=["j"], domains=DOMAINS),
+        ev.DomainJoined(seq=2, ts=t0 + 1, domain="charite", products=["charite.biopsies"]),
+        ev.DomainHeartbeat(seq=3, ts=t0 + 2, domain="charite", state="idle"),
+        ev.DomainLost(seq=4, ts=t0 + 3, domain="charite", reason="daemon exited with code 3: cannot read x",
+                      cause="data refused"),
+        ev.DomainLost(seq=5, ts=t0 + 3, domain="vhio", reason="unreachable: closed", cause="connection closed"),
+    ]
+    state = reduce_all(events)
+    assert (state.domains["charite"].state, state.domains["charite"].cause) == ("refused", "data")
+    assert (state.domains["vhio"].state, state.domains["vhio"].cause) == ("lost", "connection closed")
+
+
+
 def test_a_domain_that_could_not_read_its_data_is_refused_data_not_lost() -> None:
     t0 = 1_700_000_000.0
     events = [

@@ -116,7 +116,8 @@ class Analysis:
         if problem:
             self.sink.emit(ev.MessageRejected(sender=domain, reason=problem))
             if domain in analysis.participants and domain not in self.replies:
-                self.members.lose(domain, f"sent aggregates the plan does not allow ({problem})", final=True)
+                self.members.lose(domain, f"sent aggregates the plan does not allow ({problem})", final=True,
+                                  cause="output gate")
             return True
         self.replies[domain] = msg
         return True

@@ -117,8 +117,11 @@ class Members:
                    category_counts=dict(msg.category_counts))
         if peer is not None:  # the same key on a new connection: the daemon restarted, the old connection is dead
             silent = self.clock.monotonic() - peer.last_seen
-            self.lose(domain, f"no heartbeat for {silent:.0f}s" if silent > self.heartbeat_timeout else
-                      f"restarted: said Hello again on a new connection (pid {msg.pid})")
+            if silent > self.heartbeat_timeout:
+                self.lose(domain, f"no heartbeat for {silent:.0f}s", cause="heartbeat silence")
+            else:
+                self.lose(domain, f"restarted: said Hello again on a new connection (pid {msg.pid})",
+                          cause="restarted")
         back = domain in self.failed or domain in self.waiting
         self.gone.discard(domain)
         if back:
@@ -150,9 +153,9 @@ class Members:
             self.sink.emit(ev.DomainHeartbeat(domain=domain, state=msg.state))
 
     # -- losing and coming back ------------------------------------------------------
-    def lose(self, domain: str, reason: str, *, final: bool = False) -> None:
+    def lose(self, domain: str, reason: str, *, final: bool = False, cause: str = "") -> None:
         """Declare `domain` lost with `reason` (once per loss; nothing while the run closes); `final`:
-        it cannot come back by itself (see `gone`)."""
+        it cannot come back by itself (see `gone`); `cause`: DomainLost.cause."""
         if final:
             self.gone.add(domain)
         if self.closing or (domain in self.failed and domain not in self.peers):
@@ -161,7 +164,7 @@ class Members:
             reason += f" (log: {self.logs[domain]})"
         self.failed[domain] = reason
         self.peers.pop(domain, None)
-        self.sink.emit(ev.DomainLost(domain=domain, reason=reason))
+        self.sink.emit(ev.DomainLost(domain=domain, reason=reason, cause=cause))
 
     def check_liveness(self) -> None:
         """Lose every joined domain silent for the heartbeat timeout; forget silent waiting ones."""
@@ -172,7 +175,7 @@ class Members:
         for peer in list(self.peers.values()):
             silent = now - peer.last_seen
             if silent > self.heartbeat_timeout:
-                self.lose(peer.domain, f"no heartbeat for {silent:.0f}s")
+                self.lose(peer.domain, f"no heartbeat for {silent:.0f}s", cause="heartbeat silence")
         for domain, peer in list(self.waiting.items()):
             if now - peer.last_seen > self.heartbeat_timeout:
                 del self.waiting[domain]
@@ -224,7 +227,7 @@ class Members:
         try:
             return self.link.send(peer.identity, self._stamp(msg), tensors)
         except Unreachable as err:
-            self.lose(peer.domain, f"unreachable: {err}")
+            self.lose(peer.domain, f"unreachable: {err}", cause="connection closed")
             return 0
 
     def _stamp(self, msg: Any) -> Any:

@@ -429,7 +429,7 @@ class Coordinator:
 
     def _fail(self, domain: str, reason: str) -> None:
         """The domain itself reported a failure it cannot go on from: lost, and no round waits for it."""
-        self.members.lose(domain, reason, final=True)
+        self.members.lose(domain, reason, final=True, cause="error reported")
 
     def _reap(self) -> None:
         while self.children:
@@ -447,8 +447,9 @@ class Coordinator:
     def _reap_exited(self, domain: str, code: int) -> None:
         """A forked daemon exited with `code`: lost for good (nothing restarts it; no round waits for it)."""
         if domain in self.peers or self.current is not None or code != 0:
+            joined = domain in self.peers or domain in self.members.failed or domain in self.members.waiting
             self.members.lose(domain, f"daemon exited with code {code}: {_daemon_said(self.run_dir, domain)}",
-                              final=True)
+                              final=True, cause=f"exited with code {code}" if joined else "data refused")
 
     def _send(self, peer: Peer, msg: Any, tensors: wire.Tensors | None = None) -> int:
         return self.members.send(peer, msg, tensors)

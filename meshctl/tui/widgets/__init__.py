@@ -5,6 +5,8 @@ from meshctl.tui.widgets.catalog_view import CatalogTable, CatalogView
 from meshctl.tui.widgets.domain_table import DomainTable
 from meshctl.tui.widgets.event_filter import EventsView, FilteredLog
 from meshctl.tui.widgets.event_log import EventLog
+from meshctl.tui.widgets.failure_banner import FailureBanner
+from meshctl.tui.widgets.help_screen import HelpScreen
 from meshctl.tui.widgets.jobs_panel import JobsPanel
 from meshctl.tui.widgets.policy_table import PolicyTable
 from meshctl.tui.widgets.quit_dialog import QuitDialog
@@ -13,5 +15,5 @@ from meshctl.tui.widgets.rounds_view import ContributionTable, RoundPlot, Rounds
 from meshctl.tui.widgets.run_header import RunHeader
 
 __all__ = ["AnalysisTable", "CatalogTable", "CatalogView", "ContributionTable", "DomainTable", "EventLog",
-           "EventsView", "FilteredLog", "JobsPanel", "PolicyTable", "QuitDialog", "RoundPlot",
+           "EventsView", "FailureBanner", "FilteredLog", "HelpScreen", "JobsPanel", "PolicyTable", "QuitDialog", "RoundPlot",
            "RoundsTable", "RoundsView", "RunHeader"]

@@ -19,11 +19,11 @@ from meshctl.tui.widgets._format import MISSING
 STATUSES = ("passed", "warning", "failed", "unchecked")
 
 COLUMNS: tuple[tuple[str, str], ...] = (
-    ("address", "product"), ("domain", "domain"), ("owner", "owner"),
-    ("classification", "class"), ("contract", "contract"), ("checks", "checks"),
-    ("freshness", "fresh"), ("rows", "rows"),
+    ("address", "product"), ("checks", "checks"), ("rows", "rows"), ("classification", "class"),
+    ("freshness", "fresh"), ("contract", "contract"), ("owner", "owner"), ("domain", "domain"),
 )
-"""(column key, label) in display order."""
+"""(column key, label) in display order: the checks (`passed 14/14`) right after the product, so
+a narrow terminal cuts the owner and the domain (already in the address), never the checks."""
 
 
 def product_text(p: ProductView) -> str:
@@ -71,9 +71,9 @@ class CatalogTable(DataTable[str | Text]):
         status = product_status(p)
         badge = Text(_checks_label(p, status), style=self.get_component_rich_style(
             f"catalog-table--{status}", partial=True))
-        return (p.address, p.domain, p.owner or MISSING, p.classification or MISSING,
-                p.contract or MISSING, badge, p.freshness or MISSING,
-                MISSING if p.rows is None else f"{p.rows:,}")
+        return (p.address, badge, MISSING if p.rows is None else f"{p.rows:,}",
+                p.classification or MISSING, p.freshness or MISSING, p.contract or MISSING,
+                p.owner or MISSING, p.domain)
 
     def current(self) -> str | None:
         """The address under the cursor, or None for an empty table."""

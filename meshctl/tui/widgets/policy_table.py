@@ -13,10 +13,11 @@ EFFECTS = ("allow", "warn", "deny", "exclude", "suspend")
 """`exclude` and `suspend`: a round policy left an update out, or a domain out of its job."""
 
 COLUMNS: tuple[tuple[str, str], ...] = (
-    ("effect", "effect"), ("policy", "policy"), ("subject", "subject"),
-    ("reason", "reason"), ("at", "at"), ("stage", "stage"),
+    ("effect", "effect"), ("policy", "policy"), ("at", "at"), ("by", "decided by"),
+    ("subject", "subject"), ("reason", "reason"),
 )
-"""(column key, label) in display order."""
+"""(column key, label) in display order: the short columns first, so `at` (`mesh.yaml:12:5`) and
+who decided are never cut off by a long reason (the last column; the Events tab shows it whole)."""
 
 
 class PolicyTable(DataTable[Text]):
@@ -51,8 +52,8 @@ class PolicyTable(DataTable[Text]):
         """A decision's cells in `COLUMNS` order, styled by its effect."""
         effect = decision.effect if decision.effect in EFFECTS else "allow"
         style = self.get_component_rich_style(f"policy-table--{effect}", partial=True)
-        values = (decision.effect, decision.policy, decision.subject, decision.reason,
-                  decision.at or "–", decision.stage)
+        values = (decision.effect, decision.policy, decision.at or "–", decision.decided_by,
+                  decision.subject, decision.reason)
         return tuple(Text(v, style=style) for v in values)
 
     @property

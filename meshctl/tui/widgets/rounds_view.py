@@ -94,12 +94,54 @@ class RoundPlot(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
+        self.best = best_round(series)
         plt.title(title)
         for label, (xs, ys) in series.items():
             if xs:
                 plt.plot(xs, ys, label=label, marker="braille")
-        plt.xlabel("round")
+        xs = sorted({x for x, _ in series.values() for x in x})
+        ys = [y for _, values in series.values() for y in values]
+        if xs:
+            self.ticks = tuple(round_ticks(xs[0], xs[-1]))
+            plt.xticks(list(self.ticks), [str(t) for t in self.ticks])
+        if ys:  # headroom on top: the legend (top left) sits above the curves, not on them
+            lo, hi = min(ys), max(ys)
+            span = (hi - lo) or abs(hi) or 1.0
+            plt.ylim(lo - span * 0.05, hi + span * 0.45)
+        if self.best:
+            plt.vline(self.best[0], "green")
+        plt.xlabel(f"round (best {self.best[0]})" if self.best else "round")
         self.refresh()
+
+    best: tuple[int, str] | None = None
+    """(round, series) of the best value plotted, or None."""
+    ticks: tuple[int, ...] = ()
+    """The round ticks on the x axis (integers)."""
+
+
+def round_ticks(first: int, last: int, most: int = 5) -> list[int]:
+    """At most `most` integer ticks from `first` to `last`, evenly spaced, both ends included."""
+    if last <= first:
+        return [first]
+    step = max(1, -(-(last - first) // (most - 1)))
+    ticks = list(range(first, last, step))
+    return ticks + [last] if last - ticks[-1] >= step / 2 or len(ticks) == 1 else ticks[:-1] + [last]
+
+
+_LOWER = ("loss", "error", "mse", "mae", "rmse")
+
+
+def best_round(series: dict[str, tuple[list[int], list[float]]]) -> tuple[int, str] | None:
+    """(round, series): where the first series worth judging is best: the test loss (lowest), else
+    the first metric (lowest for a loss or an error, else highest). None when nothing is plotted."""
+    names = [n for n, (xs, _) in series.items() if xs]
+    if not names:
+        return None
+    name = "test" if "test" in names else names[0]
+    xs, ys = series[name]
+    lower = name in ("test", "train") or any(w in name.lower() for w in _LOWER)
+    i = min(range(len(ys)), key=lambda k: (ys[k] if lower else -ys[k], xs[k]))
+    return xs[i], name
 
 
 def loss_series(rows: list[RoundRow]) -> dict[str, tuple[list[int], list[float]]]:

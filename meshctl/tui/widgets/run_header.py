@@ -22,8 +22,8 @@ class RunHeader(Horizontal):
 
     def show(self, state: MeshState, replay: str = "") -> None:
         """Render `state` into the bar; `replay` (`replay playing`, `replay paused`, …) marks a replay."""
-        info = Text()
-        info.append(state.mesh or "(waiting for run)", style="bold")
+        info = Text(no_wrap=True, overflow="ellipsis")  # a narrow terminal cuts the run line, never
+        info.append(state.mesh or "(waiting for run)", style="bold")  # wraps it over the job line
         if state.run_id:
             info.append("  run ").append(state.run_id, style="bold")
         if state.plan_hash:
@@ -35,8 +35,8 @@ class RunHeader(Horizontal):
         label = state.state.upper()
         if state.state == "lost":
             label = "COORDINATOR LOST"
-        if state.state == "failed" and state.reason:
-            label += f": {state.reason}"
+        # a failed run's reason is in the FailureBanner under the header, whole (here it squeezed
+        # the run line out)
         if state.seconds is not None:
             label += f" ({fmt_seconds(state.seconds)})"
         shown = state.state

@@ -56,6 +56,7 @@ def test_a_silent_domain_is_lost_after_the_heartbeat_timeout_and_quorum_goes_on(
     assert r.run() == ""
     lost = r.sink.of(ev.DomainLost)
     assert [e.domain for e in lost] == ["client-2"] and lost[0].reason.startswith("no heartbeat for 1")
+    assert lost[0].cause == "heartbeat silence"  # issue 14: the coordinator says why, status and dashboard show it
     assert 15.0 < r.clock.now - start < 17.5  # lost at the timeout, not at the round deadline (60 s)
     assert [e.participants for e in r.sink.of(ev.RoundCompleted)] == [["client-0", "client-1"]] * 3
     assert r.sink.of(ev.JobCompleted)[0].left_out == {"client-2": lost[0].reason.join(["lost: ", ""])}

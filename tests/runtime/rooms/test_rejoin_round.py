@@ -217,6 +217,18 @@ def test_a_forked_daemon_that_exited_is_not_waited_for(room):
     assert reason.startswith("job digits round 2: 2 of 3 participants remain, quorum is 3: domain client-2 lost: "
                              "daemon exited with code -9"), reason
     assert r.clock.now - start < 5.0 and r.sink.of(ev.RoundRetried) == []
+    assert [e.cause for e in r.sink.of(ev.DomainLost)] == ["exited with code -9"]
+
+
+def test_a_forked_daemon_that_exits_before_joining_is_lost_for_its_data(room):
+    """Issue 14: a daemon that never joined exited on its data: DomainLost.cause says so (no guess later)."""
+    r = room(n=3, quorum=2, rounds=1, connect=False)
+    r.domains["client-0"].connect()
+    r.domains["client-1"].connect()
+    r.hub.after(0.5, lambda: r.coordinator._reap_exited("client-2", 3))
+    assert r.run() == ""
+    [lost] = r.sink.of(ev.DomainLost)
+    assert (lost.domain, lost.cause) == ("client-2", "data refused")
 
 
 def test_a_domain_that_reports_its_own_failure_is_not_waited_for(room):

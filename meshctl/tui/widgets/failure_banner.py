@@ -1,0 +1,73 @@
+"""The panel a failed run shows under the header: why it failed, where, and which log to read.
+
+The header's badge says only FAILED (a long reason there squeezed the run line out); the whole
+reason is here, wrapped, never cut: the run's reason, each failed job's, the domains that were
+refused or lost, a `file:line` any of them names, and the log files to read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from meshctl.tui.state import MeshState
+
+_AT = re.compile(r"[\w./-]+\.[A-Za-z]\w*:\d+(?::\d+)?")
+"""A `file:line` or `file:line:col` in a reason (`mesh.yaml:12:5`, `model.py:40`)."""
+
+LOGS_DIR = "logs"
+COORDINATOR_LOG = "coordinator.log"
+
+
+def failure_lines(state: MeshState, run_dir: Path | None) -> list[tuple[str, str]]:
+    """(label, text) rows that explain a failed run; empty unless the run failed."""
+    if state.state != "failed":
+        return []
+    rows = [("reason", state.reason or "unknown")]
+    reasons = [state.reason]
+    for job in state.jobs.values():
+        if job.state == "failed":
+            last = job.rounds[-1].round if job.rounds else job.current_round
+            rows.append(("job", f"{job.name} (round {last}): {job.reason or 'failed'}"))
+            reasons.append(job.reason)
+    blamed = [d for d in state.domains.values() if d.state in ("refused", "lost")]
+    for d in blamed:
+        cause = f" ({d.cause})" if d.cause else ""
+        rows.append(("domain", f"{d.name} {d.state}{cause}: {d.reason}"))
+        reasons.append(d.reason)
+    at = next((m.group(0) for r in reasons for m in [_AT.search(r or "")] if m), "")
+    if at:
+        rows.append(("at", at))
+    base = run_dir if run_dir is not None else (Path(state.run_dir) if state.run_dir else None)
+    if base is not None:
+        logs = [base / LOGS_DIR / COORDINATOR_LOG, *(base / LOGS_DIR / f"{d.name}.log" for d in blamed)]
+        rows.append(("log", "  ".join(str(p) for p in logs)))
+    run = state.run_id or "RUN"
+    domains = "".join(f" --domain {d.name}" for d in blamed)
+    rows.append(("read", f"meshctl logs {run} --coordinator{domains}"))
+    return rows
+
+
+class FailureBanner(Static):
+    """Hidden until the run fails; then the rows of `failure_lines`, wrapped to the width."""
+
+    grid: Table | None = None
+    """What the panel shows now (None while hidden)."""
+
+    def show(self, state: MeshState, run_dir: Path | None) -> None:
+        """Show why `state`'s run failed (or hide when it did not)."""
+        rows = failure_lines(state, run_dir)
+        self.display = bool(rows)
+        if not rows:
+            return
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(justify="right", style="bold", no_wrap=True)
+        grid.add_column(overflow="fold")  # wrapped under itself, never cut
+        grid.add_row(Text(" RUN FAILED ", style="bold reverse"), "")
+        for label, line in rows:
+            grid.add_row(label, line)
+        self.grid = grid
+        self.update(grid)
