@@ -58,6 +58,14 @@ def _start(tmp_path: Path, sock: str) -> tuple[psutil.Process, list[psutil.Proce
     return up, [up, *up.children(recursive=True)]
 
 
+def _alive(p: psutil.Process) -> bool:
+    """Running and not a zombie; a process that exits between the two questions is not alive."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _ended(tmp_path: Path, procs: list[psutil.Process]) -> dict:
     run = next((tmp_path / ".meshctl" / "runs").iterdir())
 
@@ -67,7 +75,7 @@ def _ended(tmp_path: Path, procs: list[psutil.Process]) -> dict:
         return event if event["type"] == "run_completed" else None
 
     event = _wait(last, 30)
-    _wait(lambda: not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 20)
+    _wait(lambda: not [p for p in procs if _alive(p)], 20)
     assert not list((run / "keys").glob("*.key_secret"))
     assert verify_run(run).ok
     return event
