@@ -42,12 +42,9 @@ def train_local(
     batch_size)` steps.
     """
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer | _SGD = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
-        opt = _SGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = _optimizer(model, optimizer, lr, momentum, weight_decay)
     loss_fn = loss_function(loss, huber_delta=huber_delta)
-    task = "classification" if loss == "cross_entropy" else "binary" if loss == "bce" else "regression"
+    task = _task_of(loss)
     model.train()
     n = len(x)
     mean = 0.0
@@ -158,12 +155,9 @@ def train_stream(
     number of rows this is `train_local` exactly (the same order, the same steps).
     """
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer | _SGD = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
-        opt = _SGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = _optimizer(model, optimizer, lr, momentum, weight_decay)
     loss_fn = loss_function(loss, huber_delta=huber_delta)
-    task = "classification" if loss == "cross_entropy" else "binary" if loss == "bce" else "regression"
+    task = _task_of(loss)
     model.train()
     mean = 0.0
     for e in range(epochs):
@@ -220,3 +214,16 @@ def evaluate_stream(model: nn.Module, chunks: Iterable[tuple[torch.Tensor, torch
     from meshctl.runtime.kernels.metrics import pool
 
     return pool([evaluate(model, x, y, **kwargs) for x, y in chunks])  # type: ignore[arg-type]
+
+
+def _optimizer(model: nn.Module, optimizer: str, lr: float, momentum: float,
+               weight_decay: float) -> torch.optim.Optimizer | _SGD:
+    """A fresh optimizer for one call of local training (Adam, else meshctl's SGD)."""
+    if optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return _SGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _task_of(loss: str) -> str:
+    """The task a loss trains (how `prediction` shapes the model's output)."""
+    return "classification" if loss == "cross_entropy" else "binary" if loss == "bce" else "regression"
