@@ -37,8 +37,7 @@ def _app(**kwargs: object) -> tuple[MeshApp, object]:
 
     async def fed(pilot) -> None:
         app.refresh_s = 1e9  # no redraw while feeding (the clock would decide when): one flush
-        for e in events:
-            app.feed(e)
+        app.apply_events(events)  # reduced now: posted events could outlast one pause under load
         await pilot.pause()
         app.flush()
         await pilot.pause(0.2)  # let the logs and plots lay out what the flush wrote
@@ -82,8 +81,7 @@ def test_quit_dialog(snap_compare) -> None:
 
     async def fed(pilot) -> None:
         app.refresh_s = 1e9
-        for e in running:
-            app.feed(e)
+        app.apply_events(running)  # reduced now: posted events could outlast one pause under load
         await pilot.pause()
         app.flush()
         await pilot.pause(0.2)
@@ -106,8 +104,7 @@ def test_replay_scrubber_after_three_rounds(snap_compare) -> None:
 def _fed(app: MeshApp, events: list, then=None):
     async def fed(pilot) -> None:
         app.refresh_s = 1e9
-        for e in events:
-            app.feed(e)
+        app.apply_events(events)  # reduced now: posted events could outlast one pause under load
         await pilot.pause()
         if then is not None:
             then()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from textual import on
-from textual.app import ComposeResult
+from textual.app import ComposeResult, RenderResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
@@ -85,24 +85,33 @@ def contribution_cells(c: Contribution) -> tuple[str, ...]:
 class RoundPlot(PlotextPlot):
     """A line plot of some per-round series of one job."""
 
-    series: dict[str, tuple[list[int], list[float]]]
+    series: dict[str, tuple[list[int], list[float]]] = {}  # noqa: RUF012 (replaced, never mutated)
     """What is plotted now: label -> (rounds, values)."""
+    _title = ""
 
     def plot(self, title: str, series: dict[str, tuple[list[int], list[float]]]) -> None:
         """Replace the plot with `series` (label -> (rounds, values))."""
         self.series = series
+        self._title = title
+        self.best = best_round(series)
+        xs = sorted({x for x, _ in series.values() for x in x})
+        self.ticks = tuple(round_ticks(xs[0], xs[-1])) if xs else ()
+        self.refresh()
+
+    def render(self) -> RenderResult:
+        """The figure drawn afresh at this size: plotext keeps state from earlier draws (ticks
+        chosen for an older size), so the same series at the same size must not depend on which
+        sizes the widget passed through while the layout settled."""
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        self.best = best_round(series)
-        plt.title(title)
+        series = self.series
+        plt.title(self._title)
         for label, (xs, ys) in series.items():
             if xs:
                 plt.plot(xs, ys, label=label, marker="braille")
-        xs = sorted({x for x, _ in series.values() for x in x})
         ys = [y for _, values in series.values() for y in values]
-        if xs:
-            self.ticks = tuple(round_ticks(xs[0], xs[-1]))
+        if self.ticks:
             plt.xticks(list(self.ticks), [str(t) for t in self.ticks])
         if ys:  # headroom on top: the legend (top left) sits above the curves, not on them
             lo, hi = min(ys), max(ys)
@@ -111,7 +120,7 @@ class RoundPlot(PlotextPlot):
         if self.best:
             plt.vline(self.best[0], "green")
         plt.xlabel(f"round (best {self.best[0]})" if self.best else "round")
-        self.refresh()
+        return super().render()
 
     best: tuple[int, str] | None = None
     """(round, series) of the best value plotted, or None."""
@@ -120,12 +129,14 @@ class RoundPlot(PlotextPlot):
 
 
 def round_ticks(first: int, last: int, most: int = 5) -> list[int]:
-    """At most `most` integer ticks from `first` to `last`, evenly spaced, both ends included."""
+    """At most `most` integer ticks from `first` to `last`, both ends included, never closer than
+    one step: two labels closer than that would collide on a narrow plot, and which one plotext
+    then drops is not something to leave to it."""
     if last <= first:
         return [first]
     step = max(1, -(-(last - first) // (most - 1)))
     ticks = list(range(first, last, step))
-    return ticks + [last] if last - ticks[-1] >= step / 2 or len(ticks) == 1 else ticks[:-1] + [last]
+    return ticks + [last] if last - ticks[-1] >= step or len(ticks) == 1 else ticks[:-1] + [last]
 
 
 _LOWER = ("loss", "error", "mse", "mae", "rmse")
