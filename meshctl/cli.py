@@ -60,6 +60,21 @@ def busy(what: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def spinning(what: str) -> Iterator[Callable[[str], None]]:
+    """An `echo` for lines on stdout under a spinner saying `what`, while a headless run goes: on a
+    terminal only (stdout and stderr both), else plain `click.echo` (a pipe or a log gets the lines alone)."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()) or os.environ.get("TERM") == "dumb":
+        yield click.echo
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(file=sys.stdout, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+    with console.status(what):
+        yield lambda line: console.print(Text(line), soft_wrap=True)
+
+
 def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn MeshctlError into one line on stderr and its exit code; never a traceback."""
 
@@ -258,11 +273,13 @@ def plan_command(file: Path, output: Path | None, detailed_exitcode: bool,
 
     plan = _compile_or_exit(file, cached=True).plan
     out = output or file.with_name("mesh.plan.toml")
-    previous = _previous_plan(out) if against is None else _plan_at(against, file)
+    if against is None:
+        changes = _changes_since(out, plan)
+    else:
+        changes = diff_plans(_plan_at(against, file), plan)
     click.echo(render_plan_summary(plan))
     changed = True  # no previous plan: everything is new
-    if previous is not None:
-        changes = diff_plans(previous, plan)
+    if changes is not None:
         click.echo(render_changes(changes))
         changed = bool(changes)
     plan.write(out)
@@ -284,14 +301,15 @@ def _plan_at(rev: str, file: Path) -> Any:
     return result.plan
 
 
-def _previous_plan(path: Path):
-    """The plan at `path`, or None when there is none or it cannot be read (with a note)."""
-    from meshctl.compiler.plan import Plan
+def _changes_since(path: Path, plan: Any) -> Any:
+    """What `plan` changes against the plan at `path` (parsing only the resources whose TOML
+    differs), or None when there is none or it cannot be read (with a note)."""
+    from meshctl.compiler.plandiff import diff_plan_texts
 
     if not path.is_file():
         return None
     try:
-        return Plan.read(path)
+        return diff_plan_texts(path.read_text(encoding="utf-8"), plan.to_toml())
     except (OSError, ValueError) as err:  # TOML, UTF-8 and pydantic errors are ValueErrors
         reason = type(err).__name__
         click.echo(f"{path}: note: not a readable plan ({reason}); not diffing against it",
@@ -413,16 +431,11 @@ COORDINATOR_KEY = click.option(
 def up(file: Path, headless: bool, address: str | None, threads: int, coordinator_key: Path | None,
        join_timeout: float | None) -> None:
     """Compile FILE, start a coordinator and one daemon per local domain, and train."""
-    from meshctl.runtime.launcher import WarmCoordinator, start_run
+    from meshctl.runtime.launcher import start_run
 
-    warm = WarmCoordinator()  # imports torch while this process compiles
-    try:
-        plan = _compile_or_exit(file).plan
-        run = start_run(file, plan, address=address, threads=threads, warm=warm, coordinator_key=coordinator_key,
-                        join_timeout=join_timeout)
-    finally:
-        warm.discard()
-    _end(_attend(run, headless))
+    _end(_launch(file, headless, lambda plan, warm: start_run(
+        file, plan, address=address, threads=threads, warm=warm, coordinator_key=coordinator_key,
+        join_timeout=join_timeout)))
 
 
 @main.command()
@@ -523,21 +536,87 @@ def _attend(run: Any, headless: bool) -> Any:
     from meshctl.runtime.launcher import run_headless
 
     if headless or not sys.stdout.isatty():
-        return run_headless(run, click.echo)
-    from meshctl.runtime.launcher import interrupted, stop_on_signals
+        with spinning(f"run {run.m.run} going (Ctrl-C stops it)") as echo:
+            return run_headless(run, echo)
     from meshctl.tui.run import run_dashboard
+
+    return _in_dashboard(lambda: run_dashboard(run), run)
+
+
+def _in_dashboard(show: Callable[[], Any], run: Any = None) -> Any:
+    """`show()` the dashboard until the user quits, then print what headless prints at the end (the
+    jobs' metrics and model paths, the run directory); None when the user detached from the run."""
+    from meshctl.runtime.launcher import interrupted, stop_on_signals, summary_lines
 
     try:
         with stop_on_signals():  # SIGTERM/SIGHUP/SIGQUIT stop the run as the dashboard's quit does
-            result = run_dashboard(run)
+            result = show()
     except KeyboardInterrupt as err:
+        if run is None:  # not started yet: nothing to stop
+            raise
         return interrupted(run, getattr(err, "signum", 2), click.echo)
     if result.detached:  # the run goes on in the background
         click.echo(result.reason)
         return None
     if not result.signal:  # a stopped run: `_end` says so
+        for line in summary_lines(result):
+            click.echo(line)
         click.echo(f"run {'completed' if result.ok else 'failed'}: {result.run_dir}")
     return result
+
+
+class _NotCompiled(Exception):
+    """The mesh has errors (the compile result says which)."""
+
+
+def _launch(file: Path, headless: bool, launch: Callable[[Any, Any], Any]) -> Any:
+    """Compile FILE, start its run with `launch(plan, warm)` and attend it (see `_attend`).
+
+    In a terminal the dashboard shows at once (compiling, starting, waiting for domains) while the run
+    starts beside it; the compiler's diagnostics are printed once it has closed."""
+    if not file.is_file():
+        raise _no_file(file)
+    dashboard = not headless and sys.stdout.isatty()
+    if dashboard and sys.stderr.isatty():  # a line at once, while the dashboard's code loads (~1 s)
+        click.echo(f"meshctl: compiling {file}; the dashboard is on its way...", err=True)
+    from meshctl.compiler.diagnostics import SHOWN
+    from meshctl.runtime.launcher import WarmCoordinator
+
+    warm = WarmCoordinator()  # imports torch while this process compiles
+    if not dashboard:
+        try:
+            run = launch(_compile_or_exit(file).plan, warm)
+        finally:
+            warm.discard()
+        return _attend(run, headless)
+    from meshctl.compiler.compile import compile_mesh
+    from meshctl.tui.run import start_dashboard
+
+    compiled: list[Any] = []
+
+    def start(say: Callable[[str], None]) -> Any:
+        try:
+            compiled.append(compile_mesh(file))
+            if compiled[0].plan is None:
+                raise _NotCompiled
+            say("preparing the run")
+            return launch(compiled[0].plan, warm)
+        finally:
+            warm.discard()
+
+    def show() -> Any:
+        try:
+            return start_dashboard(start, f"compiling {file}")
+        finally:
+            if compiled and compiled[0].diagnostics:  # once the terminal is back
+                say_err(compiled[0].render_diagnostics(limit=SHOWN))
+
+    try:
+        return _in_dashboard(show)
+    except _NotCompiled:
+        n = len(compiled[0].errors)
+        click.echo(f"{n} error{'s' if n != 1 else ''}", err=True)
+        sys.exit(1)
 
 
 @main.command(hidden=True)
@@ -1096,16 +1175,13 @@ def lineage_export(run: str, output: Path | None, audit_mesh: Path) -> None:
 def analyze(name: str, file: Path, headless: bool, output: Path | None, address: str | None) -> None:
     """Run analysis NAME of FILE: each domain sends only aggregates; print the merged table."""
     from meshctl.runtime import analytics
-    from meshctl.runtime.launcher import WarmCoordinator, start_run
+    from meshctl.runtime.launcher import start_run
 
-    warm = WarmCoordinator()  # imports torch while this process compiles
-    try:
-        plan = _compile_or_exit(file).plan
+    def launch(plan: Any, warm: Any) -> Any:
         analytics.check_sources(plan, analytics.find_analysis(plan, name, str(file)), file.resolve().parent)
-        run = start_run(file, plan, address=address, analysis=name, warm=warm)
-    finally:
-        warm.discard()
-    result = _attend(run, headless)
+        return start_run(file, plan, address=address, analysis=name, warm=warm)
+
+    result = _launch(file, headless, launch)
     if result is None:  # detached: the result is written when the run ends
         return
     if result.signal:

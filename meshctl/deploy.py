@@ -7,8 +7,10 @@ the manifests carry the `kubectl create secret` command as a comment.
 
 What one domain gets (all named `meshctl-<domain>…`):
 
-- a ConfigMap with the mesh file, copied at start into the state volume, so
-  `.meshctl/` (privacy ledger, hashing secret) sits writable beside it;
+- a ConfigMap with the mesh file and every file it includes (`include:`), copied at
+  start into the state volume at the same relative paths (the top directories of included
+  files emptied first, so a file dropped from the mesh is not read), so `.meshctl/` (privacy
+  ledger, hashing secret) sits writable beside them;
 - a PersistentVolumeClaim for that state, which must outlive the pod (the ledger); it is
   also the data root (`--data-root`), with each of the domain's source files mounted
   read-only into it from the data volume, so the sources resolve as the mesh says;
@@ -28,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,7 +107,7 @@ def k8s_manifests(mesh_file: Path, domain: str, *, image: str = DEFAULT_IMAGE, c
     which must then name a host, not a wildcard). `coordinator_cidr` narrows the egress rule
     when HOST is a name. Every user mistake is a UserError of one line.
     """
-    raw, plan, where = _compile(mesh_file)
+    raw, plan, where, included = _compile(mesh_file)
     text = raw.decode()
     names = [d.name for d in plan.domains]
     if domain not in names:
@@ -122,7 +125,8 @@ def k8s_manifests(mesh_file: Path, domain: str, *, image: str = DEFAULT_IMAGE, c
     cidr = _cidr(host, coordinator_cidr)
     name = f"meshctl-{domain}"
     mesh_name = mesh_file.name
-    digest = hashlib.sha256(raw).hexdigest()
+    carried = _carried(mesh_file, mesh_name, text, included)
+    digest = hashlib.sha256(raw).hexdigest() if not included else _digest([(mesh_name, raw), *included])
     labels = {"app.kubernetes.io/name": "meshctl", "app.kubernetes.io/instance": domain,
               "app.kubernetes.io/component": "domain-service", "app.kubernetes.io/version": __version__}
     select = {"app.kubernetes.io/name": "meshctl", "app.kubernetes.io/instance": domain}
@@ -155,16 +159,18 @@ def k8s_manifests(mesh_file: Path, domain: str, *, image: str = DEFAULT_IMAGE, c
         header += ["", f"The NetworkPolicy allows TCP port {port} to any address ({host} is a name):",
                    "--coordinator-cidr CIDR narrows it to the coordinator's addresses."]
     objects = [
-        _configmap(name, labels, mesh_name, text),
+        _configmap(name, labels, {key: body for key, _, body in carried}),
         _state_claim(name, labels),
-        _deployment(name, labels, select, image, args, mesh_name, digest, domain, claim, sources),
+        _deployment(name, labels, select, image, args, mesh_name, digest, domain, claim, sources,
+                    [(key, path) for key, path, _ in carried] if included else None),
         _network_policy(name, labels, select, [(host, port, cidr), *databases]),
     ]
     return Manifests(domain, objects, header)
 
 
-def _compile(mesh_file: Path) -> tuple[bytes, Any, Callable[..., str]]:
-    """The mesh file's bytes, its plan, and a function YAML path -> `file:line:col`."""
+def _compile(mesh_file: Path) -> tuple[bytes, Any, Callable[..., str], list[tuple[str, bytes]]]:
+    """The mesh file's bytes, its plan, a function YAML path -> `file:line:col`, and the files it
+    includes (name relative to its directory, bytes), in the order the compile read them."""
     from meshctl.compiler.compile import compile_mesh
 
     if not mesh_file.is_file():
@@ -181,13 +187,55 @@ def _compile(mesh_file: Path) -> tuple[bytes, Any, Callable[..., str]]:
         raise UserError(f"{first.message} ({n} error{'s' if n != 1 else ''} in all)", where=first.where,
                         hint=f"meshctl validate {mesh_file} lists them")
 
-    def where(*path: str | int) -> str:
-        if result.loaded is None:
-            return str(mesh_file)
-        line, col = result.loaded.map.locate(path)
-        return f"{mesh_file}:{line}:{col}"
+    def where(*path: str | int) -> str:  # in the file that declares it (mesh.yaml or an include)
+        return result.where(*path) or str(mesh_file)
 
-    return raw, result.plan, where
+    included = [(part.name, part.raw) for part in result.includes]
+    total = len(raw) + sum(len(body) for _, body in included)
+    if included and total > CONFIGMAP_MAX:
+        raise UserError(f"the mesh file and the {len(included)} files it includes are {total} bytes; a ConfigMap "
+                        f"holds at most {CONFIGMAP_MAX}", where=str(mesh_file))
+    return raw, result.plan, where, included
+
+
+def _carried(mesh_file: Path, mesh_name: str, text: str,
+             included: list[tuple[str, bytes]]) -> list[tuple[str, str, str]]:
+    """(ConfigMap key, path beside the mesh file, text) of the mesh file and every file it includes.
+
+    A key is the file's relative path with `/` written `.` (a key may not hold `/`); the volume
+    puts each key back at its path. Two paths with one key, a name a key cannot hold, or a file
+    under .meshctl/ (each start empties the directories of included files) are a UserError."""
+    out = [(mesh_name, mesh_name, text)]
+    for name, body in included:
+        key = name.replace("/", ".")
+        where = str(mesh_file.parent / name)
+        if name.split("/")[0] == ".meshctl":
+            raise UserError(f"include {name!r} is under .meshctl/, the service's state (privacy ledger)",
+                            where=where, hint="keep mesh files outside .meshctl/")
+        if not _KEY.fullmatch(key) or len(key) > 253:
+            raise UserError(f"include {name!r}: a ConfigMap key holds only letters, digits, '-', '_' and '.'",
+                            where=where, hint="rename the file")
+        clash = next((path for k, path, _ in out if k == key), None)
+        if clash is not None:
+            raise UserError(f"include {name!r} and {clash!r} are both ConfigMap key {key!r}", where=where,
+                            hint="rename one of the files")
+        try:
+            out.append((key, name, body.decode()))
+        except UnicodeDecodeError:
+            raise UserError(f"include {name!r} is not UTF-8 text", where=where) from None
+    return out
+
+
+_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+
+
+def _digest(files: list[tuple[str, bytes]]) -> str:
+    """sha256 over each file's name and bytes (lengths first): changes when any file does."""
+    h = hashlib.sha256()
+    for name, body in files:
+        h.update(f"{len(name)}:{name}:{len(body)}:".encode())
+        h.update(body)
+    return h.hexdigest()
 
 
 def _dial_address(given: str | None, declared: str, declared_at: str) -> tuple[str, int]:
@@ -235,9 +283,9 @@ def _meta(name: str, labels: dict[str, str]) -> dict[str, Any]:
     return {"name": name, "labels": dict(labels)}
 
 
-def _configmap(name: str, labels: dict[str, str], mesh_name: str, text: str) -> dict[str, Any]:
+def _configmap(name: str, labels: dict[str, str], data: dict[str, str]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(f"{name}-mesh", labels),
-            "data": {mesh_name: text}}
+            "data": data}
 
 
 def _state_claim(name: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -246,7 +294,13 @@ def _state_claim(name: str, labels: dict[str, str]) -> dict[str, Any]:
 
 
 def _deployment(name: str, labels: dict[str, str], select: dict[str, str], image: str, args: list[str],
-                mesh_name: str, digest: str, domain: str, claim: str, sources: list[str]) -> dict[str, Any]:
+                mesh_name: str, digest: str, domain: str, claim: str, sources: list[str],
+                items: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """The service's Deployment. With `items` ((ConfigMap key, path) of the mesh file and its
+    includes) the ConfigMap volume places each key at its path; an init container empties the
+    top directories of those paths in the state volume (a file dropped from the mesh must not stay
+    there and be included) and the next copies them all, at the same relative paths, beside the
+    mesh file."""
     locked = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
               "capabilities": {"drop": ["ALL"]}}
     state = {"name": "state", "mountPath": MESH_DIR}
@@ -255,6 +309,17 @@ def _deployment(name: str, labels: dict[str, str], select: dict[str, str], image
             "volumeMounts": [{"name": "mesh", "mountPath": "/etc/meshctl/mesh", "readOnly": True}, state],
             "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
             "securityContext": locked}
+    inits = [init]
+    if items is not None:
+        init["command"] = ["cp", "-L", "--parents", "--", *(path for _, path in items), f"{MESH_DIR}/"]
+        init["workingDir"] = "/etc/meshctl/mesh"
+        volume = {"name": f"{name}-mesh", "items": [{"key": key, "path": path} for key, path in items]}
+        tops = sorted({path.split("/")[0] for _, path in items if "/" in path})
+        if tops:  # the copies of the last start, so a file no longer included is not read
+            inits.insert(0, {**init, "name": "mesh-clean", "workingDir": MESH_DIR,
+                             "command": ["rm", "-rf", "--", *tops]})
+    else:
+        volume = {"name": f"{name}-mesh"}
     main = {"name": "domain", "image": image, "args": args,
             "env": [{"name": "HOME", "value": "/tmp"}],
             "volumeMounts": [state, {"name": "key", "mountPath": KEY_DIR, "readOnly": True},
@@ -267,8 +332,8 @@ def _deployment(name: str, labels: dict[str, str], select: dict[str, str], image
            "terminationGracePeriodSeconds": 30,
            "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
                                "seccompProfile": {"type": "RuntimeDefault"}},
-           "initContainers": [init], "containers": [main],
-           "volumes": [{"name": "mesh", "configMap": {"name": f"{name}-mesh"}},
+           "initContainers": inits, "containers": [main],
+           "volumes": [{"name": "mesh", "configMap": volume},
                        {"name": "state", "persistentVolumeClaim": {"claimName": f"{name}-state"}},
                        {"name": "key", "secret": {"secretName": f"{name}-key", "defaultMode": 0o400,
                                                   "items": [{"key": f"{domain}.key_secret",

@@ -26,6 +26,7 @@ from ruamel.yaml.error import YAMLError
 
 from meshctl.compiler.compile import CompileResult, compile_bytes
 from meshctl.compiler.diagnostics import did_you_mean
+from meshctl.compiler.include import DirFiles, Files, Included
 from meshctl.compiler.odcs import Imported, OdcsError, import_contract, product_classification
 from meshctl.compiler.spec import MeshSpec
 from meshctl.errors import UserError
@@ -194,18 +195,41 @@ def compile_checked(path: Path) -> tuple[str, CompileResult, MeshSpec]:
     return raw.decode("utf-8-sig"), result, result.spec
 
 
-def write_checked(path: Path, before: CompileResult, text: str) -> CompileResult:
-    """Write `text` to `path` if it compiles with no error `before` did not have."""
-    after = compile_bytes(text.encode(), path, hashed=False)
+class _EditedFiles:
+    """The files beside mesh.yaml, as they would be with one included file edited."""
+
+    def __init__(self, base: Files, name: str, data: bytes) -> None:
+        self.base, self.name, self.data = base, name, data
+
+    def read(self, name: str) -> bytes:
+        """The edited bytes for the edited file, else what is on disk."""
+        return self.data if name == self.name else self.base.read(name)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Matching files on disk (the edited one exists there)."""
+        return self.base.glob(pattern)
+
+
+def write_checked(path: Path, before: CompileResult, text: str,
+                  included: Included | None = None) -> CompileResult:
+    """Write `text` to `path` (or to the `included` file of the mesh at `path`) if the mesh
+    compiles with no error `before` did not have."""
+    if included is None:
+        after = compile_bytes(text.encode(), path, hashed=False)
+        target = path
+    else:
+        files = _EditedFiles(DirFiles(path.parent), included.name, text.encode())
+        after = compile_bytes(path.read_bytes(), path, hashed=False, files=files)
+        target = path.parent / included.name
     old = {(d.code, d.message) for d in before.errors}
     new = [d for d in after.errors if (d.code, d.message) not in old]
     if new:
         first = new[0]
         raise UserError(f"the edit would not compile: {first.message} [{first.code}]",
-                        where=str(path), hint="nothing was written")
-    tmp = path.with_name(f".{path.name}.meshctl-edit")
+                        where=first.where, hint="nothing was written")
+    tmp = target.with_name(f".{target.name}.meshctl-edit")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    os.replace(tmp, target)
     return after
 
 
@@ -231,7 +255,8 @@ def request_access(path: Path, product: str, subject: str, purpose: str, *,
         raise UserError(f"product '{product}' is `access: open`: every model and analysis may read it, "
                         "no grant is needed", where=where)
     kind, name = _subject(spec, subject, where)
-    item = next(x for x in (spec.models if kind == "model" else spec.analyses) if x.name == name)
+    item = next(x for x in ([*spec.models, *spec.split_models] if kind == "model" else spec.analyses)
+                if x.name == name)
     if item.purpose and purpose != item.purpose:
         raise UserError(f"purpose '{purpose}' is not the purpose of {kind} '{name}' "
                         f"('{item.purpose}')", where=where, hint=f"--purpose {item.purpose}")
@@ -257,7 +282,7 @@ def request_access(path: Path, product: str, subject: str, purpose: str, *,
 def _subject(spec: MeshSpec, subject: str, where: str) -> tuple[str, str]:
     """(`model` | `analysis`, name) of `NAME`, `model:NAME` or `analysis:NAME`."""
     kind, _, name = subject.rpartition(":")
-    models = [m.name for m in spec.models]
+    models = [m.name for m in spec.models] + [m.name for m in spec.split_models]
     analyses = [a.name for a in spec.analyses]
     found = [k for k, names in (("model", models), ("analysis", analyses))
              if name in names and kind in ("", k)]
@@ -322,11 +347,15 @@ def add_contract(path: Path, contract: dict[str, Any], *, replace: bool) -> str:
         raise UserError(f"contract '{old.name}@{old.major}' already exists (version "
                         f"{old.version})", where=str(path),
                         hint="pass --replace to replace it, or bump the major version")
-    if same:
-        index = spec.contracts[same[0]].path[1]
+    included = None
+    if same:  # replaced where it is declared: mesh.yaml or the included file that holds it
+        included, (_, index) = result.declared_in(spec.contracts[same[0]].path)
         assert isinstance(index, int)
-        edited = replace_item(text, "contracts", index, contract, str(path))
+        if included is not None:
+            text = included.source.text
+        edited = replace_item(text, "contracts", index, contract,
+                              included.label if included is not None else str(path))
     else:
         edited = append_item(text, "contracts", contract, str(path))
-    write_checked(path, result, edited)
+    write_checked(path, result, edited, included)
     return "replaced" if same else "added"

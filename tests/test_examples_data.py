@@ -168,3 +168,57 @@ def test_write_mesh_eight_clients(digits, tmp_path):
     assert spec["models"][0]["architecture"]["hidden"] == [3000, 3000]
     assert spec["models"][0]["training"]["rounds"] == 5
     assert len(spec["contracts"][0]["columns"]) == 66
+
+
+# -- vertical (split learning, issue 15) ---------------------------------------
+
+VERTICAL = ROOT / "examples" / "vertical"
+VERTICAL_FILES = {"lab.parquet": "_mean", "imaging.parquet": "_worst", "clinic.csv": "_se"}
+
+
+@pytest.fixture(scope="module")
+def vertical():
+    pytest.importorskip("sklearn")
+    return _load("examples_vertical_make_data", VERTICAL / "make_data.py")
+
+
+def test_vertical_files_are_what_make_data_writes(vertical, tmp_path):
+    vertical.main(tmp_path)
+    con = duckdb.connect()
+    for fname in VERTICAL_FILES:
+        committed = VERTICAL / "data" / fname
+        assert committed.exists(), f"run python examples/vertical/make_data.py ({committed} missing)"
+        got = con.execute(f"SELECT * FROM {_scan(committed)}").fetchall()
+        assert got == con.execute(f"SELECT * FROM {_scan(tmp_path / fname)}").fetchall(), fname
+
+
+def test_vertical_columns_overlap_and_values():
+    from sklearn.datasets import load_breast_cancer
+
+    con = duckdb.connect()
+    ids = {}
+    for fname, suffix in VERTICAL_FILES.items():
+        path = VERTICAL / "data" / fname
+        cols = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {_scan(path)}").fetchall()]
+        assert cols[0] == "patient_id"
+        assert all(c.endswith(suffix) for c in cols[1:] if c != "diagnosis")
+        assert ("diagnosis" in cols) == (fname == "clinic.csv")
+        n, distinct = con.execute(f"SELECT count(*), count(DISTINCT patient_id) FROM {_scan(path)}").fetchone()
+        assert n == distinct
+        ids[fname] = {r[0] for r in con.execute(f"SELECT patient_id FROM {_scan(path)}").fetchall()}
+    everyone = set.union(*ids.values())
+    common = set.intersection(*ids.values())
+    assert len(everyone) == 569
+    assert 0.8 < len(common) / len(everyone) < 0.9
+    assert all(len(s - common) > 0 for s in ids.values()), "each domain holds rows the others lack"
+    # the joined table is the original data: every sklearn row appears once, with its label
+    lab, img, cli = (_scan(VERTICAL / "data" / f) for f in VERTICAL_FILES)
+    joined = con.execute(
+        f"SELECT l.radius_mean, i.radius_worst, c.radius_se, c.diagnosis FROM {lab} l "
+        f"JOIN {img} i USING (patient_id) JOIN {cli} c USING (patient_id)").fetchall()
+    ds = load_breast_cancer()
+    names = list(ds.feature_names)
+    want = {(r[names.index("mean radius")], r[names.index("worst radius")], r[names.index("radius error")],
+             "malignant" if t == 0 else "benign") for r, t in zip(ds.data, ds.target)}
+    assert len(joined) == len(common)
+    assert set(joined) <= want

@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import math
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from meshctl import PROTOCOL_VERSION, __version__
 from meshctl.compiler.analyses import metric_range
@@ -68,21 +69,56 @@ from meshctl.compiler.spec import (
 At = Callable[[YamlPath], str]
 """Maps a YAML path to `mesh.yaml:LINE:COL`."""
 
+M = TypeVar("M")
+_set = object.__setattr__
+_SHAPES: dict[type, tuple[dict[str, Any], tuple[tuple[str, Any], ...], frozenset[str]]] = {}
+
+
+def made(cls: type[M], /, **values: Any) -> M:
+    """`cls(**values)` without validating `values`, for values that already have the field's exact
+    type (validation would keep each one as it is: a str for a str, a float for a float, a Plan
+    object for a Plan object, a fresh list). The instance is the one `cls.model_construct(**values)`
+    makes (same `__dict__` in field order, fields set, extra, private); unknown or missing required
+    names are a TypeError. 10 to 20% cheaper than validating (the plan has 100,000 columns at full
+    size), and a value validation would have converted (an int for a float) is not converted."""
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        fields = cls.model_fields  # type: ignore[attr-defined]
+        shape = _SHAPES[cls] = (
+            {name: None if f.is_required() or f.default_factory else f.default for name, f in fields.items()},
+            tuple((name, f.default_factory) for name, f in fields.items() if f.default_factory),
+            frozenset(name for name, f in fields.items() if f.is_required()))
+    template, factories, required = shape
+    state = template.copy()  # field order; plan defaults are immutable (str, int, float, bool, None)
+    state.update(values)
+    if len(state) != len(template) or not required <= values.keys():
+        raise TypeError(f"{cls.__name__}: unknown or missing fields in {sorted(values)}")
+    for name, factory in factories:
+        if name not in values:
+            state[name] = factory()
+    instance = object.__new__(cls)
+    _set(instance, "__dict__", state)
+    _set(instance, "__pydantic_fields_set__", set(values))
+    _set(instance, "__pydantic_extra__", None)
+    _set(instance, "__pydantic_private__", None)
+    return instance
+
 
 def build_plan(spec: MeshSpec, resolution: Resolution, decisions: list[PlanDecision],
                policies: list[PlanPolicy], raw: bytes, at: At) -> Plan:
     """The Plan of a spec that compiled without errors (unhashed)."""
     coordinator = spec.mesh.coordinator
     domains = {d.name: d for d in spec.domains}
+    columns: dict[tuple, PlanColumn] = {}  # one PlanColumn per distinct column (frozen: shared)
     return Plan(
         plan=PlanHeader(mesh=spec.mesh.name, meshctl_version=__version__,
                         protocol_version=PROTOCOL_VERSION,
                         spec_hash="sha256:" + hashlib.sha256(raw).hexdigest()),
         coordinator=PlanCoordinator(**coordinator.model_dump()),
-        domains=[PlanDomain(name=d.name, owner=d.owner, jurisdiction=d.jurisdiction,
-                            address=d.address, public_key=d.public_key) for d in spec.domains],
-        products=[_product(p, resolution, domains) for p in spec.products],
-        contracts=[_contract(c, at) for c in sorted(spec.contracts, key=_contract_key)],
+        domains=[made(PlanDomain, name=d.name, owner=d.owner, jurisdiction=d.jurisdiction,
+                      address=d.address, public_key=d.public_key) for d in spec.domains],
+        products=[_product(p, resolution, domains, columns) for p in spec.products],
+        contracts=[_contract(c, at, columns) for c in sorted(spec.contracts, key=_contract_key)],
         jobs=[_job(r, resolution) for r in resolution.models],
         analyses=[_analysis(r, resolution) for r in resolution.analyses],
         grants=sorted((_grant(g, at) for g in resolution.grants.values()), key=lambda g: g.id),
@@ -95,34 +131,48 @@ def _contract_key(contract: Contract) -> tuple[str, tuple[int, ...]]:
     return contract.name, tuple(int(x) for x in contract.version.split("."))
 
 
-def _column(column: Column) -> PlanColumn:
+def _column(column: Column, made_columns: dict[tuple, PlanColumn]) -> PlanColumn:
+    """The plan's column; equal columns (the same name, type, pii, values... in many products)
+    share one frozen PlanColumn, made once."""
+    key = (column.name, column.type, column.pii, tuple(column.values),
+           tuple(map(repr, column.range)) if column.range is not None else None,  # -0.0 is not 0.0
+           column.masking, column.generalize,
+           tuple(column.shape) if column.shape is not None else None)
+    found = made_columns.get(key)
+    if found is None:
+        found = made_columns[key] = _new_column(column)
+    return found
+
+
+def _new_column(column: Column) -> PlanColumn:
     masking = column.masking or ("drop" if column.pii == "indirect" else None)
-    return PlanColumn(name=column.name, type=column.type, pii=column.pii,
-                      values=list(column.values),
-                      range=list(column.range) if column.range is not None else None,
-                      masking=masking if column.pii == "indirect" else None,
-                      generalize=(column.generalize or "") if masking == "generalize" else "",
-                      shape=list(column.shape) if column.type == "tensor" and column.shape else None)
+    return made(PlanColumn, name=column.name, type=column.type, pii=column.pii,
+                values=list(column.values),
+                range=list(column.range) if column.range is not None else None,
+                masking=masking if column.pii == "indirect" else None,
+                generalize=(column.generalize or "") if masking == "generalize" else "",
+                shape=list(column.shape) if column.type == "tensor" and column.shape else None)
 
 
-def _product(product: Product, resolution: Resolution, domains: dict[str, Domain]) -> PlanProduct:
+def _product(product: Product, resolution: Resolution, domains: dict[str, Domain],
+             made_columns: dict[tuple, PlanColumn]) -> PlanProduct:
     contract = resolution.contracts.get(id(product))
     kind = source_kind(product.source)
     assert kind is not None  # checked by sources.check_sources
     owner = domains.get(product.domain)
-    return PlanProduct(
-        id=f"{product.domain}.{product.name}", domain=product.domain, name=product.name,
+    return made(
+        PlanProduct, id=f"{product.domain}.{product.name}", domain=product.domain, name=product.name,
         source=product.source, format=kind.format, table=product.table or "",
         classification=product.classification, access=product.access,
         tags=list(product.tags), description=product.description,
         owner=owner.owner if owner else "",
         contract=f"{contract.name}@{contract.version}" if contract else "",
         sla=plan_sla(product.sla), epsilon_budget=product.epsilon_budget,
-        columns=[_column(c) for c in product.columns],
+        columns=[_column(c, made_columns) for c in product.columns],
     )
 
 
-def _contract(contract: Contract, at: At) -> PlanContract:
+def _contract(contract: Contract, at: At, made_columns: dict[tuple, PlanColumn]) -> PlanContract:
     names: dict[str, int] = {}
     quality = []
     for i, rule in enumerate(contract.quality):
@@ -131,10 +181,10 @@ def _contract(contract: Contract, at: At) -> PlanContract:
         if not rule.name and names[name] > 1:
             name = f"{name}#{names[name]}"
         quality.append(_rule(rule, name, at((*contract.path, "quality", i))))
-    return PlanContract(id=f"{contract.name}@{contract.version}", name=contract.name,
-                        version=contract.version, purposes=list(contract.purposes),
-                        columns=[_column(c) for c in contract.columns], quality=quality,
-                        sla=plan_sla(contract.sla))
+    return made(PlanContract, id=f"{contract.name}@{contract.version}", name=contract.name,
+                version=contract.version, purposes=list(contract.purposes),
+                columns=[_column(c, made_columns) for c in contract.columns], quality=quality,
+                sla=plan_sla(contract.sla))
 
 
 def _rule_name(rule: QualityRule, i: int) -> str:
@@ -167,7 +217,7 @@ def _text(value: object) -> str:
 
 
 def _reads(products: list[Product]) -> list[PlanRead]:
-    return [PlanRead(domain=p.domain, product=f"{p.domain}.{p.name}", client_id=i)
+    return [made(PlanRead, domain=p.domain, product=f"{p.domain}.{p.name}", client_id=i)
             for i, p in enumerate(products)]
 
 

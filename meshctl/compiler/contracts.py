@@ -98,6 +98,10 @@ def check_columns(columns: list[Column], path: YamlPath, report: Reporter) -> No
             report.error("MESH309", f"column '{column.name}' is declared twice",
                          (*path, i, "name"))
         seen.add(column.name)
+        if (column.range is None and column.masking is None and column.generalize is None
+                and column.shape is None and column.type != "tensor"
+                and (column.type == "category") == bool(column.values)):
+            continue  # nothing below can find fault with a plain column (most of 100,000)
         if column.type == "category" and not column.values:
             report.error("MESH204", f"category column '{column.name}' needs `values`",
                          (*path, i), hint="e.g. `values: [benign, malignant]`")

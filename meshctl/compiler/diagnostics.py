@@ -224,6 +224,15 @@ CODES: dict[str, str] = {
                "the rule: krum and multi_krum need 2f + 3, bulyan 4f + 3, the others 3; multi_krum selects at most the buckets.",
     "MESH556": "trimmed_mean with bucketing cuts floor(trim x buckets) = 0 bucket means from each end: a plain mean "
                "of the bucket means, no longer robust.",
+    "MESH560": "A split model's part or label names a product that is not declared; write `<domain>.<product>`.",
+    "MESH561": "A split model's part has no key column, or its key is not a column of the part's product "
+               "(a PII column may be the key: it is blinded for the intersection and never leaves in clear).",
+    "MESH562": "A split model's part reads a feature that is not a column of its own product, or no feature.",
+    "MESH563": "A split model's part lists a feature twice, or feeds its key or its label to a bottom model.",
+    "MESH564": "A split model's feature is a PII column or not numeric: bottom models read int, float and bool columns.",
+    "MESH565": "A split model's label is in a product that is not one of its parts: the label owner must be a participant.",
+    "MESH566": "A split model's label column is unknown, PII, or not a category column with at least 2 declared values.",
+    "MESH567": "A split model has two parts in the same domain: each domain contributes one part.",
 }
 
 SHOWN = 100

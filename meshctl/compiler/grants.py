@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from meshctl.compiler.diagnostics import did_you_mean
 from meshctl.compiler.resolved import References
-from meshctl.compiler.spec import Analysis, Grant, Model, Product
+from meshctl.compiler.spec import Analysis, Grant, Model, Product, SplitModel
 
 
 def grant_id(product: str, subject: str) -> str:
@@ -23,15 +23,17 @@ def resolve_grants(r: References) -> None:
     """Check every grant's references and purpose; then every read of a request product."""
     spec = r.spec
     products = {f"{p.domain}.{p.name}": p for p in spec.products}
-    subjects: dict[str, Model | Analysis] = {f"model:{m.name}": m for m in spec.models}
+    subjects: dict[str, Model | Analysis | SplitModel] = {f"model:{m.name}": m for m in spec.models}
     subjects.update({f"analysis:{a.name}": a for a in spec.analyses})
+    for split in spec.split_models:  # a split model's reads are checked with it (meshctl.compiler.split)
+        subjects.setdefault(f"model:{split.name}", split)
     complete = not r.invalid.get("grants")
     for grant in spec.grants:
         product_ok = _product(r, grant, products)
         subject = subjects.get(grant.subject)
         complete = complete and product_ok and subject is not None
         if subject is None:
-            _unknown_subject(r, grant, spec.models, spec.analyses)
+            _unknown_subject(r, grant, [*spec.models, *spec.split_models], spec.analyses)
         elif subject.purpose != grant.purpose:
             r.report.error("MESH404", f"grant for {grant.subject} has purpose "
                            f"'{grant.purpose}', but {grant.subject.replace(':', ' ')!s} serves "
@@ -65,7 +67,7 @@ def _product(r: References, grant: Grant, products: dict[str, Product]) -> bool:
     return False
 
 
-def _unknown_subject(r: References, grant: Grant, models: list[Model],
+def _unknown_subject(r: References, grant: Grant, models: list[Model | SplitModel],
                      analyses: list[Analysis]) -> None:
     kind = "model" if grant.model is not None else "analysis"
     name = grant.model if grant.model is not None else grant.analysis

@@ -58,9 +58,9 @@ def parse_spec(data: Any, report: Reporter) -> Parsed | None:
                 if isinstance(raw, dict) and isinstance(raw.get("name"), str):
                     parsed.broken.setdefault(section, set()).add(raw["name"])
                 continue
-            item._path = (section, i)
+            item.__pydantic_private__["_path"] = (section, i)  # = item._path, without pydantic's __setattr__
             for j, policy in enumerate(getattr(item, "policies", [])):
-                policy._path = (section, i, "policies", j)
+                policy.__pydantic_private__["_path"] = (section, i, "policies", j)
             valid.append(item)
         setattr(parsed.spec, section, valid)
     return parsed

@@ -2,8 +2,9 @@
 
 A Plan is frozen, fully resolved (every reference is an id, every shape is known)
 and deterministic: the same mesh.yaml gives the same TOML bytes. It is written as
-`mesh.plan.toml` with tomli-w so that it can be reviewed in git, and its content
-hash (sha256 of the TOML without the hash line) pins what the runtime executes.
+`mesh.plan.toml` (tomli-w's layout, by meshctl.compiler.tomlwrite) so that it can be
+reviewed in git, and its content hash (sha256 of the TOML without the hash line) pins
+what the runtime executes.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Literal
 
-import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from meshctl.compiler import tomlwrite
 
 PLAN_FORMAT = 1
 """Version of the plan file layout."""
@@ -469,6 +471,60 @@ class PlanAnalysis(_Frozen):
     grants: list[str] = Field(default_factory=list)
 
 
+class PlanSplitPart(_Frozen):
+    """One domain's part of a split model."""
+
+    domain: str
+    product: str
+    """Product id, `<domain>.<name>`."""
+    contract: str = ""
+    """`name@version` the product is published under; empty if none."""
+    key: str
+    """The entity key column; blinded for the intersection, never sent in clear."""
+    features: list[str]
+    hidden: list[int]
+    out: int
+    """Width of the part's activations (its cut layer)."""
+    tensors: list[PlanTensor]
+    """The bottom model's state (an mlp), which stays in the domain."""
+
+
+class PlanSplit(_Frozen):
+    """A split-learning job (docs/split-learning.md): private set intersection, then per batch
+    activations up to the label owner and gradients back; rows, labels and keys stay home."""
+
+    name: str
+    purpose: str = ""
+    participants: list[str]
+    """The parts' domains, in part order."""
+    parts: list[PlanSplitPart]
+    label_domain: str
+    """The domain holding the label: it runs the top model and the loss."""
+    label_product: str
+    label_column: str
+    classes: list[str]
+    top_hidden: list[int] = Field(default_factory=list)
+    top_tensors: list[PlanTensor]
+    clip: float | None = None
+    noise: float | None = None
+    min_intersection: int = 1
+    epochs: int
+    batch_size: int
+    optimizer: Literal["sgd", "adam"]
+    lr: float
+    seed: int = 0
+    standardize: bool = True
+    holdout: float = 0.2
+    metrics: list[str] = Field(default_factory=lambda: ["loss", "accuracy"])
+    round_timeout_s: float = 300.0
+    grants: list[str] | None = None
+    """Grant ids (`<product>->model:<name>`) the parts' `access: request` products are read under;
+    None when no part's product needs one."""
+
+    def part(self, domain: str) -> PlanSplitPart:
+        return next(p for p in self.parts if p.domain == domain)
+
+
 class PlanGrant(_Frozen):
     id: str
     """`<product>-><model|analysis>:<name>`, e.g. `charite.biopsies->model:malignancy`."""
@@ -531,6 +587,8 @@ class Plan(_Frozen):
     grants: list[PlanGrant] = Field(default_factory=list)
     policies: list[PlanPolicy] = Field(default_factory=list)
     decisions: list[PlanDecision] = Field(default_factory=list)
+    split_models: list[PlanSplit] = Field(default_factory=list)
+    """Split-learning jobs; empty (no TOML table) in meshes without them."""
 
     # -- lookups ---------------------------------------------------------------
     def domain(self, name: str) -> PlanDomain:
@@ -557,8 +615,11 @@ class Plan(_Frozen):
         """
         if id(self) in _TOML:
             return _TOML[id(self)]
-        data = self.model_dump(mode="json", exclude_none=True)
-        return tomli_w.dumps({k: v for k, v in data.items() if v != []})
+        from meshctl.compiler.loader import no_gc
+
+        with no_gc():  # a million acyclic containers: collections would scan them all, often
+            data = self.model_dump(mode="json", exclude_none=True)
+            return tomlwrite.dumps({k: v for k, v in data.items() if v != []})  # tomli-w's bytes
 
 
 
@@ -587,7 +648,10 @@ class Plan(_Frozen):
 
     @classmethod
     def from_toml(cls, text: str) -> Plan:
-        return cls.model_validate(tomllib.loads(text))
+        from meshctl.compiler.loader import no_gc
+
+        with no_gc():
+            return cls.model_validate(tomllib.loads(text))
 
     @classmethod
     def read(cls, path: str | Path) -> Plan:
@@ -595,11 +659,18 @@ class Plan(_Frozen):
 
     def write(self, path: str | Path) -> None:
         """Write the plan atomically: a failed write (full disk, a missing folder) leaves the
-        previous plan at `path` as it was."""
+        previous plan at `path` as it was. A file that already holds these bytes is left
+        untouched (its modification time too)."""
         path = Path(path)
+        text = self.to_toml()
+        try:
+            if path.read_text(encoding="utf-8") == text:
+                return
+        except (OSError, ValueError):  # none there, or not text: write it
+            pass
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            tmp.write_text(self.to_toml(), encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
         except OSError as err:  # name the file asked for, not the temporary one
             raise OSError(err.errno, err.strerror, str(path)) from None

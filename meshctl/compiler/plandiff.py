@@ -10,6 +10,8 @@ line) has no changes. Pure: no I/O.
 
 from __future__ import annotations
 
+import re
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -71,6 +73,105 @@ def diff_plans(old: Plan, new: Plan) -> list[Change]:
                            lambda a, b: (f"{a.effect} -> {b.effect}",) if a.effect != b.effect
                            else (), show=lambda d: (d.effect,))
     return changes
+
+
+_HEADER = re.compile(r"^\[(\[?)([^\].\n]*)([^\n]*)\n", re.MULTILINE)
+"""A table header line; values are one-line strings and arrays indent their items, so in
+TOML that meshctl wrote no value line starts with `[`."""
+
+_KEYS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
+    "domains": (("name",), lambda name: name),
+    "products": (("id",), lambda id_: id_),
+    "contracts": (("id",), lambda id_: id_),
+    "jobs": (("name",), lambda name: name),
+    "analyses": (("name",), lambda name: name),
+    "grants": (("id",), lambda id_: id_),
+    "policies": (("name", "domain"), lambda name, domain: f"{domain}.{name}" if domain else name),
+    "decisions": (("policy", "subject"), lambda policy, subject: f"{policy}/{subject}"),
+    "split_models": (("name",), lambda name: name),
+}
+"""The fields of a resource's block that `diff_plans` keys it by (the first is the block's
+first field, as meshctl writes it), and how it makes the key."""
+
+_START = re.compile(rf"^\[\[({'|'.join(_KEYS)})\]\]\n", re.MULTILINE)
+"""Where a resource's block starts."""
+
+_STRING = r'("[^"\\\n]*(?:\\.[^"\\\n]*)*")'
+"""A TOML basic string, quotes included."""
+
+_KEY_LINES = {section: re.compile(
+    rf'\[\[{section}\]\]\n{fields[0]} = {_STRING}\n'
+    + "".join(rf'(?:[a-z_]+ = [^\n]*\n)*?{f} = {_STRING}\n' for f in fields[1:]))
+    for section, (fields, _) in _KEYS.items()}
+"""A block's key fields, read from its first lines."""
+
+
+def diff_plan_texts(old: str, new: str) -> list[Change]:
+    """`diff_plans` of two plans' TOML texts, parsing only what differs.
+
+    Each text is cut into its head (everything before the first `[[...]]` header) and
+    one block per resource (`[[products]]` up to the next such header). A block found
+    unchanged in both texts is the same resource on both sides and adds no change, so
+    it is left out of both before parsing, and the rest is diffed as plans: the changes
+    are those `diff_plans` gives on the whole plans. A text laid out otherwise (not
+    written by meshctl, or naming a resource twice) is parsed and diffed whole.
+    ValueError when a text is not a plan.
+    """
+    if old == new:
+        return []
+    old_cut, new_cut = _blocks(old), _blocks(new)
+    if old_cut is None or new_cut is None:
+        return diff_plans(Plan.from_toml(old), Plan.from_toml(new))
+    same = {block for _, block in old_cut[1]} & {block for _, block in new_cut[1]}
+    return diff_plans(_partial(*old_cut, same), _partial(*new_cut, same))
+
+
+def _blocks(text: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """(head, [(section, block text)]) of a plan's TOML; None when it is not laid out as
+    meshctl writes it (a table outside its resource's block, a key not where meshctl
+    writes it, a resource named twice)."""
+    starts = [(m.start(), m.group(1)) for m in _START.finditer(text)]
+    if not starts:
+        return text, []
+    section = None
+    for array, name, rest in _HEADER.findall(text, starts[0][0]):
+        if array and rest == "]]" and name in _KEYS:
+            section = name
+        elif name != section or not rest.startswith("."):
+            return None  # a table of another section inside a resource's block
+    ends = [start for start, _ in starts[1:]] + [len(text)]
+    blocks = []
+    seen: set[tuple[str, str]] = set()
+    for (start, section), end in zip(starts, ends, strict=True):
+        m = _KEY_LINES[section].match(text, start, end)
+        if m is None:
+            return None
+        key = _KEYS[section][1](*(_unquote(raw) for raw in m.groups()))
+        if (section, key) in seen:
+            return None
+        seen.add((section, key))
+        blocks.append((section, text[start:end]))
+    return text[:starts[0][0]], blocks
+
+
+def _unquote(raw: str) -> str:
+    """A TOML basic string's value."""
+    if "\\" not in raw:
+        return raw[1:-1]
+    return tomllib.loads(f"v = {raw}")["v"]
+
+
+def _partial(head: str, blocks: list[tuple[str, str]], same: set[str]) -> Plan:
+    """The plan of `head` and the blocks not in `same`."""
+    data = tomllib.loads(head)
+    kept = tomllib.loads("".join(block for _, block in blocks if block not in same))
+    for section, items in kept.items():
+        if section in data:  # a section both in the head and in blocks: not a plan we wrote
+            raise ValueError(f"{section} is written twice")
+        data[section] = items
+    for section in _KEYS:  # every resource of a required section may be left out
+        data.setdefault(section, [])
+    return Plan.model_validate(data)
 
 
 def render_changes(changes: Sequence[Change]) -> str:

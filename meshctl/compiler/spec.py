@@ -49,7 +49,7 @@ class _Item(_Spec):
     @property
     def path(self) -> tuple[str | int, ...]:
         """YAML path of this item, e.g. ("products", 2)."""
-        return self._path
+        return self.__pydantic_private__["_path"]  # (self._path goes through pydantic's __getattr__)
 
 
 def _scalars_to_str(values: Any) -> Any:
@@ -570,6 +570,128 @@ class Model(_Item):
     """Per-round deadline in seconds."""
 
 
+class SplitBottom(_Spec):
+    """The bottom model of one part: it runs in the part's domain on that domain's columns."""
+
+    kind: Literal["mlp"] = "mlp"
+    """Built-in family: `mlp` (Linear/ReLU layers; the last layer has no ReLU)."""
+    hidden: list[int] = Field(default_factory=lambda: [16])
+    """Hidden layer widths."""
+    out: int = Field(default=8, ge=1)
+    """Width of the activations the part sends per row (its cut layer)."""
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, hidden: list[int]) -> list[int]:
+        if any(h <= 0 for h in hidden):
+            raise ValueError("layer widths must be positive")
+        return hidden
+
+
+class SplitPart(_Spec):
+    """One domain's share of a split model: its product, its columns and its bottom model."""
+
+    product: str
+    """`<domain>.<product>` holding this part's columns."""
+    key: str | None = None
+    """The entity key column in this product (default: the split model's `key`); it may be a PII
+    column: it is blinded for the private set intersection and never leaves the domain in clear."""
+    features: list[str]
+    """Numeric (int, float, bool) columns of the product this part's bottom model reads."""
+    bottom: SplitBottom = SplitBottom()
+    """The bottom model, trained in the domain; it never leaves it."""
+
+
+class SplitLabel(_Spec):
+    """Which product (of one of the parts) holds the label."""
+
+    product: str
+    """`<domain>.<product>`: one of the parts' products; its domain runs the top model and the loss."""
+    column: str
+    """A category column with declared values (one class each)."""
+
+
+class SplitTop(_Spec):
+    """The top model, run by the label owner on the concatenated activations of all parts."""
+
+    kind: Literal["mlp"] = "mlp"
+    """Built-in family: `mlp`."""
+    hidden: list[int] = Field(default_factory=list)
+    """Hidden layer widths ([] : one Linear layer)."""
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, hidden: list[int]) -> list[int]:
+        if any(h <= 0 for h in hidden):
+            raise ValueError("layer widths must be positive")
+        return hidden
+
+
+class SplitActivations(_Spec):
+    """Protection of the activations a part sends."""
+
+    clip: float | None = Field(default=None, gt=0)
+    """L2 bound of each row's activation vector (rows above it are scaled down to it)."""
+    noise: float | None = Field(default=None, gt=0)
+    """Standard deviation of Gaussian noise added to every activation before it leaves the domain."""
+
+
+class SplitTraining(_Spec):
+    """Training of a split model: epochs over the agreed rows, in seeded batches."""
+
+    epochs: int = Field(default=10, ge=1)
+    """Passes over the aligned training rows."""
+    batch_size: int = Field(default=32, ge=1)
+    """Rows per batch."""
+    optimizer: Literal["sgd", "adam"] = "adam"
+    """Optimizer of every bottom model and of the top model."""
+    lr: float = Field(default=0.01, gt=0)
+    """Learning rate."""
+    seed: int = 0
+    """Seed of initialisation, of the batch order and of the holdout split."""
+    standardize: bool = True
+    """Standardize each part's features with its domain's own statistics of the training rows."""
+
+
+class SplitEvaluation(_Spec):
+    """Evaluation of a split model on an aligned holdout after each epoch."""
+
+    holdout: float = Field(default=0.2, gt=0, lt=1)
+    """Share of the agreed rows held out (a seeded split of the agreed order)."""
+    metrics: list[Literal["loss", "accuracy"]] | None = None
+    """Metrics reported each epoch (default: loss and accuracy)."""
+
+
+class SplitModel(_Item):
+    """A split-learning job: domains holding different columns of the same entities train one network
+    together; each runs its bottom model locally and only activations and gradients cross."""
+
+    name: Name
+    """Model name."""
+    description: str = ""
+    """What the model predicts."""
+    purpose: str = ""
+    """Purpose the model serves."""
+    key: str | None = None
+    """The entity key column shared by every part (a part's own `key` overrides it)."""
+    parts: list[SplitPart] = Field(min_length=2)
+    """One part per domain, at least two."""
+    label: SplitLabel
+    """The label column and the product (of a part) that holds it."""
+    top: SplitTop = SplitTop()
+    """The top model."""
+    activations: SplitActivations = SplitActivations()
+    """Clipping and noise of the activations the parts send."""
+    min_intersection: int = Field(default=1, ge=1)
+    """Fewest entities the parts must share; fewer fail the job after the intersection."""
+    training: SplitTraining = SplitTraining()
+    """Epochs, batches, optimizer."""
+    evaluation: SplitEvaluation = SplitEvaluation()
+    """Holdout and metrics."""
+    round_timeout_s: float = Field(default=300.0, gt=0)
+    """Deadline of each step (an intersection stage, a batch) in seconds."""
+
+
 AggregateFn = Literal["count", "sum", "mean", "variance", "histogram", "quantile"]
 _METRIC_CALL = re.compile(r"^\s*([a-z]+)\s*(?:\(\s*([A-Za-z_][\w]*)\s*(?:,\s*([^)]*))?\))?\s*$")
 
@@ -736,6 +858,7 @@ class Grant(_Item):
 SECTIONS: dict[str, type[_Item]] = {
     "domains": Domain, "products": Product, "contracts": Contract,
     "policies": Policy, "models": Model, "analyses": Analysis, "grants": Grant,
+    "split_models": SplitModel,
 }
 """Top-level list sections and their item types, in checking order."""
 
@@ -764,3 +887,5 @@ class MeshSpec(_Spec):
     """Federated analyses."""
     grants: list[Grant] = Field(default_factory=list)
     """Access grants to `access: request` products."""
+    split_models: list[SplitModel] = Field(default_factory=list)
+    """Split-learning models over products that hold different columns of the same entities."""

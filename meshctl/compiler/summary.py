@@ -19,11 +19,12 @@ def render_plan_summary(plan: Plan) -> str:
               _count(len(plan.jobs), "job", "jobs")]
     counts += [_count(n, one, many) for n, one, many in
                [(len(plan.analyses), "analysis", "analyses"),
-                (len(plan.grants), "grant", "grants")] if n]
+                (len(plan.grants), "grant", "grants"),
+                (len(plan.split_models), "split model", "split models")] if n]
     title = (f"plan {head.mesh} {head.hash[:19]}… (meshctl {head.meshctl_version}, "
              f"protocol {head.protocol_version}): {', '.join(counts)}")
     lines = [title]
-    lines += _jobs(plan) + _analyses(plan) + _grants(plan) + _policies(plan)
+    lines += _jobs(plan) + _splits(plan) + _analyses(plan) + _grants(plan) + _policies(plan)
     if plan.decisions:
         lines.append("  policy decisions:")
         width = max(len(d.policy) for d in plan.decisions)
@@ -31,6 +32,17 @@ def render_plan_summary(plan: Plan) -> str:
             lines.append(f"    {d.effect:<5} {d.policy:<{width}}  {d.subject}: {d.reason} "
                          f"({d.at})")
     return "\n".join(lines)
+
+
+def _splits(plan: Plan) -> list[str]:
+    """One line per split model: its parts (domain: features -> activation width), its top and label owner."""
+    lines = []
+    for s in plan.split_models:
+        parts = ", ".join(f"{p.domain} {len(p.features)}→{p.out}" for p in s.parts)
+        top = "→".join(str(d) for d in [sum(p.out for p in s.parts), *s.top_hidden, len(s.classes)])
+        lines.append(f"  split model {s.name}: parts {parts}; top {top} at {s.label_domain} "
+                     f"(label {s.label_column}); {s.epochs} epochs")
+    return lines
 
 
 def _jobs(plan: Plan) -> list[str]:
@@ -91,5 +103,6 @@ def describe_counts(spec: MeshSpec) -> str:
               (len(spec.models), "model", "models")]
     counts += [(n, one, many) for n, one, many in
                [(len(spec.analyses), "analysis", "analyses"),
-                (len(spec.grants), "grant", "grants")] if n]
+                (len(spec.grants), "grant", "grants"),
+                (len(spec.split_models), "split model", "split models")] if n]
     return ", ".join(_count(n, one, many) for n, one, many in counts)

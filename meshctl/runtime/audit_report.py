@@ -40,6 +40,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "participants": _participants(plan, events),
         "jobs": [_job(job, events) for job in plan.jobs],
         "analyses": [_analysis(a, events) for a in plan.analyses],
+        "split_models": [_split(s, events) for s in plan.split_models],
         "products": _products(plan, events),
         "policies": _policies(plan, events),
         "privacy": _privacy(plan, events),
@@ -166,6 +167,27 @@ def _analysis(analysis: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _split(split: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A split model: which product and contract version fed each part, the intersection, the outcome."""
+    started = find_event(events, "job_started", job=split.name)
+    done = find_event(events, "job_completed", job=split.name)
+    failed = find_event(events, "job_failed", job=split.name)
+    shared = find_event(events, "intersection_computed", job=split.name) or {}
+    return {
+        "name": split.name,
+        "kind": "split_model",
+        "purpose": split.purpose,
+        "parts": [{"domain": p.domain, "product": p.product, "contract": p.contract, "features": p.features}
+                  for p in split.parts],
+        "label": {"domain": split.label_domain, "product": split.label_product, "column": split.label_column},
+        "intersection": shared.get("size"),
+        "status": "completed" if done else "failed" if failed else "not started" if started is None else "stopped",
+        "reason": (failed or {}).get("reason", ""),
+        "metrics": (done or {}).get("metrics", {}),
+        "model": (done or {}).get("model_path", ""),
+    }
+
+
 def contract_version(plan: Any, contract_id: str) -> str:
     """The version of a contract id (`name@version`), from the plan's contracts or the id itself."""
     found = next((c for c in plan.contracts if c.id == contract_id), None)
@@ -177,6 +199,9 @@ def _products(plan: Any, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for unit, kind in [(j, "model") for j in plan.jobs] + [(a, "analysis") for a in plan.analyses]:
         for r in unit.reads:
             readers.setdefault(r.product, []).append(f"{kind}.{unit.name}")
+    for split in plan.split_models:
+        for part in split.parts:
+            readers.setdefault(part.product, []).append(f"split_model.{split.name}")
     rows = {
         p: n for e in find_events(events, "domain_joined") for p, n in e.get("rows", {}).items()
     }

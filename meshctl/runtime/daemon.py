@@ -133,6 +133,8 @@ class _JobState:
     """SCAFFOLD: the server's control variate c of `version`, as received beside the weights."""
     control: dict[str, torch.Tensor] = field(default_factory=dict)
     """SCAFFOLD: this domain's control variate c_i, kept across rounds (empty: zero)."""
+    state_round: int = 0
+    """The round after which `control` and `residual` are as they are (0: zero, as before round 1)."""
 
 
 class Daemon:
@@ -337,10 +339,17 @@ class Daemon:
         day = (today or datetime.now(UTC)).date()
         mine = [j for j in plan.jobs if me in j.participants or any(r.domain == me for r in j.reads)
                 or held_out_of(plan, j, me)]
-        if not mine:
+        splits = [s for s in plan.split_models if me in s.participants]
+        if not mine and not splits:
             return
         integrity = governance.plan_integrity(plan, me)
         self.decisions.append(integrity)
+        for split in splits:  # split models: the same model policies, their own invariants (no ledger, no checks)
+            decisions = governance.evaluate_split(plan, split, me, day)
+            self.decisions += decisions
+            reason = governance.refusal([integrity, *decisions])
+            if reason:
+                self.refused[split.name] = reason
         spent = self._spent(plan, mine)
         for job in mine:
             decisions = governance.evaluate_job(plan, job, me, day, spent)
@@ -558,10 +567,38 @@ class Daemon:
 
             self.state = "analyzing"
             self._send(sock, answer(self.cfg.plan, self.cfg.domain, self.cfg.base_dir, msg, self.cfg.run))
+        elif isinstance(msg, wire.SplitIns):  # split learning: activations and gradients only
+            self.state = "training"
+            self._split(sock, msg, tensors)
         else:
             kind = getattr(msg, "type", type(msg).__name__)
             self._send(sock, wire.ErrorReply(code="unexpected", reason=f"a daemon does not serve {kind}"))
         self.state = "idle"
+
+    def _split(self, sock: zmq.Socket, msg: wire.SplitIns, tensors: wire.Tensors) -> None:
+        """Serve one split-learning step (meshctl.runtime.domain.split); a failure is one ErrorReply line."""
+        from meshctl.runtime.domain.split import SplitDomain, SplitError
+        from meshctl.runtime.psi import PsiError
+
+        if msg.job in self.refused:  # decided before Hello (governance.evaluate_split): no data is read
+            self._send(sock, wire.ErrorReply(code="refused", reason=f"split job {msg.job}: {self.refused[msg.job]}",
+                                             job=msg.job))
+            return
+        if getattr(self, "splits", None) is None:
+            self.splits = SplitDomain(self.cfg.plan, self.cfg.domain, self.cfg.base_dir, self.cfg.run)
+        try:
+            replies = self.splits.handle(msg, tensors)
+        except DataError as err:
+            print(f"split job {msg.job}: {err.local()}", flush=True)  # the detail stays in the domain's log
+            self._send(sock, wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err.message}", job=msg.job))
+            return
+        except (SplitError, PsiError, ValueError, RuntimeError, KeyError) as err:  # a malformed or out-of-order step
+            self._send(sock, wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))
+            return
+        for reply, out in replies:
+            self._send(sock, reply, out)
+        if msg.step in ("psi_order", "finish"):
+            say(f"split job {msg.job}: {msg.step.replace('_', ' ')} done")
 
     # -- heartbeats ----------------------------------------------------------------
     def _start_pulse(self, ctx: zmq.Context) -> None:
@@ -674,7 +711,7 @@ class Daemon:
         denied = self._round_denied(st.job, ins)
         if denied is not None:
             return denied, None
-        problem = self._vocabulary(st, ins) or self._standardize(st, ins)
+        problem = self._vocabulary(st, ins) or self._standardize(st, ins) or self._restore_state(st, ins.round)
         if problem is not None:
             return problem.model_copy(update={"round": ins.round}), None
         t = st.job.training
@@ -725,10 +762,63 @@ class Daemon:
                 return masked, None
             return res, {"masked": masked}
         if st.job.compression is not None:
-            return res, self._compressed(st, update)
-        if uses_control(st.job):
-            return res, {**update, **_controlled(st, update, examples)}
-        return res, update
+            sent = self._compressed(st, update)
+        elif uses_control(st.job):
+            sent = {**update, **_controlled(st, update, examples)}
+        else:
+            return res, update
+        kept = self._keep_state(st, ins.round)  # (before the update leaves: a resume finds it)
+        return (res, sent) if kept is None else (kept, None)
+
+    def _keep_state(self, st: _JobState, rnd: int) -> wire.ErrorReply | None:
+        """Write what this domain carries across the job's rounds, as it is after round `rnd`
+        (meshctl.runtime.domain.state); the domain leaves the job when it cannot."""
+        from meshctl.runtime.domain import state
+
+        st.state_round = rnd
+        if not state.carried(st.job):
+            return None
+        directory = state.job_dir(self.cfg.base_dir, self.cfg.run, self.cfg.domain, st.job.name)
+        try:
+            state.save(directory, rnd, st.control, st.residual)
+        except OSError as err:
+            reason = f"cannot keep the state of job {st.job.name} round {rnd}: {err.strerror or 'write failed'}"
+            say(f"{reason} ({directory}: {err})")
+            return wire.ErrorReply(code="refused", reason=reason, job=st.job.name, round=rnd)
+        return None
+
+    def _restore_state(self, st: _JobState, rnd: int) -> wire.ErrorReply | None:
+        """Before training round `rnd`: take up the state this domain kept after its last round before
+        `rnd` when memory does not hold it (a new daemon of a resumed run; a coordinator resumed from an
+        earlier round). SCAFFOLD's c_i cannot start again from zero: without it the domain leaves the job.
+        Top-k's residual can (error feedback restarts; the update of that round lacks the unsent rest): said
+        in one line."""
+        from meshctl.runtime.domain import state
+
+        if not state.carried(st.job) or 0 < st.state_round < rnd:  # (memory holds it)
+            return None
+        if rnd == 1:  # (the job starts again from its first round: zero)
+            st.state_round, st.control, st.residual = 0, {}, {}
+            return None
+        directory = state.job_dir(self.cfg.base_dir, self.cfg.run, self.cfg.domain, st.job.name)
+        try:
+            found = state.newest(directory, rnd - 1)
+        except ValueError as err:  # (the host path stays in this domain's log, never on the wire)
+            found, problem, here = None, "its state file of the round before does not read", str(err)
+        else:
+            problem, here = f"no state of a round before {rnd} kept", str(directory)
+        if found is not None:
+            st.state_round, st.control, st.residual = rnd - 1, found[1], found[2]
+            say(f"job {st.job.name}: took up the state this domain kept after round {found[0]}")
+            return None
+        st.state_round, st.control, st.residual = rnd - 1, {}, {}
+        if uses_control(st.job) and st.job.sampling is None:
+            reason = f"cannot restore the SCAFFOLD control variate of job {st.job.name} before round {rnd}: {problem}"
+            say(f"{reason} ({here})")
+            return wire.ErrorReply(code="refused", reason=reason, job=st.job.name, round=rnd)
+        what = "SCAFFOLD control variate" if uses_control(st.job) else "top-k error-feedback residual"
+        say(f"job {st.job.name}: {problem} ({here}): the {what} starts again from zero at round {rnd}")
+        return None
 
     @staticmethod
     def _compressed(st: _JobState, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

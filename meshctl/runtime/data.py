@@ -470,6 +470,33 @@ def count_rows(product: PlanProduct, base_dir: Path, con: duckdb.DuckDBPyConnect
         raise read_error(con, product, base_dir, err) from None
 
 
+def load_keyed(product: PlanProduct, base_dir: Path, key: str, columns: Sequence[str],
+               con: duckdb.DuckDBPyConnection | None = None) -> tuple[list[str], dict[str, list]]:
+    """A split model's part (meshctl.runtime.domain.split): its key column as text and `columns`, in source order.
+
+    The key may be a `pii: direct` column: it is read here, from the raw source, only to be hashed and
+    blinded for the private set intersection, and never leaves the daemon's process; `columns` are
+    non-PII (the compiler checked, MESH564 and MESH566). A NULL key or value is a DataError.
+    """
+    import duckdb
+
+    if con is None:
+        with duckdb.connect() as own:
+            return load_keyed(product, base_dir, key, columns, own)
+    src = register_source(con, product, base_dir, columns=[key, *columns])
+    select = ", ".join([f"CAST({ident(key)} AS VARCHAR)", *(ident(c) for c in columns)])
+    try:
+        rows = con.execute(f"SELECT {select} FROM {src}").fetchall()
+    except duckdb.Error as err:
+        raise read_error(con, product, base_dir, err, [key, *columns]) from None
+    for i, name in enumerate([key, *columns]):
+        missing = sum(1 for r in rows if r[i] is None)
+        if missing:
+            raise DataError(f"product {product.id}: column {name} has {missing} missing values; a split model "
+                            "needs every key and value", where=str(_where(product, base_dir)))
+    return [r[0] for r in rows], {c: [r[i + 1] for r in rows] for i, c in enumerate(columns)}
+
+
 def load_job_data(job: PlanJob, product: PlanProduct, base_dir: Path, client_id: int,
                   con: duckdb.DuckDBPyConnection | None = None) -> JobData:
     """Read `product` for `job` through its masked view: the job's columns only, never PII.

@@ -603,6 +603,21 @@ class CrossSiteEvaluated(Event):
         return rows
 
 
+class IntersectionComputed(Event):
+    """A split model's private set intersection is done: how many entities every part shares (a count)."""
+
+    type: ClassVar[str] = "intersection_computed"
+    job: str
+    size: int
+    """Entities every part holds: the rows the split model trains and evaluates on."""
+    parties: list[str]
+    min_intersection: int = 1
+
+    def message(self) -> str:
+        return (f"job {self.job}: {self.size} entities shared by {', '.join(self.parties)} "
+                f"(private set intersection; at least {self.min_intersection} needed)")
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (RunStarted, RunResumed, PolicyDecided, DomainJoined, DomainRefused, DomainLost, DomainRejoined,
@@ -612,7 +627,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
                 ProductListed, ContractChecked, DomainHeartbeat, BudgetSpent,
                 AnalysisStarted, AnalysisCompleted, StragglersDropped, RoundRetried, UpdateExcluded, DomainSuspended,
                 Personalized, MasksShared, DropoutsRecovered,
-                HeldOutEvaluated, CrossSiteEvaluated)
+                HeldOutEvaluated, CrossSiteEvaluated, IntersectionComputed)
 }
 
 

@@ -28,7 +28,8 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from meshctl.compiler.entrypoint import architecture_facts
-from meshctl.compiler.plan import Plan, PlanJob, PlanPolicy, PlanProduct
+from meshctl.compiler.plan import Plan, PlanJob, PlanPolicy, PlanProduct, PlanSplit
+from meshctl.compiler.split import split_activation
 from meshctl.runtime.wire import Decision
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ def job_activation(plan: Plan, job: PlanJob) -> dict[str, Any]:
     dp = job.privacy.dp
     arch = job.architecture
     return {
-        "name": job.name, "purpose": job.purpose, "participants": list(job.participants),
+        "kind": "federated", "name": job.name, "purpose": job.purpose, "participants": list(job.participants),
         "domains": [{"name": n, "jurisdiction": domains[n].jurisdiction if n in domains else ""}
                     for n in job.participants],
         "reads": reads,
@@ -178,6 +179,53 @@ def evaluate_job(plan: Plan, job: PlanJob, domain: str, today: date,
     return out
 
 
+def split_model_activation(plan: Plan, split: PlanSplit) -> dict[str, Any]:
+    """The `model` variable a policy sees of a split model, from the plan alone (mirrors the compiler's)."""
+    contracts = {c.id: c for c in plan.contracts}
+    reads = []
+    for part in split.parts:
+        p = plan.product(part.product)
+        name, _, version = p.contract.partition("@")
+        contract = contracts.get(p.contract)
+        reads.append({
+            "id": p.id, "domain": p.domain, "classification": p.classification, "access": p.access,
+            "tags": list(p.tags), "contract": name, "contract_version": contract.version if contract else version,
+            "purposes": list(contract.purposes) if contract else [],
+            "jurisdiction": next((d.jurisdiction for d in plan.domains if d.name == p.domain), ""),
+        })
+    return split_activation(split, reads, {d.name: d.jurisdiction for d in plan.domains})
+
+
+def evaluate_split(plan: Plan, split: PlanSplit, domain: str, today: date | None = None) -> list[Decision]:
+    """Every decision `domain` makes on a split model: the global and its own model-scope policies
+    on the split model's `model` variable, then the invariants that apply to a split part
+    (participant, no-pii-features: the key alone may be PII, it is blinded; grant-required: an
+    `access: request` product needs a live grant for `model:<name>` with the model's purpose)."""
+    subject = f"model.{split.name}"
+    policies = [p for p in plan.policies if p.scope == "model" and p.domain in ("", domain)]
+    out: list[Decision] = []
+    if policies:
+        variables = {"model": split_model_activation(plan, split), "coordinator": _coordinator(plan)}
+        out += [decide_policy(p, "model", {}, subject, domain, variables) for p in policies]
+    part = next((p for p in split.parts if p.domain == domain), None)
+    product = plan.product(part.product) if part is not None else None
+    checks = [("participant", ("allow", f"{domain} is a part reading {part.product}") if part is not None
+               else ("deny", f"{domain} is not among the split model's parts ({', '.join(split.participants)})"))]
+    if product is not None and part is not None:
+        used = {*part.features, *([split.label_column] if domain == split.label_domain else [])}
+        bad = sorted(f"{product.id}.{c.name} (pii {c.pii})" for c in product.columns
+                     if c.name in used and c.pii != "none")
+        pii = ("allow", "no feature or label column is PII (the key is blinded)")
+        if bad:
+            pii = ("deny", f"the split model reads PII column{'s' if len(bad) > 1 else ''} {', '.join(bad)}")
+        grant = _grants(plan, split, [product], today or date.today())
+        checks += [("no-pii-features", pii), ("grant-required", grant)]
+    for name, (effect, reason) in checks:
+        out.append(Decision(policy=f"invariant:{name}", scope="model", subject=subject, effect=effect,
+                            reason=reason, domain=domain, stage=RUNTIME))
+    return out
+
+
 def plan_integrity(plan: Plan, domain: str) -> Decision:
     """Whether the plan's recorded hash is the hash of its content (a hand edit that did not re-hash)."""
     actual = plan.content_hash()
@@ -215,7 +263,7 @@ def _pii(job: PlanJob, products: list[PlanProduct]) -> tuple[str, str]:
     return "allow", "no feature, target or holdout column is PII"
 
 
-def _grants(plan: Plan, job: PlanJob, products: list[PlanProduct], today: date) -> tuple[str, str]:
+def _grants(plan: Plan, job: PlanJob | PlanSplit, products: list[PlanProduct], today: date) -> tuple[str, str]:
     gated = [p for p in products if p.access == "request"]
     if not gated:
         return "allow", "no product read needs a grant"

@@ -578,18 +578,29 @@ def run_headless(run: LocalRun, echo) -> RunResult:
     except KeyboardInterrupt as err:
         return interrupted(run, getattr(err, "signum", signal.SIGINT), echo)
     result = run.finish()
-    for e in result.events:
+    for line in summary_lines(result):
+        echo(line)
+    echo(f"run {'completed' if result.ok else 'failed'} in {time.time() - started:.2f}s: {result.run_dir}")
+    return result
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    """What a run's end prints, headless or after the dashboard: each job's final metrics and model
+    path, its evaluations, per-domain metrics and personal models (from the run's audit log when
+    `result` carries no events: the dashboard followed them)."""
+    events = result.events or tuple(_read_log(result.run_dir / EVENTS_FILE))
+    lines: list[str] = []
+    for e in events:
         if isinstance(e, ev.JobCompleted):
-            ms = "  ".join(f"{k} {v:.4f}" for k, v in e.metrics.items())
-            echo(f"job {e.job}: {e.rounds} rounds in {e.seconds:.2f}s  {ms}  model {result.run_dir / e.model_path}")
-            for line in evaluation_lines(result.events, e.job, result.run_dir):
-                echo(line)
-            for line in domain_lines(e):
-                echo(line)
+            lines += fit([f"job {e.job}: {e.rounds} rounds in {e.seconds:.2f}s",  # a long path: on a line
+                          *(f"{k} {v:.4f}" for k, v in e.metrics.items()),     # of its own, in 120
+                          f"model {result.run_dir / e.model_path}"]).splitlines()
+            lines += evaluation_lines(list(events), e.job, result.run_dir)
+            lines += domain_lines(e)
         elif isinstance(e, ev.Personalized):
             for domain, sides in e.domains.items():
                 line = "  ".join(f"{k} {v:.4f}" + (f" -> {sides['after'][k]:.4f}" if "after" in sides else "")
                                  for k, v in sides["before"].items())
-                echo(f"job {e.job}: {domain} personal model ({e.examples.get(domain, 0)} holdout rows)  {line}")
-    echo(f"run {'completed' if result.ok else 'failed'} in {time.time() - started:.2f}s: {result.run_dir}")
-    return result
+                lines.append(f"job {e.job}: {domain} personal model ({e.examples.get(domain, 0)} holdout rows)  "
+                             f"{line}")
+    return lines

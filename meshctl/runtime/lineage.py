@@ -3,7 +3,8 @@
 Per model job and per analysis the run attempted: one START event (when it started, or began
 waiting for its domains) and one COMPLETE or FAIL event (when it ended), built from the run's
 audit log and plan.toml. A job that fails before its first round (no quorum) gets its START
-and FAIL too. Every FAIL carries the standard `errorMessage` run facet.
+and FAIL too. Every FAIL carries the standard `errorMessage` run facet; a run stopped on purpose
+(`stopped by ...`: Ctrl-C, `meshctl stop`) ends its jobs with ABORT instead.
 
 - `run.runId`: a UUID derived from the meshctl run id and the job (uuid5), so exporting the
   same run twice gives the same ids; a `parent` facet names the meshctl run itself.
@@ -194,6 +195,10 @@ def export_events(run_dir: Path) -> list[dict[str, Any]]:
         )
         for a in plan.analyses
     ]
+    units += [  # split learning: each part's product (and its contract version) is an input
+        ("model", s.name, "SPLIT_TRAINING", s.parts, ("job_started", "job_completed", "job"))
+        for s in plan.split_models
+    ]
     base_dir = Path(manifest.base_dir)
     begun = audit.find_event(events, "run_started") or {}
     out: list[dict[str, Any]] = []
@@ -235,7 +240,8 @@ def export_events(run_dir: Path) -> list[dict[str, Any]]:
         elif failed or done:  # else the run is still going: START only, its end comes later
             reason = (failed or {}).get("reason") or done.get("reason") or "did not complete"
             ts = (failed or done).get("ts", started.get("ts", 0.0))
-            event = _event("FAIL", ts, *args, [], {**extra, "reason": reason})
+            stopped = not failed and reason.startswith("stopped by")  # asked to stop: not a failure
+            event = _event("ABORT" if stopped else "FAIL", ts, *args, [], {**extra, "reason": reason})
             event["run"]["facets"]["errorMessage"] = _facet(
                 ERROR_FACET, message=reason, programmingLanguage="python"
             )

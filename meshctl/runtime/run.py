@@ -9,6 +9,7 @@
       metrics.csv       one row per completed round
       domain_metrics.csv   one row per evaluating domain per round (docs/evaluation.md)
       checkpoints/<job>/round-NNNN.safetensors
+      checkpoints/<job>/state/round-NNNN.safetensors   what the job carries across rounds (a resume restores it)
       models/<job>.safetensors
       run.lock          held (flock, shared) by every process of a live run; free once it is over
       detached          written by `meshctl up` when the user leaves the run going in the background

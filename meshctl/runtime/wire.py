@@ -545,3 +545,45 @@ _with_messages(SecaggShares, SecaggUnmaskIns, SecaggUnmaskRes)
 
 
 TrainRes.model_rebuild()  # LedgerCharge is defined below TrainRes
+
+
+SplitStep = Literal["psi_start", "psi_answer", "psi_reply", "psi_held", "psi_order", "forward", "top",
+                    "backward", "eval", "eval_top", "finish"]
+"""What a SplitIns asks (docs/split-learning.md has the sequence)."""
+
+
+class SplitIns(_Msg):
+    """Coordinator -> daemon, split learning: one step of job `job`. Blinded PSI points, positions,
+    activations and gradients travel as tensor frames; never a key, a feature value or a label."""
+
+    type: Literal["split_ins"] = "split_ins"
+    job: str = Field(max_length=256)
+    step: SplitStep
+    epoch: int = Field(default=0, ge=0)
+    batch: int = Field(default=0, ge=0)
+    peer: str = Field(default="", max_length=128)
+    """The member a relayed PSI message comes from or is for."""
+    salt: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")
+    """psi_start: this run's PSI salt (hex)."""
+    parts: list[str] = Field(default_factory=list, max_length=64)
+    """top, eval_top: the members whose activations the tensors hold (named by domain)."""
+
+
+class SplitRes(_Msg):
+    """Daemon -> coordinator, split learning: the answer to one SplitIns (a count, a loss, metrics, tensors)."""
+
+    type: Literal["split_res"] = "split_res"
+    job: str = Field(max_length=256)
+    step: Literal["ready", "psi_request", "psi_answer", "psi_held", "psi_order", "aligned", "acts", "grads",
+                  "eval_acts", "metrics", "saved"]
+    epoch: int = Field(default=0, ge=0)
+    batch: int = Field(default=0, ge=0)
+    peer: str = Field(default="", max_length=128)
+    size: int = Field(default=0, ge=0)
+    """psi_order, aligned: rows in the agreed order."""
+    examples: int = Field(default=0, ge=0)
+    loss: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=16)
+
+
+_with_messages(SplitIns, SplitRes)

@@ -511,6 +511,7 @@ class MeshApp(App[MeshState]):
         if isinstance(self.screen, DomainScreen):
             self.screen.show(state)
         if isinstance(self.screen, QuitDialog) and state.state in ("completed", "failed"):
+            self.screen.run_id = self.screen.run_id or state.run_id  # (asked before the run had one)
             self.screen.ended("completed" if state.state == "completed" else f"failed: {state.reason}")
 
     def _changed(self) -> None:

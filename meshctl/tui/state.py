@@ -251,6 +251,8 @@ class MeshState:
     """Time of the newest event reduced (the replay's `now`)."""
     ended_at: float = 0.0
     """Time of `run_completed`; 0 while the run goes on. Ages stop counting there."""
+    phase: str = ""
+    """What `meshctl up` is doing before the run speaks (`compiling mesh.yaml`, `starting ...`)."""
 
     def log(self, level: str, text: str, *, ts: float = 0.0, kind: str = "note",
             domain: str = "", job: str = "", round: int = 0) -> LogLine:
@@ -387,10 +389,16 @@ def coordinator_status(state: MeshState) -> str:
         if job.state == "waiting" and (job.waiting_have or job.quorum):
             return (f"waiting for quorum for {job.name} "
                     f"({len(job.waiting_have)}/{job.quorum or '?'} domains)")
+    if state.run_id and not any(j.quorum for j in state.jobs.values()):  # before the jobs: the joins
+        joined = [d for d in state.domains.values() if d.state != "connecting"]
+        if len(joined) < len(state.domains):
+            return f"waiting for domains {len(joined)}/{len(state.domains)}"
     running = [a.name for a in state.analyses.values() if a.state in ("running", "waiting")]
     if running:
         return f"running analysis {', '.join(running)}"
-    return "starting" if state.state == "starting" else "running"
+    if state.state == "starting":
+        return state.phase or "starting"
+    return "running"
 
 
 def product_status(product: ProductView) -> str:

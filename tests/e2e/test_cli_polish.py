@@ -99,18 +99,36 @@ def test_headless_round_lines_fit_120_columns_in_kib():
                                     "in 3.0 MiB (updates 2.1 KiB)  out 2.2 KiB  0.007s")
 
 
+def test_the_end_of_run_summary_comes_from_the_audit_log_and_fits_120_columns(tmp_path: Path):
+    """After the dashboard (which followed the events itself) `up` prints what headless prints."""
+    from meshctl.runtime import events as ev
+    from meshctl.runtime.launcher import RunResult, summary_lines
+
+    run_dir = tmp_path / ("r" * 60)
+    run_dir.mkdir()
+    done = ev.JobCompleted(job="malignancy", rounds=15, metrics={"loss": 0.1878, "accuracy": 0.9211}, seconds=3.2,
+                           model_path="models/malignancy.safetensors",
+                           domain_metrics={"charite": {"accuracy": 0.94}}, domain_examples={"charite": 52})
+    (run_dir / "events.jsonl").write_text(done.to_json() + "\n")
+    assert summary_lines(RunResult(True, run_dir)) == [
+        "job malignancy: 15 rounds in 3.20s  loss 0.1878  accuracy 0.9211",
+        f"    model {run_dir / 'models' / 'malignancy.safetensors'}",
+        "  charite      52 examples  accuracy 0.9400"]
+
+
 # -- colour on a terminal ------------------------------------------------------------------
 
 
-def _in_a_terminal(args: list[str], cwd: Path, **env: str) -> bytes:
-    """What `meshctl ARGS` writes to a real pseudo-terminal (stdout and stderr both on it)."""
+def _in_a_terminal(args: list[str], cwd: Path, module: bool = True, **env: str) -> bytes:
+    """What `meshctl ARGS` (`python ARGS` without `module`) writes to a real pseudo-terminal (stdout and
+    stderr both on it)."""
     import os
     import pty
     import subprocess
     import sys
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "meshctl", *args], cwd=cwd, stdin=slave, stdout=slave,
+    proc = subprocess.Popen([sys.executable, *(["-m", "meshctl"] if module else []), *args], cwd=cwd, stdin=slave, stdout=slave,
                             stderr=slave, env={**os.environ, "TERM": "xterm-256color", **env})
     os.close(slave)
     out = b""
@@ -140,6 +158,21 @@ def test_validate_shows_a_spinner_on_a_terminal_only(hospitals: Path, meshctl):
     assert b"compiling mesh.yaml" in shown and b"mesh.yaml: ok" in shown
     piped = meshctl("validate", cwd=hospitals.parent)
     assert "compiling" not in piped.stdout + piped.stderr and "\x1b" not in piped.stdout + piped.stderr
+
+
+_SPIN = ("import time; from meshctl.cli import spinning\n"
+         "with spinning('run r-1 going') as echo:\n    echo('round 1'); time.sleep(0.3); echo('round 2')\n")
+
+
+def test_a_headless_run_spins_on_a_terminal_and_stays_plain_in_a_pipe(tmp_path: Path):
+    """`analyze --headless` (42 s) and `up --headless` print their lines under a spinner on a terminal."""
+    import subprocess
+    import sys
+
+    shown = _in_a_terminal(["-c", _SPIN], tmp_path, module=False)
+    assert b"run r-1 going" in shown and b"round 1" in shown and b"round 2" in shown
+    piped = subprocess.run([sys.executable, "-c", _SPIN], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert (piped.stdout, piped.stderr) == ("round 1\nround 2\n", "")
 
 
 # -- shell completion ----------------------------------------------------------------------

@@ -308,6 +308,96 @@ def test_deploy_k8s_carries_the_mesh_so_the_domain_compiles_the_same_plan(keyed_
     assert egress[1]["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
 
 
+def _split_example(root: Path) -> Path:
+    """The example mesh with each domain and its products in domains/<name>.yaml; returns mesh.yaml."""
+    data = yaml.safe_load(EXAMPLE.read_text())
+    (root / "domains").mkdir()
+    for domain in data["domains"]:
+        products = [p for p in data["products"] if p["domain"] == domain["name"]]
+        (root / "domains" / f"{domain['name']}.yaml").write_text(
+            yaml.safe_dump({"domains": [domain], "products": products}, sort_keys=False))
+    rest = {k: v for k, v in data.items() if k not in ("domains", "products")}
+    (root / "mesh.yaml").write_text(yaml.safe_dump({**rest, "include": ["domains/*.yaml"]}, sort_keys=False))
+    return root / "mesh.yaml"
+
+
+def _start_pod(objects: dict[str, dict], pod: Path) -> Path:
+    """What the kubelet and the init containers (their real commands, run here) leave in the
+    state volume under `pod`; returns its /srv/mesh."""
+    spec = objects["Deployment"]["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "mesh")["configMap"]
+    etc = pod / "etc/meshctl/mesh"
+    shutil.rmtree(etc, ignore_errors=True)  # the ConfigMap volume is made afresh; the state volume stays
+    for item in volume["items"]:  # each key at its path under ..data, a link at the top
+        (etc / "..data" / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (etc / "..data" / item["path"]).write_text(objects["ConfigMap"]["data"][item["key"]])
+        top = item["path"].split("/")[0]
+        if not (etc / top).is_symlink():
+            (etc / top).symlink_to(f"..data/{top}")
+    (pod / "srv/mesh").mkdir(parents=True, exist_ok=True)
+    for init in spec["initContainers"]:
+        command = [f"{pod}{a}" if a.startswith("/") else a for a in init["command"]]
+        subprocess.run(command, cwd=f"{pod}{init['workingDir']}", check=True)
+    return pod / "srv/mesh"
+
+
+def test_deploy_k8s_carries_every_included_file_so_the_pod_compiles_the_same_plan(meshctl, tmp_path):
+    """Issue 16: a mesh with `include:` deploys with every file it includes, at the same relative
+    paths; the pod's init containers (their real `rm` and `cp`, run here) lay them out as the
+    compile reads them, and a file dropped from the mesh is gone at the next start."""
+    # Prepare
+    mesh = _split_example(tmp_path)
+    extra = tmp_path / "domains" / "extra.yaml"
+    extra.write_text("domains:\n  - {name: extra, owner: data@extra.example}\n")
+    deploy = ("deploy", "k8s", "--domain", "charite", "--mesh", str(mesh), *EXAMPLE_ARGS)
+    # Execute
+    out = meshctl(*deploy, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    docs = _docs(out.stdout)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    objects = _by_kind(docs)
+    srv = _start_pod(objects, tmp_path / "pod")
+    # Assert
+    names = ["domains/amsterdam-umc.yaml", "domains/charite.yaml", "domains/extra.yaml",
+             "domains/karolinska.yaml", "mesh.yaml"]
+    assert sorted(p.relative_to(srv).as_posix() for p in srv.rglob("*") if p.is_file()) == names
+    assert all((srv / n).read_bytes() == (tmp_path / n).read_bytes() and not (srv / n).is_symlink() for n in names)
+    here, there = compile_mesh(mesh).plan, compile_mesh(srv / "mesh.yaml").plan
+    assert here is not None and there is not None and there.content_hash() == here.content_hash()
+    assert "extra" in [d.name for d in there.domains]
+    # a file dropped from the mesh: a new pod template, and the restarted pod no longer reads it
+    digest = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]["meshctl.dev/mesh-sha256"]
+    extra.unlink()
+    again = _by_kind(_docs(meshctl(*deploy, cwd=tmp_path).stdout))
+    assert again["Deployment"]["spec"]["template"]["metadata"]["annotations"]["meshctl.dev/mesh-sha256"] != digest
+    (srv / ".meshctl").mkdir()
+    (srv / ".meshctl" / "ledger").write_text("kept")  # the state the cleaning must not touch
+    srv = _start_pod(again, tmp_path / "pod")
+    assert not (srv / "domains" / "extra.yaml").exists() and (srv / ".meshctl" / "ledger").read_text() == "kept"
+    here, there = compile_mesh(mesh).plan, compile_mesh(srv / "mesh.yaml").plan
+    assert here is not None and there is not None and there.content_hash() == here.content_hash()
+
+
+def test_deploy_k8s_refuses_included_files_a_configmap_cannot_key_in_one_line(meshctl, tmp_path):
+    # Prepare: domains/a.b.yaml and domains.a/b.yaml would both be key domains.a.b.yaml
+    mesh = _split_example(tmp_path)
+    (tmp_path / "domains.a").mkdir()
+    (tmp_path / "domains.a" / "b.yaml").write_text("products: []\n")
+    (tmp_path / "domains" / "a.b.yaml").write_text("products: []\n")
+    mesh.write_text(mesh.read_text().replace("- domains/*.yaml", "- domains/*.yaml\n- domains.a/*.yaml"))
+    # Execute
+    out = meshctl("deploy", "k8s", "--domain", "charite", "--mesh", str(mesh), *EXAMPLE_ARGS, cwd=tmp_path)
+    # Assert
+    _one_line_error(out, "domains.a/b.yaml", "domains/a.b.yaml", "ConfigMap key")
+    # a file under .meshctl/ (each start empties the directories of included files: the ledger)
+    (tmp_path / ".meshctl").mkdir()
+    (tmp_path / ".meshctl" / "x.yaml").write_text("products: []\n")
+    mesh.write_text(mesh.read_text().replace("- domains.a/*.yaml", "- .meshctl/x.yaml"))
+    out = meshctl("deploy", "k8s", "--domain", "charite", "--mesh", str(mesh), *EXAMPLE_ARGS, cwd=tmp_path)
+    _one_line_error(out, ".meshctl/x.yaml", "privacy ledger")
+
+
 def test_the_committed_examples_are_what_the_command_makes(meshctl, tmp_path):
     # Execute
     for domain in DOMAINS:

@@ -160,7 +160,9 @@ def test_two_meshctl_up_dp_runs_at_once_one_is_refused_at_admission_the_other_tr
     lost = [o for p, o in zip(procs, outs, strict=True) if p.returncode != 0]
     assert codes == [0, 1], outs
     assert "round   3/3" in won[0][0], won[0][0]
-    assert any(line.startswith("job digits-mlp: 3 rounds") and "model" in line for line in won[0][0].splitlines())
+    summary = won[0][0].splitlines()  # the model path may wrap onto its own line (120 columns)
+    at = next(i for i, line in enumerate(summary) if line.startswith("job digits-mlp: 3 rounds"))
+    assert "model " in summary[at] or summary[at + 1].lstrip().startswith("model "), summary[at:at + 2]
     text = lost[0][0] + lost[0][1]
     # refused at admission (before: admitted too, then out of ε in a round), naming the product and ε
     assert "domain client-0 refused the job: invariant:epsilon-budget" in text, text

@@ -34,7 +34,7 @@ def _plan_with_pii_and_analysis(make_plan):
     return plan.model_copy(update={"products": products, "analyses": [analysis]}).with_hash()
 
 
-def _record_run(root: Path, plan, fail: bool = False) -> Path:
+def _record_run(root: Path, plan, fail: bool = False, stopped: str = "") -> Path:
     d = root / ".meshctl" / "runs" / "r-0001"
     d.mkdir(parents=True)
     plan.write(d / "plan.toml")
@@ -66,7 +66,9 @@ def _record_run(root: Path, plan, fail: bool = False) -> Path:
             job="digits", participants=["client-0", "client-1"], rounds=3, parameters=2410, quorum=2
         )
     )
-    if fail:
+    if stopped:  # a stopped run's job ends with the run: no job_failed
+        pass
+    elif fail:
         sink.emit(ev.JobFailed(job="digits", round=2, reason="domain client-1 lost"))
     else:
         sink.emit(
@@ -94,7 +96,7 @@ def _record_run(root: Path, plan, fail: bool = False) -> Path:
         )
     sink.emit(
         ev.RunCompleted(
-            run="r-0001", ok=not fail, seconds=2.0, reason="domain lost" if fail else ""
+            run="r-0001", ok=not fail, seconds=2.0, reason=stopped or ("domain lost" if fail else "")
         )
     )
     sink.close()
@@ -150,6 +152,14 @@ def test_a_failed_job_exports_fail_with_its_reason(tmp_path, make_plan):
     assert events[1]["run"]["facets"]["meshctl"]["reason"] == "domain client-1 lost"
     assert events[1]["run"]["facets"]["errorMessage"]["message"] == "domain client-1 lost"
     assert events[1]["outputs"] == []
+    assert [problems(e) for e in events] == [[], []]
+
+
+def test_a_stopped_run_exports_abort_not_fail(tmp_path, make_plan):
+    d = _record_run(tmp_path, make_plan(), fail=True, stopped="stopped by SIGTERM")
+    events = lineage.export_events(d)
+    assert [e["eventType"] for e in events] == ["START", "ABORT"]
+    assert events[1]["run"]["facets"]["meshctl"]["reason"] == "stopped by SIGTERM"
     assert [problems(e) for e in events] == [[], []]
 
 

@@ -68,3 +68,14 @@ def test_the_panel_is_whole_and_the_header_keeps_its_job_line(size: tuple[int, i
             assert header.region.y == 0 and banner.region.y >= header.region.bottom
 
     asyncio.run(run())
+
+
+def test_a_lost_coordinator_shows_the_panel_with_its_cause_and_log(tmp_path: Path) -> None:
+    from meshctl.tui.state import coordinator_lost
+
+    running = sample_run()[:12]  # round 1 under way
+    state = coordinator_lost(reduce_all(running), "its processes ended before the run did")
+    rows = failure_lines(state, tmp_path)
+    assert rows[0] == ("reason", "coordinator lost: its processes ended before the run did")
+    assert dict(rows)["log"] == str(tmp_path / "logs" / "coordinator.log")
+    assert dict(rows)["read"] == "meshctl logs r-0001 --coordinator"

@@ -165,8 +165,15 @@ def test_replay_paused_at_120x40(snap_compare) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_events_filtered_by_kind_domain_and_rounds(snap_compare, size: tuple[int, int]) -> None:
     app, fed = _app()
+
+    async def steady(pilot) -> None:
+        from textual.widgets import Input
+
+        await fed(pilot)
+        app.query_one("#event-filter", Input).cursor_blink = False  # (a loaded machine caught it off)
+
     assert snap_compare(app, press=["5", "slash", *"kind:update domain:charite round:3-5"],
-                        terminal_size=size, run_before=fed)
+                        terminal_size=size, run_before=steady)
 
 
 # -- issue 14: the console people want ------------------------------------------------------
@@ -231,3 +238,31 @@ def test_replay_jumped_to_round_7(snap_compare, size: tuple[int, int]) -> None:
     replay.paused = True
     app = make_app(event_source=replay, plan=load_plan(FIXTURES))
     assert snap_compare(app, press=["j", "7", "enter", "2"], terminal_size=size)
+
+
+# -- issue 14, what was left: the live run, and `up` before its run speaks -----------------------
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_live_run(snap_compare, size: tuple[int, int]) -> None:
+    events = recorded_with_catalog()
+    running = events[: len(events) // 2]  # round 7 of 15 under way
+    app = make_app(plan=load_plan(FIXTURES), clock=lambda: running[-1].ts + 1.0, ask_on_quit=True)
+    assert snap_compare(app, terminal_size=size, run_before=_fed(app, running))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_up_while_compiling(snap_compare, size: tuple[int, int]) -> None:
+    """`meshctl up` shows the app at once: what it is doing until the run's first event."""
+    app = make_app(ask_on_quit=True, watch=True, alive=lambda: True)
+    app.mesh_state.phase = "compiling mesh.yaml"
+    assert snap_compare(app, terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_up_waiting_for_domains(snap_compare, size: tuple[int, int]) -> None:
+    events = recorded_with_catalog()
+    joined = next(i for i, e in enumerate(events) if e.type == "domain_joined")
+    app = make_app(plan=load_plan(FIXTURES), clock=lambda: events[joined].ts + 1.0, ask_on_quit=True)
+    app.animation_level = "none"  # the waiting job's bar is still, not caught mid-sweep
+    assert snap_compare(app, terminal_size=size, run_before=_fed(app, events[: joined + 1]))

@@ -72,8 +72,33 @@ def test_up_shows_the_rounds_advance_in_a_real_terminal(tmp_path: Path) -> None:
         _tmux(sock, "send-keys", "-t", "dash", "q")
         after = _wait(sock, lambda s: "run completed:" in s, 30)
         run_dir = Path(after.split("run completed:")[1].split()[0])
+        # the summary headless prints: final metrics, the model's path, each domain's metrics
+        assert "job malignancy: 15 rounds in " in after and "accuracy 0.9211" in after, after
+        assert f"model {run_dir / 'models' / 'malignancy.safetensors'}" in after
+        assert "  charite  " in after
         events = (run_dir / "events.jsonl").read_text()
         assert events.count('"type":"round_completed"') == 15
         assert not list((run_dir / "keys").glob("*.key_secret"))  # secrets removed at the end
+    finally:
+        _tmux(sock, "kill-server")
+
+
+def test_up_on_a_mesh_with_errors_closes_the_app_and_prints_them(tmp_path: Path) -> None:
+    """The app shows before the mesh is compiled; a mesh with errors closes it, and the errors are printed
+    on the terminal it gave back, exit 1, as headless does."""
+    text = (ROOT / "mesh.yaml").read_text()
+    (tmp_path / "mesh.yaml").write_text(text.replace("rounds: 15", "rounds: fifteen", 1))
+    shutil.copytree(ROOT / "examples" / "hospitals" / "data", tmp_path / "examples" / "hospitals" / "data")
+    assert "rounds: fifteen" in (tmp_path / "mesh.yaml").read_text()
+    meshctl = Path(sys.executable).parent / "meshctl"
+    sock = f"meshctl-test-{uuid.uuid4().hex[:8]}"
+    command = f"cd {tmp_path} && {meshctl} up; echo EXIT=$?; sleep 30"
+    _tmux(sock, "new-session", "-d", "-s", "dash", "-x", "120", "-y", "40", command)
+    try:
+        after = _wait(sock, lambda s: "EXIT=" in s, 60)
+        assert "EXIT=1" in after and "error[MESH" in after and "rounds: fifteen" in after, after
+        assert after.rstrip().splitlines()[-2] == "1 error", after
+        assert "Traceback" not in after
+        assert "meshctl: compiling mesh.yaml" in after  # said at once, before the app and the compiler
     finally:
         _tmux(sock, "kill-server")

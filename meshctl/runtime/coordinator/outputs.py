@@ -107,7 +107,8 @@ class Checkpoints:
                 job, rnd, path = self.written.get_nowait()
             except queue.Empty:
                 return
-            if path.parent.name == job:  # per-round checkpoints; the final model has its own event
+            if path.parent.name == job and path.parent.parent.name == "checkpoints":  # per-round weights (the
+                # final model has its own event; a round's state beside them is no checkpoint of its own)
                 sink.emit(ev.CheckpointWritten(job=job, round=rnd, path=str(path.relative_to(self.run_dir))))
 
     def _write(self) -> None:
@@ -144,6 +145,37 @@ def newest_checkpoint(run_dir: Path, plan: Plan, job: PlanJob) -> tuple[int, wir
         if got == expect and meta.get("plan_hash") == plan.plan.hash:
             return int(meta["round"]), weights
     return 0, None
+
+
+def state_path(run_dir: Path, job: str, rnd: int) -> Path:
+    """Where the coordinator keeps what job `job` carries across rounds as it was after round `rnd`
+    (strategy state, adaptive clip norm, policy counters): beside the round's weights, written before them."""
+    return run_dir / "checkpoints" / job / "state" / f"round-{rnd:04d}.safetensors"
+
+
+def state_meta(plan: Plan, job: PlanJob, rnd: int, scalars: dict[str, Any]) -> dict[str, str]:
+    """The metadata of a state file: the job, round and plan it belongs to, and the scalars as JSON."""
+    return {"job": job.name, "round": str(rnd), "plan_hash": plan.plan.hash, "scalars": json.dumps(scalars)}
+
+
+def load_state(run_dir: Path, plan: Plan, job: PlanJob, rnd: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, scalars) the job's state file of round `rnd` holds. Raises ValueError (one line) when it is
+    missing, damaged or of another plan: the resumed job cannot go on as it would have."""
+    from safetensors import safe_open
+
+    path = state_path(run_dir, job.name, rnd)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        scalars = json.loads(meta.get("scalars", "{}"))
+    except FileNotFoundError:
+        raise ValueError(f"no state of round {rnd} at {path.relative_to(run_dir)}") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file: safetensors' or json's own error
+        raise ValueError(f"cannot read {path.relative_to(run_dir)}: {err}") from None
+    if meta.get("plan_hash") != plan.plan.hash or meta.get("round") != str(rnd) or not isinstance(scalars, dict):
+        raise ValueError(f"{path.relative_to(run_dir)} is not the state of this plan's round {rnd}")
+    return tensors, scalars
 
 
 def model_meta(plan: Plan, job: PlanJob, rnd: int, norm: dict[str, list[float]] | None = None) -> dict[str, str]:

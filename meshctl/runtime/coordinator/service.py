@@ -43,6 +43,7 @@ from meshctl.runtime.coordinator import outputs
 from meshctl.runtime.coordinator.analysis import Analysis
 from meshctl.runtime.coordinator.collector import Collector, JobAborted
 from meshctl.runtime.coordinator.members import Members, Peer
+from meshctl.runtime.coordinator.split import SPLIT_MAX_BYTES, SplitRoom
 from meshctl.runtime.coordinator.training import Training
 from meshctl.runtime.kernels import client_dp, compress
 from meshctl.runtime.keys import KeyPair
@@ -103,6 +104,8 @@ class Coordinator:
         self.closing = False
         self.analysis: Analysis | None = None
         """The analysis workflow of a `meshctl analyze` run, once it started."""
+        self.split: SplitRoom | None = None
+        """The split-learning job running now, if any."""
 
     peers = _room("members", "peers")
     failed = _room("members", "failed")
@@ -229,7 +232,9 @@ class Coordinator:
     # -- one job -------------------------------------------------------------------
     def _work_names(self) -> list[str]:
         """What this run does, for RunStarted: the plan's jobs, or `analysis:NAME` for an analysis run."""
-        return [f"analysis:{self.m.analysis}"] if self.m.analysis else [j.name for j in self.plan.jobs]
+        if self.m.analysis:
+            return [f"analysis:{self.m.analysis}"]
+        return [j.name for j in self.plan.jobs] + [s.name for s in self.plan.split_models]
 
     def _work(self) -> None:
         """One workflow per job: `Training` for each of the plan's models, or the run's one `Analysis`."""
@@ -242,6 +247,15 @@ class Coordinator:
         for job in self.plan.jobs:
             if job.name not in self.completed:
                 self._run_job(job)
+        for split in self.plan.split_models:  # split learning (meshctl.runtime.coordinator.split)
+            if split.name not in self.completed:
+                remote = [d for d in split.participants if d not in self.m.local_domains]
+                wait = (self.m.join_timeout_s if not remote else math.inf if self.m.remote_join_timeout_s is None
+                        else max(self.m.join_timeout_s, self.m.remote_join_timeout_s))
+                self.split = SplitRoom(self.plan, split, self.members, self.sink, self.clock, self._pump,
+                                       self.run_dir, join_timeout_s=wait)
+                self.split.run()
+                self.split = None
 
     @functools.cached_property
     def completed(self) -> set[str]:
@@ -396,6 +410,8 @@ class Coordinator:
 
     def _handle_other(self, domain: str, msg: Any, tensors: wire.Tensors) -> bool:
         """Handle a message kind the training loop does not know (the analysis room's); False rejects it."""
+        if self.split is not None and self.split.receive(domain, msg, tensors):
+            return True
         return self.analysis is not None and self.analysis.receive(domain, msg, tensors)
 
     @functools.cached_property
@@ -414,6 +430,8 @@ class Coordinator:
                     job.compression.kind, job.compression.k, [(t.name, t.shape) for t in job.tensors])]
             frame = max(frame, min(wire.CHUNK_BYTES, max(sizes, default=0)))
             total = max(total, sum(sizes))
+        if self.plan.split_models:  # PSI points and activations grow with the rows, unknown to the plan
+            frame, total = wire.CHUNK_BYTES, max(total, SPLIT_MAX_BYTES)
         return frame, total
 
     def _rejected(self, domain: str, msg: wire.ErrorReply) -> None:

@@ -80,6 +80,32 @@ class Strategy(ABC):
         """New weights from the example-weighted mean of the updates (what secure aggregation yields)."""
         raise ValueError(f"{self.name} needs every single update, so it cannot run with secure aggregation")
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What the rule carries across rounds, for a checkpoint: (tensors by name, JSON-able scalars);
+        ({}, {}) for a rule without state."""
+        return {}, {}
+
+    def restore(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+        """Take up `state()` as a checkpoint kept it (a resumed run goes on as if it never stopped)."""
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the rule has state that crosses rounds (a resumed run needs it back)."""
+        return type(self).state is not Strategy.state
+
+
+def _pack(prefix: str, tensors: Sequence[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """`prefix/0`, `prefix/1`, ... for a list of tensors ({} for None: not set yet)."""
+    return {f"{prefix}/{i}": t.detach().contiguous() for i, t in enumerate(tensors or [])}
+
+
+def _unpack(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor] | None:
+    """The list `_pack` made, else None."""
+    out = []
+    while (t := tensors.get(f"{prefix}/{len(out)}")) is not None:
+        out.append(t)
+    return out or None
+
 
 def make_strategy(agg: PlanAggregation) -> Strategy:
     """The registered strategy for the plan's `aggregation`, with fresh per-job state."""
@@ -117,6 +143,14 @@ class _ServerStep(FedAvg):
 
     def from_mean(self, weights: Weights, mean: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.server.step(weights, mean)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {**_pack("m", getattr(self.server, "m", None)), **_pack("v", self.server.v)}, {}
+
+    def restore(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+        if isinstance(self.server, ServerOptimizer):
+            self.server.m = _unpack(tensors, "m")
+        self.server.v = _unpack(tensors, "v")
 
 
 class FedAdam(_ServerStep):
@@ -176,6 +210,12 @@ class _Robust(Strategy):
         new, note = self.rule(weights, names, means, [int(c) for c in counts])
         return new, f"{len(parts)} buckets of {size}" + (f"; {note}" if note else "")
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"round": self.round}
+
+    def restore(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+        self.round = int(scalars.get("round", 0))
+
 
 class _RobustWithMomentum(_Robust):
     """A robust rule whose step server momentum may smooth (`server_momentum`, off at 0)."""
@@ -191,6 +231,15 @@ class _RobustWithMomentum(_Robust):
         if self.momentum is not None:
             new = self.momentum.step(weights, new)
         return new, note
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, scalars = super().state()
+        return {**tensors, **_pack("momentum", self.momentum and self.momentum.v)}, scalars
+
+    def restore(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+        super().restore(tensors, scalars)
+        if self.momentum is not None:
+            self.momentum.v = _unpack(tensors, "momentum")
 
 
 class Median(_RobustWithMomentum):
@@ -272,6 +321,14 @@ class CenteredClip(_RobustWithMomentum):
         self.last_step = [n.to(torch.float64) - w.to(torch.float64) for n, w in zip(new, weights)]
         return new, f"centered_clip radius {radius:.4g}: {far} of {len(updates)} updates clipped at first"
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, scalars = super().state()
+        return {**tensors, **_pack("last_step", self.last_step)}, scalars
+
+    def restore(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+        super().restore(tensors, scalars)
+        self.last_step = _unpack(tensors, "last_step")
+
 
 # SCAFFOLD: the server keeps a control variate c beside the weights; each domain keeps its own.
 
@@ -290,6 +347,12 @@ class Scaffold(Strategy):
         super().__init__(agg)
         self.control: list[torch.Tensor] | None = None
         """The server control variate c, one tensor per weight tensor; None until set (zero)."""
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return _pack("control", self.control), {}
+
+    def restore(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+        self.control = _unpack(tensors, "control")
 
     def controls_for(self, weights: Weights) -> list[torch.Tensor]:
         """c, zero (in the weights' shapes) before the first round."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -44,6 +45,10 @@ from meshctl.runtime.kernels.models import build_model
 
 REJOIN_HEARTBEATS = 3
 """A lost domain has max(round_timeout_s, REJOIN_HEARTBEATS x heartbeat timeout) to come back."""
+NOISE_SEED_ENV = "MESHCTL_TEST_CLIENT_DP_SEED"
+"""Tests only: an integer that seeds the coordinator's client-DP noise afresh each round (from it and the
+round), so a resumed run draws what an uninterrupted one drew. Regenerable noise can be subtracted and
+then protects nothing: never set it in a real run."""
 
 
 def reported_metrics(job: PlanJob) -> list[str]:
@@ -161,6 +166,8 @@ class Training:
         covered: set[str] = set()
         strategy = self.strategy = make_strategy(job.aggregation)
         self._client_dp_start(job)
+        if resumed is not None and version > 0 and self._stateful():
+            participants = self._restore_state(version, participants)
         evaluations, results = Evaluations(self, pooled_metrics), {}  # (results: the last round's updates, for cross-site)
         norm = {**self._standardization(job, participants), **self._vocabulary(job, participants)}
         first = version + 1
@@ -267,6 +274,10 @@ class Training:
             if r == job.training.rounds and job.personalization is not None:
                 self._personalized(job, evals)
             if self.checkpoint:
+                if self._stateful():  # (before the weights: a round's checkpoint never lacks its state)
+                    tensors, scalars = self._state()
+                    self.outputs.put(outputs.state_path(self.run_dir, job.name, r), tensors,
+                                     outputs.state_meta(self.plan, job, r, scalars))
                 path = self.run_dir / "checkpoints" / job.name / f"round-{r:04d}.safetensors"
                 self.outputs.put(path, weights, outputs.model_meta(self.plan, job, r, norm))
             self.outputs.report(self.sink)
@@ -282,6 +293,44 @@ class Training:
             left_out={d: left.get(d, f"domain {d} sent no update that was aggregated").removeprefix(f"domain {d} ")
                       for d in job.participants if d not in covered},
             domain_metrics=domain_metrics, domain_examples=domain_examples))
+
+    def _stateful(self) -> bool:
+        """Whether the job carries state across rounds on the coordinator, beyond the weights: the
+        strategy's, adaptive clipping's clip norm, the round policies' exclusion counts."""
+        cdp = self.job.privacy.client_dp
+        return bool(self.strategy and self.strategy.stateful) or (cdp is not None and cdp.adaptive is not None) \
+            or self.gate is not None
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, scalars) of what crosses rounds now (`_stateful`), for the round's checkpoint."""
+        assert self.strategy is not None
+        tensors, scalars = self.strategy.state()
+        out: dict[str, Any] = {"strategy": scalars}
+        if self.client_clip is not None:
+            out["client_clip"] = self.client_clip
+        if self.gate is not None:
+            out["policy_counts"] = [[p, d, n] for (p, d), n in sorted(self.gate.counts.items())]
+            out["suspended"] = {d: why for d, why in self.members.dropped.items()
+                                if d in self.job.participants and why.startswith("was suspended by policy")}
+        return {f"strategy/{k}": v for k, v in tensors.items()}, out
+
+    def _restore_state(self, version: int, participants: list[str]) -> list[str]:
+        """A resumed job: take up the state its round-`version` checkpoint kept (`_state`); the participants
+        left (a domain a policy suspended stays out). JobAborted when the state cannot be read."""
+        job = self.job
+        try:
+            tensors, scalars = outputs.load_state(self.run_dir, self.plan, job, version)
+            assert self.strategy is not None
+            self.strategy.restore({k.removeprefix("strategy/"): v for k, v in tensors.items()
+                                   if k.startswith("strategy/")}, scalars.get("strategy", {}))
+            if "client_clip" in scalars:
+                self.client_clip = float(scalars["client_clip"])
+            if self.gate is not None:
+                self.gate.counts = {(p, d): int(n) for p, d, n in scalars.get("policy_counts", [])}
+                self.members.dropped.update(scalars.get("suspended", {}))
+        except (ValueError, TypeError, KeyError) as err:
+            raise JobAborted(f"job {job.name}: cannot resume after round {version}: {err}") from None
+        return [d for d in participants if d not in self.members.dropped]
 
     def _sample(self, participants: list[str], rnd: int) -> list[str]:
         """Round `rnd`'s trainers (a RoundStarted event): the seeded sample of the active participants
@@ -516,13 +565,20 @@ class Training:
                 raise ValueError("client-level DP: an update came without its adaptive clipping bit")
             bits, shares = sum(results[d][0].clip_bit or 0.0 for d in contributors), 0
         mean, unclipped, std = client_dp.noised_mean(total, bits, bound, noise,
-                                                     noised_shares=shares, gen=self.client_gen)
+                                                     noised_shares=shares, gen=self._noise_source(rnd))
         new = strategy.from_mean(base, [(b.double() + m).to(b.dtype) for b, m in zip(base, mean)])
         note = f"client DP: clip {bound:.4g}, noise std {std:.4g} on the sum of {len(results)}"
         if adaptive:
             self.client_clip = client_dp.next_clip(bound, unclipped, cdp.adaptive.target_quantile, cdp.adaptive.lr)
             note += f"; unclipped share {unclipped:.2f}, next clip {self.client_clip:.4g}"
         return new, note
+
+    def _noise_source(self, rnd: int) -> torch.Generator | None:
+        """Client-level DP: round `rnd`'s noise source (the job's, seeded by the OS; see NOISE_SEED_ENV)."""
+        from meshctl.runtime.kernels import client_dp
+
+        seed = os.environ.get(NOISE_SEED_ENV, "")
+        return client_dp.generator(int(seed) * 1_000_003 + rnd) if seed.isdigit() else self.client_gen
 
     def _secure_sum(self, job: PlanJob, rnd: int, asked: list[str], results: dict[str, Any],
                     strategy: Strategy, weights: wire.Tensors) -> list[torch.Tensor]:

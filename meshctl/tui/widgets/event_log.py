@@ -33,6 +33,8 @@ class EventLog(RichLog):
 
     def on_mount(self) -> None:
         self.border_title = "events"
+        self.anchor()  # the newest line stays in view however the layout settles (a panel above it
+        # shown in the same redraw), until the user scrolls up
 
     @property
     def on_view(self) -> bool:

@@ -1,4 +1,5 @@
-"""The panel a failed run shows under the header: why it failed, where, and which log to read.
+"""The panel a failed run (or one whose coordinator was lost) shows under the header: why it failed,
+where, and which log to read.
 
 The header's badge says only FAILED (a long reason there squeezed the run line out); the whole
 reason is here, wrapped, never cut: the run's reason, each failed job's, the domains that were
@@ -10,7 +11,6 @@ import re
 from pathlib import Path
 
 from rich.table import Table
-from rich.text import Text
 from textual.widgets import Static
 
 from meshctl.tui.state import MeshState
@@ -23,10 +23,11 @@ COORDINATOR_LOG = "coordinator.log"
 
 
 def failure_lines(state: MeshState, run_dir: Path | None) -> list[tuple[str, str]]:
-    """(label, text) rows that explain a failed run; empty unless the run failed."""
-    if state.state != "failed":
+    """(label, text) rows that explain a failed run, or one whose coordinator was lost; empty otherwise."""
+    if state.state not in ("failed", "lost"):
         return []
-    rows = [("reason", state.reason or "unknown")]
+    lost = state.state == "lost"
+    rows = [("reason", f"coordinator lost: {state.reason}" if lost else state.reason or "unknown")]
     reasons = [state.reason]
     for job in state.jobs.values():
         if job.state == "failed":
@@ -52,7 +53,8 @@ def failure_lines(state: MeshState, run_dir: Path | None) -> list[tuple[str, str
 
 
 class FailureBanner(Static):
-    """Hidden until the run fails; then the rows of `failure_lines`, wrapped to the width."""
+    """Hidden until the run fails (or its coordinator is lost); then the rows of `failure_lines`,
+    wrapped to the width."""
 
     grid: Table | None = None
     """What the panel shows now (None while hidden)."""
@@ -66,7 +68,7 @@ class FailureBanner(Static):
         grid = Table.grid(padding=(0, 1))
         grid.add_column(justify="right", style="bold", no_wrap=True)
         grid.add_column(overflow="fold")  # wrapped under itself, never cut
-        grid.add_row(Text(" RUN FAILED ", style="bold reverse"), "")
+        self.border_title = "COORDINATOR LOST" if state.state == "lost" else "RUN FAILED"  # a row saved
         for label, line in rows:
             grid.add_row(label, line)
         self.grid = grid

@@ -36,12 +36,17 @@ class QuitDialog(ModalScreen["QuitChoice | None"]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="quit-dialog"):
-            yield Label(f"Run {self.run_id or ''} is still going. Stop it?", id="quit-question")
+            yield Label(f"{self.named} is still going. Stop it?", id="quit-question")
             with Horizontal(id="quit-buttons"):
                 yield Button("Stop the run (s)", id="stop", variant="error")
                 yield Button("Keep running (k)", id="detach", variant="primary")
                 yield Button("Close (q)", id="close", variant="primary")
                 yield Button("Cancel (esc)", id="cancel")
+
+    @property
+    def named(self) -> str:
+        """`Run R`, or `The run` while it has no id yet (asked while `up` was still compiling)."""
+        return f"Run {self.run_id}" if self.run_id else "The run"
 
     def on_mount(self) -> None:
         self.query_one("#close", Button).display = False
@@ -52,7 +57,7 @@ class QuitDialog(ModalScreen["QuitChoice | None"]):
             return
         self.outcome = outcome
         self.query_one("#quit-question", Label).update(
-            f"Run {self.run_id or ''} has {outcome}. Close the dashboard?")
+            f"{self.named} has {outcome}. Close the dashboard?")
         self.query_one("#stop", Button).display = False
         self.query_one("#detach", Button).display = False
         self.query_one("#close", Button).display = True

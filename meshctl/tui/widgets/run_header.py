@@ -22,8 +22,10 @@ class RunHeader(Horizontal):
 
     def show(self, state: MeshState, replay: str = "") -> None:
         """Render `state` into the bar; `replay` (`replay playing`, `replay paused`, …) marks a replay."""
+        if not self.query("#run-info") or not self.query("#run-state"):
+            return  # not composed yet, or the app is closing (a clock tick can come in between)
         info = Text(no_wrap=True, overflow="ellipsis")  # a narrow terminal cuts the run line, never
-        info.append(state.mesh or "(waiting for run)", style="bold")  # wraps it over the job line
+        info.append(state.mesh or state.phase or "(waiting for run)", style="bold")  # wraps it over the job line
         if state.run_id:
             info.append("  run ").append(state.run_id, style="bold")
         if state.plan_hash:
@@ -51,7 +53,9 @@ class RunHeader(Horizontal):
 
     @staticmethod
     def _jobs_line(state: MeshState) -> str:
-        parts = [f"{job.name} {job.current_round}/{job.rounds_total or '?'} {job.state}"
+        lost = state.state == "lost"  # a job of a lost coordinator is stalled, not training
+        parts = [f"{job.name} {job.current_round}/{job.rounds_total or '?'} "
+                 + ("stalled" if lost and job.state in ("waiting", "training") else job.state)
                  for job in state.jobs.values()]
         parts += [f"analysis {a.name} {a.state}" for a in state.analyses.values()]
         extra = []

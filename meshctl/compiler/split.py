@@ -1,0 +1,214 @@
+"""Split models (`split_models:`): checks (MESH560-567), their plan section and the `model` variable
+model-scope policies see of them (`split_activation`). An `access: request` product is read under
+a grant for `model:<name>`, as a federated model's (MESH405 without one).
+
+A split model joins products of different domains that hold different columns of the same
+entities: each part names its product, its key column (PII allowed: it is blinded for the
+private set intersection, never sent) and the numeric features its bottom model reads; the
+label is a category column of one part's product, whose domain runs the top model. Pure:
+reads only the checked spec.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean
+from meshctl.compiler.entrypoint import builtin_hash
+from meshctl.compiler.grants import grant_id
+from meshctl.compiler.plan import PlanSplit, PlanSplitPart, PlanTensor, mlp_tensors
+from meshctl.compiler.resolved import Resolution
+from meshctl.compiler.spec import Column, MeshSpec, Product, SplitModel
+
+NUMERIC = ("int", "float", "bool")
+"""Column types a bottom model reads (one input slot each)."""
+
+
+def check_split_models(spec: MeshSpec, resolution: Resolution, report: Reporter) -> list[PlanSplit]:
+    """The plan section of every split model that checks, after reporting what is wrong with the others."""
+    products = {f"{p.domain}.{p.name}": p for p in spec.products}
+    taken = {m.name: m.path for m in spec.models}
+    out: list[PlanSplit] = []
+    for model in spec.split_models:
+        if model.name in taken:
+            line = report.locate((*taken[model.name], "name"))[0]
+            report.error("MESH301", f"duplicate model '{model.name}'", (*model.path, "name"),
+                         hint=f"first declared at line {line}; models and split models share names")
+            continue
+        taken[model.name] = model.path
+        built = _check(model, products, resolution, report)
+        if built is not None:
+            out.append(built)
+    return out
+
+
+def _columns(product: Product, resolution: Resolution) -> dict[str, Column]:
+    """The product's columns by name (its own, else its contract's)."""
+    columns = product.columns
+    if not columns and id(product) in resolution.contracts:
+        columns = resolution.contracts[id(product)].columns
+    return {c.name: c for c in columns}
+
+
+def _check(model: SplitModel, products: dict[str, Product], resolution: Resolution,
+           report: Reporter) -> PlanSplit | None:
+    before = len(report.diagnostics)
+    label = f"split model '{model.name}'"
+    parts: list[tuple[Product, str, list[str]]] = []
+    domains: dict[str, int] = {}
+    grants: list[str] = []
+    for i, part in enumerate(model.parts):
+        at: YamlPath = (*model.path, "parts", i)
+        product = _product(part.product, products, (*at, "product"), label, report)
+        if product is None:
+            continue
+        if product.domain in domains:
+            report.error("MESH567", f"{label} has two parts in domain '{product.domain}'", (*at, "product"),
+                         hint=f"part {domains[product.domain]} already reads from {product.domain}; "
+                              "give each domain one part with all its features")
+            continue
+        domains[product.domain] = i
+        if product.access == "request":
+            subject = f"model:{model.name}"
+            if (part.product, subject) in resolution.grants:
+                grants.append(grant_id(part.product, subject))
+            else:
+                report.error("MESH405", f"model '{model.name}' reads '{part.product}', which is `access: request`, "
+                             "without a grant", (*at, "product"),
+                             hint=f"ask for one: meshctl access request {part.product} --for {model.name} "
+                                  f"--purpose {model.purpose or 'PURPOSE'}")
+        columns = _columns(product, resolution)
+        key = part.key or model.key
+        if key is None:
+            report.error("MESH561", f"{label}: part {part.product} has no key column", at,
+                         hint="give the split model a `key:` (or the part its own `key:`)")
+        elif key not in columns:
+            report.error("MESH561", f"{label}: key column '{key}' is not a column of {part.product}",
+                         (*at, "key") if part.key else (*model.path, "key"),
+                         hint=did_you_mean(key, list(columns)) or "declare it in the product's columns")
+        features: list[str] = []
+        seen: dict[str, YamlPath] = {}
+        for j, name in enumerate(part.features):
+            fat: YamlPath = (*at, "features", j)
+            if name in seen:
+                report.error("MESH563", f"feature '{name}' is read twice in {label}", fat,
+                             hint=f"first at {report.where(seen[name])}; list each column once")
+                continue
+            seen[name] = fat
+            column = columns.get(name)
+            if column is None:
+                report.error("MESH562", f"feature '{name}' is not a column of {part.product}", fat,
+                             hint=did_you_mean(name, list(columns)) or "each part reads its own product's columns")
+            elif name == key or name == model.label.column:
+                what = "the key" if name == key else "the label"
+                report.error("MESH563", f"feature '{name}' of {label} is {what}", fat,
+                             hint="the key and the label never feed a bottom model")
+            elif column.pii != "none":
+                report.error("MESH564", f"feature '{name}' of {part.product} is a PII column ({column.pii})", fat,
+                             hint="PII never feeds a model; only the key may be PII, and it is blinded")
+            elif column.type not in NUMERIC:
+                report.error("MESH564", f"feature '{name}' of {part.product} is a {column.type} column; "
+                             "a bottom model reads int, float or bool columns", fat)
+            else:
+                features.append(name)
+        if not part.features:
+            report.error("MESH562", f"{label}: part {part.product} reads no features", (*at, "features"))
+        parts.append((product, key or "", features))
+    classes = _label(model, products, resolution, [p for p, _, _ in parts], report)
+    if len(report.diagnostics) > before or classes is None:
+        return None
+    seed, plan_parts = model.training.seed, []
+    for i, (product, key, features) in enumerate(parts):
+        spec = model.parts[i]
+        contract = resolution.contracts.get(id(product))
+        plan_parts.append(PlanSplitPart(
+            domain=product.domain, product=f"{product.domain}.{product.name}",
+            contract=f"{contract.name}@{contract.version}" if contract else "", key=key, features=features,
+            hidden=list(spec.bottom.hidden), out=spec.bottom.out,
+            tensors=mlp_tensors(len(features), spec.bottom.hidden, spec.bottom.out)))
+    width = sum(p.out for p in plan_parts)
+    owner = _product(model.label.product, products, (), label, None)
+    assert owner is not None
+    t, e = model.training, model.evaluation
+    top: list[PlanTensor] = mlp_tensors(width, model.top.hidden, len(classes))
+    return PlanSplit(
+        name=model.name, purpose=model.purpose, participants=[p.domain for p in plan_parts], parts=plan_parts,
+        label_domain=owner.domain, label_product=model.label.product, label_column=model.label.column,
+        classes=classes, top_hidden=list(model.top.hidden), top_tensors=top,
+        clip=model.activations.clip, noise=model.activations.noise, min_intersection=model.min_intersection,
+        epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, seed=seed,
+        standardize=t.standardize, holdout=e.holdout, metrics=list(e.metrics or ["loss", "accuracy"]),
+        round_timeout_s=model.round_timeout_s, grants=grants or None)
+
+
+def _product(ref: str, products: dict[str, Product], at: YamlPath, label: str,
+             report: Reporter | None) -> Product | None:
+    product = products.get(ref)
+    if product is None and report is not None:
+        report.error("MESH560", f"{label} names unknown product '{ref}'", at,
+                     hint=did_you_mean(ref, list(products)) or "write `<domain>.<product>`")
+    return product
+
+
+def _label(model: SplitModel, products: dict[str, Product], resolution: Resolution,
+           parts: list[Product], report: Reporter) -> list[str] | None:
+    """The label's classes, after checking it is a category column of one part's product."""
+    at: YamlPath = (*model.path, "label")
+    label = f"split model '{model.name}'"
+    product = _product(model.label.product, products, (*at, "product"), label, report)
+    if product is None:
+        return None
+    if product not in parts:
+        report.error("MESH565", f"the label of {label} is in {model.label.product}, which is not one of its parts",
+                     (*at, "product"), hint="the label owner is a participant: label one of the parts' products")
+        return None
+    column = _columns(product, resolution).get(model.label.column)
+    if column is None:
+        report.error("MESH566", f"label column '{model.label.column}' is not a column of {model.label.product}",
+                     (*at, "column"), hint=did_you_mean(model.label.column, list(_columns(product, resolution))))
+        return None
+    if column.pii != "none" or column.type != "category" or len(column.values) < 2:
+        why = (f"a PII column ({column.pii})" if column.pii != "none"
+               else f"a {column.type} column" if column.type != "category" else "a category of fewer than 2 values")
+        report.error("MESH566", f"label column '{model.label.column}' of {model.label.product} is {why}",
+                     (*at, "column"), hint="a split model's label is a category column with its values declared")
+        return None
+    return list(column.values)
+
+
+def split_activation(split: PlanSplit, reads: list[dict[str, Any]], jurisdictions: dict[str, str]) -> dict[str, Any]:
+    """The `model` variable a model-scope policy sees of a split model, built from its plan section
+    (so the compiler and the domains build the same one). The fields a federated model also has
+    mean the same; `reads` are its parts' products (as the caller reads them: spec or plan)."""
+    none = {"epsilon": 0.0, "delta": 0.0, "clip": 0.0}
+    parts = [{"domain": p.domain, "product": p.product, "key": p.key, "features": list(p.features),
+              "bottom": {"kind": "mlp", "hidden": list(p.hidden), "out": p.out}, "parameters": _count(p.tensors)}
+             for p in split.parts]
+    return {
+        "kind": "split", "name": split.name, "purpose": split.purpose,
+        "participants": list(split.participants),
+        "domains": [{"name": d, "jurisdiction": jurisdictions.get(d, "")} for d in split.participants],
+        "reads": reads, "features": [f for p in split.parts for f in p.features], "target": split.label_column,
+        "label": {"domain": split.label_domain, "product": split.label_product, "column": split.label_column,
+                  "classes": list(split.classes)},
+        "parts": parts,
+        "architecture": {"kind": "split", "hidden": list(split.top_hidden), "activation": "relu",
+                         "entrypoint": "", "code_hash": builtin_hash()},
+        "training": {"epochs": split.epochs, "batch_size": split.batch_size, "optimizer": split.optimizer,
+                     "lr": split.lr, "seed": split.seed, "standardize": split.standardize},
+        "privacy": {"secure_aggregation": False, "dp": none, "client_dp": dict(none)},
+        "activations": {"clip": split.clip or 0.0, "noise": split.noise or 0.0},
+        "min_intersection": split.min_intersection,
+        "parameters": sum(p["parameters"] for p in parts) + _count(split.top_tensors),
+    }
+
+
+def _count(tensors: list[PlanTensor]) -> int:
+    """Scalars in `tensors` (policy.parameter_count, without importing CEL into the domains)."""
+    total = 0
+    for tensor in tensors:
+        n = 1
+        for d in tensor.shape:
+            n *= d
+        total += n
+    return total

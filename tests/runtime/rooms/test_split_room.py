@@ -1,0 +1,136 @@
+"""The split room (issue 15) on the in-memory hub: each scripted domain is the real SplitDomain over
+examples/vertical's data (DuckDB), answering as the daemon does; no processes, no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshctl.compiler.compile import compile_mesh
+from meshctl.runtime import events as ev
+from meshctl.runtime import wire
+from meshctl.runtime.coordinator import Coordinator, JobAborted
+from meshctl.runtime.coordinator.split import top_path
+from meshctl.runtime.domain.split import SplitDomain, SplitError
+from meshctl.runtime.run import RunManifest
+from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "vertical"
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.events: list[ev.Event] = []
+
+    def emit(self, event: ev.Event) -> ev.Event:
+        self.events.append(event)
+        return event
+
+
+def _room(tmp_path: Path, *edits: tuple[str, str], narrow: str = "") -> tuple[Coordinator, ListSink]:
+    """A service running examples/vertical (1 epoch, sgd: Adam's first step imports torch._dynamo); `narrow` sends activations one column short."""
+    text = (EXAMPLE / "mesh.yaml").read_text()
+    for old, new in (("epochs: 30", "epochs: 1"), ("optimizer: adam, lr: 0.01", "optimizer: sgd, lr: 0.1"), *edits):
+        text = text.replace(old, new)
+    shutil.copytree(EXAMPLE / "data", tmp_path / "data")
+    (tmp_path / "mesh.yaml").write_text(text)
+    plan = compile_mesh(tmp_path / "mesh.yaml").plan
+    assert plan is not None
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    manifest = RunManifest(run="r1", run_dir=str(run_dir), base_dir=str(tmp_path), router="tcp://10.0.0.5:7700",
+                           events="inproc://y", coordinator_key="", coordinator_public="",
+                           domain_keys={d.name: f"key-{d.name}" for d in plan.domains}, checkpoint=False)
+    clock = FakeClock()
+    hub = MemoryHub(clock)
+    c = Coordinator(manifest, plan, link=hub, clock=clock)
+    sink = ListSink()
+    c.sink = sink
+    for d in plan.domains:
+        side = SplitDomain(plan, d.name, tmp_path, "r1")
+
+        def reply(conn: Connection, msg: Any, tensors: wire.Tensors, side: SplitDomain = side,
+                  name: str = d.name) -> None:
+            if not isinstance(msg, wire.SplitIns):
+                return
+            try:
+                for res, out in side.handle(msg, tensors):
+                    if name == narrow and res.step == "acts":
+                        out = {"acts": out["acts"][:, :-1].contiguous()}
+                    conn.send(res, out)
+            except (SplitError, ValueError) as err:  # what the daemon sends (daemon._split)
+                conn.send(wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))
+
+        conn = hub.connect(d.name, reply)
+        conn.send(wire.Hello(plan_hash=plan.plan.hash, pid=1, rows={}))
+        hub.every(2.0, lambda conn=conn: conn.send(wire.Heartbeat(state="idle")) or True)
+    return c, sink
+
+
+def test_the_service_runs_the_split_job_after_its_intersection(tmp_path):
+    c, sink = _room(tmp_path)
+    c._work()
+    assert c._work_names() == ["malignancy"]
+    kinds = [e.type for e in sink.events]
+    assert kinds.index("job_started") < kinds.index("intersection_computed") < kinds.index("round_completed")
+    shared = next(e for e in sink.events if isinstance(e, ev.IntersectionComputed))
+    assert (shared.size, shared.min_intersection) == (484, 100)
+    done = next(e for e in sink.events if isinstance(e, ev.JobCompleted))
+    assert done.model_path == "models/malignancy.top.safetensors" and set(done.metrics) == {"loss", "accuracy"}
+    assert top_path(tmp_path / "run", "malignancy").is_file()
+
+
+def test_too_small_an_intersection_fails_the_job_in_one_line(tmp_path):
+    c, sink = _room(tmp_path, ("min_intersection: 100", "min_intersection: 485"))
+    with pytest.raises(JobAborted, match=r"^split job malignancy: the parts share 484 entities, fewer than "
+                                         r"min_intersection 485$"):
+        c._work()
+    assert not [e for e in sink.events if isinstance(e, ev.RoundStarted)]
+    assert [e.round for e in sink.events if isinstance(e, ev.JobFailed)] == [0]
+
+
+def test_activations_of_the_wrong_shape_fail_the_job_naming_the_step(tmp_path):
+    c, sink = _room(tmp_path, narrow="lab")
+    with pytest.raises(JobAborted, match=r"split job malignancy: domain clinic split job malignancy: "
+                                         r"activations of lab missing or not \[32, 8\] float32"):
+        c._work()
+    assert [e.round for e in sink.events if isinstance(e, ev.JobFailed)] == [1]
+
+
+def test_declared_clipping_and_noise_train_too(tmp_path):
+    c, sink = _room(tmp_path, ("min_intersection: 100", "min_intersection: 100\n    activations: {clip: 3.0, noise: 0.1}"))
+    c._work()
+    assert c.plan.split_models[0].noise == 0.1 and c.plan.split_models[0].clip == 3.0
+    assert [e.type for e in sink.events][-1] == "job_completed"
+
+
+def test_the_label_owner_answers_each_member_once_and_serves_only_its_own_steps(tmp_path):
+    c, _ = _room(tmp_path)
+    clinic, lab = (SplitDomain(c.plan, d, tmp_path, "r1") for d in ("clinic", "lab"))
+    start = wire.SplitIns(job="malignancy", step="psi_start", salt="ab" * 16)
+    clinic.handle(start, {})
+    ((_, points),) = lab.handle(start, {})
+    ask = wire.SplitIns(job="malignancy", step="psi_answer", peer="lab")
+    assert clinic.handle(ask, points)[0][0].step == "psi_answer"
+    with pytest.raises(SplitError, match="a second or unknown intersection request"):  # no membership oracle
+        clinic.handle(ask, points)
+    with pytest.raises(SplitError, match="step forward is not for the label owner"):
+        clinic.handle(wire.SplitIns(job="malignancy", step="forward"), {})
+    with pytest.raises(SplitError, match="step top is not for the other parts"):
+        lab.handle(wire.SplitIns(job="malignancy", step="top"), {})
+
+
+def test_activation_noise_comes_from_a_secret_seed_not_the_plan(tmp_path):
+    """Noise the label owner could regenerate from the plan's seed protects nothing: two runs of
+    the same plan draw different noise (different final losses), while clipping alone repeats."""
+
+    def loss(sub: str, activations: str) -> float:
+        c, sink = _room(tmp_path / sub, ("min_intersection: 100", f"min_intersection: 100\n    activations: {activations}"))
+        c._work()
+        return next(e for e in sink.events if isinstance(e, ev.JobCompleted)).metrics["loss"]
+
+    assert loss("clip1", "{clip: 3.0}") == loss("clip2", "{clip: 3.0}")
+    assert loss("noise1", "{clip: 3.0, noise: 0.1}") != loss("noise2", "{clip: 3.0, noise: 0.1}")
