@@ -144,7 +144,8 @@ def k8s_manifests(mesh_file: Path, domain: str, *, image: str = DEFAULT_IMAGE, c
     header = [
         command,
         (f"The service of domain {domain} in mesh {plan.plan.mesh}, made by meshctl {__version__} from "
-         f"{mesh_name} (sha256 {digest[:12]})."),
+         + (f"{mesh_name} and the {len(included)} files it includes (sha256 over all of them "
+            f"{digest[:12]})." if included else f"{mesh_name} (sha256 {digest[:12]}).")),
         "No key material is in here.",
         "",
         f"Before `kubectl apply -f` this file, make the Secret from the key `meshctl keys generate {domain}`",

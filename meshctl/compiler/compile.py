@@ -142,8 +142,8 @@ def _compile(raw: bytes, path: str | Path, hashed: bool, files: Files, load: Loa
     check_identity(spec, report)
     check_sources(spec.products, Path(path).parent, report, remote=remote_domains(spec))
     _check_jobs(resolution, report, spec)
-    split_models = check_split_models(spec, resolution, report)
     root = Path(path).parent.resolve()  # entrypoint code is imported from beside the mesh.yaml
+    split_models = check_split_models(spec, resolution, report, root, root / ".meshctl" / "cache" / "models")
     networks(resolution, report, root, root / ".meshctl" / "cache" / "models")
     for resolved in resolution.models:  # what needs the model's modules: known once it is built
         _check_dp_module(resolved, report)

@@ -233,6 +233,8 @@ CODES: dict[str, str] = {
     "MESH565": "A split model's label is in a product that is not one of its parts: the label owner must be a participant.",
     "MESH566": "A split model's label column is unknown, PII, or not a category column with at least 2 declared values.",
     "MESH567": "A split model has two parts in the same domain: each domain contributes one part.",
+    "MESH576": "A split model's entrypoint bottom model does not output [batch, k] activations (one vector per row).",
+    "MESH577": "Warning: a split model's activation noise drowns its activations (noise * sqrt(width) above clip, or above 1 without a clip).",
 }
 
 SHOWN = 100

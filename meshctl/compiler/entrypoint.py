@@ -310,14 +310,21 @@ def _count(tensors: list[PlanTensor]) -> int:
 def _custom(resolved: ResolvedModel, report: Reporter, root: Path, cache: Path | None,
             shape: list[int], output_dim: int) -> Network | None:
     model = resolved.model
-    spec = model.architecture
-    at = (*model.path, "architecture")
+    return custom_network(model.architecture, (*model.path, "architecture"), report, root, cache, shape,
+                          output_dim, {"kind", "hidden", "channels", "kernel", "activation"})
+
+
+def custom_network(spec: Any, at: tuple[Any, ...], report: Reporter, root: Path, cache: Path | None,
+                   shape: list[int], output_dim: int | None, builtin_keys: set[str]) -> Network | None:
+    """An entrypoint model's network (`spec` has `entrypoint`, `args`), or None after a diagnostic at `at`.
+    `builtin_keys` are the built-in's keys that must not be given beside `entrypoint`; `output_dim`
+    None lets the module choose its output width (a split model's bottom), read from its forward."""
     entrypoint = spec.entrypoint or ""
     if not ENTRYPOINT.fullmatch(entrypoint):
         report.error("MESH518", f"entrypoint '{entrypoint}' is not `package.module:factory`",
                      (*at, "entrypoint"), hint='e.g. `entrypoint: "digits_cnn.model:build"`')
         return None
-    extra = sorted({"kind", "hidden", "channels", "kernel", "activation"} & spec.model_fields_set)
+    extra = sorted(builtin_keys & spec.model_fields_set)
     if extra:
         report.error("MESH518", f"`{extra[0]}` does not apply to an entrypoint model (pass it in `args`)",
                      (*at, extra[0]))
@@ -339,11 +346,14 @@ def _custom(resolved: ResolvedModel, report: Reporter, root: Path, cache: Path |
     answer = introspect({"root": str(root), "entrypoint": entrypoint, "args": json.loads(args),
                          "input_shape": shape, "output_dim": output_dim, "code": code.hash}, cache)
     if "error" in answer or "tensors" not in answer:
-        code_id = answer.get("code") if answer.get("code") in ("MESH505", "MESH517", "MESH519") else "MESH505"
+        code_id = answer.get("code") if answer.get("code") in ("MESH505", "MESH517", "MESH519", "MESH576") \
+            else "MESH505"
         report.error(code_id, f"entrypoint {entrypoint}: {answer.get('error', 'no answer')}",
                      (*at, "entrypoint"))
         return None
     tensors = [PlanTensor(name=t["name"], shape=list(t["shape"])) for t in answer["tensors"]]
+    if output_dim is None:
+        output_dim = int(answer["output_dim"])
     arch = PlanArchitecture(kind="custom", input_dim=math.prod(shape), hidden=[], output_dim=output_dim,
                             entrypoint=entrypoint, args=args, code=code)
     return Network(arch, tensors, _count(tensors), shape, [str(n) for n in answer.get("batch_norm", [])])

@@ -487,6 +487,8 @@ class PlanSplitPart(_Frozen):
     """Width of the part's activations (its cut layer)."""
     tensors: list[PlanTensor]
     """The bottom model's state (an mlp), which stays in the domain."""
+    architecture: PlanArchitecture | None = None
+    """An entrypoint bottom model (`kind: custom`, its code pinned); None: the built-in mlp."""
 
 
 class PlanSplit(_Frozen):
@@ -520,6 +522,8 @@ class PlanSplit(_Frozen):
     grants: list[str] | None = None
     """Grant ids (`<product>->model:<name>`) the parts' `access: request` products are read under;
     None when no part's product needs one."""
+    top_architecture: PlanArchitecture | None = None
+    """An entrypoint top model (`kind: custom`, its code pinned); None: the built-in mlp."""
 
     def part(self, domain: str) -> PlanSplitPart:
         return next(p for p in self.parts if p.domain == domain)

@@ -38,8 +38,8 @@ class Change:
 
     action: Action
     kind: str
-    """`coordinator`, `domain`, `product`, `contract`, `job`, `analysis`, `grant`,
-    `policy` or `decision`."""
+    """`coordinator`, `domain`, `product`, `contract`, `job`, `analysis`, `split model`,
+    `grant`, `policy` or `decision`."""
     name: str
     details: tuple[str, ...] = ()
     """For `~`: what changed, e.g. `rounds 15 -> 20`; for a decision `+`/`-`: its effect."""
@@ -52,7 +52,7 @@ class Change:
 
 def diff_plans(old: Plan, new: Plan) -> list[Change]:
     """Every change from `old` to `new`: coordinator, domains, products, contracts, jobs,
-    analyses, grants, policies, decisions."""
+    analyses, split models, grants, policies, decisions."""
     changes: list[Change] = []
     coordinator = _field_changes(old.coordinator, new.coordinator)
     if coordinator:
@@ -64,6 +64,8 @@ def diff_plans(old: Plan, new: Plan) -> list[Change]:
     changes += _diff_named("job", old.jobs, new.jobs, lambda j: j.name, _job_changes)
     changes += _diff_named("analysis", old.analyses, new.analyses, lambda a: a.name,
                            _analysis_changes)
+    changes += _diff_named("split model", old.split_models, new.split_models, lambda s: s.name,
+                           _field_changes)
     changes += _diff_named("grant", old.grants, new.grants, lambda g: g.id, _field_changes,
                            show=lambda g: (f"until {g.until}",) if g.until else ())
     changes += _diff_named("policy", old.policies, new.policies, _policy_key, _field_changes,

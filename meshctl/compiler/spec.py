@@ -578,7 +578,13 @@ class SplitBottom(_Spec):
     hidden: list[int] = Field(default_factory=lambda: [16])
     """Hidden layer widths."""
     out: int = Field(default=8, ge=1)
-    """Width of the activations the part sends per row (its cut layer)."""
+    """Width of the activations the part sends per row (its cut layer). With `entrypoint` it is
+    learned from the module (the factory gets `output_dim=None`); if given, it must agree (MESH576)."""
+    entrypoint: str | None = None
+    """`pkg.module:factory` of a custom bottom model: `factory([n_features], output_dim, **args)`,
+    imported with the mesh.yaml's directory first on sys.path; its code is pinned in the plan."""
+    args: dict[str, ModelArg] = Field(default_factory=dict)
+    """Keyword arguments of the entrypoint factory (JSON scalars and lists)."""
 
     @field_validator("hidden")
     @classmethod
@@ -618,6 +624,11 @@ class SplitTop(_Spec):
     """Built-in family: `mlp`."""
     hidden: list[int] = Field(default_factory=list)
     """Hidden layer widths ([] : one Linear layer)."""
+    entrypoint: str | None = None
+    """`pkg.module:factory` of a custom top model: `factory([sum of the parts' widths], n_classes, **args)`;
+    its code is pinned in the plan."""
+    args: dict[str, ModelArg] = Field(default_factory=dict)
+    """Keyword arguments of the entrypoint factory (JSON scalars and lists)."""
 
     @field_validator("hidden")
     @classmethod
@@ -630,10 +641,10 @@ class SplitTop(_Spec):
 class SplitActivations(_Spec):
     """Protection of the activations a part sends."""
 
-    clip: float | None = Field(default=None, gt=0)
-    """L2 bound of each row's activation vector (rows above it are scaled down to it)."""
-    noise: float | None = Field(default=None, gt=0)
-    """Standard deviation of Gaussian noise added to every activation before it leaves the domain."""
+    clip: float | None = Field(default=None, ge=0)
+    """L2 bound of each row's activation vector (rows above it are scaled down to it); 0 is off."""
+    noise: float | None = Field(default=None, ge=0)
+    """Standard deviation of Gaussian noise added to every activation before it leaves the domain; 0 is off."""
 
 
 class SplitTraining(_Spec):

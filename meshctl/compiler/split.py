@@ -1,4 +1,4 @@
-"""Split models (`split_models:`): checks (MESH560-567), their plan section and the `model` variable
+"""Split models (`split_models:`): checks (MESH560-567, 576, warning 577), their plan section and the `model` variable
 model-scope policies see of them (`split_activation`). An `access: request` product is read under
 a grant for `model:<name>`, as a federated model's (MESH405 without one).
 
@@ -11,12 +11,19 @@ reads only the checked spec.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean
-from meshctl.compiler.entrypoint import builtin_hash
+from meshctl.compiler.entrypoint import architecture_facts, builtin_hash, custom_network
 from meshctl.compiler.grants import grant_id
-from meshctl.compiler.plan import PlanSplit, PlanSplitPart, PlanTensor, mlp_tensors
+from meshctl.compiler.plan import (
+    PlanArchitecture,
+    PlanSplit,
+    PlanSplitPart,
+    PlanTensor,
+    mlp_tensors,
+)
 from meshctl.compiler.resolved import Resolution
 from meshctl.compiler.spec import Column, MeshSpec, Product, SplitModel
 
@@ -24,8 +31,11 @@ NUMERIC = ("int", "float", "bool")
 """Column types a bottom model reads (one input slot each)."""
 
 
-def check_split_models(spec: MeshSpec, resolution: Resolution, report: Reporter) -> list[PlanSplit]:
-    """The plan section of every split model that checks, after reporting what is wrong with the others."""
+def check_split_models(spec: MeshSpec, resolution: Resolution, report: Reporter, root: Path | None = None,
+                       cache: Path | None = None) -> list[PlanSplit]:
+    """The plan section of every split model that checks, after reporting what is wrong with the others.
+    `root` (the mesh.yaml's directory) and `cache` serve `entrypoint:` bottom and top models
+    (compiler.entrypoint: the code is pinned, the module introspected in a subprocess)."""
     products = {f"{p.domain}.{p.name}": p for p in spec.products}
     taken = {m.name: m.path for m in spec.models}
     out: list[PlanSplit] = []
@@ -36,7 +46,7 @@ def check_split_models(spec: MeshSpec, resolution: Resolution, report: Reporter)
                          hint=f"first declared at line {line}; models and split models share names")
             continue
         taken[model.name] = model.path
-        built = _check(model, products, resolution, report)
+        built = _check(model, products, resolution, report, root or Path.cwd(), cache)
         if built is not None:
             out.append(built)
     return out
@@ -51,7 +61,7 @@ def _columns(product: Product, resolution: Resolution) -> dict[str, Column]:
 
 
 def _check(model: SplitModel, products: dict[str, Product], resolution: Resolution,
-           report: Reporter) -> PlanSplit | None:
+           report: Reporter, root: Path, cache: Path | None) -> PlanSplit | None:
     before = len(report.diagnostics)
     label = f"split model '{model.name}'"
     parts: list[tuple[Product, str, list[str]]] = []
@@ -97,8 +107,11 @@ def _check(model: SplitModel, products: dict[str, Product], resolution: Resoluti
             seen[name] = fat
             column = columns.get(name)
             if column is None:
-                report.error("MESH562", f"feature '{name}' is not a column of {part.product}", fat,
-                             hint=did_you_mean(name, list(columns)) or "each part reads its own product's columns")
+                other = next((p.product for p in model.parts if p.product != part.product and p.product in products
+                              and name in _columns(products[p.product], resolution)), None)
+                hint = (f"{name} is a column of {other}, another part: list it under that part's features"
+                        if other else did_you_mean(name, list(columns)) or "each part reads its own product's columns")
+                report.error("MESH562", f"feature '{name}' is not a column of {part.product}", fat, hint=hint)
             elif name == key or name == model.label.column:
                 what = "the key" if name == key else "the label"
                 report.error("MESH563", f"feature '{name}' of {label} is {what}", fat,
@@ -121,24 +134,79 @@ def _check(model: SplitModel, products: dict[str, Product], resolution: Resoluti
     for i, (product, key, features) in enumerate(parts):
         spec = model.parts[i]
         contract = resolution.contracts.get(id(product))
+        bottom = spec.bottom
+        at = (*model.path, "parts", i, "bottom")
+        if bottom.entrypoint is None and bottom.args:
+            _args_without_entrypoint(at, report)
+            continue
+        arch, hidden, out = None, list(bottom.hidden), bottom.out
+        tensors = mlp_tensors(len(features), bottom.hidden, bottom.out)
+        if bottom.entrypoint is not None:  # its width is what the module gives; `out`, if given, must agree
+            net = custom_network(bottom, at, report, root, cache, [len(features)], None, {"kind", "hidden"})
+            if net is None:
+                continue
+            if "out" in bottom.model_fields_set and net.architecture.output_dim != bottom.out:
+                report.error("MESH576", f"the bottom model {bottom.entrypoint} of part {spec.product} gives "
+                             f"{net.architecture.output_dim} activations per row, `out` says {bottom.out}",
+                             (*at, "out"), hint="remove `out` (it is learned from the module) or make them agree")
+                continue
+            arch, hidden, out, tensors = net.architecture, [], net.architecture.output_dim, net.tensors
         plan_parts.append(PlanSplitPart(
             domain=product.domain, product=f"{product.domain}.{product.name}",
             contract=f"{contract.name}@{contract.version}" if contract else "", key=key, features=features,
-            hidden=list(spec.bottom.hidden), out=spec.bottom.out,
-            tensors=mlp_tensors(len(features), spec.bottom.hidden, spec.bottom.out)))
+            hidden=hidden, out=out, tensors=tensors, architecture=arch))
+    if len(plan_parts) < len(parts):
+        return None
     width = sum(p.out for p in plan_parts)
     owner = _product(model.label.product, products, (), label, None)
     assert owner is not None
     t, e = model.training, model.evaluation
+    top_arch = None
     top: list[PlanTensor] = mlp_tensors(width, model.top.hidden, len(classes))
+    if model.top.entrypoint is None and model.top.args:
+        _args_without_entrypoint((*model.path, "top"), report)
+        return None
+    if model.top.entrypoint is not None:  # on the concatenated activations; one output per class
+        net = custom_network(model.top, (*model.path, "top"), report, root, cache, [width], len(classes),
+                             {"kind", "hidden"})
+        if net is None:
+            return None
+        top_arch, top = net.architecture, net.tensors
+    clip, noise = model.activations.clip or None, model.activations.noise or None  # 0 is off, as not declared
+    _noise_bound(model, clip, noise, max(p.out for p in plan_parts), report)
     return PlanSplit(
         name=model.name, purpose=model.purpose, participants=[p.domain for p in plan_parts], parts=plan_parts,
         label_domain=owner.domain, label_product=model.label.product, label_column=model.label.column,
         classes=classes, top_hidden=list(model.top.hidden), top_tensors=top,
-        clip=model.activations.clip, noise=model.activations.noise, min_intersection=model.min_intersection,
+        clip=clip, noise=noise, min_intersection=model.min_intersection,
         epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, seed=seed,
         standardize=t.standardize, holdout=e.holdout, metrics=list(e.metrics or ["loss", "accuracy"]),
-        round_timeout_s=model.round_timeout_s, grants=grants or None)
+        round_timeout_s=model.round_timeout_s, grants=grants or None, top_architecture=top_arch)
+
+
+def _noise_bound(model: SplitModel, clip: float | None, noise: float | None, out: int, report: Reporter) -> None:
+    """MESH577: noise that drowns the activations. A row's noise has L2 norm about noise * sqrt(out);
+    above `clip` (the largest a row's activations may be) every row is more noise than signal. Without
+    a clip, activations of standardized inputs are about 1 each, so noise above 1 is the bound."""
+    if noise is None:
+        return
+    bound = clip if clip is not None else out ** 0.5
+    if noise * out ** 0.5 <= bound:
+        return
+    at = (*model.path, "activations", "noise")
+    if clip is not None:
+        report.warning("MESH577", f"activation noise {noise:g} of split model '{model.name}' drowns its activations: "
+                       f"about {noise * out ** 0.5:.3g} per row ({out} activations), clip is {clip:g}", at,
+                       hint=f"the model learns little above noise {clip / out ** 0.5:.3g}; lower noise or raise clip")
+    else:
+        report.warning("MESH577", f"activation noise {noise:g} of split model '{model.name}' drowns its activations "
+                       "(about 1 each without a clip)", at,
+                       hint="lower noise below 1, or declare activations.clip to bound the activations")
+
+
+def _args_without_entrypoint(at: YamlPath, report: Reporter) -> None:
+    report.error("MESH518", "`args` is for an entrypoint factory; a built-in takes its own keys",
+                 (*at, "args"), hint="add `entrypoint: pkg.module:factory`, or remove `args`")
 
 
 def _product(ref: str, products: dict[str, Product], at: YamlPath, label: str,
@@ -182,7 +250,8 @@ def split_activation(split: PlanSplit, reads: list[dict[str, Any]], jurisdiction
     mean the same; `reads` are its parts' products (as the caller reads them: spec or plan)."""
     none = {"epsilon": 0.0, "delta": 0.0, "clip": 0.0}
     parts = [{"domain": p.domain, "product": p.product, "key": p.key, "features": list(p.features),
-              "bottom": {"kind": "mlp", "hidden": list(p.hidden), "out": p.out}, "parameters": _count(p.tensors)}
+              "bottom": _architecture(p.architecture, "mlp", p.hidden) | {"out": p.out},
+              "parameters": _count(p.tensors)}
              for p in split.parts]
     return {
         "kind": "split", "name": split.name, "purpose": split.purpose,
@@ -192,8 +261,7 @@ def split_activation(split: PlanSplit, reads: list[dict[str, Any]], jurisdiction
         "label": {"domain": split.label_domain, "product": split.label_product, "column": split.label_column,
                   "classes": list(split.classes)},
         "parts": parts,
-        "architecture": {"kind": "split", "hidden": list(split.top_hidden), "activation": "relu",
-                         "entrypoint": "", "code_hash": builtin_hash()},
+        "architecture": _architecture(split.top_architecture, "split", split.top_hidden),
         "training": {"epochs": split.epochs, "batch_size": split.batch_size, "optimizer": split.optimizer,
                      "lr": split.lr, "seed": split.seed, "standardize": split.standardize},
         "privacy": {"secure_aggregation": False, "dp": none, "client_dp": dict(none)},
@@ -201,6 +269,16 @@ def split_activation(split: PlanSplit, reads: list[dict[str, Any]], jurisdiction
         "min_intersection": split.min_intersection,
         "parameters": sum(p["parameters"] for p in parts) + _count(split.top_tensors),
     }
+
+
+def _architecture(arch: PlanArchitecture | None, kind: str, hidden: list[int]) -> dict[str, Any]:
+    """A bottom's or the top's `kind, hidden, activation, entrypoint, code_hash` as policies see them: an
+    entrypoint model's are its (entrypoint.architecture_facts: kind `custom`, its pinned code's hash);
+    a built-in's entrypoint is "" and its code_hash meshctl's version."""
+    if arch is not None:
+        facts = architecture_facts(arch)
+        return {k: facts[k] for k in ("kind", "hidden", "activation", "entrypoint", "code_hash")}
+    return {"kind": kind, "hidden": list(hidden), "activation": "relu", "entrypoint": "", "code_hash": builtin_hash()}
 
 
 def _count(tensors: list[PlanTensor]) -> int:

@@ -38,10 +38,14 @@ def _splits(plan: Plan) -> list[str]:
     """One line per split model: its parts (domain: features -> activation width), its top and label owner."""
     lines = []
     for s in plan.split_models:
-        parts = ", ".join(f"{p.domain} {len(p.features)}→{p.out}" for p in s.parts)
+        parts = ", ".join(f"{p.domain} {len(p.features)}→{p.out}"
+                          + (f" [{label(p.architecture)}]" if p.architecture is not None else "") for p in s.parts)
         top = "→".join(str(d) for d in [sum(p.out for p in s.parts), *s.top_hidden, len(s.classes)])
+        if s.top_architecture is not None:
+            top += f" [{label(s.top_architecture)}]"
+        shield = [f"{k} {v:g}" for k, v in (("clip", s.clip), ("noise", s.noise)) if v is not None]
         lines.append(f"  split model {s.name}: parts {parts}; top {top} at {s.label_domain} "
-                     f"(label {s.label_column}); {s.epochs} epochs")
+                     f"(label {s.label_column}); activations {', '.join(shield) or 'in clear'}; {s.epochs} epochs")
     return lines
 
 

@@ -398,8 +398,35 @@ def render_markdown(report: dict[str, Any]) -> str:
                 a["result"],
             ]
             for a in report["analyses"]
+        ]
+        + [
+            [
+                s["name"],
+                "split model",
+                s["purpose"],
+                s["status"] + (f": {s['reason']}" if s["reason"] else ""),
+                "—",
+                [p["domain"] for p in s["parts"]],
+                [p["product"] for p in s["parts"]],
+                s["metrics"],
+                s["model"],
+            ]
+            for s in report.get("split_models", [])
         ],
     )
+    for s in report.get("split_models", []):
+        label = s["label"]
+        out += [
+            f"### Split model {s['name']}",
+            "",
+            f"- intersection: {_cell(s['intersection'])} shared ids",
+            f"- label: {label['column']} from {label['product']} ({label['domain']})",
+            "",
+        ]
+        out += _table(
+            ["domain", "product", "contract", "features"],
+            [[p["domain"], p["product"], p["contract"], p["features"]] for p in s["parts"]],
+        )
     for j in report["jobs"]:
         out += [f"### Rounds of {j['name']}", ""]
         out += _table(

@@ -522,7 +522,8 @@ class Daemon:
         if msg.run != self.cfg.run:
             raise UserError(f"the coordinator runs run {msg.run[:40]!r}, this daemon was started for "
                             f"run {self.cfg.run!r}")
-        jobs = ", ".join(sorted(self.jobs)) or "none"
+        splits = [s.name for s in self.cfg.plan.split_models if self.cfg.domain in s.participants]
+        jobs = ", ".join(sorted({*self.jobs, *(s for s in splits if s not in self.refused)})) or "none"
         refused = f"; refused: {', '.join(sorted(self.refused))}" if self.refused else ""
         say(f"joined run {self.cfg.run} (plan {_short(mine)}; jobs: {jobs}{refused})")
 
@@ -588,9 +589,9 @@ class Daemon:
             self.splits = SplitDomain(self.cfg.plan, self.cfg.domain, self.cfg.base_dir, self.cfg.run)
         try:
             replies = self.splits.handle(msg, tensors)
-        except DataError as err:
+        except DataError as err:  # a `data` denial, as a federated job's at join (coordinator/split.data_refused)
             print(f"split job {msg.job}: {err.local()}", flush=True)  # the detail stays in the domain's log
-            self._send(sock, wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err.message}", job=msg.job))
+            self._send(sock, wire.ErrorReply(code="split-data", reason=err.message[:4096], job=msg.job))
             return
         except (SplitError, PsiError, ValueError, RuntimeError, KeyError) as err:  # a malformed or out-of-order step
             self._send(sock, wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))

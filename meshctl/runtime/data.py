@@ -488,12 +488,21 @@ def load_keyed(product: PlanProduct, base_dir: Path, key: str, columns: Sequence
     try:
         rows = con.execute(f"SELECT {select} FROM {src}").fetchall()
     except duckdb.Error as err:
+        try:
+            have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+        except duckdb.Error:
+            have = {key}
+        if key not in have:  # the key may be PII, which read_error does not look for
+            shown = "its postgresql table" if product.format == "postgresql" else product.source
+            raise DataError(f"{product.id}: key column {key} is not in {shown}", detail=str(err),
+                            where=str(_where(product, base_dir))) from None
         raise read_error(con, product, base_dir, err, [key, *columns]) from None
     for i, name in enumerate([key, *columns]):
         missing = sum(1 for r in rows if r[i] is None)
         if missing:
-            raise DataError(f"product {product.id}: column {name} has {missing} missing values; a split model "
-                            "needs every key and value", where=str(_where(product, base_dir)))
+            raise DataError(f"product {product.id}: column {name} has {missing} missing "
+                            f"value{'s' if missing > 1 else ''}; a split model needs every key and value",
+                            where=str(_where(product, base_dir)))
     return [r[0] for r in rows], {c: [r[i + 1] for r in rows] for i, c in enumerate(columns)}
 
 

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,6 +376,7 @@ def resume_run(spec: str, mesh_file: Path, coordinator_key: Path | None = None) 
     still live (a process holds its lock), one that never started, and analysis runs.
     """
     from meshctl.runtime.audit import show_path
+    from meshctl.runtime.coordinator.split import unfinished_split
     from meshctl.runtime.run import STOP_FILE, resolve_run
 
     remove_dead_secrets(state_dir(mesh_file) / "runs")
@@ -394,6 +395,10 @@ def resume_run(spec: str, mesh_file: Path, coordinator_key: Path | None = None) 
     if m.analysis:
         raise UserError(f"run {m.run} is an analysis: it cannot be resumed (its ε would be charged twice)",
                         where=where, hint=f"run `meshctl analyze {m.analysis}` again")
+    split = unfinished_split(run_dir)
+    if split is not None:
+        raise UserError(f"run {m.run} holds split job {split}, which keeps no checkpoints: it cannot be resumed",
+                        where=where, hint="start a new run with `meshctl up`")
     fd = claim_run(run_dir)
     if fd is None:  # it came alive just now (another `meshctl resume`)
         raise UserError(f"run {m.run} is still running", where=where,
@@ -489,6 +494,27 @@ def domain_lines(event: ev.JobCompleted) -> list[str]:
             for domain, values in event.domain_metrics.items()]
 
 
+def headless_lines(events: Iterable[ev.Event]) -> Iterator[str]:
+    """The headless lines of `events`: `render_event`'s, with a product's passed quality checks in one
+    line (`PRODUCT: N quality checks passed`); a failed check keeps its own line."""
+    passed: dict[str, int] = {}
+
+    def counted() -> Iterator[str]:
+        yield from (f"{p}: {n} quality check{'s' * (n != 1)} passed" for p, n in passed.items())
+        passed.clear()
+
+    for event in events:
+        if isinstance(event, ev.ContractChecked) and event.passed:
+            passed[event.product] = passed.get(event.product, 0) + 1
+            continue
+        if not isinstance(event, ev.ContractChecked):  # the checks' run is over: their counts
+            yield from counted()
+        line = render_event(event)
+        if line:
+            yield line
+    yield from counted()
+
+
 def render_event(event: ev.Event) -> str | None:
     """The headless line for an event, or None for events it does not print."""
     if isinstance(event, ev.RoundCompleted):
@@ -503,6 +529,8 @@ def render_event(event: ev.Event) -> str | None:
         return None  # DP training charges every round; the round line carries ε
     if isinstance(event, ev.PolicyDecided) and event.effect == "allow":
         return None
+    if isinstance(event, ev.ContractChecked) and event.passed:
+        return None  # counted by headless_lines: one line per product
     return event.message()
 
 
@@ -571,10 +599,8 @@ def run_headless(run: LocalRun, echo) -> RunResult:
     started = time.time()
     try:
         with stop_on_signals():
-            for event in run.follow():
-                line = render_event(event)
-                if line:
-                    echo(line)
+            for line in headless_lines(run.follow()):
+                echo(line)
     except KeyboardInterrupt as err:
         return interrupted(run, getattr(err, "signum", signal.SIGINT), echo)
     result = run.finish()
@@ -590,9 +616,13 @@ def summary_lines(result: RunResult) -> list[str]:
     `result` carries no events: the dashboard followed them)."""
     events = result.events or tuple(_read_log(result.run_dir / EVENTS_FILE))
     lines: list[str] = []
+    resumed: dict[str, int] = {}
     for e in events:
+        if isinstance(e, ev.RunResumed):  # its seconds count from the resume: say so
+            resumed.update(e.rounds)
         if isinstance(e, ev.JobCompleted):
-            lines += fit([f"job {e.job}: {e.rounds} rounds in {e.seconds:.2f}s",  # a long path: on a line
+            after = f" (resumed after round {resumed[e.job]})" if e.job in resumed else ""
+            lines += fit([f"job {e.job}: {e.rounds} rounds{after} in {e.seconds:.2f}s",  # a long path: on a line
                           *(f"{k} {v:.4f}" for k, v in e.metrics.items()),     # of its own, in 120
                           f"model {result.run_dir / e.model_path}"]).splitlines()
             lines += evaluation_lines(list(events), e.job, result.run_dir)

@@ -218,6 +218,9 @@ def export_events(run_dir: Path) -> list[dict[str, Any]]:
             "plan_hash": plan.plan.hash,
             "participants": started.get("participants", started.get("have", [])),
         }
+        shared = audit.find_event(events, "intersection_computed", job=name) if job_type == "SPLIT_TRAINING" else None
+        if shared is not None:  # split learning: how many ids all parts share (the rows it trained on)
+            extra["intersection"] = shared.get("size")
         args = (
             run_uuid(run, f"{kind}.{name}"),
             f"{kind}.{name}",

@@ -256,7 +256,7 @@ def resolve_run(spec: str | Path, root: str | Path | None = None) -> Path:
     near = [i for i in ids if text and (i.startswith(text) or i.endswith(text))]
     near = near or difflib.get_close_matches(text, ids, n=1, cutoff=0.6)
     hint = (f"did you mean {' or '.join(near[:3])}?" if near else
-            f"`meshctl runs` lists the {len(ids)} runs under {show_path(runs)}/, or give `latest`" if ids else
+            f"`meshctl runs` lists {'the run' if len(ids) == 1 else f'the {len(ids)} runs'} under {show_path(runs)}/, or give `latest`" if ids else
             f"no runs yet under {show_path(runs)}/; pass a run directory, or start one with `meshctl up`")
     raise UserError(f"no such run: {text}", hint=hint)
 
@@ -376,6 +376,8 @@ class RunDir:
             return None
         end = self.completion.ts if self.completion is not None else (
             time.time() if self.status[0] == RUNNING else max(e.ts for e in self.events))
+        if self.completion is not None and end <= start:  # failed at its start: only run_completed was logged,
+            return max(0.0, self.completion.seconds)    # the seconds it says it took
         return max(0.0, end - start)
 
     @cached_property

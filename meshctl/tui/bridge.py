@@ -152,7 +152,10 @@ class EventBridge(_Feeder):
             while not self._stop.is_set():
                 ready = dict(poller.poll(self.poll_ms))
                 if monitor in ready:
-                    self._on_monitor(recv_monitor_message(monitor))
+                    info = recv_monitor_message(monitor)
+                    if info.get("event") == zmq.EVENT_DISCONNECTED:
+                        self._drain(sock)  # the frames that came before it (run_completed) first
+                    self._on_monitor(info)
                 if sock in ready:
                     self._on_frames(sock.recv_multipart())
                 elif not ready:
@@ -168,6 +171,15 @@ class EventBridge(_Feeder):
 
     def _idle(self) -> None:
         """Called when a poll found nothing to read; a hook for subclasses."""
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        """Read every frame already queued on `sock`, without waiting."""
+        while not self._stop.is_set():
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_frames(frames)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) != 1:

@@ -26,6 +26,10 @@ def seed(state: MeshState, plan: Plan | None) -> MeshState:
         view.jurisdiction, view.owner = d.jurisdiction, d.owner
     for job in plan.jobs:
         state.reads[f"model {job.name}"] = [r.product for r in job.reads]
+        state.planned_rounds[job.name] = job.training.rounds
+    for split in plan.split_models:
+        state.reads[f"model {split.name}"] = [p.product for p in split.parts]
+        state.planned_rounds[split.name] = split.epochs
     for analysis in plan.analyses:
         state.reads[f"analysis {analysis.name}"] = [r.product for r in analysis.reads]
     return state

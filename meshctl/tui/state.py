@@ -246,6 +246,8 @@ class MeshState:
     analyses: dict[str, AnalysisView] = field(default_factory=dict)
     reads: dict[str, list[str]] = field(default_factory=dict)
     """Consumer (`model NAME` / `analysis NAME`) -> product addresses it reads (from the plan)."""
+    planned_rounds: dict[str, int] = field(default_factory=dict)
+    """Job -> its rounds (a split model's epochs) in the plan: a job that fails early still has a total."""
     coordinator_jurisdiction: str = ""
     clock: float = 0.0
     """Time of the newest event reduced (the replay's `now`)."""
@@ -271,7 +273,7 @@ class MeshState:
     def job(self, name: str) -> JobView:
         """The view of job `name`, created on first mention."""
         if name not in self.jobs:
-            self.jobs[name] = JobView(name)
+            self.jobs[name] = JobView(name, rounds_total=self.planned_rounds.get(name, 0))
         return self.jobs[name]
 
     def product(self, address: str, domain: str = "") -> ProductView:
@@ -386,6 +388,8 @@ def coordinator_status(state: MeshState) -> str:
         if job.state == "training":
             sampled = f", sampled {', '.join(job.sampled)}" if job.sampled else ""
             return f"training {job.name}, round {job.current_round}/{job.rounds_total or '?'}{sampled}"
+        if job.state == "waiting" and job.quorum and len(job.waiting_have) >= job.quorum:
+            return f"starting {job.name} ({len(job.waiting_have)}/{job.quorum} domains joined)"
         if job.state == "waiting" and (job.waiting_have or job.quorum):
             return (f"waiting for quorum for {job.name} "
                     f"({len(job.waiting_have)}/{job.quorum or '?'} domains)")
@@ -514,6 +518,7 @@ def _job_started(s: MeshState, e: ev.JobStarted) -> None:
     j = s.job(e.job)
     j.participants, j.rounds_total = list(e.participants), e.rounds
     j.parameters, j.quorum, j.state = e.parameters, e.quorum, "waiting"
+    j.waiting_have = list(e.participants)  # who joined (a split job announces no job_waiting)
     for name in e.participants:
         if s.domain(name).state == "waiting":
             _set_live(s.domain(name), "idle")

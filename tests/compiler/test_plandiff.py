@@ -182,3 +182,18 @@ def test_unreadable_previous_plan_is_noted_and_replaced(mesh: Path) -> None:
     assert "note: not a readable plan" in result.output
     assert changes_of(result.stdout) == []
     assert Plan.read(out).job("malignancy")
+
+
+def test_a_changed_split_model_is_a_change_in_both_diffs() -> None:
+    """A split model's settings (its learning rate, a part's width) show in the plan diff, from
+    plans and from plan texts: a reviewer must see them change."""
+    from meshctl.compiler.plandiff import diff_plan_texts
+
+    vertical = ROOT / "examples" / "vertical" / "mesh.yaml"
+    old = compile_mesh(vertical).plan
+    assert old is not None and old.split_models
+    split = old.split_models[0]
+    new = old.model_copy(update={"split_models": [split.model_copy(update={"lr": split.lr * 2})]})
+    expected = [Change("~", "split model", split.name, (f"lr {split.lr} -> {split.lr * 2}",))]
+    assert diff_plans(old, new) == expected
+    assert diff_plan_texts(old.to_toml(), new.to_toml()) == expected

@@ -3,6 +3,7 @@ and the model-scope policies that judge them."""
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,7 @@ def test_a_split_model_compiles_into_its_plan_section(tmp_path: Path) -> None:
     summary = render_plan_summary(plan)
     assert "0 jobs, 1 split model" in summary
     assert "split model malignancy: parts lab 2→4, imaging 1→2, clinic 1→8; top 14→6→2 at clinic" in summary
+    assert "at clinic (label diagnosis); activations clip 5; 3 epochs" in summary
     assert describe_counts(result.spec).endswith("0 models, 1 split model")
 
 
@@ -188,6 +190,7 @@ def test_model_policies_judge_split_models_into_the_plan(tmp_path: Path) -> None
 
 
 def test_the_split_model_variables(tmp_path: Path) -> None:
+    from meshctl.compiler.entrypoint import builtin_hash
     from meshctl.compiler.split import split_activation
 
     plan = _compile(tmp_path, _with_policies()).plan
@@ -200,7 +203,9 @@ def test_the_split_model_variables(tmp_path: Path) -> None:
     assert model["label"] == {"domain": "clinic", "product": "clinic.diagnosis", "column": "diagnosis",
                               "classes": ["benign", "malignant"]}
     assert model["parts"][0] == {"domain": "lab", "product": "lab.cells", "key": "patient_id",
-                                 "features": ["radius", "texture"], "bottom": {"kind": "mlp", "hidden": [8], "out": 4},
+                                 "features": ["radius", "texture"], "bottom": {"kind": "mlp", "hidden": [8], "out": 4,
+                                                                                  "activation": "relu", "entrypoint": "",
+                                                                                  "code_hash": builtin_hash()},
                                  "parameters": 8 * 2 + 8 + 4 * 8 + 4}
     assert model["activations"] == {"clip": 5.0, "noise": 0.0} and model["min_intersection"] == 10
     assert model["architecture"]["kind"] == "split" and model["architecture"]["hidden"] == [6]
@@ -272,7 +277,7 @@ def test_a_split_model_reads_a_request_product_under_a_grant(tmp_path: Path) -> 
     text = _with_policies("").replace("    source: imaging.csv\n", "    source: imaging.csv\n    access: request\n", 1)
     assert _compile(tmp_path, text).plan is None
     request_access(tmp_path / "mesh.yaml", "imaging.scans", "malignancy", "cancer-research", until=None,
-                   reason="", by="ana", today=__import__("datetime").date(2026, 1, 1))
+                   reason="", by="ana", today=date(2026, 1, 1))
     result = compile_mesh(tmp_path / "mesh.yaml")
     assert result.plan is not None, result.render_diagnostics()
     (split,) = result.plan.split_models
@@ -286,3 +291,20 @@ def test_a_split_model_reads_a_request_product_under_a_grant(tmp_path: Path) -> 
 def test_split_models_without_request_products_carry_no_grants(tmp_path: Path) -> None:
     plan = _compile(tmp_path).plan
     assert plan is not None and plan.split_models[0].grants is None and "grants" not in plan.to_toml()
+
+
+def test_a_feature_of_another_part_says_which_product_has_it(tmp_path: Path) -> None:
+    result = _compile(tmp_path, MESH, ("features: [smoothness]", "features: [smoothness, radius]"))
+    (found,) = [d for d in result.diagnostics if d.code == "MESH562"]
+    assert found.hint == "radius is a column of lab.cells, another part: list it under that part's features"
+
+
+def test_zero_clip_and_noise_are_off_as_the_docs_say(tmp_path: Path) -> None:
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "none").mkdir()
+    zero = _compile(tmp_path / "zero", MESH, ("activations: {clip: 5.0}", "activations: {clip: 0.0, noise: 0.0}"))
+    none = _compile(tmp_path / "none", MESH, ("    activations: {clip: 5.0}\n", ""))
+    assert zero.plan is not None and none.plan is not None, zero.render_diagnostics()
+    split = zero.plan.split_models[0]
+    assert (split.clip, split.noise) == (None, None)
+    assert split == none.plan.split_models[0]

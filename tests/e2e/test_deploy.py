@@ -357,6 +357,8 @@ def test_deploy_k8s_carries_every_included_file_so_the_pod_compiles_the_same_pla
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     objects = _by_kind(docs)
+    digest = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]["meshctl.dev/mesh-sha256"]
+    assert f"from mesh.yaml and the 4 files it includes (sha256 over all of them {digest[:12]})." in out.stdout
     srv = _start_pod(objects, tmp_path / "pod")
     # Assert
     names = ["domains/amsterdam-umc.yaml", "domains/charite.yaml", "domains/extra.yaml",

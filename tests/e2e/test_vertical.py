@@ -5,17 +5,21 @@ model equals the same network trained centrally on the joined rows, with the sam
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import signal
 import struct
 from pathlib import Path
 
 import duckdb
+import psutil
 import pytest
 import torch
 
 from meshctl.compiler.compile import compile_mesh
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
+from meshctl.runtime.audit import verify_run
 from meshctl.runtime.audit_report import build_report
 from meshctl.runtime.domain.split import bottom_path, standardize
 from meshctl.runtime.kernels import split as ks
@@ -118,6 +122,8 @@ def test_split_learning_reaches_the_centralised_model_and_the_wire_holds_no_row(
     assert (result.run_dir / "metrics.csv").read_text().count("\nmalignancy,") == EPOCHS
     for d in FILES:
         assert bottom_path(tmp_path, result.run_dir.name, d, "malignancy").is_file()
+        assert "; jobs: malignancy)" in (result.run_dir / "logs" / f"{d}.log").read_text()  # it names the split job
+    assert {e.update_bytes for e in rounds} != {0}  # its activations and gradients, not "updates 0 B"
     # Assert: the dashboard's state folds the run's events (the intersection is a logged line)
     view = reduce_all(events).jobs["malignancy"]
     assert (view.state, view.current_round, view.rounds_total) == ("completed", EPOCHS, EPOCHS)
@@ -158,3 +164,45 @@ def test_split_learning_reaches_the_centralised_model_and_the_wire_holds_no_row(
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__, "-q"])
+
+
+def test_a_part_that_cannot_read_its_key_refuses_its_data_in_one_line(tmp_path):
+    """Real daemons: the lab's file lost its key column. The lab stays joined and refuses its data
+    (`refused (data)` on the dashboard, as a federated domain's), and the run fails in one line."""
+    mesh = _mesh(tmp_path)
+    src = tmp_path / "data" / "lab.parquet"
+    with duckdb.connect() as con:
+        con.execute(f"CREATE TABLE src AS SELECT * EXCLUDE (patient_id) FROM read_parquet('{src}')")
+        con.execute(f"COPY src TO '{src}' (FORMAT parquet)")
+    _, result, events = _run(mesh)
+    assert not result.ok
+    assert ("split job malignancy: domain lab refused the job: data: lab.nuclei: key column patient_id is not "
+            "in data/lab.parquet") in result.reason and "\n" not in result.reason
+    assert not [e for e in events if isinstance(e, ev.DomainLost)]
+    lab = reduce_all(events).domains["lab"]
+    assert (lab.state, lab.cause) == ("refused", "data")
+
+
+def test_a_killed_coordinator_of_a_split_run_is_not_resumed_and_the_audit_log_holds(tmp_path):
+    """A split job keeps no checkpoints: the supervisor gives up in one line instead of training
+    its epochs again (which broke `meshctl audit verify` and doubled metrics.csv rows)."""
+    mesh = _mesh(tmp_path, (f"epochs: {EPOCHS}", "epochs: 100"))  # the kill lands mid-job
+    plan = compile_mesh(mesh).plan
+    assert plan is not None
+    run = start_run(mesh, plan, address="tcp://127.0.0.1:0")
+    daemons: dict[str, int] = {}
+    for e in run.follow():
+        if isinstance(e, ev.DomainJoined):
+            daemons[e.domain] = e.pid
+        if isinstance(e, ev.RoundCompleted) and e.round == 1:
+            coordinator = psutil.Process(daemons["lab"]).ppid()
+            assert coordinator != run.proc.pid  # the coordinator proper, under its supervisor
+            os.kill(coordinator, signal.SIGKILL)
+    result = run.finish()
+    assert not result.ok
+    assert result.reason.endswith("gave up: split job malignancy keeps no checkpoints"), result.reason
+    events = ev.read_events(str(result.run_dir / "events.jsonl"))
+    assert not [e for e in events if isinstance(e, ev.RunResumed)]
+    assert verify_run(result.run_dir).ok
+    rounds = [int(line.split(",")[1]) for line in (result.run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) < 100

@@ -59,6 +59,8 @@ def test_kill_9_of_the_whole_tree_then_resume_completes_the_run(hospitals, meshc
     events = ev.read_events(str(run / "events.jsonl"))
     [resumed] = [e for e in events if isinstance(e, ev.RunResumed)]
     assert resumed.rounds["malignancy"] >= 3 and "meshctl resume" in resumed.reason
+    assert resumed.message().count("resumed") == 1  # not `resumed (resumed by meshctl resume (...))`
+    assert f"job malignancy: 8 rounds (resumed after round {resumed.rounds['malignancy']}) in " in out.stdout
     assert isinstance(events[-1], ev.RunCompleted) and events[-1].ok
     with (run / "metrics.csv").open() as f:
         assert [int(r["round"]) for r in csv.DictReader(f)] == list(range(1, 9))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -204,3 +205,70 @@ def test_coordinator_closing_after_the_run_ended_is_no_disconnect(curve, finishe
     lines = asyncio.run(run())
     retrying = [line for line in lines if "disconnected from" in line]
     assert retrying == ([] if finished else [f"disconnected from {pub.endpoint}; retrying"])
+
+
+def test_run_completed_queued_with_the_disconnect_is_read_before_it(curve) -> None:
+    """A reviewer saw `disconnected from …; retrying` at the end of every successful run: the
+    coordinator's close and its last frames (run_completed) reach the dashboard in the same poll,
+    and the close was handled first."""
+    pub, keys, _ = curve
+    release, blocked = threading.Event(), threading.Event()
+    notes: list[str] = []
+
+    class Held(EventBridge):
+        def _on_frames(self, frames: list[bytes]) -> None:
+            if not blocked.is_set():  # the first frame: hold the thread until all the rest is queued
+                blocked.set()
+                assert release.wait(10)
+            super()._on_frames(frames)
+
+    class Host:
+        def feed(self, event) -> None:
+            pass
+
+        def post_message(self, message) -> bool:
+            notes.append(getattr(message, "text", ""))
+            return True
+
+    ctx = zmq.Context()
+    bridge = Held(pub.endpoint, poll_ms=20, **keys)
+    watcher = ctx.socket(zmq.SUB)  # a second subscriber: it sees the coordinator go away
+    watcher.curve_serverkey, watcher.curve_publickey, watcher.curve_secretkey = (
+        keys["curve_serverkey"], keys["curve_publickey"], keys["curve_secretkey"])
+    watcher.setsockopt(zmq.SUBSCRIBE, b"")
+    monitor = watcher.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    try:
+        bridge.start(Host())  # type: ignore[arg-type]
+        pub.wait_for_subscriber()
+        watcher.connect(pub.endpoint)
+        assert monitor.poll(3000) and recv_monitor(monitor) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        deadline = time.monotonic() + 3
+        while not bridge.connected.is_set():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        events = sample_run()
+        pub.sock.send(events[0].to_json().encode())
+        assert blocked.wait(3)
+        for event in events[1:]:
+            pub.sock.send(event.to_json().encode())
+        pub.sock.close(linger=2000)  # the coordinator exits after its last event went out
+        assert monitor.poll(3000) and recv_monitor(monitor) == zmq.EVENT_DISCONNECTED
+        release.set()
+        deadline = time.monotonic() + 3
+        while bridge.received < len(events) or bridge.connected.is_set():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        release.set()
+        bridge.stop()
+        monitor.close(linger=0)
+        watcher.close(linger=0)
+        ctx.term()
+    assert bridge.finished
+    assert [n for n in notes if "disconnected from" in n] == []
+
+
+def recv_monitor(monitor: zmq.Socket) -> int:
+    from zmq.utils.monitor import recv_monitor_message
+
+    return int(recv_monitor_message(monitor)["event"])

@@ -20,7 +20,7 @@ from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.analytics import REPLY_TIMEOUT_S, merge, result_path
 from meshctl.runtime.analytics_domain import GateError, gate
-from meshctl.runtime.coordinator.collector import JobAborted
+from meshctl.runtime.coordinator.collector import JobAborted, pump_until
 from meshctl.runtime.coordinator.members import Members, Sink
 from meshctl.runtime.transport import Clock
 
@@ -63,15 +63,8 @@ class Analysis:
 
     def _await(self, missing: Callable[[], list[str]], timeout_s: float, late: str, *, prefix: str) -> None:
         """Pump until `missing()` is empty; a lost participant or the timeout aborts."""
-        deadline = self.clock.monotonic() + timeout_s
-        while True:
-            self._abort_if_lost()
-            left = missing()
-            if not left:
-                return
-            if self.clock.monotonic() > deadline:
-                raise JobAborted(f"analysis {self.analysis.name}: {prefix}{', '.join(left)} {late} {timeout_s:.0f}s")
-            self.pump()
+        pump_until(missing, timeout_s, clock=self.clock, pump=self.pump, check=self._abort_if_lost,
+                   aborted=lambda left: f"analysis {self.analysis.name}: {prefix}{', '.join(left)} {late} {timeout_s:.0f}s")
 
     def _abort_if_lost(self) -> None:
         failed = self.members.failed

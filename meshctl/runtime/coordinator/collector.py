@@ -38,6 +38,21 @@ class JobAborted(Exception):
     """The current job cannot go on; the message says why."""
 
 
+def pump_until(missing: Callable[[], list[str]], timeout_s: float, *, clock: Clock, pump: Callable[[], Any],
+               check: Callable[[], None], aborted: Callable[[list[str]], str]) -> None:
+    """Pump until `missing()` (the participants still awaited) is empty. `check()` raises when a
+    participant is gone; past `timeout_s`, JobAborted with `aborted(still missing)`."""
+    deadline = clock.monotonic() + timeout_s
+    while True:
+        check()
+        left = missing()
+        if not left:
+            return
+        if clock.monotonic() > deadline:
+            raise JobAborted(aborted(left))
+        pump()
+
+
 class RoundInterrupted(JobAborted):
     """A phase fell below quorum because participants were lost: the job can go on if enough of
     `lost` come back (`Collector.await_back`); unhandled, it fails the job like any JobAborted."""

@@ -18,6 +18,7 @@ from meshctl.compiler.plan import Plan
 from meshctl.runtime import events as ev
 from meshctl.runtime.coordinator.outputs import _drop_torn_line
 from meshctl.runtime.coordinator.service import INTERNAL_ERROR, Coordinator
+from meshctl.runtime.coordinator.split import unfinished_split
 from meshctl.runtime.keys import KeyPair
 from meshctl.runtime.run import (
     DETACHED_FILE,
@@ -100,7 +101,7 @@ def main(run_dir: str | Path, resume: bool = False) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    resumed = f"resumed by {label} (its previous processes were gone)" if resume else ""
+    resumed = f"by {label}: its previous processes were gone" if resume else ""
     resumes, progress = 0, None
     while True:
         child = os.fork()
@@ -108,8 +109,9 @@ def main(run_dir: str | Path, resume: bool = False) -> int:
             _child(run_dir, resumed, f"{label} (pid {starter}) is gone")
         code, orphaned = _wait_child(child, manifest.path, starter)
         started = (manifest.path / EVENTS_FILE).is_file()
+        split = unfinished_split(manifest.path) if started else None
         over = (code in (0, 1, INTERNAL_ERROR) or bool(stopping) or orphaned or bool(manifest.analysis)
-                or not manifest.checkpoint or not started or _run_ended(manifest.path))
+                or split is not None or not manifest.checkpoint or not started or _run_ended(manifest.path))
         now = None if over else _checkpoint_rounds(manifest.path)
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         if code > 0:
@@ -120,6 +122,7 @@ def main(run_dir: str | Path, resume: bool = False) -> int:
             if not _run_ended(manifest.path):
                 why = ("it never started" if not started else
                        "analysis runs are not resumed" if manifest.analysis else
+                       f"split job {split} keeps no checkpoints" if split is not None else
                        "checkpoints are off" if not manifest.checkpoint else
                        "stopped" if stopping or orphaned else
                        f"{resumes} resumes (at most {MAX_RESUMES})" if resumes >= MAX_RESUMES else

@@ -399,6 +399,8 @@ class Coordinator:
                 self._rejected(domain, msg)
             elif msg.code in REJECTION_CODES:
                 self._rejected(domain, msg)
+            elif msg.code == "split-data" and self.split is not None:  # a part refused its data (coordinator/split)
+                self.split.data_refused(domain, msg.reason)
             else:
                 self._fail(domain, msg.reason)
         elif isinstance(msg, (wire.TrainRes, wire.EvalRes)):

@@ -21,7 +21,7 @@ from typing import Any
 from meshctl.compiler.plan import Plan, PlanSplit
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
-from meshctl.runtime.coordinator.collector import JobAborted
+from meshctl.runtime.coordinator.collector import JobAborted, pump_until
 from meshctl.runtime.coordinator.members import Members, Sink
 from meshctl.runtime.coordinator.outputs import DOMAIN_COLUMNS, METRIC_COLUMNS, append_row
 from meshctl.runtime.transport import Clock
@@ -31,6 +31,21 @@ SPLIT_MAX_BYTES = 256 * 1024 * 1024
 
 Key = tuple[str, str, int, int, str]
 """(domain, step, epoch, batch, peer) of a reply."""
+
+
+def unfinished_split(run_dir: Path) -> str | None:
+    """The first split job of the run's plan that has not completed, if any: such a run is not resumed
+    (a split job keeps no checkpoints, so a restart would train its epochs again, docs/split-learning.md)."""
+    from meshctl.runtime.run import EVENTS_FILE, read_run_events
+
+    try:
+        plan = Plan.read(Path(run_dir) / "plan.toml")
+    except (OSError, ValueError):
+        return None
+    if not plan.split_models:
+        return None
+    done = {e.job for e in read_run_events(Path(run_dir) / EVENTS_FILE) if isinstance(e, ev.JobCompleted)}
+    return next((s.name for s in plan.split_models if s.name not in done), None)
 
 
 def top_path(run_dir: Path, job: str) -> Path:
@@ -50,6 +65,10 @@ class SplitRoom:
         self.others = [d for d in split.participants if d != self.leader]
         self.bytes_out = 0
         self.bytes_in = 0
+        self.tensor_bytes_in = 0
+        """Of `bytes_in`: activations and gradients (a RoundCompleted's `update_bytes` in a split job)."""
+        self.refused: dict[str, str] = {}
+        """Part domains that refused their own data at run time (a `data` denial, as at join)."""
 
     # -- the workflow --------------------------------------------------------------------------
     def run(self) -> None:
@@ -110,7 +129,7 @@ class SplitRoom:
         split, name = self.split, self.split.name
         e = epoch - 1  # batch_order's epoch index
         self.sink.emit(ev.RoundStarted(job=name, round=epoch, participants=list(split.participants)))
-        start, out0, in0 = time.time(), self.bytes_out, self.bytes_in
+        start, out0, in0, acts0 = time.time(), self.bytes_out, self.bytes_in, self.tensor_bytes_in
         holdout = round(split.holdout * n)  # kernels.split.holdout_split's, in every domain
         batches = -(-(n - holdout) // split.batch_size)
         total, examples = 0.0, 0
@@ -134,13 +153,14 @@ class SplitRoom:
         self.sink.emit(ev.RoundCompleted(job=name, round=epoch, rounds=split.epochs,
                                          participants=list(split.participants), train_loss=train_loss,
                                          metrics=dict(res.metrics), bytes_in=self.bytes_in - in0,
-                                         bytes_out=self.bytes_out - out0, seconds=seconds))
+                                         bytes_out=self.bytes_out - out0, seconds=seconds,
+                                         update_bytes=self.tensor_bytes_in - acts0))
         header = ["job", "round", "participants", "train_loss", "test_loss", "test_accuracy", "evaluated",
                   "eval_examples", *(f"test_{m}" for m in METRIC_COLUMNS), "bytes_in", "bytes_out", "update_bytes"]
         row: dict[str, object] = {"job": name, "round": epoch, "participants": len(split.participants),
                                   "train_loss": f"{train_loss:.6f}", "evaluated": len(split.participants),
                                   "eval_examples": res.examples, "bytes_in": self.bytes_in - in0,
-                                  "bytes_out": self.bytes_out - out0, "update_bytes": 0}
+                                  "bytes_out": self.bytes_out - out0, "update_bytes": self.tensor_bytes_in - acts0}
         row.update({f"test_{m}": f"{res.metrics[m]:.6f}" for m in DOMAIN_COLUMNS if m in res.metrics})
         try:
             append_row(self.run_dir / "metrics.csv", header, row)
@@ -192,21 +212,30 @@ class SplitRoom:
         return self.inbox.pop(key)
 
     def _await(self, missing: Callable[[], list[str]], timeout_s: float, late: str, *, prefix: str) -> None:
-        deadline = self.clock.monotonic() + timeout_s
-        while True:
-            self._abort_if_lost()
-            left = missing()
-            if not left:
-                return
-            if self.clock.monotonic() > deadline:
-                raise JobAborted(f"split job {self.split.name}: {prefix}{', '.join(left)} {late} {timeout_s:.0f}s")
-            self.pump()
+        """Pump until `missing()` is empty; a refused or lost participant or the timeout aborts."""
+        pump_until(missing, timeout_s, clock=self.clock, pump=self.pump, check=self._abort_if_lost,
+                   aborted=lambda left: f"split job {self.split.name}: {prefix}{', '.join(left)} {late} {timeout_s:.0f}s")
 
     def _abort_if_lost(self) -> None:
+        name = self.split.name
+        refused = [d for d in self.split.participants if d in self.refused]
+        if refused:
+            raise JobAborted(f"split job {name}: domain {refused[0]} refused the job: data: {self.refused[refused[0]]}")
         failed = self.members.failed
         lost = [d for d in self.split.participants if d in failed]
-        if lost:
-            raise JobAborted(f"split job {self.split.name}: domain {lost[0]} {failed[lost[0]]}")
+        if lost:  # a daemon's own "split job NAME: " prefix is not said twice; a refusal is not called lost
+            reason = failed[lost[0]].removeprefix(f"split job {name}: ")
+            raise JobAborted(f"split job {name}: domain {lost[0]} {'' if reason.startswith('refused: ') else 'lost: '}"
+                             f"{reason}")
+
+    def data_refused(self, domain: str, reason: str) -> None:
+        """A part's domain cannot train on its data (a `split-data` ErrorReply): a `data` denial of
+        the domain, as a federated job's at join (the dashboard shows it refused, data); the job ends."""
+        if domain not in self.split.participants or domain in self.refused:
+            return
+        self.refused[domain] = reason
+        self.sink.emit(ev.PolicyDecided(policy="data", scope="product", subject=f"model.{self.split.name}",
+                                        effect="deny", reason=reason, stage="runtime", domain=domain))
 
     def receive(self, domain: str, msg: Any, tensors: wire.Tensors) -> bool:
         """Take one SplitRes of this job (False: not this room's message)."""
@@ -215,7 +244,10 @@ class SplitRoom:
         if domain not in self.split.participants:
             self.sink.emit(ev.MessageRejected(sender=domain, reason=f"split reply from {domain}, not a part"))
             return True
-        self.bytes_in += sum(t.numel() * t.element_size() for t in tensors.values())
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.bytes_in += size
+        if msg.step in ("acts", "grads", "eval_acts"):
+            self.tensor_bytes_in += size
         self.inbox[(domain, msg.step, msg.epoch, msg.batch, msg.peer)] = (msg, tensors)
         return True
 

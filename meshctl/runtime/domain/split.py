@@ -15,12 +15,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from meshctl.compiler.plan import Plan, PlanSplit
+from meshctl.compiler.entrypoint import check_code
+from meshctl.compiler.plan import Plan, PlanArchitecture, PlanSplit
 from meshctl.runtime import psi, wire
 from meshctl.runtime.data import DataError, load_keyed
+from meshctl.runtime.features import FeatureError, _finite
 from meshctl.runtime.kernels.split import (
     BottomWorker,
     TopWorker,
@@ -134,6 +137,10 @@ class SplitDomain:
         index = split.participants.index(self.domain)
         part = split.parts[index]
         leader = self.domain == split.label_domain
+        for arch in (part.architecture, split.top_architecture if leader else None):
+            reason = check_code(arch, self.base_dir) if arch is not None else None
+            if reason is not None:  # before any row is read: this host runs no code the plan did not pin
+                raise SplitError(f"refused: {reason}")
         columns = [*part.features, *([split.label_column] if leader else [])]
         ids, values = load_keyed(self.plan.product(part.product), self.base_dir, part.key, columns)
         try:
@@ -141,6 +148,21 @@ class SplitDomain:
                              dtype=torch.float32).T.reshape(len(ids), -1)
         except (TypeError, ValueError):
             raise DataError(f"product {part.product}: a feature of split job {split.name} is not numeric") from None
+        problems = []
+        for j, name in enumerate(part.features):  # as federated jobs refuse them (data.py, features._finite)
+            try:
+                _finite(name, x[:, j].numpy())
+            except FeatureError as err:
+                problems.append(str(err))
+        if problems:
+            raise DataError(f"{part.product}: {'; '.join(problems)}",
+                            hint="remove or impute them; a model cannot train on them")
+        seen: dict[str, int] = {}
+        for row, key in enumerate(ids):  # a join key must be unique (1-based data rows, as a user counts them)
+            if key in seen:
+                raise DataError(f"{part.product}: key column {part.key}: value at data row {row + 1} appears twice "
+                                f"(first at data row {seen[key] + 1})")
+            seen[key] = row
         labels = [str(v) for v in values[split.label_column]] if leader else None
         salt = bytes.fromhex(ins.salt)
         try:
@@ -196,8 +218,20 @@ class SplitDomain:
         job.x = x
         part = split.parts[job.index]
         optimizer = {"name": split.optimizer, "lr": split.lr}
-        model = build_bottom({"kind": "mlp", "hidden": part.hidden, "out": part.out}, len(part.features),
-                             split.seed + job.index)
+        model = self._build(part.architecture, lambda arch: build_bottom(
+            arch or {"kind": "mlp", "hidden": part.hidden, "out": part.out}, len(part.features),
+            split.seed + job.index, root=self.base_dir.resolve()))
+        if part.architecture is not None:  # the plan's cut width (learned at compile time)
+            with torch.no_grad():
+                model.eval()
+                try:
+                    shape = list(model(torch.zeros(2, len(part.features))).shape)
+                except Exception as err:  # noqa: BLE001 - user code
+                    raise SplitError(f"model {part.architecture.entrypoint}: forward failed: {type(err).__name__}") from None
+                model.train()
+            if shape != [2, part.out]:
+                raise SplitError(f"model {part.architecture.entrypoint} gives {shape[1:]}-wide activations here, "
+                                 f"the plan says {part.out}")
         # the noise comes from a secret seed (BottomWorker's default): one from the plan would let
         # the label owner regenerate it and subtract it from the activations
         job.bottom = BottomWorker(model, optimizer, noise=split.noise or 0.0, clip=split.clip)
@@ -207,13 +241,26 @@ class SplitDomain:
             unknown = sorted({job.labels[r] for r in job.rows} - set(index))
             if unknown:
                 raise DataError(f"product {split.label_product}: label column {split.label_column} holds "
-                                f"{len(unknown)} value(s) not declared in its values")
+                                f"{len(unknown)} value{'s' if len(unknown) > 1 else ''} not declared in its values")
             job.y = torch.tensor([index[job.labels[r]] for r in job.rows], dtype=torch.int64)
             width = sum(p.out for p in split.parts)
-            top = build_top({"kind": "mlp", "hidden": split.top_hidden}, width, len(split.classes),
-                            split.seed + len(split.parts))
+            top = self._build(split.top_architecture, lambda arch: build_top(
+                arch or {"kind": "mlp", "hidden": split.top_hidden}, width, len(split.classes),
+                split.seed + len(split.parts), root=self.base_dir.resolve()))
             job.top = TopWorker(top, "classification", "cross_entropy", optimizer)
         job.ids, job.labels = [], None  # keys and labels are not needed past this point
+
+    @staticmethod
+    def _build(arch: PlanArchitecture | None, build: Any) -> torch.nn.Module:
+        """`build(None)` for the built-in mlp, else `build({kind: custom, entrypoint, args})`; a failing
+        factory (user code) is one line."""
+        if arch is None:
+            return build(None)
+        try:
+            return build({"kind": "custom", "entrypoint": arch.entrypoint, "args": arch.args})
+        except Exception as err:  # noqa: BLE001 - user code: the job fails in one line
+            line = (f"{type(err).__name__}: {err}".splitlines() or [""])[0][:300]
+            raise SplitError(f"cannot build model {arch.entrypoint}: {line}") from None
 
     # -- training ----------------------------------------------------------------------------
     def _forward(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
@@ -295,6 +342,9 @@ class SplitDomain:
                 "features": ",".join(part.features), "plan_hash": self.plan.plan.hash}
         if job.norm is not None:
             meta["standardize"] = json.dumps({"mean": job.norm[0], "std": job.norm[1]})
+        if part.architecture is not None and part.architecture.code is not None:  # which code the weights fit
+            meta["entrypoint"] = part.architecture.entrypoint or ""
+            meta["code_hash"] = part.architecture.code.hash
         tmp = path.with_suffix(".tmp")
         save_file({k: v.detach().contiguous() for k, v in job.bottom.model.state_dict().items()}, str(tmp),
                   metadata=meta)

@@ -2,7 +2,8 @@
 
 Reads a JSON request on stdin (`root`, `entrypoint`, `args`, `input_shape`, `output_dim`),
 imports the factory with `root` first on sys.path, builds the module, runs it once on
-zeros, and prints one JSON line: `{"tensors": [{name, shape, dtype}], "parameters": n}`,
+zeros, and prints one JSON line: `{"tensors": [{name, shape, dtype}], "parameters": n, "output_dim": k}`
+(`output_dim` null in the request: the factory gets None and k is read from its [2, k] output),
 or `{"code": "MESH5xx", "error": "<one line>"}`. Run as
 `python -m meshctl.runtime.kernels.introspect`; the compiler itself never imports torch.
 """
@@ -37,7 +38,8 @@ def describe(request: dict[str, Any]) -> dict[str, Any]:
     from meshctl.runtime.kernels.models import FLOAT_ONLY_HINT, load_factory
 
     torch.set_num_threads(1)
-    shape, output_dim = list(request["input_shape"]), int(request["output_dim"])
+    shape = list(request["input_shape"])
+    output_dim = None if request["output_dim"] is None else int(request["output_dim"])  # None: learned (split bottoms)
     try:
         factory = load_factory(request["entrypoint"], request["root"])
     except Exception as err:  # noqa: BLE001 - any import failure is the user's to see, in one line
@@ -62,12 +64,19 @@ def describe(request: dict[str, Any]) -> dict[str, Any]:
             out = module(torch.zeros(2, *shape))
     except Exception as err:  # noqa: BLE001
         raise Refused("MESH519", f"forward on a {[2, *shape]} input failed: {_line(err)}") from None
+    if output_dim is None and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2 \
+            and out.shape[1] >= 1:
+        output_dim = int(out.shape[1])
+    if output_dim is None:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise Refused("MESH576", f"forward on a {[2, *shape]} input gave {got}, not [2, k] activations")
     if not isinstance(out, torch.Tensor) or list(out.shape) != [2, output_dim]:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise Refused("MESH519", f"forward on a {[2, *shape]} input gave {got}, not [2, {output_dim}] "
                                  f"(output_dim {output_dim})")
     tensors = [{"name": n, "shape": list(v.shape), "dtype": "float32"} for n, v in state.items()]
-    answer: dict[str, Any] = {"tensors": tensors, "parameters": sum(v.numel() for v in state.values())}
+    answer: dict[str, Any] = {"tensors": tensors, "parameters": sum(v.numel() for v in state.values()),
+                              "output_dim": output_dim}
     mixing = [n for n, m in module.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if mixing:  # layers without per-example gradients: DP-SGD cannot train the model (MESH534)
         answer["batch_norm"] = mixing

@@ -19,38 +19,61 @@ from a secret seed; a seed from the plan is public and lets the top subtract the
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from meshctl.runtime.kernels.metrics import loss_function, prediction
-from meshctl.runtime.kernels.models import mlp
+from meshctl.runtime.kernels.models import load_factory, mlp
 from meshctl.runtime.kernels.train import _optimizer, _task_of
 
 
-def build_bottom(arch: dict, n_in: int, seed: int) -> nn.Module:
-    """A domain's bottom model: `{"kind": "mlp", "hidden": [..], "out": k}` or `{"kind": "linear", "out": k}`.
+def build_bottom(arch: dict, n_in: int, seed: int, root: str | Path | None = None) -> nn.Module:
+    """A domain's bottom model: `{"kind": "mlp", "hidden": [..], "out": k}`, `{"kind": "linear", "out": k}`
+    or `{"kind": "custom", "entrypoint": "pkg.mod:factory", "args": {..}}`, called as
+    `factory([n_in], None, **args)` with `root` first on sys.path (the caller checks its code first:
+    compiler.entrypoint.check_code).
 
     PyTorch default init after `torch.manual_seed(seed)` (kernels.models.mlp).
     """
     kind = arch.get("kind", "mlp")
+    if kind == "custom":
+        return _custom(arch, [n_in], None, seed, root)
     if kind not in ("mlp", "linear"):
-        raise ValueError(f"unknown bottom model kind {kind!r} (mlp or linear)")
+        raise ValueError(f"unknown bottom model kind {kind!r} (mlp, linear or custom)")
     hidden = list(arch.get("hidden") or []) if kind == "mlp" else []
     return mlp(n_in, hidden, int(arch["out"]), seed=seed)
 
 
-def build_top(arch: dict, n_in: int, n_out: int, seed: int) -> nn.Module:
-    """The top model over the concatenated activations: `{"kind": "mlp", "hidden": [..]}` or `{"kind": "linear"}`."""
+def build_top(arch: dict, n_in: int, n_out: int, seed: int, root: str | Path | None = None) -> nn.Module:
+    """The top model over the concatenated activations: `{"kind": "mlp", "hidden": [..]}`, `{"kind": "linear"}`
+    or `{"kind": "custom", "entrypoint", "args"}` (called as `factory([n_in], n_out, **args)`)."""
     kind = arch.get("kind", "mlp")
+    if kind == "custom":
+        return _custom(arch, [n_in], n_out, seed, root)
     if kind not in ("mlp", "linear"):
-        raise ValueError(f"unknown top model kind {kind!r} (mlp or linear)")
+        raise ValueError(f"unknown top model kind {kind!r} (mlp, linear or custom)")
     hidden = list(arch.get("hidden") or []) if kind == "mlp" else []
     return mlp(n_in, hidden, n_out, seed=seed)
+
+
+def _custom(arch: dict, shape: list[int], n_out: int | None, seed: int, root: str | Path | None) -> nn.Module:
+    """An entrypoint factory's module after `torch.manual_seed(seed)`; `args` a dict or canonical JSON."""
+    args = arch.get("args") or {}
+    if isinstance(args, str):
+        args = json.loads(args)
+    factory = load_factory(str(arch["entrypoint"]), str(root) if root is not None else None)
+    torch.manual_seed(seed)
+    model = factory(shape, n_out, **args)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{arch['entrypoint']} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _opt(model: nn.Module, optimizer: dict) -> Any:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from sinks import ListSink
 
 from meshctl.compiler.plan import Plan, PlanDp, PlanPolicy, PlanPrivacy
-from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.coordinator import Coordinator
 from meshctl.runtime.run import RunManifest
@@ -38,23 +38,6 @@ def _private(byte: int) -> Any:
 def private_key(public: str) -> Any:
     """The private half of a key `secagg_key` made."""
     return next(_private(b) for b in range(1, 256) if secagg_key(b) == public)
-
-
-class ListSink:
-    """Events kept in a list (the coordinator's EventSink writes and publishes them)."""
-
-    def __init__(self) -> None:
-        self.events: list[ev.Event] = []
-
-    def emit(self, event: ev.Event) -> ev.Event:
-        self.events.append(event)
-        return event
-
-    def of(self, cls: type[ev.Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, cls)]
-
-    def kinds(self) -> list[str]:
-        return [e.type for e in self.events]
 
 
 @dataclass

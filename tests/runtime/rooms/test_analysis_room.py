@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from analytics_util import copy_data, hospitals_plan, union_stats
+from sinks import ListSink
 
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
@@ -20,15 +21,6 @@ from meshctl.runtime.coordinator import Coordinator, JobAborted
 from meshctl.runtime.coordinator.analysis import Analysis
 from meshctl.runtime.run import RunManifest
 from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[ev.Event] = []
-
-    def emit(self, event: ev.Event) -> ev.Event:
-        self.events.append(event)
-        return event
 
 
 def _room(tmp_path: Path, *, forge: str = "", silent: str = "") -> tuple[Coordinator, ListSink]:

@@ -7,13 +7,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
+from sinks import ListSink
 
 from meshctl.compiler.compile import compile_mesh
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.coordinator import Coordinator, JobAborted
 from meshctl.runtime.coordinator.split import top_path
+from meshctl.runtime.data import DataError
 from meshctl.runtime.domain.split import SplitDomain, SplitError
 from meshctl.runtime.run import RunManifest
 from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
@@ -21,21 +24,18 @@ from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "vertical"
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[ev.Event] = []
-
-    def emit(self, event: ev.Event) -> ev.Event:
-        self.events.append(event)
-        return event
-
-
-def _room(tmp_path: Path, *edits: tuple[str, str], narrow: str = "") -> tuple[Coordinator, ListSink]:
-    """A service running examples/vertical (1 epoch, sgd: Adam's first step imports torch._dynamo); `narrow` sends activations one column short."""
+def _room(tmp_path: Path, *edits: tuple[str, str], narrow: str = "", lab: str = "") -> tuple[Coordinator, ListSink]:
+    """A service running examples/vertical (1 epoch, sgd: Adam's first step imports torch._dynamo); `narrow` sends
+    activations one column short; `lab`, a DuckDB SELECT over `src`, rewrites data/lab.parquet."""
     text = (EXAMPLE / "mesh.yaml").read_text()
     for old, new in (("epochs: 30", "epochs: 1"), ("optimizer: adam, lr: 0.01", "optimizer: sgd, lr: 0.1"), *edits):
         text = text.replace(old, new)
     shutil.copytree(EXAMPLE / "data", tmp_path / "data")
+    if lab:
+        src = tmp_path / "data" / "lab.parquet"
+        with duckdb.connect() as con:
+            con.execute(f"CREATE TABLE src AS SELECT * FROM read_parquet('{src}')")
+            con.execute(f"COPY ({lab}) TO '{src}' (FORMAT parquet)")
     (tmp_path / "mesh.yaml").write_text(text)
     plan = compile_mesh(tmp_path / "mesh.yaml").plan
     assert plan is not None
@@ -61,7 +61,9 @@ def _room(tmp_path: Path, *edits: tuple[str, str], narrow: str = "") -> tuple[Co
                     if name == narrow and res.step == "acts":
                         out = {"acts": out["acts"][:, :-1].contiguous()}
                     conn.send(res, out)
-            except (SplitError, ValueError) as err:  # what the daemon sends (daemon._split)
+            except DataError as err:  # what the daemon sends (daemon._split)
+                conn.send(wire.ErrorReply(code="split-data", reason=err.message, job=msg.job))
+            except (SplitError, ValueError) as err:
                 conn.send(wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))
 
         conn = hub.connect(d.name, reply)
@@ -81,6 +83,11 @@ def test_the_service_runs_the_split_job_after_its_intersection(tmp_path):
     done = next(e for e in sink.events if isinstance(e, ev.JobCompleted))
     assert done.model_path == "models/malignancy.top.safetensors" and set(done.metrics) == {"loss", "accuracy"}
     assert top_path(tmp_path / "run", "malignancy").is_file()
+    # its "updates" are the activations and gradients received: 8 float32 per row, each way, from 2 members
+    test = round(c.plan.split_models[0].holdout * 484)
+    (epoch,) = [e for e in sink.events if isinstance(e, ev.RoundCompleted)]
+    assert epoch.update_bytes == 2 * 8 * 4 * (2 * (484 - test) + test)
+    assert (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1].endswith(f",{epoch.update_bytes}")
 
 
 def test_too_small_an_intersection_fails_the_job_in_one_line(tmp_path):
@@ -94,7 +101,7 @@ def test_too_small_an_intersection_fails_the_job_in_one_line(tmp_path):
 
 def test_activations_of_the_wrong_shape_fail_the_job_naming_the_step(tmp_path):
     c, sink = _room(tmp_path, narrow="lab")
-    with pytest.raises(JobAborted, match=r"split job malignancy: domain clinic split job malignancy: "
+    with pytest.raises(JobAborted, match=r"^split job malignancy: domain clinic lost: "
                                          r"activations of lab missing or not \[32, 8\] float32"):
         c._work()
     assert [e.round for e in sink.events if isinstance(e, ev.JobFailed)] == [1]
@@ -134,3 +141,25 @@ def test_activation_noise_comes_from_a_secret_seed_not_the_plan(tmp_path):
 
     assert loss("clip1", "{clip: 3.0}") == loss("clip2", "{clip: 3.0}")
     assert loss("noise1", "{clip: 3.0, noise: 0.1}") != loss("noise2", "{clip: 3.0, noise: 0.1}")
+
+
+@pytest.mark.parametrize(("lab", "reason"), [
+    ("SELECT * EXCLUDE (patient_id) FROM src", "lab.nuclei: key column patient_id is not in data/lab.parquet"),
+    ("SELECT * REPLACE (CASE WHEN rowid IN (3, 7) THEN 'nan'::DOUBLE ELSE radius_mean END AS radius_mean) FROM src",
+     "lab.nuclei: 2 NaN values in radius_mean"),
+    (("SELECT * REPLACE (CASE WHEN rowid = 433 THEN (SELECT patient_id FROM src WHERE rowid = 9) ELSE patient_id "
+      "END AS patient_id) FROM src"),
+     "lab.nuclei: key column patient_id: value at data row 434 appears twice (first at data row 10)"),
+    ("SELECT * REPLACE (CASE WHEN rowid = 4 THEN NULL ELSE patient_id END AS patient_id) FROM src",
+     "product lab.nuclei: column patient_id has 1 missing value; a split model needs every key and value"),
+])
+def test_a_part_that_cannot_train_on_its_data_refuses_it_as_a_federated_domain_does(tmp_path, lab, reason):
+    """The domain stays joined (not lost): a `data` denial (the dashboard shows it refused, data), and
+    the job fails in one line naming the product, the column and what is wrong with it."""
+    c, sink = _room(tmp_path, lab=lab)
+    with pytest.raises(JobAborted) as err:
+        c._work()
+    assert str(err.value) == f"split job malignancy: domain lab refused the job: data: {reason}"
+    denial = [e for e in sink.events if isinstance(e, ev.PolicyDecided) and e.effect == "deny"]
+    assert [(e.policy, e.domain, e.reason) for e in denial] == [("data", "lab", reason)]
+    assert not [e for e in sink.events if isinstance(e, ev.DomainLost)]
