@@ -72,8 +72,12 @@ def _last_event(run: Path, seconds: float = 20) -> dict:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         lines = (run / "events.jsonl").read_text().splitlines()
-        if lines and json.loads(lines[-1])["type"] == "run_completed":
-            return json.loads(lines[-1])
+        try:
+            last = json.loads(lines[-1]) if lines else {}
+        except json.JSONDecodeError:  # caught while the coordinator writes the line
+            last = {}
+        if last.get("type") == "run_completed":
+            return last
         time.sleep(0.1)
     raise AssertionError(f"the run did not end: {lines[-1] if lines else 'no events'}")
 

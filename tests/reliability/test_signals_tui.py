@@ -71,7 +71,10 @@ def _ended(tmp_path: Path, procs: list[psutil.Process]) -> dict:
 
     def last() -> dict | None:
         lines = (run / "events.jsonl").read_text().splitlines()
-        event = json.loads(lines[-1])
+        try:
+            event = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):  # caught while the coordinator writes the line
+            return None
         return event if event["type"] == "run_completed" else None
 
     event = _wait(last, 30)

@@ -277,7 +277,7 @@ def test_a_service_follows_a_key_rotation_and_an_out_of_date_plan_without_a_rest
     try:
         service.wait_for("connecting to tcp://127.0.0.1:")
         up = hosts.up()
-        i = service.wait_for(f"refused: Curve handshake with tcp://127.0.0.1:{hosts.port} failed")
+        i = service.wait_for(f"refused: Curve handshake with tcp://127.0.0.1:{hosts.port} failed", peer=up)
         assert f"fingerprint {fingerprint(old_key)}" in service.lines[i]
         mesh.write_text(ahead)  # git pull: the rotated key arrives (a changed file, no signal)
         i = service.wait_for("reloaded mesh.yaml: plan sha256:", after=i)
