@@ -37,6 +37,7 @@ from meshctl.compiler.plan import (
     PlanTensor,
     cnn_tensors,
     mlp_tensors,
+    parameter_count,
 )
 from meshctl.compiler.resolved import Resolution, ResolvedModel
 
@@ -300,11 +301,7 @@ def network(resolved: ResolvedModel, report: Reporter, root: Path, cache: Path |
         hidden = list(spec.hidden) if spec.kind == "mlp" else []
         arch = PlanArchitecture(kind=spec.kind, input_dim=flat, hidden=hidden, output_dim=output_dim)
         tensors = mlp_tensors(flat, hidden, output_dim)
-    return Network(arch, tensors, _count(tensors), shape)
-
-
-def _count(tensors: list[PlanTensor]) -> int:
-    return sum(math.prod(t.shape) for t in tensors)
+    return Network(arch, tensors, parameter_count(tensors), shape)
 
 
 def _custom(resolved: ResolvedModel, report: Reporter, root: Path, cache: Path | None,
@@ -356,7 +353,7 @@ def custom_network(spec: Any, at: tuple[Any, ...], report: Reporter, root: Path,
         output_dim = int(answer["output_dim"])
     arch = PlanArchitecture(kind="custom", input_dim=math.prod(shape), hidden=[], output_dim=output_dim,
                             entrypoint=entrypoint, args=args, code=code)
-    return Network(arch, tensors, _count(tensors), shape, [str(n) for n in answer.get("batch_norm", [])])
+    return Network(arch, tensors, parameter_count(tensors), shape, [str(n) for n in answer.get("batch_norm", [])])
 
 
 def _json_arg(value: Any) -> bool:

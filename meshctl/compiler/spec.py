@@ -301,6 +301,13 @@ ModelArg = str | bool | int | float | None | list[Any]
 """A value an entrypoint factory may take (canonical JSON in the plan)."""
 
 
+def _positive_widths(widths: list[int]) -> list[int]:
+    """The layer widths of a model (`hidden`, `channels`), refused unless every one is positive."""
+    if any(w <= 0 for w in widths):
+        raise ValueError("layer widths must be positive")
+    return widths
+
+
 class Architecture(_Spec):
     """The network trained in every domain."""
 
@@ -321,12 +328,7 @@ class Architecture(_Spec):
     args: dict[str, ModelArg] = Field(default_factory=dict)
     """Keyword arguments of the entrypoint factory (JSON scalars and lists)."""
 
-    @field_validator("hidden", "channels")
-    @classmethod
-    def _positive(cls, hidden: list[int]) -> list[int]:
-        if any(h <= 0 for h in hidden):
-            raise ValueError("layer widths must be positive")
-        return hidden
+    _positive = field_validator("hidden", "channels")(staticmethod(_positive_widths))
 
 
 class Training(_Spec):
@@ -586,12 +588,7 @@ class SplitBottom(_Spec):
     args: dict[str, ModelArg] = Field(default_factory=dict)
     """Keyword arguments of the entrypoint factory (JSON scalars and lists)."""
 
-    @field_validator("hidden")
-    @classmethod
-    def _positive(cls, hidden: list[int]) -> list[int]:
-        if any(h <= 0 for h in hidden):
-            raise ValueError("layer widths must be positive")
-        return hidden
+    _positive = field_validator("hidden")(staticmethod(_positive_widths))
 
 
 class SplitPart(_Spec):
@@ -630,12 +627,7 @@ class SplitTop(_Spec):
     args: dict[str, ModelArg] = Field(default_factory=dict)
     """Keyword arguments of the entrypoint factory (JSON scalars and lists)."""
 
-    @field_validator("hidden")
-    @classmethod
-    def _positive(cls, hidden: list[int]) -> list[int]:
-        if any(h <= 0 for h in hidden):
-            raise ValueError("layer widths must be positive")
-        return hidden
+    _positive = field_validator("hidden")(staticmethod(_positive_widths))
 
 
 class SplitActivations(_Spec):

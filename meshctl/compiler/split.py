@@ -23,6 +23,7 @@ from meshctl.compiler.plan import (
     PlanSplitPart,
     PlanTensor,
     mlp_tensors,
+    parameter_count,
 )
 from meshctl.compiler.resolved import Resolution
 from meshctl.compiler.spec import Column, MeshSpec, Product, SplitModel
@@ -251,7 +252,7 @@ def split_activation(split: PlanSplit, reads: list[dict[str, Any]], jurisdiction
     none = {"epsilon": 0.0, "delta": 0.0, "clip": 0.0}
     parts = [{"domain": p.domain, "product": p.product, "key": p.key, "features": list(p.features),
               "bottom": _architecture(p.architecture, "mlp", p.hidden) | {"out": p.out},
-              "parameters": _count(p.tensors)}
+              "parameters": parameter_count(p.tensors)}
              for p in split.parts]
     return {
         "kind": "split", "name": split.name, "purpose": split.purpose,
@@ -267,7 +268,7 @@ def split_activation(split: PlanSplit, reads: list[dict[str, Any]], jurisdiction
         "privacy": {"secure_aggregation": False, "dp": none, "client_dp": dict(none)},
         "activations": {"clip": split.clip or 0.0, "noise": split.noise or 0.0},
         "min_intersection": split.min_intersection,
-        "parameters": sum(p["parameters"] for p in parts) + _count(split.top_tensors),
+        "parameters": sum(p["parameters"] for p in parts) + parameter_count(split.top_tensors),
     }
 
 
@@ -279,14 +280,3 @@ def _architecture(arch: PlanArchitecture | None, kind: str, hidden: list[int]) -
         facts = architecture_facts(arch)
         return {k: facts[k] for k in ("kind", "hidden", "activation", "entrypoint", "code_hash")}
     return {"kind": kind, "hidden": list(hidden), "activation": "relu", "entrypoint": "", "code_hash": builtin_hash()}
-
-
-def _count(tensors: list[PlanTensor]) -> int:
-    """Scalars in `tensors` (policy.parameter_count, without importing CEL into the domains)."""
-    total = 0
-    for tensor in tensors:
-        n = 1
-        for d in tensor.shape:
-            n *= d
-        total += n
-    return total

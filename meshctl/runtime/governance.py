@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -152,6 +153,16 @@ def _coordinator(plan: Plan) -> Any:
 
 # -- what a domain decides before it accepts a job ------------------------------------------
 
+def _model_policies(plan: Plan, domain: str, subject: str, model: Callable[[], dict[str, Any]]) -> list[Decision]:
+    """The decisions of the global and `domain`'s own model-scope policies on `subject`, whose
+    `model` variable is built (by `model()`) only when there is a policy to read it."""
+    policies = [p for p in plan.policies if p.scope == "model" and p.domain in ("", domain)]
+    if not policies:
+        return []
+    variables = {"model": model(), "coordinator": _coordinator(plan)}
+    return [decide_policy(p, "model", {}, subject, domain, variables) for p in policies]
+
+
 def evaluate_job(plan: Plan, job: PlanJob, domain: str, today: date,
                  spent: dict[str, float] | None = None) -> list[Decision]:
     """Every decision `domain` makes on `job`: its policies, then the domain's invariants.
@@ -160,11 +171,7 @@ def evaluate_job(plan: Plan, job: PlanJob, domain: str, today: date,
     have reserved (the privacy ledger).
     """
     subject = f"model.{job.name}"
-    policies = [p for p in plan.policies if p.scope == "model" and p.domain in ("", domain)]
-    out: list[Decision] = []
-    if policies:
-        variables = {"model": job_activation(plan, job), "coordinator": _coordinator(plan)}
-        out += [decide_policy(p, "model", {}, subject, domain, variables) for p in policies]
+    out = _model_policies(plan, domain, subject, lambda: job_activation(plan, job))
     products = [plan.product(r.product) for r in job.reads if r.domain == domain]
     held_out = [p for p in map(plan.product, filter(None, [job.evaluation.product])) if p.domain == domain]
     checks = [
@@ -202,11 +209,7 @@ def evaluate_split(plan: Plan, split: PlanSplit, domain: str, today: date | None
     (participant, no-pii-features: the key alone may be PII, it is blinded; grant-required: an
     `access: request` product needs a live grant for `model:<name>` with the model's purpose)."""
     subject = f"model.{split.name}"
-    policies = [p for p in plan.policies if p.scope == "model" and p.domain in ("", domain)]
-    out: list[Decision] = []
-    if policies:
-        variables = {"model": split_model_activation(plan, split), "coordinator": _coordinator(plan)}
-        out += [decide_policy(p, "model", {}, subject, domain, variables) for p in policies]
+    out = _model_policies(plan, domain, subject, lambda: split_model_activation(plan, split))
     part = next((p for p in split.parts if p.domain == domain), None)
     product = plan.product(part.product) if part is not None else None
     checks = [("participant", ("allow", f"{domain} is a part reading {part.product}") if part is not None
