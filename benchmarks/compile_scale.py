@@ -17,6 +17,7 @@ builds celpy programs itself).
 
     python benchmarks/compile_scale.py                 # the issue's sizes
     python benchmarks/compile_scale.py --domains 100   # a tenth (products etc. scale along)
+    python benchmarks/compile_scale.py --split --server  # + `meshctl` commands through a compile server
 """
 
 from __future__ import annotations
@@ -212,12 +213,67 @@ def celpy_env() -> type:
     return celpy.Environment
 
 
+def served_rows(path: Path, edit, repeat: int) -> list[tuple[str, float, float, float]]:
+    """(row, median wall s, median cpu s, goal) of `meshctl` commands through a compile server."""
+    import os
+    import subprocess
+
+    from meshctl.compiler import server
+
+    root = path.parent.resolve()
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("MESHCTL_NO_SERVER", None)
+
+    def command(*args: str) -> None:
+        out = subprocess.run([sys.executable, "-m", "meshctl", *args], cwd=root, env=env, check=False,
+                             capture_output=True, text=True)
+        if out.returncode not in (0, 2):
+            sys.exit(f"meshctl {' '.join(args)} failed: {out.stderr[-2000:]}")
+
+    def server_cpu() -> float:
+        status = server.request(root, "status")
+        if status is None:
+            sys.exit("the compile server stopped")
+        return status["cpu_s"]
+
+    def served(*args: str):
+        def run() -> float:
+            edit()
+            before = server_cpu()
+            command(*args)
+            return server_cpu() - before
+        times, cpu = [], []
+        for _ in range(repeat):
+            t0, c0 = time.perf_counter(), os.times()
+            spent = run()
+            c1 = os.times()
+            times.append(time.perf_counter() - t0)
+            cpu.append(c1.children_user + c1.children_system - c0.children_user - c0.children_system + spent)
+        return statistics.median(times), statistics.median(cpu)
+
+    t0 = time.perf_counter()
+    started = server.start(root, idle_minutes=10)
+    t_start = time.perf_counter() - t0
+    c_start = server_cpu()  # (the server's own cpu: import and its first compile)
+    try:
+        command("plan", "-o", "served.plan.toml")  # a previous plan to diff against
+        rows = [("start>", t_start, c_start, 3.0),
+                ("validate>~", *served("validate"), 0.5), ("plan>~", *served("plan", "-o", "served.plan.toml"), 1.0)]
+    finally:
+        server.request(root, "stop")
+    print(f"(compile server pid {started['pid']})")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--domains", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--split", action="store_true",
                     help="one file per domain (include: [domains/*.yaml]) instead of one mesh.yaml")
+    ap.add_argument("--server", action="store_true",
+                    help="also time `meshctl validate` and `meshctl plan` as commands through a compile "
+                         "server (meshctl compile-server), one domain file edited before each")
     ap.add_argument("--cel", choices=["fast", "celpy"], default="fast",
                     help="how policies are evaluated (fast: meshctl.compiler.cel)")
     args = ap.parse_args()
@@ -292,6 +348,8 @@ def main() -> None:
               f"{'goal s':>7}")
         rows = (("validate", t_validate, c_validate, 3.0), ("plan", t_plan, c_plan, 4.0),
                 ("validate~", t_wvalidate, c_wvalidate, 0.5), ("plan~", t_wplan, c_wplan, 1.0))
+        if args.server:
+            rows = (*rows, *served_rows(path, edit, args.repeat))
         for name, t, c, goal in rows:
             print(f"{name:<10} {t:>9.3f} {c:>7.3f} {floor:>8.3f} {t / floor:>6.1f} {goal:>7.1f}")
         print(f"~ warm: .meshctl/cache filled, then {edited.name} edited before each run"
@@ -299,6 +357,10 @@ def main() -> None:
               f" {sum(c.misses for c in caches)} from YAML; policy subjects:"
               f" {sum(c.decisions.hits for c in caches[1:])} remembered,"
               f" {sum(c.decisions.misses for c in caches[1:])} decided)")
+        if args.server:
+            print("> through a compile server: `meshctl compile-server start` (its cold compile), then the"
+                  " commands `meshctl validate` and `meshctl plan` (diff against the previous plan and write"
+                  " included), one domain file edited before each; cpu s = client + server")
         print(f"`meshctl plan` diff against the previous plan, one product edited"
               f" ({len(changes)} found): by changed blocks {t_diff:.3f} s,"
               f" whole plans parsed {t_whole:.3f} s")

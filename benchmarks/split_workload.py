@@ -9,8 +9,9 @@ training statistics, and trains the same network two ways:
 * split, in process: kernels.split.train_split_in_process, every batch's activations and
   gradients encoded and decoded with meshctl.runtime.wire (what crosses, without sockets).
 
-It prints one table: PSI time (the example, 10,000 ids per party), time per epoch, bytes per
-batch, holdout accuracy (the issue's goal: split within 1 point of centralised), and a
+It prints one table: PSI time (the example, 10,000 ids per party), time per epoch, the bytes
+that cross per batch (computed from the parts, `crossing`, with the top model at the label owner
+and at the coordinator; with `--up` asserted equal to the run's measured update_bytes), holdout accuracy (the issue's goal: split within 1 point of centralised), and a
 scikit-learn logistic regression on the joined rows as a sanity peer. When
 examples/vertical/mesh.yaml exists and `--up` is given, it also runs `meshctl up` on it.
 
@@ -75,9 +76,6 @@ class _Acts(wire._Msg):
     step: int = 0
 
 
-wire._with_messages(_Acts)
-
-
 def _read(domain: str, cfg: dict) -> tuple[list[str], torch.Tensor, list[str] | None]:
     """(keys, features [n, f] float32, labels or None) of one domain's file."""
     path = DATA / FILES[domain]
@@ -114,13 +112,35 @@ def _wire_round_trip(tensors: list[torch.Tensor], tag: str) -> tuple[list[torch.
     return out, size
 
 
+def crossing(split_job, n_train: int, n_hold: int) -> dict[str, int]:
+    """The tensor bytes that cross for one split job, from its parts' widths (float32, payload only, no
+    headers): per training batch of `batch_size`, what the coordinator receives (`batch_in`) and sends
+    (`batch_out`), for the job's `top_at` (`label_owner`: only the other parts' activations and the
+    label owner's gradients for them cross, its own part stays home; `coordinator`: every part's
+    activations, their gradients, the logits and their gradients), and per epoch what it receives,
+    training and holdout: the run's `update_bytes` (coordinator/split.py counts acts, grads, eval_acts
+    and logit_grads)."""
+    outs = {p.domain: p.out for p in split_job.parts if p.out}
+    logits = 1 if split_job.task == "regression" else len(split_job.classes)
+    if split_job.top_at == "coordinator":
+        acts = sum(outs.values())  # every part with features; the label owner returns d loss / d logits
+        row_in, row_out, hold_in = acts + logits, acts + logits, acts
+    else:
+        acts = sum(o for d, o in outs.items() if d != split_job.label_domain)
+        row_in, row_out, hold_in = 2 * acts, 2 * acts, acts  # acts to the label owner, grads back: relayed
+    bs = split_job.batch_size
+    return {"batch_in": 4 * bs * row_in, "batch_out": 4 * bs * row_out,
+            "epoch_update_bytes": 4 * (n_train * row_in + n_hold * hold_in)}
+
+
 def _per(cfg: dict, key: str, domain: str):
     v = cfg[key]
     return v[domain] if isinstance(v, dict) else v
 
 
-def _up_rows() -> list[tuple[str, str]]:
-    """`meshctl up --headless examples/vertical/mesh.yaml` as a subprocess; its epochs, bytes and accuracy."""
+def _up_rows(predicted: int | None) -> list[tuple[str, str]]:
+    """`meshctl up --headless examples/vertical/mesh.yaml` as a subprocess; its epochs, bytes and accuracy.
+    Its measured update_bytes per epoch must be `predicted` (`crossing`), when given."""
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "meshctl", "up", "--headless", str(MESH)], cwd=tmp,
@@ -136,14 +156,52 @@ def _up_rows() -> list[tuple[str, str]]:
     if not rounds:
         return [(f"meshctl up examples/vertical/mesh.yaml: no epochs in {runs[-1].parent.name}", f"{took:.1f} s")]
     last = rounds[-1]
+    if predicted is not None:
+        assert last["update_bytes"] == predicted, (last["update_bytes"], predicted)
     return [
         (f"meshctl up examples/vertical/mesh.yaml: whole run ({len(rounds)} epochs, intersection {size})",
          f"{took:.1f} s"),
         ("  time per epoch, median (real processes, ZeroMQ, incl. holdout evaluation)",
          f"{statistics.median(e['seconds'] for e in rounds) * 1000:.0f} ms"),
         ("  bytes per epoch at the coordinator, in / out", f"{last['bytes_in']:,} / {last['bytes_out']:,} B"),
+        ("  update_bytes per epoch, measured = computed",
+         f"{last['update_bytes']:,} B = {predicted if predicted is not None else '?':,} B"),
         ("  holdout accuracy, last epoch", f"{last['metrics'].get('accuracy', float('nan')) * 100:.2f}%"),
     ]
+
+
+def _plan_job():
+    """The example's compiled split job (None: the mesh does not compile to one)."""
+    if not MESH.exists():
+        return None
+    from meshctl.compiler.compile import compile_mesh
+
+    jobs = getattr(compile_mesh(MESH).plan, "split_models", None) or []
+    return jobs[0] if jobs else None
+
+
+def _crossing_rows(order: list[str], leader: str, bs: int, n_train: int, n_hold: int,
+                   encoded: int) -> list[tuple[str, str]]:
+    """What crosses per batch, computed from the parts (`crossing`) for both places of the top model,
+    beside the bytes the in-process run encoded for the label-owner case (with headers)."""
+    job = _plan_job()
+    if job is None:
+        return [(f"bytes per batch of {bs} that cross, encoded with headers (the other parts' acts + grads)",
+                 f"{encoded:,} B")]
+    away = [p for p in job.parts if p.domain != job.label_domain and p.out]
+    rows = []
+    for top_at in (None, "coordinator"):
+        c = crossing(job.model_copy(update={"top_at": top_at}), n_train, n_hold)
+        feeds = away if top_at is None else [p for p in job.parts if p.out]
+        what = f"{len(feeds)} acts + {len(feeds)} grads, {sum(p.out for p in feeds)} floats/row" + (
+            "" if top_at is None else "; logits")
+        rows += [(f"bytes per batch of {bs}, top at {top_at or 'label_owner'} ({what}), coordinator in / out",
+                  f"{c['batch_in']:,} / {c['batch_out']:,} B"),
+                 (f"  update_bytes per epoch ({n_train} train + {n_hold} holdout rows)", f"{c['epoch_update_bytes']:,} B")]
+    label_owner = crossing(job.model_copy(update={"top_at": None}), n_train, n_hold)["batch_in"]
+    rows.append((f"  top at label_owner, as encoded in process ({len(away)} + {len(away)} messages, headers)",
+                 f"{encoded:,} B (payload {label_owner:,} B)"))
+    return rows
 
 
 def main() -> int:
@@ -153,6 +211,7 @@ def main() -> int:
     ap.add_argument("--up", action="store_true", help="also run meshctl up examples/vertical/mesh.yaml")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    wire._with_messages(_Acts)  # here, not at import: a test imports `crossing` without touching the wire
     cfg, source = _config()
     leader = cfg["leader"]
     order = cfg.get("order") or [d for d in FILES if d != leader] + [leader]
@@ -204,9 +263,12 @@ def main() -> int:
         sizes: list[int] = []
 
         def on_batch(acts: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-            got_a, a = _wire_round_trip(acts, "acts")
-            got_g, g = _wire_round_trip(grads, "grad")
-            assert all(torch.equal(u, v) for u, v in zip(got_a + got_g, acts + grads))
+            # only the other parts' tensors cross (the label owner's own part stays home), as encoded
+            away = [i for i, d in enumerate(order) if d != leader]
+            got_a, a = _wire_round_trip([acts[i] for i in away], "acts")
+            got_g, g = _wire_round_trip([grads[i] for i in away], "grad")
+            assert all(torch.equal(u, v) for u, v in zip(got_a + got_g, [acts[i] for i in away]
+                                                         + [grads[i] for i in away]))
             sizes.append(a + g)
 
         t = time.perf_counter()
@@ -225,8 +287,7 @@ def main() -> int:
         ("time per epoch, centralised floor (one nn.Module, joined rows)", f"{t_central * 1000:.1f} ms"),
         ("time per epoch, split in process", f"{t_split * 1000:.1f} ms"),
         ("time per epoch, split in process, acts+grads through wire.encode/decode", f"{t_wire * 1000:.1f} ms"),
-        (f"bytes per batch of {bs} ({len(order)} x acts + {len(order)} x grads, {width} floats/row, with headers)",
-         f"{batch_bytes:,} B"),
+        *_crossing_rows(order, leader, bs, len(train), len(hold), batch_bytes),
         ("holdout accuracy, centralised on the joined rows", f"{acc_central * 100:.2f}%"),
         ("holdout accuracy, split (no noise)", f"{acc_split * 100:.2f}%  (through the wire: {acc_wire * 100:.2f}%)"),
         (f"holdout accuracy, split (activation noise sigma {args.noise})", f"{acc_noisy * 100:.2f}%"),
@@ -242,7 +303,8 @@ def main() -> int:
         pass
 
     if args.up and MESH.exists():
-        out += _up_rows()
+        job = _plan_job()
+        out += _up_rows(crossing(job, len(train), len(hold))["epoch_update_bytes"] if job else None)
 
     w = max(len(k) for k, _ in out)
     print(f"{'split learning, examples/vertical':<{w}}  value")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -51,8 +52,8 @@ def say_err(text: str) -> None:
 @contextlib.contextmanager
 def busy(what: str) -> Iterator[None]:
     """A spinner on stderr while something slow runs, on a terminal only (never in a pipe or a log)."""
-    if not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
-        yield
+    if not sys.stderr.isatty() or os.environ.get("TERM") == "dumb" or RESIDENT is not None:
+        yield  # (a compile server's answer holds the output only)
         return
     from rich.console import Console
 
@@ -183,9 +184,17 @@ def main() -> None:
 # ---------------------------------------------------------------------------
 
 
+RESIDENT: Any = None
+"""In a compile server (meshctl.compiler.server), the cache it keeps across compiles."""
+
+
 def _load_cache(file: Path):
-    """The load cache of `validate` and `plan`: .meshctl/cache/ beside FILE."""
+    """The load cache of `validate` and `plan`: .meshctl/cache/ beside FILE (in a compile
+    server: what it keeps in memory)."""
     from meshctl.compiler.cache import LoadCache
+
+    if RESIDENT is not None:
+        return RESIDENT
 
     return LoadCache(file.parent / ".meshctl" / "cache")
 
@@ -260,9 +269,12 @@ def validate(file: Path, fmt: str, strict: bool) -> None:
 @click.option("--against", metavar="GIT_REV",
               help="Diff against FILE as compiled at GIT_REV (main, HEAD~1, REV:PATH) "
                    "instead of the plan file on disk.")
+@click.option("--decisions", type=click.Choice(["auto", "summary", "all"]), default="auto",
+              show_default=True, help="List every policy decision (all), or count them per policy and "
+                                      "list only warns and denies (summary); auto lists up to 20.")
 @reports_errors
 def plan_command(file: Path, output: Path | None, detailed_exitcode: bool,
-                 against: str | None) -> None:
+                 against: str | None, decisions: str) -> None:
     """Compile FILE into mesh.plan.toml, the reviewable plan the runtime executes.
 
     If the output file already holds a plan, print what changes against it
@@ -277,7 +289,7 @@ def plan_command(file: Path, output: Path | None, detailed_exitcode: bool,
         changes = _changes_since(out, plan)
     else:
         changes = diff_plans(_plan_at(against, file), plan)
-    click.echo(render_plan_summary(plan))
+    click.echo(render_plan_summary(plan, decisions))
     changed = True  # no previous plan: everything is new
     if changes is not None:
         click.echo(render_changes(changes))
@@ -315,6 +327,102 @@ def _changes_since(path: Path, plan: Any) -> Any:
         click.echo(f"{path}: note: not a readable plan ({reason}); not diffing against it",
                    err=True)
         return None
+
+
+@main.group("compile-server")
+def compile_server() -> None:
+    """A resident compiler for one mesh directory (docs/compiler-speed.md).
+
+    While it runs, `meshctl validate` and `meshctl plan` of that directory's meshes ask it
+    instead of compiling in process: same output, less time after an edit. It listens on
+    .meshctl/compile.sock (0600, never a network port) and stops after --idle-minutes."""
+
+
+def _mesh_dir(file: Path) -> Path:
+    if not file.is_file():
+        raise _no_file(file)
+    return file.parent.resolve()
+
+
+@compile_server.command("start")
+@MESH_FILE
+@click.option("--idle-minutes", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              help="Stop after this long without a request.")
+@reports_errors
+def compile_server_start(file: Path, idle_minutes: float) -> None:
+    """Start the compile server of FILE's directory (default mesh.yaml); waits for its first compile."""
+    from meshctl.client import build
+    from meshctl.compiler import server
+
+    root = _mesh_dir(file)
+    running = server.request(root, "status")
+    if running is not None and running.get("meshctl") == build():
+        click.echo(f"compile server already running for {root} (pid {running.get('pid')})")
+        return
+    if running is not None:  # another meshctl's: it stops when asked by this version
+        server.request(root, "stop")
+    with busy(f"starting the compile server of {root}"):
+        try:
+            status = server.start(root, idle_minutes)
+        except RuntimeError as err:
+            raise UserError(f"the compile server did not start: {err}", where=str(root),
+                            hint=f"see {root / '.meshctl' / server.LOG}") from None
+    click.echo(f"compile server started for {root} (pid {status['pid']}, socket {status['socket']}); "
+               f"it stops after {idle_minutes:g} idle minutes or on `meshctl compile-server stop`")
+
+
+@compile_server.command("serve", hidden=True, context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def compile_server_serve(args: tuple[str, ...]) -> None:
+    """The server process `start` runs (ROOT --idle-s S --ready-fd FD)."""
+    from meshctl.compiler import server
+
+    def resident(cache: Any) -> None:
+        global RESIDENT
+        RESIDENT = cache
+
+    server.main(list(args), main, resident)
+
+
+@compile_server.command("stop")
+@MESH_FILE
+@reports_errors
+def compile_server_stop(file: Path) -> None:
+    """Stop the compile server of FILE's directory (default mesh.yaml)."""
+    from meshctl.compiler import server
+
+    root = _mesh_dir(file)
+    answer = server.request(root, "stop")
+    if answer is None:
+        click.echo(f"no compile server running for {root}")
+        return
+    click.echo(f"stopped the compile server of {root} (pid {answer.get('pid', '?')})")
+
+
+@compile_server.command("status")
+@MESH_FILE
+@reports_errors
+def compile_server_status(file: Path) -> None:
+    """Whether a compile server runs for FILE's directory (default mesh.yaml), and what it holds.
+
+    Exit 0 when one runs, 3 when none does."""
+    from meshctl.client import build
+    from meshctl.compiler import server
+
+    root = _mesh_dir(file)
+    status = server.request(root, "status")
+    if status is None:
+        stale = " (a stale socket is left: the next start replaces it)" if server.socket_of(root).exists() else ""
+        click.echo(f"no compile server running for {root}{stale}")
+        sys.exit(3)
+    if status.get("meshctl") != build():
+        click.echo(f"the compile server of {root} ran meshctl {str(status.get('meshctl')).split('+')[0]} "
+                   "(older code than this one's): it stops now")
+        sys.exit(3)
+    click.echo(format_table(["pid", "socket", "requests", "files kept", "last compile", "stops in"],
+                            [[str(status["pid"]), status["socket"], str(status["requests"]),
+                              str(status["files"]), f"{status['last_seconds']:.2f} s",
+                              f"{max(0, status['idle_stop_s']) // 60} min idle"]]))
 
 
 @main.command()
@@ -629,10 +737,27 @@ def coordinator(run_dir: str | None, warm: bool, resume: bool) -> None:
     from meshctl.runtime.coordinator import warm_main
 
     if warm:
-        sys.exit(warm_main())
+        _exit_now(warm_main())
     if run_dir is None:
         raise click.UsageError("give --run-dir or --warm")
-    sys.exit(coordinator_main(run_dir, resume=resume))
+    _exit_now(coordinator_main(run_dir, resume=resume))
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End a process that imported torch (coordinator, daemon, serve) without the interpreter's teardown.
+
+    Tearing down an interpreter that imported torch costs 0.3-0.6 s of CPU, and `meshctl up`
+    (or whoever started the process) waits for it. Nothing is left to tear down when these
+    commands return: files are written and closed, ZeroMQ contexts terminated (their messages
+    sent), run locks are released by the kernel and only daemon threads remain; stdio is
+    flushed here. An error still ends the ordinary way (`reports_errors`), and so does a command
+    run in another process's interpreter (click's CliRunner swaps sys.stdout).
+    """
+    if sys.stdout is not sys.__stdout__:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @main.command()
@@ -663,7 +788,7 @@ def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str | None, 
     cfg = DaemonConfig(domain=domain, plan=plan, base_dir=base_dir or plan_file.parent,
                        coordinator=endpoint, server_key=server,
                        keys=KeyPair.load(key_file), threads=threads)
-    sys.exit(Daemon(cfg).run())
+    _exit_now(Daemon(cfg).run())
 
 
 @main.command()
@@ -685,7 +810,7 @@ def serve(domain: str, mesh_file: Path, endpoint: str | None, key_file: Path | N
 
     cfg = ServiceConfig(domain=domain, mesh=mesh_file, coordinator=endpoint, key_file=key_file,
                         data_root=data_root, threads=threads)
-    sys.exit(Service(cfg).run())
+    _exit_now(Service(cfg).run())
 
 
 # ---------------------------------------------------------------------------
@@ -1188,7 +1313,8 @@ def analyze(name: str, file: Path, headless: bool, output: Path | None, address:
         _end(result)
     if not result.ok:
         raise UserError(result.reason or "analysis failed") from None
-    click.echo(analytics.render_result(analytics.read_result(result.run_dir, name, output)))
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None  # (a pipe: the table)
+    click.echo(analytics.render_result(analytics.read_result(result.run_dir, name, output), width))
 
 
 @main.command()

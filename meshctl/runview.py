@@ -39,9 +39,11 @@ def span(seconds: float | None) -> str:
 
 
 def _rounds(jobs: list[JobProgress]) -> str:
+    """`done/total` rounds of the run's jobs; `epochs` after it when every job is a split job."""
     done = sum(j.done for j in jobs)
     total = [j.rounds for j in jobs]
-    return f"{done}/{sum(t for t in total if t) if all(total) else '?'}" if jobs else "-"
+    epochs = " epochs" if jobs and all(j.unit == "epoch" for j in jobs) else ""
+    return f"{done}/{sum(t for t in total if t) if all(total) else '?'}{epochs}" if jobs else "-"
 
 
 def _metric(jobs: list[JobProgress]) -> str:
@@ -99,7 +101,7 @@ def render_status(run_dir: Path, fmt: str = "text") -> str:
         rows = [_domain_row(d, state == RUNNING, now) for d in domains]
         lines += [format_table(("domain", "state", "activity", "last seen", "pid", "reason"), rows), ""]
     if jobs:
-        rows = [(j.name, j.state, f"{j.done}/{j.rounds or '?'}",
+        rows = [(j.name, j.state, f"{j.done}/{j.rounds or '?'}" + (" epochs" if j.unit == "epoch" else ""),
                  "  ".join(f"{k} {v:.4f}" for k, v in j.metrics.items()) or "-", j.detail) for j in jobs]
         lines.append(format_table(("job", "state", "rounds", "metrics", "detail"), rows))
         from meshctl.runtime.launcher import evaluation_lines

@@ -222,3 +222,28 @@ def test_vertical_columns_overlap_and_values():
              "malignant" if t == 0 else "benign") for r, t in zip(ds.data, ds.target)}
     assert len(joined) == len(common)
     assert set(joined) <= want
+
+
+# -- vertical-regression (split learning with a numeric label, issue 15) ---------
+
+VERTICAL_REGRESSION = ROOT / "examples" / "vertical-regression"
+
+
+def test_each_example_directory_holds_one_mesh():
+    """Two meshes in one directory share its mesh.plan.toml, .meshctl/runs and cache: `meshctl plan`
+    of one overwrote the other's plan and `meshctl runs` mixed their runs."""
+    for d in sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir()):
+        meshes = sorted(p.name for p in d.iterdir() if p.suffix in (".yaml", ".yml"))
+        assert meshes in ([], ["mesh.yaml"]), (d.name, meshes)
+    assert "## vertical-regression:" in (ROOT / "examples" / "README.md").read_text()
+
+
+def test_vertical_regression_files_are_what_make_data_writes(tmp_path):
+    pytest.importorskip("sklearn")
+    make = _load("examples_vertical_regression_make_data", VERTICAL_REGRESSION / "make_data.py")
+    make.main(tmp_path)
+    con = duckdb.connect()
+    for fname in ("progression_clinic.parquet", "progression_lab.parquet"):
+        committed = VERTICAL_REGRESSION / "data" / fname
+        got = con.execute(f"SELECT * FROM {_scan(committed)}").fetchall()
+        assert got == con.execute(f"SELECT * FROM {_scan(tmp_path / fname)}").fetchall(), fname

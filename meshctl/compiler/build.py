@@ -9,9 +9,11 @@ so the same mesh.yaml gives the same plan bytes.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from meshctl import PROTOCOL_VERSION, __version__
 from meshctl.compiler.analyses import metric_range
@@ -66,24 +68,30 @@ from meshctl.compiler.spec import (
     QualityRule,
 )
 
+if TYPE_CHECKING:
+    from meshctl.compiler.parse import ItemMemo
+
 At = Callable[[YamlPath], str]
 """Maps a YAML path to `mesh.yaml:LINE:COL`."""
 
 def build_plan(spec: MeshSpec, resolution: Resolution, decisions: list[PlanDecision],
-               policies: list[PlanPolicy], raw: bytes, at: At) -> Plan:
-    """The Plan of a spec that compiled without errors (unhashed)."""
+               policies: list[PlanPolicy], raw: bytes | None, at: At, kept: ItemMemo | None = None) -> Plan:
+    """The Plan of a spec that compiled without errors (unhashed); its `spec_hash` is the sha256
+    of `raw` (the mesh's content), empty when `raw` is None."""
     coordinator = spec.mesh.coordinator
     domains = {d.name: d for d in spec.domains}
     columns: dict[tuple, PlanColumn] = {}  # one PlanColumn per distinct column (frozen: shared)
     return Plan(
         plan=PlanHeader(mesh=spec.mesh.name, meshctl_version=__version__,
                         protocol_version=PROTOCOL_VERSION,
-                        spec_hash="sha256:" + hashlib.sha256(raw).hexdigest()),
+                        spec_hash="" if raw is None else "sha256:" + hashlib.sha256(raw).hexdigest()),
         coordinator=PlanCoordinator(**coordinator.model_dump()),
         domains=[made(PlanDomain, name=d.name, owner=d.owner, jurisdiction=d.jurisdiction,
                       address=d.address, public_key=d.public_key) for d in spec.domains],
-        products=[_product(p, resolution, domains, columns) for p in spec.products],
-        contracts=[_contract(c, at, columns) for c in sorted(spec.contracts, key=_contract_key)],
+        products=[_product(p, resolution, domains, columns) if kept is None else
+                  _kept_product(p, resolution, domains, columns, kept) for p in spec.products],
+        contracts=[_contract(c, at, columns) if kept is None else _kept_contract(c, at, columns, kept)
+                   for c in sorted(spec.contracts, key=_contract_key)],
         jobs=[_job(r, resolution) for r in resolution.models],
         analyses=[_analysis(r, resolution) for r in resolution.analyses],
         grants=sorted((_grant(g, at) for g in resolution.grants.values()), key=lambda g: g.id),
@@ -135,6 +143,29 @@ def _product(product: Product, resolution: Resolution, domains: dict[str, Domain
         sla=plan_sla(product.sla), epsilon_budget=product.epsilon_budget,
         columns=[_column(c, made_columns) for c in product.columns],
     )
+
+
+def _kept_product(product: Product, resolution: Resolution, domains: dict[str, Domain],
+                  made_columns: dict[tuple, PlanColumn], kept: ItemMemo) -> PlanProduct:
+    """_product, or the PlanProduct a previous compile made from these very objects (a compile
+    server's: the product, its contract and its domain are all it reads)."""
+    made_of = (product, resolution.contracts.get(id(product)), domains.get(product.domain))
+    found = kept.kept("plan product", *made_of)
+    if found is None:
+        found = _product(product, resolution, domains, made_columns)
+        kept.keep("plan product", made_of, found)
+    return found
+
+
+def _kept_contract(contract: Contract, at: At, made_columns: dict[tuple, PlanColumn],
+                   kept: ItemMemo) -> PlanContract:
+    """_contract, or the PlanContract a previous compile made from this very contract (its
+    positions too: the same object comes from the same bytes of the same file)."""
+    found = kept.kept("plan contract", contract)
+    if found is None:
+        found = _contract(contract, at, made_columns)
+        kept.keep("plan contract", (contract,), found)
+    return found
 
 
 def _contract(contract: Contract, at: At, made_columns: dict[tuple, PlanColumn]) -> PlanContract:
@@ -221,14 +252,22 @@ def _sampling(resolved: ResolvedModel) -> PlanSampling | None:
     return PlanSampling(per_round=per_round, seed=resolved.model.training.seed if seed is None else seed)
 
 
+@functools.lru_cache(maxsize=1024)
+def _mlp_tensors(input_dim: int, hidden: tuple[int, ...], output_dim: int) -> list[PlanTensor]:
+    """mlp_tensors, made once per shape (frozen tensors, shared as columns are: 500 models of a
+    few shapes); callers do not change the list."""
+    return mlp_tensors(input_dim, list(hidden), output_dim)
+
+
 def _job(resolved: ResolvedModel, resolution: Resolution) -> PlanJob:
     model = resolved.model
     classes = list(resolved.target.values) if resolved.task != "regression" else []
     arch = PlanArchitecture(input_dim=resolved.input_width, hidden=model.architecture.hidden,
                             output_dim=len(classes) if resolved.task == "classification" else 1)
-    tensors = mlp_tensors(arch.input_dim, arch.hidden, arch.output_dim)
     if resolved.network is not None:  # compiler.entrypoint: built-ins and entrypoint models
         arch, tensors = resolved.network.architecture, resolved.network.tensors
+    else:
+        tensors = _mlp_tensors(arch.input_dim, tuple(arch.hidden), arch.output_dim)
     evaluation = model.evaluation
     return PlanJob(
         name=model.name, purpose=model.purpose, participants=resolved.participants,

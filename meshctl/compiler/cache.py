@@ -145,8 +145,12 @@ class DecisionMemo:
         caller adds what it evaluates. None when JSON cannot hold the variables exactly."""
         if not _plain(variables):
             return None
-        key = hashlib.sha256(json.dumps(variables, separators=(",", ":"), ensure_ascii=False)
-                             .encode()).hexdigest()[:32]
+        return self._entry(hashlib.sha256(json.dumps(variables, separators=(",", ":"), ensure_ascii=False)
+                                          .encode()).hexdigest()[:32])
+
+    def _entry(self, key: Any) -> dict[Any, Any]:
+        """The values this compile uses under `key`: those the last compile kept (a hit), else none
+        (a miss); the caller adds what it evaluates."""
         got = self._used.get(key)
         if got is None:
             old = self._old.get(key)

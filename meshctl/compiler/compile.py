@@ -24,15 +24,23 @@ from meshctl.compiler.contracts import check_contracts
 from meshctl.compiler.diagnostics import Diagnostic, Reporter, YamlPath, render_all
 from meshctl.compiler.entrypoint import networks
 from meshctl.compiler.identity import check_identity, remote_domains
-from meshctl.compiler.include import DirFiles, Files, Included, MeshMap, merge_includes
+from meshctl.compiler.include import (
+    DirFiles,
+    Files,
+    Included,
+    MeshMap,
+    content_bytes,
+    merge_includes,
+)
 from meshctl.compiler.loader import Source, SourceMap, load_bytes, no_gc
-from meshctl.compiler.parse import parse_spec
+from meshctl.compiler.parse import ItemMemo, parse_spec
 from meshctl.compiler.plan import ROBUST_STRATEGIES, STRATEGY_SETTINGS, Plan, PlanDecision
 from meshctl.compiler.policy import compile_policies, decide, plan_policies
 from meshctl.compiler.resolve import Resolution, ResolvedModel, resolve
 from meshctl.compiler.sources import check_sources, source_kind
-from meshctl.compiler.spec import Domain, MeshSpec, Model, Policy
+from meshctl.compiler.spec import TASK_LOSSES, TASK_METRICS, Domain, MeshSpec, Model, Policy
 from meshctl.compiler.split import check_split_models
+from meshctl.compiler.split_rounds import check_round_policies
 
 Load = Callable[[bytes, str], tuple[Source | None, list[Diagnostic]]]
 """load_bytes, or a cache's load."""
@@ -120,11 +128,12 @@ def compile_bytes(raw: bytes, path: str | Path, *, hashed: bool = True,
     with no_gc():  # the compile allocates many long-lived objects and frees few
         return _compile(raw, path, hashed, files or DirFiles(Path(path).parent),
                         cache.load if cache is not None else load_bytes,
-                        cache.decisions if cache is not None else None)
+                        cache.decisions if cache is not None else None,
+                        getattr(cache, "items", None))
 
 
 def _compile(raw: bytes, path: str | Path, hashed: bool, files: Files, load: Load,
-             memo: DecisionMemo | None = None) -> CompileResult:
+             memo: DecisionMemo | None = None, items: ItemMemo | None = None) -> CompileResult:
     file = str(path)
     source, loaded = load(raw, file)
     if source is None:
@@ -133,12 +142,12 @@ def _compile(raw: bytes, path: str | Path, hashed: bool, files: Files, load: Loa
     report = Reporter(file, smap.locate, source.text)
     report.diagnostics += loaded
     includes = merge_includes(source, files, report, load)
-    parsed = parse_spec(source.data, report)
+    parsed = parse_spec(source.data, report, items)
     if parsed is None:
         return CompileResult(None, report.diagnostics, source.text, loaded=source)
     spec = parsed.spec
     resolution = resolve(parsed, report)
-    check_contracts(spec, resolution, report)
+    check_contracts(spec, resolution, report, items)
     check_identity(spec, report)
     check_sources(spec.products, Path(path).parent, report, remote=remote_domains(spec))
     _check_jobs(resolution, report, spec)
@@ -158,10 +167,11 @@ def _compile(raw: bytes, path: str | Path, hashed: bool, files: Files, load: Loa
     plan = None
     if not report.has_errors and parsed.header_ok:
 
-        # the spec hash covers mesh.yaml and each include (name and bytes), in merge order
-        hashed_bytes = raw + b"".join(b"\0%s\0%s" % (i.name.encode(), i.raw) for i in includes)
+        # the spec hash covers the merged content, not the files' bytes or names (one hash for
+        # the mesh as one file and as included files); validate's unhashed plan has none (0.1 s)
+        hashed_bytes = content_bytes(source.data) if hashed else None
         plan = build_plan(spec, resolution, decisions, plan_policies(spec, report, name),
-                          hashed_bytes, report.at)
+                          hashed_bytes, report.at, items)
         if split_models:
             plan = plan.model_copy(update={"split_models": split_models})
         if _check_built(plan, spec, report):  # what needs the model's tensors (entrypoints: known only now)
@@ -191,6 +201,7 @@ def _check_owner(spec: MeshSpec, report: Reporter) -> None:
 
 def _check_jobs(resolution: Resolution, report: Reporter, spec: MeshSpec) -> None:
     _check_exclude_policies(spec, report)
+    check_round_policies(spec, report)  # (round policies and split models, MESH572-575)
     governed = [d for d in spec.domains if d.policies]  # (once, not per model: 1,000 domains x 500 models)
     for resolved in resolution.models:
         model = resolved.model
@@ -436,11 +447,6 @@ def _check_byzantine(resolved: ResolvedModel, report: Reporter) -> None:
                      hint=f"select at most {have}, or leave `select` out for n - f")
 
 
-TASK_METRICS = {"classification": ("loss", "accuracy", "auroc", "f1", "precision", "recall"),
-                "binary": ("loss", "accuracy", "auroc", "f1", "precision", "recall"),
-                "regression": ("loss", "mae", "rmse", "r2")}
-"""The evaluation metrics of each task (meshctl/runtime/kernels/metrics.py computes them)."""
-TASK_LOSSES = {"classification": ("cross_entropy",), "binary": ("bce",), "regression": ("mse", "mae", "huber")}
 
 
 def _check_metrics(resolved: ResolvedModel, report: Reporter) -> None:

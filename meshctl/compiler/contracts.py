@@ -10,11 +10,15 @@ for sense here.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean, quoted
 from meshctl.compiler.resolve import Resolution
 from meshctl.compiler.sources import check_sla
 from meshctl.compiler.spec import Column, Contract, MeshSpec, Product, QualityRule
+
+if TYPE_CHECKING:
+    from meshctl.compiler.parse import ItemMemo
 
 COLUMN_METRICS = ("nullValues", "missingValues", "invalidValues")
 """ODCS metrics that need a column."""
@@ -31,19 +35,32 @@ _GENERALIZE = {"date": r"year|month", "timestamp": r"year|month", "string": r"pr
 """The `generalize` forms each column type accepts."""
 
 
-def check_contracts(spec: MeshSpec, resolution: Resolution, report: Reporter) -> None:
-    """Report products that break their contract, and ill-formed contracts."""
+def check_contracts(spec: MeshSpec, resolution: Resolution, report: Reporter, kept: ItemMemo | None = None) -> None:
+    """Report products that break their contract, and ill-formed contracts.
+
+    With `kept` (a compile server's), a product and contract that are the very objects a previous
+    compile checked without a diagnostic are not checked again (the checks read only them)."""
     for contract in spec.contracts:
+        if kept is not None and kept.kept("contract ok", contract):
+            continue
+        reported = len(report.diagnostics)
         check_columns(contract.columns, (*contract.path, "columns"), report)
         check_sla(contract.sla, (*contract.path, "sla"), report)
         for i in range(len(contract.quality)):
             _quality(contract, i, report)
+        if kept is not None and len(report.diagnostics) == reported:
+            kept.keep("contract ok", (contract,), True)
     for product in spec.products:
+        contract = resolution.contracts.get(id(product))
+        if kept is not None and kept.kept("product ok", product, contract):
+            continue
+        reported = len(report.diagnostics)
         check_columns(product.columns, (*product.path, "columns"), report)
         check_sla(product.sla, (*product.path, "sla"), report)
-        contract = resolution.contracts.get(id(product))
         if contract is not None:
             check_product(product, contract, report)
+        if kept is not None and len(report.diagnostics) == reported:
+            kept.keep("product ok", (product, contract), True)
 
 
 def check_product(product: Product, contract: Contract, report: Reporter) -> None:

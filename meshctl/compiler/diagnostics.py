@@ -229,12 +229,25 @@ CODES: dict[str, str] = {
                "(a PII column may be the key: it is blinded for the intersection and never leaves in clear).",
     "MESH562": "A split model's part reads a feature that is not a column of its own product, or no feature.",
     "MESH563": "A split model's part lists a feature twice, or feeds its key or its label to a bottom model.",
-    "MESH564": "A split model's feature is a PII column or not numeric: bottom models read int, float and bool columns.",
+    "MESH564": "A split model's feature is a PII column, or neither numeric nor categorical: bottom models read int, float, bool and category columns (one-hot over their values).",
     "MESH565": "A split model's label is in a product that is not one of its parts: the label owner must be a participant.",
-    "MESH566": "A split model's label column is unknown, PII, or not a category column with at least 2 declared values.",
+    "MESH566": "A split model's label column is unknown, PII, or neither a category column with at least 2 declared values "
+               "(a classification) nor an int or float column (a regression).",
     "MESH567": "A split model has two parts in the same domain: each domain contributes one part.",
+    "MESH568": "A split model's parts declare their key columns with different types (say float in one domain, string in another): keys such as 123 and \"00123\" would never match and the intersection would shrink silently; declare every part's key alike.",
+    "MESH569": "A split model's feature is a string column: a bottom model one-hot encodes a categorical feature over its declared values; declare it `type: category` with `values`.",
+    "MESH572": "A round policy reads round.activations, round.gradients or round.batch (a split job's batch) but does not test round.kind, so it would judge federated rounds only; add `when: round.kind == \"split\"` (docs/governance.md).",
+    "MESH573": "Warning: a round policy that does not test round.kind judges federated rounds only, not the batches of the mesh's split models; `when: round.kind == \"federated\"` says so.",
+    "MESH574": "A round policy with `effect: exclude` would judge split jobs' batches, where no single update can be left out (the top model needs every part's activations): use deny or warn.",
+    "MESH575": "A round policy compares round.kind with a value it never has: round.kind is \"federated\" or \"split\".",
     "MESH576": "A split model's entrypoint bottom model does not output [batch, k] activations (one vector per row).",
     "MESH577": "Warning: a split model's activation noise drowns its activations (noise * sqrt(width) above clip, or above 1 without a clip).",
+    "MESH578": "A split model's `top.at` is neither `label_owner` (the default) nor `coordinator`.",
+    "MESH579": "A split model's part reads no features: only the label owner's part may (it then holds only the label), "
+               "with `top: {at: coordinator}`, and without a `bottom:`.",
+    "MESH580": "Warning: the coordinator runs a split model's top model, so it learns the label of every row of the "
+               "intersection: the label owner returns d loss / d logits (softmax - onehot for cross entropy). "
+               "A policy can deny it: `require: model.top.at != \"coordinator\"`.",
 }
 
 SHOWN = 100

@@ -31,8 +31,11 @@ class Parsed:
     header_ok: bool = True
 
 
-def parse_spec(data: Any, report: Reporter) -> Parsed | None:
-    """Validate the loaded data; None when the top level is not a mapping."""
+def parse_spec(data: Any, report: Reporter, items: ItemMemo | None = None) -> Parsed | None:
+    """Validate the loaded data; None when the top level is not a mapping.
+
+    With `items` (a compile server's), an item whose raw data is the very object a previous
+    compile validated (an unchanged file's, kept in memory) is that compile's item again."""
     if not isinstance(data, dict):
         kind = _kind(data)
         report.error("MESH201", f"the top level must be a mapping of sections, not {kind}", (),
@@ -44,15 +47,20 @@ def parse_spec(data: Any, report: Reporter) -> Parsed | None:
         api_version=header.get("apiVersion"),
         mesh=_safe_header(header.get("mesh")),
     ), header_ok=header_ok)
+    memo = items
     for section, item_type in SECTIONS.items():
-        items = data.get(section, [])
-        if not isinstance(items, list):
-            report.error("MESH204", f"'{section}' must be a list, not {_kind(items)}",
+        raws = data.get(section, [])
+        if not isinstance(raws, list):
+            report.error("MESH204", f"'{section}' must be a list, not {_kind(raws)}",
                          (section,), hint=f"write each {section[:-1]} as `- name: ...`")
             continue
         valid = []
-        for i, raw in enumerate(items):
-            item = _validate(item_type, raw, (section, i), data, report)
+        for i, raw in enumerate(raws):
+            item = memo.get(raw) if memo is not None else None
+            if item is None:
+                item = _validate(item_type, raw, (section, i), data, report)
+                if item is not None and memo is not None:
+                    memo.put(raw, item)
             if item is None:
                 parsed.invalid[section] = parsed.invalid.get(section, 0) + 1
                 if isinstance(raw, dict) and isinstance(raw.get("name"), str):
@@ -64,6 +72,51 @@ def parse_spec(data: Any, report: Reporter) -> Parsed | None:
             valid.append(item)
         setattr(parsed.spec, section, valid)
     return parsed
+
+
+class ItemMemo:
+    """Validated items by the identity of their raw data, for the compiles of one process (a
+    compile server's); and, by `kept`/`keep`, what later stages made from those very items.
+
+    Only an object still held (the raw data is kept with its item) matches, and each at most once
+    per compile (aliased data may repeat an object). `end()` after each compile keeps what it used."""
+
+    def __init__(self) -> None:
+        self._old: dict[int, tuple[Any, Any]] = {}
+        self._new: dict[int, tuple[Any, Any]] = {}
+
+    def get(self, raw: Any) -> Any:
+        """The item validated from this very `raw` before, or None."""
+        key = id(raw)
+        if key in self._new:
+            return None  # handed out already in this compile
+        entry = self._old.get(key)
+        if entry is None or entry[0] is not raw:
+            return None
+        self._new[key] = entry
+        return entry[1]
+
+    def put(self, raw: Any, item: Any) -> None:
+        """Remember the item validated from `raw`."""
+        if type(raw) is dict:
+            self._new[id(raw)] = (raw, item)
+
+    def kept(self, kind: str, *made_of: Any) -> Any:
+        """What a previous compile kept (`keep`) as `kind` from these very objects, or None."""
+        key = (kind, *map(id, made_of))
+        entry = self._old.get(key) or self._new.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], made_of, strict=True)):
+            return None
+        self._new[key] = entry
+        return entry[1]
+
+    def keep(self, kind: str, made_of: tuple[Any, ...], value: Any) -> None:
+        """Keep `value`, made from exactly `made_of` (a check's "nothing to report", a plan object)."""
+        self._new[(kind, *map(id, made_of))] = (made_of, value)
+
+    def end(self) -> None:
+        """A compile ended: keep only what it used."""
+        self._old, self._new = self._new, {}
 
 
 def _safe_header(raw: Any) -> MeshHeader | None:

@@ -3,8 +3,13 @@
 A Plan is frozen, fully resolved (every reference is an id, every shape is known)
 and deterministic: the same mesh.yaml gives the same TOML bytes. It is written as
 `mesh.plan.toml` (tomli-w's layout, by meshctl.compiler.tomlwrite) so that it can be
-reviewed in git, and its content hash (sha256 of the TOML without the hash line) pins
-what the runtime executes.
+reviewed in git, and its content hash (sha256 of the TOML without the hash line and
+without the trailing `[positions]` table) pins what the runtime executes.
+
+Positions (`FILE:LINE:COL` of policies, grants and quality rules) say where an item is
+written, not what it means: they are written last, in `[positions]`, outside the hashed
+text, so that the same mesh as one file or as `include:`d files (or with a comment or a
+blank line more) has one plan hash. A decision's position is its policy's.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from meshctl.compiler import tomlwrite
 
-PLAN_FORMAT = 1
-"""Version of the plan file layout."""
+PLAN_FORMAT = 2
+"""Version of the plan file layout: 2 writes positions in the unhashed `[positions]` table;
+1 (before) wrote an `at` in each table, inside the hash. A format-1 plan is read and hashed
+as it was written, so its recorded hash still verifies."""
 
 PiiKind = Literal["none", "direct", "indirect"]
 Effect = Literal["allow", "deny", "warn"]
@@ -42,7 +49,9 @@ class PlanHeader(_Frozen):
     meshctl_version: str
     protocol_version: int
     spec_hash: str
-    """sha256 of the mesh.yaml bytes the plan was compiled from."""
+    """sha256 of the mesh's content (meshctl.compiler.include.content_bytes): the data of
+    mesh.yaml and its includes, merged, as canonical JSON; not of the files' bytes. Empty in
+    the unhashed plan of `compile_mesh(hashed=False)` (validate)."""
     hash: str = ""
     """sha256 of this plan's TOML with this field empty; set by `with_hash()`."""
 
@@ -484,11 +493,20 @@ class PlanSplitPart(_Frozen):
     features: list[str]
     hidden: list[int]
     out: int
-    """Width of the part's activations (its cut layer)."""
+    """Width of the part's activations (its cut layer); 0 for the label owner's label-only part
+    (no features, no bottom model: `top_at` coordinator)."""
     tensors: list[PlanTensor]
-    """The bottom model's state (an mlp), which stays in the domain."""
+    """The bottom model's state (an mlp), which stays in the domain; empty for a label-only part."""
     architecture: PlanArchitecture | None = None
     """An entrypoint bottom model (`kind: custom`, its code pinned); None: the built-in mlp."""
+    inputs: list[PlanFeature] | None = None
+    """Every feature's input slots when one is categorical (one-hot over its declared values, no
+    "other" slot: an undeclared value is refused); None: all numeric, one slot each."""
+
+    @property
+    def input_width(self) -> int:
+        """The bottom model's input width: one slot per numeric feature, one per declared value of a categorical one."""
+        return sum(f.width for f in self.inputs) if self.inputs else len(self.features)
 
 
 class PlanSplit(_Frozen):
@@ -505,6 +523,13 @@ class PlanSplit(_Frozen):
     label_product: str
     label_column: str
     classes: list[str]
+    """The label's declared values, one output each; empty for a regression."""
+    task: Literal["regression"] | None = None
+    """`regression` for an int or float label (one output); None: a classification (cross entropy)."""
+    loss: Literal["mse", "mae", "huber"] | None = None
+    """A regression's loss; None: mse (and cross entropy for a classification)."""
+    huber_delta: float | None = None
+    """`loss: huber`'s delta; None: 1.0."""
     top_hidden: list[int] = Field(default_factory=list)
     top_tensors: list[PlanTensor]
     clip: float | None = None
@@ -524,6 +549,9 @@ class PlanSplit(_Frozen):
     None when no part's product needs one."""
     top_architecture: PlanArchitecture | None = None
     """An entrypoint top model (`kind: custom`, its code pinned); None: the built-in mlp."""
+    top_at: Literal["coordinator"] | None = None
+    """`coordinator`: the coordinator runs the top model and the label owner only the loss (it returns
+    the gradient of the logits); None: the label owner runs both."""
 
     def part(self, domain: str) -> PlanSplitPart:
         return next(p for p in self.parts if p.domain == domain)
@@ -559,7 +587,8 @@ class PlanPolicy(_Frozen):
 
 
 class PlanDecision(_Frozen):
-    """One policy decision made at compile time."""
+    """One policy decision made at compile time. Every field is a str (`Plan.to_toml` writes a
+    decision's `__dict__` as model_dump would give it: 100,000 of them at full size)."""
 
     policy: str
     scope: str
@@ -619,11 +648,20 @@ class Plan(_Frozen):
         """
         if id(self) in _TOML:
             return _TOML[id(self)]
+        return "".join(self._texts())
+
+    def _texts(self) -> tuple[str, str]:
+        """(the hashed TOML, the `[positions]` table or "")."""
         from meshctl.compiler.loader import no_gc
 
         with no_gc():  # a million acyclic containers: collections would scan them all, often
-            data = self.model_dump(mode="json", exclude_none=True)
-            return tomlwrite.dumps({k: v for k, v in data.items() if v != []})  # tomli-w's bytes
+            data = self.model_dump(mode="json", exclude_none=True, exclude={"decisions"})
+            data = {k: [d.__dict__.copy() for d in self.decisions] if k == "decisions" else data[k]
+                    for k in type(self).model_fields if k in data or k == "decisions"}  # (all str: as dumped)
+            _share_columns(self, data)
+            positions = _take_positions(data) if self.plan.format >= 2 else {}  # format 1: `at` inline
+            body = tomlwrite.dumps({k: v for k, v in data.items() if v != []})  # tomli-w's bytes
+            return body, ("\n" + tomlwrite.dumps({"positions": positions}) if positions else "")
 
 
 
@@ -639,14 +677,14 @@ class Plan(_Frozen):
     def with_hash(self) -> Plan:
         """This plan with `plan.hash` set to the sha256 of its TOML (hash empty)."""
         unhashed = self.model_copy(update={"plan": self.plan.model_copy(update={"hash": ""})})
-        text = unhashed.to_toml()
+        text, positions = unhashed._texts()
         digest = f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
         hashed = self.model_copy(update={"plan": self.plan.model_copy(update={"hash": digest})})
         # [plan] is the first table and `hash` is its only empty-string field named so:
         # the hashed TOML is the unhashed one with that line filled in.
         head, sep, tail = text.partition('\nhash = ""\n')
         if sep and head.startswith("[plan]") and "\n[" not in head:
-            _TOML[id(hashed)] = f'{head}\nhash = "{digest}"\n{tail}'
+            _TOML[id(hashed)] = f'{head}\nhash = "{digest}"\n{tail}{positions}'
             weakref.finalize(hashed, _TOML.pop, id(hashed), None)
         return hashed
 
@@ -655,7 +693,9 @@ class Plan(_Frozen):
         from meshctl.compiler.loader import no_gc
 
         with no_gc():
-            return cls.model_validate(tomllib.loads(text))
+            data = tomllib.loads(text)
+            _put_positions(data, data.pop("positions", None))
+            return cls.model_validate(data)
 
     @classmethod
     def read(cls, path: str | Path) -> Plan:
@@ -680,6 +720,75 @@ class Plan(_Frozen):
             raise OSError(err.errno, err.strerror, str(path)) from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+POSITIONS = "\n[positions]\n"
+"""The line that starts a plan text's unhashed tail (a value never starts a line with `[`)."""
+
+
+def hashed_text(text: str) -> str:
+    """A plan text without its `[positions]` table: what its hash covers (with the hash empty)."""
+    return text.partition(POSITIONS)[0]
+
+
+def _share_columns(plan: Plan, data: dict[str, Any]) -> None:
+    """Make the dumped columns of one PlanColumn object one dict, so that the TOML writer
+    formats each distinct column once (87,000 columns, 8 distinct, at the benchmark's full size)."""
+    shared: dict[int, Any] = {}
+    for item, dumped in zip([*plan.products, *plan.contracts], [*data.get("products", ()), *data.get("contracts", ())],
+                            strict=True):
+        if "columns" in dumped:
+            dumped["columns"] = [shared.setdefault(id(c), d) for c, d in zip(item.columns, dumped["columns"],
+                                                                              strict=True)]
+
+
+def _policy_label(policy: dict[str, Any]) -> str:
+    """A policy's name as its decisions give it: `name`, or `domain.name` for a domain-local one."""
+    return f"{policy['domain']}.{policy['name']}" if policy.get("domain") else policy["name"]
+
+
+def _take_positions(data: dict[str, Any]) -> dict[str, Any]:
+    """Remove every `at` from a plan's dumped data; return them as the `[positions]` table: lists
+    parallel to `policies`, `grants` and each contract's `quality` (only those with a position).
+    A decision's `at` is dropped when it is its policy's; any other is kept (and hashed)."""
+    positions: dict[str, Any] = {}
+    for section in ("policies", "grants"):
+        ats = [item.pop("at", "") for item in data.get(section, ())]
+        if any(ats):
+            positions[section] = ats
+    quality = [[rule.pop("at", "") for rule in contract.get("quality", ())]
+               for contract in data.get("contracts", ())]
+    if any(any(ats) for ats in quality):
+        positions["quality"] = quality
+    of_policy = {_policy_label(p): at for p, at in zip(data.get("policies", ()), positions.get("policies", ()),
+                                                        strict=False)}
+    for decision in data.get("decisions", ()):
+        if decision.get("at", "") == of_policy.get(decision["policy"], ""):
+            decision.pop("at", None)
+    return positions
+
+
+def _put_positions(data: dict[str, Any], positions: Any) -> None:
+    """Put the positions `_take_positions` took back into a plan's data (before validation);
+    a decision without its own `at` gets its policy's. A table of another shape is a ValueError."""
+    if positions is None:
+        return
+    if not isinstance(positions, dict) or not set(positions) <= {"policies", "grants", "quality"}:
+        raise ValueError("[positions] is not a table of policies, grants and quality")
+    for section in ("policies", "grants"):
+        for item, at in zip(data.get(section, ()), positions.get(section, ()), strict=False):
+            if isinstance(item, dict):
+                item["at"] = at
+    for contract, ats in zip(data.get("contracts", ()), positions.get("quality", ()), strict=False):
+        for rule, at in zip(contract.get("quality", ()) if isinstance(contract, dict) else (),
+                            ats if isinstance(ats, list) else (), strict=False):
+            if isinstance(rule, dict):
+                rule["at"] = at
+    of_policy = {_policy_label(p): p.get("at", "") for p in data.get("policies", ())
+                 if isinstance(p, dict) and isinstance(p.get("name"), str)}
+    for decision in data.get("decisions", ()):
+        if isinstance(decision, dict) and "at" not in decision and decision.get("policy") in of_policy:
+            decision["at"] = of_policy[decision["policy"]]
 
 
 def mlp_tensors(input_dim: int, hidden: list[int], output_dim: int) -> list[PlanTensor]:

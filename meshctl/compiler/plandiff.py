@@ -26,6 +26,7 @@ from meshctl.compiler.plan import (
     PlanContract,
     PlanJob,
     PlanPolicy,
+    hashed_text,
 )
 
 Action = Literal["+", "~", "-"]
@@ -129,9 +130,10 @@ def diff_plan_texts(old: str, new: str) -> list[Change]:
 
 
 def _blocks(text: str) -> tuple[str, list[tuple[str, str]]] | None:
-    """(head, [(section, block text)]) of a plan's TOML; None when it is not laid out as
-    meshctl writes it (a table outside its resource's block, a key not where meshctl
-    writes it, a resource named twice)."""
+    """(head, [(section, block text)]) of a plan's TOML, its `[positions]` left out (positions are
+    no change); None when it is not laid out as meshctl writes it (a table outside its
+    resource's block, a key not where meshctl writes it, a resource named twice)."""
+    text = hashed_text(text)
     starts = [(m.start(), m.group(1)) for m in _START.finditer(text)]
     if not starts:
         return text, []

@@ -269,6 +269,8 @@ def decide(policies: list[CompiledPolicy], resolution: Resolution, spec: MeshSpe
         if compiled.ok:
             by_scope.setdefault(compiled.policy.scope, []).append(compiled)
     decisions = []
+    replays = getattr(memo, "replays", False)  # a compile server's memo also keeps whole decisions
+    keys = {id(c): _replay_key(c, report) for c in policies if c.ok} if replays else {}
     for subject in subjects(resolution, spec, by_scope, splits):  # (no product policy: no product's variables)
         applicable = [c for c in by_scope.get(subject.scope, [])
                       if c.domain is None or c.domain in subject.domains]
@@ -277,11 +279,31 @@ def decide(policies: list[CompiledPolicy], resolution: Resolution, spec: MeshSpe
         variables = _Variables(subject, coordinator)
         if memo is not None:
             variables.memo = memo.values({subject.scope: subject.data, "coordinator": coordinator})
+        key: tuple | None = None
+        if replays and variables.memo is not None:
+            key = (variables.id, *(keys[id(c)] for c in applicable))  # (a tuple: never an expression text)
+            kept = variables.memo.get(key)
+            if kept is not None:
+                decisions += kept
+                continue
+        made_here, reported = [], len(report.diagnostics)
         for compiled in applicable:
             decision = _decide(compiled, subject, variables, report, file)
             if decision is not None:
-                decisions.append(decision)
+                made_here.append(decision)
+        if key is not None and len(report.diagnostics) == reported:  # (diagnostics are never replayed)
+            variables.memo[key] = made_here
+        decisions += made_here
     return sorted(decisions, key=lambda d: (d.subject, d.policy))
+
+
+def _replay_key(compiled: CompiledPolicy, report: Reporter) -> tuple:
+    """Everything of a policy a decision is made of, besides the subject and its variables."""
+    policy = compiled.policy
+    if compiled.at is None:
+        compiled.at = report.at(policy.path)
+    return (compiled.label, policy.scope, policy.when, policy.require, policy.effect, policy.message,
+            compiled.at)
 
 
 class _Variables:

@@ -9,6 +9,7 @@ the runtime's business.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -48,8 +49,10 @@ class SourceKind:
         return self.format in ("csv", "parquet")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def source_kind(source: str) -> SourceKind | None:
-    """The format and local path of `source`, or None when it is not supported."""
+    """The format and local path of `source`, or None when it is not supported (frozen: one
+    instance per text, as checks and the plan both ask, and a compile server asks every time)."""
     for prefix, fmt in URI_FORMATS.items():
         if source.startswith(prefix):
             return SourceKind(fmt, None if fmt == "postgresql" else source[len(prefix):])

@@ -36,6 +36,14 @@ OPERATORS = (
 Name = str
 
 
+TASK_METRICS = {"classification": ("loss", "accuracy", "auroc", "f1", "precision", "recall"),
+                "binary": ("loss", "accuracy", "auroc", "f1", "precision", "recall"),
+                "regression": ("loss", "mae", "rmse", "r2")}
+"""The evaluation metrics of each task (meshctl/runtime/kernels/metrics.py computes them)."""
+TASK_LOSSES = {"classification": ("cross_entropy",), "binary": ("bce",), "regression": ("mse", "mae", "huber")}
+"""The losses each task trains with (the first is the default)."""
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
                               populate_by_name=True)
@@ -599,8 +607,10 @@ class SplitPart(_Spec):
     key: str | None = None
     """The entity key column in this product (default: the split model's `key`); it may be a PII
     column: it is blinded for the private set intersection and never leaves the domain in clear."""
-    features: list[str]
-    """Numeric (int, float, bool) columns of the product this part's bottom model reads."""
+    features: list[str] = Field(default_factory=list)
+    """Numeric (int, float, bool) and category columns (one-hot over their values) of the product this
+    part's bottom model reads. Only the
+    label owner's part may read none, and only with `top: {at: coordinator}` (it then holds the label)."""
     bottom: SplitBottom = SplitBottom()
     """The bottom model, trained in the domain; it never leaves it."""
 
@@ -611,12 +621,16 @@ class SplitLabel(_Spec):
     product: str
     """`<domain>.<product>`: one of the parts' products; its domain runs the top model and the loss."""
     column: str
-    """A category column with declared values (one class each)."""
+    """A category column with declared values (one class each), or an int or float column (a regression)."""
 
 
 class SplitTop(_Spec):
-    """The top model, run by the label owner on the concatenated activations of all parts."""
+    """The top model, run by the label owner (or the coordinator) on the concatenated activations of all parts."""
 
+    at: str = "label_owner"
+    """Who runs the top model: `label_owner` (default: the label owner runs it and the loss) or
+    `coordinator` (it runs the top model; the label owner runs only the loss and returns the gradient
+    of the logits, which reveals the labels to the coordinator: warning MESH580). Other values: MESH578."""
     kind: Literal["mlp"] = "mlp"
     """Built-in family: `mlp`."""
     hidden: list[int] = Field(default_factory=list)
@@ -661,8 +675,9 @@ class SplitEvaluation(_Spec):
 
     holdout: float = Field(default=0.2, gt=0, lt=1)
     """Share of the agreed rows held out (a seeded split of the agreed order)."""
-    metrics: list[Literal["loss", "accuracy"]] | None = None
-    """Metrics reported each epoch (default: loss and accuracy)."""
+    metrics: list[Literal["loss", "accuracy", "mae", "rmse", "r2"]] | None = None
+    """Metrics reported each epoch (default: loss and accuracy; loss, mae, rmse and r2 for a
+    numeric label, a regression)."""
 
 
 class SplitModel(_Item):
@@ -681,6 +696,11 @@ class SplitModel(_Item):
     """One part per domain, at least two."""
     label: SplitLabel
     """The label column and the product (of a part) that holds it."""
+    loss: Literal["cross_entropy", "mse", "mae", "huber"] | None = None
+    """Training loss, as a model's `loss`: cross_entropy (a category label), mse (default), mae or
+    huber (an int or float label: a regression)."""
+    huber_delta: float | None = Field(default=None, gt=0)
+    """`loss: huber`: where the loss turns from quadratic to linear (default 1.0)."""
     top: SplitTop = SplitTop()
     """The top model."""
     activations: SplitActivations = SplitActivations()

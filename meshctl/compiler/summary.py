@@ -11,8 +11,16 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def render_plan_summary(plan: Plan) -> str:
-    """Jobs, analyses, grants, policies and policy decisions with positions."""
+LISTED = 20
+"""`decisions="auto"` lists every decision of a plan with at most this many, else summarises."""
+
+
+def render_plan_summary(plan: Plan, decisions: str = "auto") -> str:
+    """Jobs, analyses, grants, policies and policy decisions with positions.
+
+    `decisions`: `all` lists every decision; `summary` counts them per policy and effect and
+    lists only the denies and warns (100,000 decisions at full size: one line per policy
+    instead); `auto` is `all` up to LISTED decisions, else `summary`."""
     head = plan.plan
     counts = [_count(len(plan.domains), "domain", "domains"),
               _count(len(plan.products), "product", "products"),
@@ -25,27 +33,59 @@ def render_plan_summary(plan: Plan) -> str:
              f"protocol {head.protocol_version}): {', '.join(counts)}")
     lines = [title]
     lines += _jobs(plan) + _splits(plan) + _analyses(plan) + _grants(plan) + _policies(plan)
-    if plan.decisions:
+    if plan.decisions and (decisions == "all" or decisions == "auto" and len(plan.decisions) <= LISTED):
         lines.append("  policy decisions:")
         width = max(len(d.policy) for d in plan.decisions)
         for d in plan.decisions:
             lines.append(f"    {d.effect:<5} {d.policy:<{width}}  {d.subject}: {d.reason} "
                          f"({d.at})")
+    elif plan.decisions:
+        lines += _decision_summary(plan)
     return "\n".join(lines)
+
+
+EFFECTS = ("allow", "warn", "deny")
+
+
+def _decision_summary(plan: Plan) -> list[str]:
+    """`policy decisions: N (a allow, w warn, d deny)`, one line per policy with its counts and
+    position, then every warn and deny decision (as `--decisions all` writes it)."""
+    counts: dict[str, dict[str, int]] = {}
+    at: dict[str, str] = {}
+    for d in plan.decisions:
+        per = counts.setdefault(d.policy, dict.fromkeys(EFFECTS, 0))
+        per[d.effect] += 1
+        at.setdefault(d.policy, d.at)
+    total = {e: sum(c[e] for c in counts.values()) for e in EFFECTS}
+    lines = [f"  policy decisions: {len(plan.decisions):,} ("
+             + ", ".join(f"{total[e]:,} {e}" for e in EFFECTS if total[e]) + "); "
+             "`--decisions all` lists each"]
+    width = max(len(p) for p in counts)
+    for policy, per in sorted(counts.items()):
+        tally = ", ".join(f"{per[e]:,} {e}" for e in EFFECTS if per[e])
+        lines.append(f"    {policy:<{width}}  {tally}" + (f" ({at[policy]})" if at[policy] else ""))
+    flagged = [d for d in plan.decisions if d.effect != "allow"]
+    if flagged:
+        width = max(len(d.policy) for d in flagged)
+        lines += [f"    {d.effect:<5} {d.policy:<{width}}  {d.subject}: {d.reason} ({d.at})" for d in flagged]
+    return lines
 
 
 def _splits(plan: Plan) -> list[str]:
     """One line per split model: its parts (domain: features -> activation width), its top and label owner."""
     lines = []
     for s in plan.split_models:
-        parts = ", ".join(f"{p.domain} {len(p.features)}→{p.out}"
+        parts = ", ".join((f"{p.domain} {p.input_width}→{p.out}" if p.features else f"{p.domain} label only")
                           + (f" [{label(p.architecture)}]" if p.architecture is not None else "") for p in s.parts)
-        top = "→".join(str(d) for d in [sum(p.out for p in s.parts), *s.top_hidden, len(s.classes)])
+        top = "→".join(str(d) for d in [sum(p.out for p in s.parts), *s.top_hidden, len(s.classes) or 1])
         if s.top_architecture is not None:
             top += f" [{label(s.top_architecture)}]"
         shield = [f"{k} {v:g}" for k, v in (("clip", s.clip), ("noise", s.noise)) if v is not None]
-        lines.append(f"  split model {s.name}: parts {parts}; top {top} at {s.label_domain} "
-                     f"(label {s.label_column}); activations {', '.join(shield) or 'in clear'}; {s.epochs} epochs")
+        task = f", regression ({s.loss or 'mse'})" if s.task == "regression" else ""
+        at = f"at {s.label_domain}" if s.top_at is None else "at the coordinator"
+        task += f", loss at {s.label_domain}" if s.top_at is not None else ""
+        lines.append(f"  split model {s.name}: parts {parts}; top {top} {at} "
+                     f"(label {s.label_column}{task}); activations {', '.join(shield) or 'in clear'}; {s.epochs} epochs")
     return lines
 
 

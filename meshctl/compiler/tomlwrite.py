@@ -12,7 +12,9 @@ so that a plan's bytes (and so its hash) do not depend on which writer wrote it:
 
 What makes it faster: a string with nothing to escape (almost all) is quoted without a
 per-character loop, keys are checked once per distinct key, and an inline table is
-rendered once. tests/compiler/test_plan_split.py compares it with tomli-w.
+rendered once; so is a nested array's table that is the same dict object under the same
+name (a plan's shared columns: `Plan.to_toml` dumps each distinct column once).
+tests/compiler/test_plan_split.py compares it with tomli-w.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class _Writer:
         self.inline: dict[int, str] = {}
         self.strings: dict[str, str] = {}
         self.prefixes: dict[str, str] = {}
+        self.tables: dict[tuple[int, str], list[str]] = {}
+        """Lines of nested array tables by (id of the dict, name); `data` keeps the dicts alive."""
 
     def string(self, s: str) -> str:
         out = self.strings.get(s)
@@ -105,6 +109,18 @@ class _Writer:
         return out
 
     def table(self, table: dict[str, Any], name: str, in_array: bool, out: list[str]) -> None:
+        if in_array and "." in name:  # a nested array's table: the same dict again is the same text
+            done = self.tables.get((id(table), name))
+            if done is not None:
+                out += done
+                return
+            start = len(out)
+            self._table(table, name, in_array, out)
+            self.tables[id(table), name] = out[start:]
+            return
+        self._table(table, name, in_array, out)
+
+    def _table(self, table: dict[str, Any], name: str, in_array: bool, out: list[str]) -> None:
         literals: list[str] = []
         tables: list[tuple[str, Any, bool]] = []
         prefixes, strings = self.prefixes, self.strings

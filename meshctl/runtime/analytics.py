@@ -132,6 +132,31 @@ def _metric_values(analysis: PlanAnalysis, by_metric: dict[str, list[Statistic]]
     return out
 
 
+def _expanded(head: list[str], rows: list[list[str]], keys: int, width: int) -> str:
+    """One block per group: a `-[ key=value ... ]-` rule, then a `name  value` line per metric (a value
+    too long for `width` goes on under the name, indented, cut at its spaces)."""
+    name_w = max(len(h) for h in head[keys:])
+    rule = min(width, name_w + 2 + max((len(v) for row in rows for v in row[keys:]), default=0))
+    out: list[str] = []
+    for row in rows:
+        title = " ".join(f"{h}={v}" for h, v in zip(head[:keys], row[:keys])) or "all"
+        out.append(f"-[ {title} ]".ljust(rule, "-"))
+        for h, v in zip(head[keys:], row[keys:]):
+            if name_w + 2 + len(v) <= width:
+                out.append(f"{h.ljust(name_w)}  {v}")
+                continue
+            out.append(h)
+            line = ""
+            for word in v.split(" "):
+                if line and 4 + len(line) + 1 + len(word) > width:
+                    out.append("    " + line)
+                    line = word
+                else:
+                    line = f"{line} {word}" if line else word
+            out.append("    " + line)
+    return "\n".join(out)
+
+
 def _num(x: float, exact: bool) -> float | int:
     return round(x) if exact else float(x)
 
@@ -143,14 +168,19 @@ def _finite(x: float) -> float | None:
 # -- rendering --------------------------------------------------------------------
 
 
-def render_result(result: dict[str, Any]) -> str:
-    """The result as a text table: one row per group, one column per metric."""
+def render_result(result: dict[str, Any], width: int | None = None) -> str:
+    """The result as a text table: one row per group, one column per metric. When the table is wider
+    than `width` (the terminal's), each group is a block of `name  value` lines instead (psql's
+    expanded display, `\\x auto`); `width` None: always the table (a pipe, a file)."""
     head = [*result["group_by"], *result["metrics"], "domains"]
     rows = []
     for g in result["groups"]:
         rows.append([*(str(g["key"][c]) for c in result["group_by"]),
                      *(cell(g["values"][m]) for m in result["metrics"]), str(len(g["domains"]))])
-    lines = [format_table(head, rows, upper=False)]
+    table = format_table(head, rows, upper=False)
+    if width is not None and max(map(len, table.splitlines()), default=0) > width:
+        table = _expanded(head, rows, len(result["group_by"]), width)
+    lines = [table]
     sup = result["suppressed"]
     held = sum(sup["by_domain"].values())
     lines.append(f"{len(result['groups'])} groups; suppressed: {held} in domains, {sup['merged']} after merging"

@@ -205,8 +205,11 @@ def read_manifest(run_dir: Path) -> RunManifest:
 
 
 def plan_hash_of(path: Path) -> tuple[str, str]:
-    """(hash recorded in a plan.toml's [plan] table, hash recomputed from its bytes)."""
-    text = path.read_text(encoding="utf-8")
+    """(hash recorded in a plan.toml's [plan] table, hash recomputed from its bytes; the trailing
+    `[positions]` table is not hashed)."""
+    from meshctl.compiler.plan import hashed_text
+
+    text = hashed_text(path.read_text(encoding="utf-8"))
     section = re.search(r"^\[plan\]\n(?:(?!\[).*\n)*", text, re.MULTILINE)
     found = section and re.search(r'^hash = "(sha256:[0-9a-f]+)"$', section.group(0), re.MULTILINE)
     if not section or not found:

@@ -180,12 +180,21 @@ def _split(split: Any, events: list[dict[str, Any]]) -> dict[str, Any]:
         "parts": [{"domain": p.domain, "product": p.product, "contract": p.contract, "features": p.features}
                   for p in split.parts],
         "label": {"domain": split.label_domain, "product": split.label_product, "column": split.label_column},
+        "top_at": split.top_at or "label_owner",
         "intersection": shared.get("size"),
+        "epochs_planned": split.epochs,
+        "epochs_completed": len({e.get("round") for e in find_events(events, "round_completed", job=split.name)}),
         "status": "completed" if done else "failed" if failed else "not started" if started is None else "stopped",
         "reason": (failed or {}).get("reason", ""),
         "metrics": (done or {}).get("metrics", {}),
         "model": (done or {}).get("model_path", ""),
     }
+
+
+def _epochs(split: dict[str, Any]) -> str:
+    """A split model's cell of the rounds column: `30 epochs` when all ran, else `12/30 epochs`."""
+    done, planned = split.get("epochs_completed", 0), split.get("epochs_planned", 0)
+    return f"{done} epochs" if done == planned else f"{done}/{planned} epochs"
 
 
 def contract_version(plan: Any, contract_id: str) -> str:
@@ -405,7 +414,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "split model",
                 s["purpose"],
                 s["status"] + (f": {s['reason']}" if s["reason"] else ""),
-                "—",
+                _epochs(s),
                 [p["domain"] for p in s["parts"]],
                 [p["product"] for p in s["parts"]],
                 s["metrics"],

@@ -28,6 +28,7 @@ on a new socket, and serves run after run.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import sys
@@ -188,7 +189,12 @@ class Daemon:
             con.execute(f"SET threads TO {max(1, self.cfg.threads)}")
             for product in plan.products:
                 if product.domain == me:
-                    self.rows[product.id] = count_rows(product, self.cfg.base_dir, con)
+                    try:
+                        self.rows[product.id] = count_rows(product, self.cfg.base_dir, con)
+                    except DataError:  # read by split parts only: the job refuses it when it starts (data)
+                        if any(r.product == product.id for j in [*plan.jobs, *plan.analyses] for r in j.reads) or not any(
+                                p.product == product.id for s in plan.split_models for p in s.parts):
+                            raise
             self.govern(con=con)
             self._load_held_out(con)
             for job in plan.jobs:
@@ -458,6 +464,8 @@ class Daemon:
                     raise UserError(f"coordinator refused domain {self.cfg.domain!r}: {msg.reason}")
                 elif isinstance(msg, wire.Shutdown):
                     say(f"coordinator said shutdown: {msg.reason or 'no reason given'}")
+                    if msg.completed:
+                        self._drop_state()
                     return 0
                 else:
                     self._dispatch(sock, msg, tensors)
@@ -555,6 +563,7 @@ class Daemon:
             if shared is not None:
                 self._send(sock, shared)
             if not isinstance(shared, wire.ErrorReply):
+                _slow_down()  # (a test hook; a no-op unless set)
                 reply, update = self._train(msg, tensors)
                 self._send(sock, reply, update)
                 say(_trained(msg, reply))
@@ -574,11 +583,18 @@ class Daemon:
         else:
             kind = getattr(msg, "type", type(msg).__name__)
             self._send(sock, wire.ErrorReply(code="unexpected", reason=f"a daemon does not serve {kind}"))
-        self.state = "idle"
+        splits = getattr(self, "splits", None)  # inside a split job (its intersection to its `finish`): busy
+        self.state = "training" if splits is not None and splits.jobs else "idle"  # between its steps too
 
     def _split(self, sock: zmq.Socket, msg: wire.SplitIns, tensors: wire.Tensors) -> None:
         """Serve one split-learning step (meshctl.runtime.domain.split); a failure is one ErrorReply line."""
-        from meshctl.runtime.domain.split import SplitDomain, SplitError
+        from meshctl.runtime.domain.split import (
+            SplitDenied,
+            SplitDomain,
+            SplitError,
+            SplitFailed,
+            SplitResumeRefused,
+        )
         from meshctl.runtime.psi import PsiError
 
         if msg.job in self.refused:  # decided before Hello (governance.evaluate_split): no data is read
@@ -588,10 +604,25 @@ class Daemon:
         if getattr(self, "splits", None) is None:
             self.splits = SplitDomain(self.cfg.plan, self.cfg.domain, self.cfg.base_dir, self.cfg.run)
         try:
-            replies = self.splits.handle(msg, tensors)
+            try:
+                replies = self.splits.handle(msg, tensors)
+            except Exception:  # the job fails with this step: this domain is in it no longer (idle)
+                self.splits.jobs.pop(msg.job, None)
+                raise
         except DataError as err:  # a `data` denial, as a federated job's at join (coordinator/split.data_refused)
             print(f"split job {msg.job}: {err.local()}", flush=True)  # the detail stays in the domain's log
             self._send(sock, wire.ErrorReply(code="split-data", reason=err.message[:4096], job=msg.job))
+            return
+        except SplitDenied as err:  # its own round policy (runtime.split_rounds): the job fails, as a federated round's
+            print(f"refused: split job {msg.job}: {err}", file=sys.stderr, flush=True)
+            self._send(sock, wire.ErrorReply(code=f"policy:{err.policy}"[:64], reason=str(err)[:4096], job=msg.job,
+                                             round=err.epoch))
+            return
+        except SplitResumeRefused as err:  # its state cannot be taken up: a refusal (coordinator/split), not lost
+            self._send(sock, wire.ErrorReply(code="split-refused", reason=str(err)[:4096], job=msg.job))
+            return
+        except SplitFailed as err:  # its numbers diverged: the job fails (coordinator/split.step_failed), not lost
+            self._send(sock, wire.ErrorReply(code="split-failed", reason=f"split job {msg.job}: {err}", job=msg.job))
             return
         except (SplitError, PsiError, ValueError, RuntimeError, KeyError) as err:  # a malformed or out-of-order step
             self._send(sock, wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))
@@ -755,9 +786,12 @@ class Daemon:
         examples = st.data.n_train if isinstance(st.data, StreamData) else len(st.data.y_train)
         res = wire.TrainRes(job=ins.job, round=ins.round, examples=examples, loss=loss,
                             seconds=seconds, charges=charges, attempt=ins.attempt)
-        if st.job.privacy.client_dp is not None:
-            return self._client_update(st, ins, res, update)
-        if st.job.privacy.secure_aggregation:
+        if st.job.privacy.client_dp is not None or st.job.privacy.secure_aggregation:
+            kept = self._keep_state(st, ins.round)  # (local layers: before the update leaves)
+            if kept is not None:
+                return kept, None
+            if st.job.privacy.client_dp is not None:
+                return self._client_update(st, ins, res, update)
             masked = self._masked(st, ins, update, examples)
             if isinstance(masked, wire.ErrorReply):
                 return masked, None
@@ -767,7 +801,7 @@ class Daemon:
         elif uses_control(st.job):
             sent = {**update, **_controlled(st, update, examples)}
         else:
-            return res, update
+            sent = update
         kept = self._keep_state(st, ins.round)  # (before the update leaves: a resume finds it)
         return (res, sent) if kept is None else (kept, None)
 
@@ -781,12 +815,28 @@ class Daemon:
             return None
         directory = state.job_dir(self.cfg.base_dir, self.cfg.run, self.cfg.domain, st.job.name)
         try:
-            state.save(directory, rnd, st.control, st.residual)
+            state.save(directory, rnd, st.control, st.residual, state.local_state(st.model, st.job))
         except OSError as err:
             reason = f"cannot keep the state of job {st.job.name} round {rnd}: {err.strerror or 'write failed'}"
             say(f"{reason} ({directory}: {err})")
             return wire.ErrorReply(code="refused", reason=reason, job=st.job.name, round=rnd)
         return None
+
+    def _drop_state(self) -> None:
+        """The run completed (it will not be resumed): delete the state this domain kept to resume it
+        (`.meshctl/state/<run>/<domain>/`); its outputs (personal models, split bottom models) stay."""
+        import shutil
+
+        from meshctl.runtime.domain import split_state, state
+
+        if not self.cfg.run:
+            return
+        split_state.drop(self.cfg.base_dir, self.cfg.run, self.cfg.domain)  # (a split job's epochs)
+        mine = state.job_dir(self.cfg.base_dir, self.cfg.run, self.cfg.domain, "x").parent
+        if mine.is_dir():
+            shutil.rmtree(mine, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the run's directory, once no domain of this host has any
+                mine.parent.rmdir()
 
     def _restore_state(self, st: _JobState, rnd: int) -> wire.ErrorReply | None:
         """Before training round `rnd`: take up the state this domain kept after its last round before
@@ -798,7 +848,7 @@ class Daemon:
 
         if not state.carried(st.job) or 0 < st.state_round < rnd:  # (memory holds it)
             return None
-        if rnd == 1:  # (the job starts again from its first round: zero)
+        if rnd == 1:  # (the job starts again from its first round: zero; local layers as initialised)
             st.state_round, st.control, st.residual = 0, {}, {}
             return None
         directory = state.job_dir(self.cfg.base_dir, self.cfg.run, self.cfg.domain, st.job.name)
@@ -810,9 +860,15 @@ class Daemon:
             problem, here = f"no state of a round before {rnd} kept", str(directory)
         if found is not None:
             st.state_round, st.control, st.residual = rnd - 1, found[1], found[2]
+            if found[3]:  # personalisation's local layers, as this domain had trained them
+                st.model.load_state_dict(found[3], strict=False)
             say(f"job {st.job.name}: took up the state this domain kept after round {found[0]}")
             return None
         st.state_round, st.control, st.residual = rnd - 1, {}, {}
+        if not uses_control(st.job) and st.job.compression is None:  # local layers alone
+            say(f"job {st.job.name}: {problem} ({here}): its local layers start again from their initial "
+                f"values at round {rnd}")
+            return None
         if uses_control(st.job) and st.job.sampling is None:
             reason = f"cannot restore the SCAFFOLD control variate of job {st.job.name} before round {rnd}: {problem}"
             say(f"{reason} ({here})")
@@ -1203,6 +1259,19 @@ def _sign_flipped(domain: str, update: dict[str, torch.Tensor], weights: wire.Te
         return update
     s = float(scales[domain])
     return {k: w - s * (u - w) if (w := weights.get(k)) is not None else u for k, u in update.items()}
+
+
+SLOW_TRAIN_ENV = "MESHCTL_TEST_SLOW_TRAIN_S"
+"""Tests only: seconds a daemon waits before it trains each round, as a slow domain would. A test
+that needs a run to stay live (to stop it, signal it, ask its status) sets it, so that the run's
+rounds do not take the CPU the test's own commands need (docs/ci.md)."""
+
+
+def _slow_down() -> None:
+    """Wait MESHCTL_TEST_SLOW_TRAIN_S seconds when it is set."""
+    pause = float(os.environ.get(SLOW_TRAIN_ENV) or 0)
+    if pause > 0:
+        time.sleep(pause)
 
 
 def _trained(ins: wire.TrainIns, reply: object) -> str:

@@ -492,9 +492,14 @@ def load_keyed(product: PlanProduct, base_dir: Path, key: str, columns: Sequence
             have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
         except duckdb.Error:
             have = {key}
+        shown = "its postgresql table" if product.format == "postgresql" else product.source
         if key not in have:  # the key may be PII, which read_error does not look for
-            shown = "its postgresql table" if product.format == "postgresql" else product.source
             raise DataError(f"{product.id}: key column {key} is not in {shown}", detail=str(err),
+                            where=str(_where(product, base_dir))) from None
+        absent = [c for c in columns if c not in have]
+        if absent:  # a feature or the label: as the key, a data refusal naming the column
+            raise DataError(f"{product.id}: column{'s' if len(absent) > 1 else ''} {', '.join(absent)} "
+                            f"{'are' if len(absent) > 1 else 'is'} not in {shown}", detail=str(err),
                             where=str(_where(product, base_dir))) from None
         raise read_error(con, product, base_dir, err, [key, *columns]) from None
     for i, name in enumerate([key, *columns]):

@@ -10,6 +10,7 @@ as one human line.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -649,3 +650,25 @@ def read_events(path: str) -> list[Event]:
     """Every event of an `events.jsonl` file, in order."""
     with open(path, encoding="utf-8") as f:
         return [parse_event(line) for line in f if line.strip()]
+
+
+def in_epochs(event: Event, line: str, epochs: Collection[str]) -> str:
+    """`line` (the event's message, or a line made of it) with the rounds of the `epochs` jobs (split
+    models: their `round_*` events are epochs) called epochs: `job m started: 3 participants, 30 epochs`,
+    `m  epoch   3/30`, `job m epoch 61 started`, `failed in epoch 3`, `resumed (...): m after epoch 16`."""
+    if isinstance(event, RunResumed):
+        for job in epochs:
+            line = line.replace(f"{job} after round ", f"{job} after epoch ")
+        return line
+    job = getattr(event, "job", None)
+    if job not in epochs:
+        return line
+    if isinstance(event, (JobStarted, JobCompleted)):
+        return line.replace(f" {event.rounds} rounds", f" {event.rounds} epochs", 1)
+    if isinstance(event, RoundCompleted):  # a headless line (`m  round`) or the message (`job m round`)
+        return line.replace(f"{job}  round ", f"{job}  epoch ", 1).replace(f"job {job} round ", f"job {job} epoch ", 1)
+    if isinstance(event, JobFailed):  # the epoch that was running; 0: the join, the intersection or the resume
+        where = f"in epoch {event.round}" if event.round else "before epoch 1"
+        return line.replace(f" failed in round {event.round}:", f" failed {where}:", 1)
+    number = getattr(event, "round", None)
+    return line.replace(f"job {job} round {number}", f"job {job} epoch {number}", 1) if number else line

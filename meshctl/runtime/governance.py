@@ -420,7 +420,8 @@ class RoundGate:
     def _round(self, number: int, participants: list[str], updates: list[RoundUpdate],
                epsilon_spent: float) -> dict[str, Any]:
         job = self.job
-        return {
+        return {  # (`kind`, `batch`, `activations`, `gradients`: as a split job's round has them, split_rounds)
+            "kind": "federated", "batch": 0, "activations": [], "gradients": [],
             "job": job.name, "number": number, "rounds": job.training.rounds,
             "participants": list(participants), "epsilon_spent": float(epsilon_spent),
             "updates": [{"domain": u.domain, "examples": u.examples, "loss": float(u.loss),

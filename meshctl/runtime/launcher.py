@@ -299,10 +299,18 @@ class LocalRun:
             self.stop()
             return self.proc.wait()
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the coordinator (it shuts its daemons down), SIGKILL the group after `grace_s`."""
+    def stop(self, grace_s: float = 10.0, signum: int = 0) -> None:
+        """SIGTERM the coordinator (it shuts its daemons down), SIGKILL the group after `grace_s`; `signum`: the
+        signal the user sent `up` (Ctrl-C's SIGINT), which the run's reason names (`stopped by SIGINT`)."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        if signum:  # (the coordinator's reason is the stop file's, as for `meshctl stop`)
+            from meshctl.runtime.run import STOP_FILE
+
+            try:
+                (self.m.path / STOP_FILE).write_text(f"stopped by {signal.Signals(signum).name}\n", encoding="utf-8")
+            except OSError:  # (the coordinator then names the SIGTERM it got)
+                pass
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(grace_s)
@@ -376,7 +384,6 @@ def resume_run(spec: str, mesh_file: Path, coordinator_key: Path | None = None) 
     still live (a process holds its lock), one that never started, and analysis runs.
     """
     from meshctl.runtime.audit import show_path
-    from meshctl.runtime.coordinator.split import unfinished_split
     from meshctl.runtime.run import STOP_FILE, resolve_run
 
     remove_dead_secrets(state_dir(mesh_file) / "runs")
@@ -395,10 +402,6 @@ def resume_run(spec: str, mesh_file: Path, coordinator_key: Path | None = None) 
     if m.analysis:
         raise UserError(f"run {m.run} is an analysis: it cannot be resumed (its ε would be charged twice)",
                         where=where, hint=f"run `meshctl analyze {m.analysis}` again")
-    split = unfinished_split(run_dir)
-    if split is not None:
-        raise UserError(f"run {m.run} holds split job {split}, which keeps no checkpoints: it cannot be resumed",
-                        where=where, hint="start a new run with `meshctl up`")
     fd = claim_run(run_dir)
     if fd is None:  # it came alive just now (another `meshctl resume`)
         raise UserError(f"run {m.run} is still running", where=where,
@@ -494,9 +497,34 @@ def domain_lines(event: ev.JobCompleted) -> list[str]:
             for domain, values in event.domain_metrics.items()]
 
 
-def headless_lines(events: Iterable[ev.Event]) -> Iterator[str]:
+def epoch_jobs(run_dir: str | Path) -> frozenset[str]:
+    """The run's split jobs (its plan's `split_models`), whose rounds are epochs: the headless lines and
+    the summary say `epoch` for them (the event stays `round_completed`); empty without a readable plan."""
+    try:
+        return frozenset(s.name for s in Plan.read(Path(run_dir) / "plan.toml").split_models)
+    except (OSError, ValueError):
+        return frozenset()
+
+
+def short(value: float) -> str:
+    """A metric of an epoch line in at most 5 significant digits (4 decimals below 10): a regression's
+    losses in the thousands keep one epoch on one line of 120 columns."""
+    size = abs(value)
+    return f"{value:.{4 if size < 10 else 3 if size < 100 else 2 if size < 1000 else 1 if size < 10000 else 0}f}"
+
+
+def epoch_line(event: ev.RoundCompleted) -> str:
+    """A split job's headless line of one epoch: no participants (every part, always), short numbers,
+    and the bytes the coordinator received and sent in one figure."""
+    return fit([f"{event.job}  epoch {event.round:>3}/{event.rounds}", f"train_loss {short(event.train_loss)}",
+                *(f"{k} {short(v)}" for k, v in event.metrics.items()),
+                f"in+out {human_bytes(event.bytes_in + event.bytes_out)}", f"{event.seconds:.3f}s"])
+
+
+def headless_lines(events: Iterable[ev.Event], epochs: frozenset[str] = frozenset()) -> Iterator[str]:
     """The headless lines of `events`: `render_event`'s, with a product's passed quality checks in one
-    line (`PRODUCT: N quality checks passed`); a failed check keeps its own line."""
+    line (`PRODUCT: N quality checks passed`); a failed check keeps its own line. The rounds of the
+    `epochs` jobs (split jobs: `epoch_jobs`) are called epochs."""
     passed: dict[str, int] = {}
 
     def counted() -> Iterator[str]:
@@ -509,7 +537,10 @@ def headless_lines(events: Iterable[ev.Event]) -> Iterator[str]:
             continue
         if not isinstance(event, ev.ContractChecked):  # the checks' run is over: their counts
             yield from counted()
-        line = render_event(event)
+        split = isinstance(event, ev.RoundCompleted) and event.job in epochs
+        line = epoch_line(event) if split else render_event(event)
+        if line and epochs:
+            line = ev.in_epochs(event, line, epochs)
         if line:
             yield line
     yield from counted()
@@ -588,7 +619,7 @@ def interrupted(run: LocalRun, signum: int, echo) -> RunResult:
     """Stop the run in order after `signum` reached `up`; the result carries the signal."""
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     echo(f"stopping the run ({name})...")
-    run.stop()
+    run.stop(signum=signum)
     result = run.finish()
     return RunResult(False, result.run_dir, f"interrupted by {signal.Signals(signum).name}", result.events,
                      signal=signum)
@@ -599,7 +630,7 @@ def run_headless(run: LocalRun, echo) -> RunResult:
     started = time.time()
     try:
         with stop_on_signals():
-            for line in headless_lines(run.follow()):
+            for line in headless_lines(run.follow(), epoch_jobs(run.m.path)):
                 echo(line)
     except KeyboardInterrupt as err:
         return interrupted(run, getattr(err, "signum", signal.SIGINT), echo)
@@ -617,12 +648,14 @@ def summary_lines(result: RunResult) -> list[str]:
     events = result.events or tuple(_read_log(result.run_dir / EVENTS_FILE))
     lines: list[str] = []
     resumed: dict[str, int] = {}
+    epochs = epoch_jobs(result.run_dir)
     for e in events:
         if isinstance(e, ev.RunResumed):  # its seconds count from the resume: say so
             resumed.update(e.rounds)
         if isinstance(e, ev.JobCompleted):
-            after = f" (resumed after round {resumed[e.job]})" if e.job in resumed else ""
-            lines += fit([f"job {e.job}: {e.rounds} rounds{after} in {e.seconds:.2f}s",  # a long path: on a line
+            unit = "epochs" if e.job in epochs else "rounds"
+            after = f" (resumed after {unit[:-1]} {resumed[e.job]})" if e.job in resumed else ""
+            lines += fit([f"job {e.job}: {e.rounds} {unit}{after} in {e.seconds:.2f}s",  # a long path: on a line
                           *(f"{k} {v:.4f}" for k, v in e.metrics.items()),     # of its own, in 120
                           f"model {result.run_dir / e.model_path}"]).splitlines()
             lines += evaluation_lines(list(events), e.job, result.run_dir)

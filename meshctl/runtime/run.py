@@ -10,6 +10,7 @@
       domain_metrics.csv   one row per evaluating domain per round (docs/evaluation.md)
       checkpoints/<job>/round-NNNN.safetensors
       checkpoints/<job>/state/round-NNNN.safetensors   what the job carries across rounds (a resume restores it)
+      checkpoints/<split job>/round-NNNN.safetensors   a split job's resume point after epoch NNNN (metadata only)
       models/<job>.safetensors
       run.lock          held (flock, shared) by every process of a live run; free once it is over
       detached          written by `meshctl up` when the user leaves the run going in the background
@@ -300,6 +301,12 @@ class JobProgress:
     """The last round's evaluation."""
     detail: str = ""
     """Why it failed, or what it waits for."""
+    unit: str = "round"
+    """`epoch` for a split job, whose rounds are epochs (its events stay `round_completed`)."""
+
+
+REFUSING = ("data", "resume")
+"""Runtime `deny` decisions by which a domain refuses a job itself (its data; a split job's state to resume)."""
 
 
 @dataclass
@@ -399,6 +406,8 @@ class RunDir:
         elif self.plan is not None:
             for job in self.plan.jobs:
                 jobs[job.name] = JobProgress(job.name, rounds=job.training.rounds)
+            for split in self.plan.split_models:
+                jobs[split.name] = JobProgress(split.name, rounds=split.epochs, unit="epoch")
         for e in self.events:
             if isinstance(e, ev.RunStarted):
                 for name in e.jobs:
@@ -417,6 +426,8 @@ class RunDir:
                 job.detail = f"round {e.round} re-run (attempt {e.attempt}): {', '.join(e.domains)} back"
             elif isinstance(e, (ev.RoundStarted, ev.AnalysisStarted)):
                 job.state, job.detail = ("analyzing" if isinstance(e, ev.AnalysisStarted) else "training"), ""
+            elif isinstance(e, ev.IntersectionComputed):  # only a split job intersects
+                job.unit = "epoch"
             elif isinstance(e, ev.RoundCompleted):
                 job.done, job.rounds, job.metrics = e.round, e.rounds, dict(e.metrics)
             elif isinstance(e, ev.JobCompleted):
@@ -446,14 +457,20 @@ class RunDir:
                     if d.state == "missing":
                         d.reason = f"awaited for {e.waited_s:.0f}s" + (
                             f": {e.commands[n]}" if n in e.commands else "")
+            if isinstance(e, ev.PolicyDecided) and e.domain and e.effect == "deny" and e.policy in REFUSING:
+                d = states.setdefault(e.domain, DomainState(e.domain))  # it refused its own data (the dashboard's too)
+                d.state, d.reason = "refused", f"{e.policy}: {e.reason}"
+                continue
             name = getattr(e, "domain", None) if not isinstance(e, ev.PolicyDecided) else None
             if not isinstance(name, str) or not name or isinstance(e, (ev.ProductListed, ev.ContractChecked)):
                 continue
             d = states.setdefault(name, DomainState(name))
             if isinstance(e, ev.DomainJoined):
                 d.state, d.reason, d.pid, d.last_seen = "connected", "", e.pid, e.ts
+            elif isinstance(e, ev.DomainLost) and e.cause == "data refused":  # its daemon could not start on its data
+                d.state, d.reason = "refused", f"data: {e.reason}"
             elif isinstance(e, ev.DomainLost):
-                d.state, d.reason = "lost", f"{e.cause}: {e.reason}" if e.cause else e.reason
+                d.state, d.reason = "lost", e.reason if e.cause in e.reason else f"{e.cause}: {e.reason}"
             elif isinstance(e, ev.DomainRejoined):
                 d.state, d.reason, d.pid, d.last_seen = "connected", "", e.pid or d.pid, e.ts
             elif isinstance(e, ev.DomainRefused):

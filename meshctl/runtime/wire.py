@@ -275,6 +275,8 @@ class Shutdown(_Msg):
 
     type: Literal["shutdown"] = "shutdown"
     reason: str = ""
+    completed: bool = False
+    """The run completed: nothing of it will be resumed, so a domain drops the state it kept for that."""
 
 
 Message = Annotated[
@@ -548,8 +550,8 @@ TrainRes.model_rebuild()  # LedgerCharge is defined below TrainRes
 
 
 SplitStep = Literal["psi_start", "psi_answer", "psi_reply", "psi_held", "psi_order", "forward", "top",
-                    "backward", "eval", "eval_top", "finish"]
-"""What a SplitIns asks (docs/split-learning.md has the sequence)."""
+                    "backward", "eval", "eval_top", "finish", "keep", "restore", "loss", "eval_loss"]
+"""What a SplitIns asks (docs/split-learning.md has the sequence; `keep` and `restore`: a resumable job)."""
 
 
 class SplitIns(_Msg):
@@ -575,7 +577,7 @@ class SplitRes(_Msg):
     type: Literal["split_res"] = "split_res"
     job: str = Field(max_length=256)
     step: Literal["ready", "psi_request", "psi_answer", "psi_held", "psi_order", "aligned", "acts", "grads",
-                  "eval_acts", "metrics", "saved"]
+                  "eval_acts", "metrics", "saved", "logit_grads", "kept", "restored"]
     epoch: int = Field(default=0, ge=0)
     batch: int = Field(default=0, ge=0)
     peer: str = Field(default="", max_length=128)

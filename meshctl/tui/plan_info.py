@@ -30,6 +30,7 @@ def seed(state: MeshState, plan: Plan | None) -> MeshState:
     for split in plan.split_models:
         state.reads[f"model {split.name}"] = [p.product for p in split.parts]
         state.planned_rounds[split.name] = split.epochs
+        state.epochs.add(split.name)
     for analysis in plan.analyses:
         state.reads[f"analysis {analysis.name}"] = [r.product for r in analysis.reads]
     return state

@@ -65,6 +65,7 @@ class _Starter:
         self.bridge: EventBridge | None = None
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
+        self.app: MeshApp | None = None
 
     def alive(self) -> bool:
         """The run's processes are there (or not started yet)."""
@@ -72,10 +73,13 @@ class _Starter:
         return run is None or run.proc is None or run.proc.poll() is None
 
     def start(self, app: MeshApp) -> None:
+        self.app = app
         self.thread = threading.Thread(target=self._go, args=(app,), name="start-run", daemon=True)
         app.call_after_refresh(self.thread.start)  # the first frame first: the compiler holds the GIL
 
     def stop(self) -> None:
+        if self.run is None and self.app is not None and self.app.quit_choice == "detach":
+            return  # "keep running" before the run started: it starts, and `up` leaves it running
         self.stopped.set()
         if self.bridge is not None:
             self.bridge.stop()
@@ -156,7 +160,7 @@ def _attend(app: MeshApp, started: Callable[[], LocalRun]) -> RunResult:
     except StartCancelled:
         raise Interrupted(app.stopped_by or signal.SIGINT) from None
     if not detached:
-        run.stop()  # a no-op when the run already ended
+        run.stop(signum=app.stopped_by or 0)  # a no-op when the run already ended
     if app.stopped_by is not None:
         result = run.finish()
         name = signal.Signals(app.stopped_by).name
@@ -189,7 +193,7 @@ def _leave(started: Callable[[], LocalRun], sig: int) -> None:
     try:
         with contextlib.suppress(Exception):  # the terminal is gone (EIO), or the run never started:
             run = started()                   # nothing to tell, and still nothing may stay behind
-            run.stop()
+            run.stop(signum=sig)
             os.write(2, f"\nrun stopped: {run.m.path} (interrupted by {signal.Signals(sig).name})\n".encode())
     finally:
         os._exit(128 + sig)
@@ -202,6 +206,6 @@ def _stop_for(started: Callable[[], LocalRun], sig: int, closed: threading.Event
     manage to, so once the run has stopped, `up` leaves without it after CLOSE_S.
     """
     with contextlib.suppress(Exception):  # it never started (the main thread raises why)
-        started().stop()
+        started().stop(signum=sig)
     if not closed.wait(CLOSE_S):
         _leave(started, sig)

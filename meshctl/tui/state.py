@@ -171,6 +171,11 @@ class JobView:
     name: str
     rounds_total: int = 0
     current_round: int = 0
+    """The round (a split job's epoch) that runs now, or ran last."""
+    done: int = 0
+    """Rounds completed (what every count of progress shows once the job no longer trains)."""
+    failed_in: int = 0
+    """The round that was running when the job failed; 0: before its first (the join, a split job's intersection)."""
     state: JobStatus = "waiting"
     participants: list[str] = field(default_factory=list)
     quorum: int = 0
@@ -189,6 +194,8 @@ class JobView:
     """Client sampling: the current round's sample (empty without sampling)."""
     idle: list[str] = field(default_factory=list)
     """Client sampling: the active participants the current round did not sample."""
+    unit: str = "round"
+    """What the panels call its rounds: `epoch` for a split model (its `round_completed` events are epochs)."""
 
 
 @dataclass
@@ -248,6 +255,8 @@ class MeshState:
     """Consumer (`model NAME` / `analysis NAME`) -> product addresses it reads (from the plan)."""
     planned_rounds: dict[str, int] = field(default_factory=dict)
     """Job -> its rounds (a split model's epochs) in the plan: a job that fails early still has a total."""
+    epochs: set[str] = field(default_factory=set)
+    """Jobs whose rounds are epochs: the plan's split models (and any job with an `intersection_computed`)."""
     coordinator_jurisdiction: str = ""
     clock: float = 0.0
     """Time of the newest event reduced (the replay's `now`)."""
@@ -273,7 +282,8 @@ class MeshState:
     def job(self, name: str) -> JobView:
         """The view of job `name`, created on first mention."""
         if name not in self.jobs:
-            self.jobs[name] = JobView(name, rounds_total=self.planned_rounds.get(name, 0))
+            self.jobs[name] = JobView(name, rounds_total=self.planned_rounds.get(name, 0),
+                                      unit="epoch" if name in self.epochs else "round")
         return self.jobs[name]
 
     def product(self, address: str, domain: str = "") -> ProductView:
@@ -293,7 +303,8 @@ def reduce(state: MeshState, event: ev.Event) -> MeshState:
     state.clock = max(state.clock, event.ts)
     if state.state == "lost":  # the coordinator speaks again: it was slow, not gone
         state.state, state.reason = "running", ""
-    state.log(event.level, event.message(), ts=event.ts, kind=event.type, **about(event))
+    state.log(event.level, ev.in_epochs(event, event.message(), state.epochs), ts=event.ts, kind=event.type,
+              **about(event))
     handler = _HANDLERS.get(type(event))
     if handler is not None:
         handler(state, event)
@@ -346,12 +357,22 @@ def summary(state: MeshState) -> list[str]:
     for job in state.jobs.values():
         metrics = job.metrics or (job.rounds[-1].metrics if job.rounds else {})
         ms = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        done = f"{job.current_round}/{job.rounds_total} rounds"
+        done = f"{progress(job)}/{job.rounds_total} {job.unit}s"
         lines.append(f"summary: job {job.name} {job.state}, {done}" + (f", {ms}" if ms else ""))
     return lines
 
 
 # --- derived views: pure functions of a state (and a `now` passed in) -------
+
+
+def progress(job: JobView) -> int:
+    """The round a count of `job`'s progress shows: the one that runs while it trains, else the rounds completed."""
+    return job.current_round if job.state == "training" else job.done
+
+
+def failed_where(job: JobView) -> str:
+    """`in epoch 62` (the one that was running), or `before epoch 1` for a job that failed before its first."""
+    return f"in {job.unit} {job.failed_in}" if job.failed_in else f"before {job.unit} 1"
 
 
 def heartbeat_age(domain: DomainView, now: float) -> float | None:
@@ -387,7 +408,7 @@ def coordinator_status(state: MeshState) -> str:
     for job in state.jobs.values():
         if job.state == "training":
             sampled = f", sampled {', '.join(job.sampled)}" if job.sampled else ""
-            return f"training {job.name}, round {job.current_round}/{job.rounds_total or '?'}{sampled}"
+            return f"training {job.name}, {job.unit} {job.current_round}/{job.rounds_total or '?'}{sampled}"
         if job.state == "waiting" and job.quorum and len(job.waiting_have) >= job.quorum:
             return f"starting {job.name} ({len(job.waiting_have)}/{job.quorum} domains joined)"
         if job.state == "waiting" and (job.waiting_have or job.quorum):
@@ -450,9 +471,9 @@ def _run_started(s: MeshState, e: ev.RunStarted) -> None:
 
 def _policy_decided(s: MeshState, e: ev.PolicyDecided) -> None:
     s.decisions.append(Decision(e.policy, e.scope, e.subject, e.effect, e.reason, e.stage, e.at, e.domain))
-    if e.domain and e.effect == "deny" and e.policy == "data":  # the domain refused its own data
-        d = s.domain(e.domain)
-        d.state, d.reason, d.cause = "refused", e.reason, "data"
+    if e.domain and e.effect == "deny" and e.policy in ("data", "resume"):  # it refused its data, or its state
+        d = s.domain(e.domain)                                                  # to resume a split job
+        d.state, d.reason, d.cause = "refused", e.reason, e.policy
 
 
 def _update_excluded(s: MeshState, e: ev.UpdateExcluded) -> None:
@@ -553,7 +574,7 @@ def _update_received(s: MeshState, e: ev.UpdateReceived) -> None:
 
 def _round_completed(s: MeshState, e: ev.RoundCompleted) -> None:
     j = s.job(e.job)
-    j.current_round, j.rounds_total = max(j.current_round, e.round), e.rounds
+    j.current_round, j.rounds_total, j.done = max(j.current_round, e.round), e.rounds, e.round
     row = RoundRow(e.job, e.round, e.rounds, len(e.participants), e.train_loss,
                    dict(e.metrics), e.bytes_in, e.bytes_out, e.seconds,
                    e.epsilon if e.epsilon is not None else j.epsilon,
@@ -572,7 +593,7 @@ def _checkpoint_written(s: MeshState, e: ev.CheckpointWritten) -> None:
 
 def _job_completed(s: MeshState, e: ev.JobCompleted) -> None:
     j = s.job(e.job)
-    j.state, j.current_round, j.metrics = "completed", e.rounds, dict(e.metrics)
+    j.state, j.current_round, j.metrics, j.done = "completed", e.rounds, dict(e.metrics), e.rounds
     j.model_path, j.seconds = e.model_path, e.seconds
     for name in j.participants:
         _set_live(s.domain(name), "idle")
@@ -580,7 +601,7 @@ def _job_completed(s: MeshState, e: ev.JobCompleted) -> None:
 
 def _job_failed(s: MeshState, e: ev.JobFailed) -> None:
     j = s.job(e.job)
-    j.state, j.reason = "failed", e.reason
+    j.state, j.reason, j.failed_in = "failed", e.reason, e.round
     if e.round:
         j.current_round = e.round
 
@@ -641,11 +662,18 @@ def _set_live(d: DomainView, state: DomainStatus) -> None:
         d.state = state
 
 
+def _intersection_computed(s: MeshState, e: ev.IntersectionComputed) -> None:
+    """Only a split job intersects: its rounds are epochs (also without the plan, e.g. attached)."""
+    s.epochs.add(e.job)
+    s.job(e.job).unit = "epoch"
+
+
 def _run_resumed(s: MeshState, e: ev.RunResumed) -> None:
     """Rounds after the checkpoints resumed from are trained again (their first rows stay, as they happened)."""
     for name, last in e.rounds.items():
         if name in s.jobs:
             s.jobs[name].current_round = min(s.jobs[name].current_round, last)
+            s.jobs[name].done = min(s.jobs[name].done, last)
 
 
 _HANDLERS: dict[type[ev.Event], Callable[[MeshState, ev.Event], None]] = {
@@ -674,4 +702,5 @@ _HANDLERS: dict[type[ev.Event], Callable[[MeshState, ev.Event], None]] = {
     ev.BudgetSpent: _budget_spent,
     ev.AnalysisStarted: _analysis_started,
     ev.AnalysisCompleted: _analysis_completed,
+    ev.IntersectionComputed: _intersection_computed,
 }  # type: ignore[dict-item]

@@ -17,6 +17,7 @@ from compiler_util import ROOT, ROOT_MESH
 from meshctl.cli import main
 from meshctl.compiler.compile import CompileResult, compile_mesh
 from meshctl.compiler.include import match
+from meshctl.compiler.plan import hashed_text
 from meshctl.compiler.schema import mesh_json_schema
 from meshctl.gitrev import compile_revision
 
@@ -89,12 +90,6 @@ def write_single(root: Path) -> Path:
     return mesh
 
 
-def _without_positions(toml: str) -> str:
-    """Plan TOML without what names a file: `at` positions and the hashes over them."""
-    return "\n".join(ln for ln in toml.splitlines()
-                     if not re.match(r'(at|spec_hash|hash) = "', ln))
-
-
 def _ok(result: CompileResult) -> CompileResult:
     assert result.errors == [], result.render_diagnostics()
     assert result.plan is not None
@@ -105,8 +100,10 @@ def test_a_split_mesh_plans_like_the_same_mesh_in_one_file(tmp_path: Path) -> No
     split = _ok(compile_mesh(write_split(tmp_path)))
     single = _ok(compile_mesh(write_single(tmp_path)))
     assert [i.name for i in split.includes] == [f"domains/{d}.yaml" for d in ORDER] + ["contracts.yaml"]
-    assert _without_positions(split.plan.to_toml()) == _without_positions(single.plan.to_toml())
-    assert split.plan.to_toml() != single.plan.to_toml()  # the positions name other files
+    # one plan hash: only the unhashed [positions] table names other files
+    assert hashed_text(split.plan.to_toml()) == hashed_text(single.plan.to_toml())
+    assert split.plan.plan.hash == single.plan.plan.hash and split.plan.plan.spec_hash == single.plan.plan.spec_hash
+    assert split.plan.to_toml() != single.plan.to_toml()
     # every position in the plan names the file (beside mesh.yaml) and line that declares it
     contracts = (tmp_path / "contracts.yaml").read_text().splitlines()
     quality = [q for c in split.plan.contracts for q in c.quality]
@@ -133,9 +130,15 @@ def test_a_split_mesh_compiles_the_same_every_time_and_hashes_every_file(tmp_pat
     assert edited.plan.hash != first.plan.hash
 
 
-def test_a_mesh_without_includes_keeps_its_spec_hash() -> None:
+def test_the_spec_hash_is_of_the_content_not_the_bytes(tmp_path: Path) -> None:
     plan = _ok(compile_mesh(ROOT_MESH)).plan
-    assert plan.plan.spec_hash == "sha256:" + hashlib.sha256(ROOT_MESH.read_bytes()).hexdigest()
+    assert plan.plan.spec_hash != "sha256:" + hashlib.sha256(ROOT_MESH.read_bytes()).hexdigest()
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("# a comment\n\n" + ROOT_MESH.read_text().replace("\npolicies:", "\n\n# more\npolicies:"))
+    (tmp_path / "examples").symlink_to(ROOT / "examples")  # the sources
+    moved = _ok(compile_mesh(mesh)).plan
+    assert (moved.plan.spec_hash, moved.plan.hash) == (plan.plan.spec_hash, plan.plan.hash)
+    assert moved.policies[0].at != plan.policies[0].at  # its positions moved, outside the hash
 
 
 def _render(result: CompileResult) -> str:

@@ -13,6 +13,7 @@ import meshctl.compiler.cache as cache_module
 from meshctl.cli import main
 from meshctl.compiler.cache import LoadCache
 from meshctl.compiler.compile import CompileResult, compile_mesh
+from meshctl.compiler.server import ResidentCache
 
 EDITS = [
     ("description: ", "description: Edited. "),           # a product's text
@@ -45,6 +46,7 @@ def test_warm_compiles_equal_cold_ones_over_random_edits(tmp_path: Path) -> None
     files = [mesh, *sorted((mesh.parent / "domains").glob("*.yaml")), mesh.parent / "contracts.yaml"]
     originals = {f: f.read_text() for f in files}
     rng = random.Random(16)
+    resident = ResidentCache(tmp_path / "resident")  # a compile server's, kept across the edits
     for step in range(24):
         if step % 6 == 5:  # now and then, undo everything: the old entries serve again
             for f, text in originals.items():
@@ -56,8 +58,12 @@ def test_warm_compiles_equal_cold_ones_over_random_edits(tmp_path: Path) -> None
         if spots:
             at = rng.choice(spots)
             target.write_text(text[:at] + new + text[at + len(old):])
-        _same(compile_mesh(mesh), compile_mesh(mesh, cache=cache))
+        cold = compile_mesh(mesh)
+        _same(cold, compile_mesh(mesh, cache=cache))
+        _same(cold, compile_mesh(mesh, cache=resident))
+        resident.end()
     assert cache.hits > 5 * 10  # most files were unchanged most of the time
+    assert resident.hits > 5 * 10
 
 
 def test_an_entry_of_another_version_or_a_broken_one_is_not_used(tmp_path: Path, monkeypatch) -> None:

@@ -17,9 +17,10 @@ from test_include_cache import _same
 import meshctl.compiler.cache as cache_module
 from meshctl.compiler.build import made
 from meshctl.compiler.cache import LoadCache
-from meshctl.compiler.compile import compile_mesh
+from meshctl.compiler.compile import CompileResult, compile_mesh
 from meshctl.compiler.plan import Plan, PlanColumn, PlanDecision
 from meshctl.compiler.policy import decision
+from meshctl.compiler.server import ResidentCache
 from meshctl.deploy import k8s_manifests
 from meshctl.errors import UserError
 from meshctl.specedit import add_contract
@@ -67,6 +68,8 @@ def test_warm_policies_equal_cold_ones_over_random_edits(tmp_path: Path) -> None
     rng = random.Random(16)
     hits = misses = 0
     seen: set[str] = set()
+    resident = ResidentCache(tmp_path / "resident")  # a compile server's: kept across the edits
+    _same(compile_mesh(mesh), _served(mesh, resident))
     for step in range(40):
         if step % 10 == 9:  # now and then, undo everything
             for f, text in originals.items():
@@ -82,10 +85,19 @@ def test_warm_policies_equal_cold_ones_over_random_edits(tmp_path: Path) -> None
         cache = LoadCache(directory)  # a fresh process's view: what is on disk
         cold = compile_mesh(mesh)
         _same(cold, compile_mesh(mesh, cache=cache))
+        _same(cold, _served(mesh, resident))
         hits, misses = hits + cache.decisions.hits, misses + cache.decisions.misses
         seen |= {d.code for d in cold.diagnostics}
     assert {"MESH410", "MESH411", "MESH413", "MESH414"} <= seen  # every policy outcome was replayed
     assert hits > misses > 0
+    assert resident.hits > 4 * 30  # the server kept most files' loads (and their items)
+
+
+def _served(mesh: Path, resident: ResidentCache) -> CompileResult:
+    """A compile as the compile server runs it: through its resident cache, then `end()`."""
+    result = compile_mesh(mesh, cache=resident)
+    resident.end()
+    return result
 
 
 def test_memo_of_another_version_or_a_broken_one_is_not_used(tmp_path: Path, monkeypatch) -> None:
@@ -213,3 +225,18 @@ def test_the_plan_is_what_validation_makes_and_equal_columns_are_one_object(tmp_
     assert repr(columns["charite"]["radius_mean"].range[0]) == "-0.0"
     assert repr(columns["karolinska"]["radius_mean"].range[0]) == "0.0"
     assert columns["charite"]["texture_mean"] is columns["karolinska"]["texture_mean"]
+
+
+def test_a_resident_cache_reuses_what_unchanged_files_made(tmp_path: Path) -> None:
+    mesh = _mesh(tmp_path / "mesh")
+    resident = ResidentCache(tmp_path / "resident")
+    first = _served(mesh, resident).plan
+    edited = mesh.parent / "domains" / "charite.yaml"
+    edited.write_text(edited.read_text().replace("description: ", "description: Edited. ", 1))
+    second = _served(mesh, resident).plan
+    assert first is not None and second is not None
+    for old, new in zip(first.products, second.products, strict=True):
+        assert (old is new) == (old.domain != "charite"), old.id  # only the edited file's product is new
+    assert all(old is new for old, new in zip(first.contracts, second.contracts, strict=True))
+    assert [d is e for d, e in zip(first.decisions, second.decisions, strict=True)].count(True) >= 3
+    assert second.to_toml() == compile_mesh(mesh).plan.to_toml()

@@ -115,7 +115,7 @@ def test_meshes_without_split_models_have_no_such_table(tmp_path: Path) -> None:
     (("features: [smoothness]", "features: [diagnosis]"), "MESH563", ("feature 'diagnosis' of split model "
                                                                       "'malignancy' is the label")),
     (("features: [area]", "features: [patient_id]"), "MESH563", "is the key"),
-    (("features: [area]", "features: [site]"), "MESH564", "is a string column"),
+    (("features: [area]", "features: [site]"), "MESH569", "is a string column without declared values"),
     (("{name: area, type: float}", "{name: area, type: float, pii: indirect}"), "MESH564", "is a PII column"),
     (("label: {product: clinic.diagnosis", "label: {product: imaging.scans"), "MESH566",
      "label column 'diagnosis' is not a column of imaging.scans"),

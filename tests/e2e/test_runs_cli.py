@@ -28,8 +28,11 @@ def _alive(pid: int) -> bool:
 def test_runs_status_logs_and_stop_a_live_run_from_another_shell(hospitals, meshctl):
     cwd = hospitals.parent
     hospitals.write_text(hospitals.read_text().replace("rounds: 15,", "rounds: 100000,"))
+    # a slow domain's pace (0.2 s a round): the run stays live for the commands below without
+    # burning the CPU they need (the daemon's MESHCTL_TEST_SLOW_TRAIN_S hook)
     up = subprocess.Popen([sys.executable, "-m", "meshctl", "up", "--headless", *FREE], cwd=cwd,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          env={**os.environ, "MESHCTL_TEST_SLOW_TRAIN_S": "0.2"})
     try:
         assert up.stdout is not None
         for line in up.stdout:  # wait until training is under way

@@ -4,24 +4,46 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
 import numpy as np
+import pytest
 
 from meshctl.runtime import wire
 from meshctl.runtime.daemon import read_tap
 
 FREE = ["--address", "tcp://127.0.0.1:0"]
+ROOT = Path(__file__).resolve().parents[2]
+ONE_RUN = pytest.mark.xdist_group("up-one-run")  # the tests of one tapped run, on the worker that made it
+
+
+@pytest.fixture(scope="module")
+def tapped_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """One `meshctl up --headless` of a tmp copy of the root mesh, every daemon's frames tapped
+    (MESHCTL_WIRE_TAP); returns (the finished `up`, its directory, the tap directory)."""
+    base = tmp_path_factory.mktemp("up")
+    shutil.copy(ROOT / "mesh.yaml", base / "mesh.yaml")
+    shutil.copytree(ROOT / "examples" / "hospitals" / "data", base / "examples" / "hospitals" / "data")
+    tap = base / "tap"
+    tap.mkdir()
+    out = subprocess.run([sys.executable, "-m", "meshctl", "up", "--headless", *FREE], cwd=base, capture_output=True,
+                         text=True, timeout=180, env={**os.environ, "MESHCTL_WIRE_TAP": str(tap)}, check=False)
+    return out, base, tap
 
 
 def _run_dir(stdout: str) -> Path:
     return Path(stdout.strip().splitlines()[-1].rsplit(": ", 1)[-1])
 
 
-def test_up_trains_the_hospitals_model_and_leaves_the_run(hospitals, meshctl):
-    out = meshctl("up", "--headless", *FREE, cwd=hospitals.parent)
+@ONE_RUN
+def test_up_trains_the_hospitals_model_and_leaves_the_run(tapped_run):
+    out, base, _ = tapped_run
     assert out.returncode == 0, out.stderr + out.stdout
     round_lines = [ln for ln in out.stdout.splitlines() if re.match(r"malignancy +round|    in ", ln)]
     assert max(len(ln) for ln in round_lines) <= 120  # what does not fit goes on below, indented
@@ -30,7 +52,7 @@ def test_up_trains_the_hospitals_model_and_leaves_the_run(hospitals, meshctl):
     assert all(re.search(r"participants 3 .*train_loss [\d.]+ .*accuracy [\d.]+ .*in .* KiB .* out .* [\d.]+s$", ln)
                for ln in rounds)
     run = _run_dir(out.stdout)
-    assert run.parent == hospitals.parent / ".meshctl" / "runs"
+    assert run.parent == base / ".meshctl" / "runs"
     metrics = list(csv.DictReader((run / "metrics.csv").open()))
     assert len(metrics) == 15 and float(metrics[-1]["test_accuracy"]) >= 0.90
     assert float(metrics[-1]["test_auroc"]) >= 0.95 and 0.85 <= float(metrics[-1]["test_f1"]) <= 1  # declared
@@ -65,12 +87,11 @@ def _without_eval_counts(frame: bytes) -> bytes:
     return json.dumps(head).encode()
 
 
-def test_no_pii_and_no_raw_row_leaves_a_domain(hospitals, meshctl, tmp_path):
-    tap = tmp_path / "tap"
-    tap.mkdir()
-    out = meshctl("up", "--headless", *FREE, cwd=hospitals.parent, env={"MESHCTL_WIRE_TAP": str(tap)})
+@ONE_RUN
+def test_no_pii_and_no_raw_row_leaves_a_domain(tapped_run):
+    out, base, tap = tapped_run
     assert out.returncode == 0, out.stderr
-    data = hospitals.parent / "examples" / "hospitals" / "data"
+    data = base / "examples" / "hospitals" / "data"
     for domain, src in [("charite", "charite.parquet"), ("karolinska", "karolinska.parquet"),
                         ("amsterdam-umc", "amsterdam-umc.csv")]:
         frames = read_tap(tap / f"{domain}.tap")
@@ -165,7 +186,7 @@ def test_ctrl_c_stops_every_process_up_started(hospitals, tmp_path):
     run = next((hospitals.parent / ".meshctl" / "runs").iterdir())
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert events[-1]["type"] == "run_completed" and not events[-1]["ok"]
-    assert "SIGTERM" in events[-1]["reason"]
+    assert events[-1]["reason"] == "stopped by SIGINT"  # the signal the user sent (up stops the run with SIGTERM)
     pids = [e["pid"] for e in events if e["type"] == "domain_joined"]
     assert len(pids) == 3
     deadline = time.monotonic() + 10

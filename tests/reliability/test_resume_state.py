@@ -1,6 +1,6 @@
 """A resumed run goes on exactly as if it never died, state that crosses rounds included: FedAdam's
 moments, SCAFFOLD's control variates (the server's c and each domain's c_i), client DP's adaptive clip
-norm, top-k compression's error-feedback residual. Each plan runs once straight and once with its
+norm, top-k compression's error-feedback residual, personalisation's local layers. Each plan runs once straight and once with its
 coordinator (and with it its daemons) SIGKILLed mid-job, as tests/runtime/test_resume.py does: real
 processes, DuckDB, ZeroMQ. Local training is seeded per round and domain, so the final models agree to
 float32 rounding (atol 1e-6). Client DP's noise is drawn per round from a test seed (NOISE_SEED_ENV): a
@@ -23,6 +23,7 @@ from meshctl.compiler.plan import (
     PlanAggregation,
     PlanClientDp,
     PlanCompression,
+    PlanPersonalization,
     PlanPrivacy,
 )
 from meshctl.runtime import events as ev
@@ -56,6 +57,8 @@ def _run(mesh_file, plan: Plan, kill: bool) -> tuple[dict[str, dict[str, torch.T
             os.kill(psutil.Process(daemons["client-0"]).ppid(), signal.SIGKILL)
     result = run.finish()
     assert result.ok, result.reason
+    kept = mesh_file.parent / ".meshctl" / "state" / result.run_dir.name  # the domains kept state in it...
+    assert not kept.exists(), sorted(kept.rglob("*"))  # ...and dropped it once the run completed
     events = ev.read_events(str(result.run_dir / "events.jsonl"))
     models = {j.name: load_file(str(result.run_dir / "models" / f"{j.name}.safetensors")) for j in plan.jobs}
     return models, [e for e in events if isinstance(e, ev.RunResumed)]
@@ -81,9 +84,12 @@ def test_fedadam_and_scaffold_resume_with_their_state(mesh_file, make_plan):
 def test_adaptive_client_dp_and_topk_resume_with_their_state(mesh_file, make_plan, monkeypatch):
     monkeypatch.setenv(NOISE_SEED_ENV, "7")  # (the coordinator's processes inherit it)
     cdp = PlanClientDp(epsilon=1e9, clip=0.2, adaptive=PlanAdaptiveClip(target_quantile=0.5, lr=0.2))
+    tensors = make_plan(n=3).jobs[0].tensors  # mlp 64 -> [32] -> 10: the head (2.*) stays in each domain
     _same_after_resume(mesh_file, _plan(make_plan, {
         "clientdp": {"privacy": PlanPrivacy(client_dp=cdp)},
         "topk": {"compression": PlanCompression(kind="topk", k=0.05)},
+        "personal": {"tensors": tensors[:2], "personalization": PlanPersonalization(
+            local=["2.*"], local_tensors=tensors[2:])},  # (the local head trained before the kill comes back)
     }))
 
 

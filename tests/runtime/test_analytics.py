@@ -240,3 +240,26 @@ def test_a_request_only_product_needs_an_unexpired_grant(tmp_path):
     assert "expired on 2020-01-31" in expired.denied[0].reason
     valid = gated.model_copy(update={"grants": [grant.model_copy(update={"until": ""})]})
     assert _release(valid, "charite", tmp_path).groups
+
+
+def test_a_result_wider_than_the_terminal_prints_one_block_per_group():
+    """psql's `\\x auto`: the 139-column table of examples/analytics does not fit 80 columns, so each
+    group is a block of `name  value` lines; every value is still there, and no line passes 80."""
+    from meshctl.runtime.analytics import render_result
+
+    result = {"group_by": ["diagnosis"], "metrics": ["count", "quantile(radius_mean, 0.25, 0.5, 0.75)"],
+              "groups": [{"key": {"diagnosis": d}, "domains": ["a", "b"],
+                          "values": {"count": n, "quantile(radius_mean, 0.25, 0.5, 0.75)":
+                                     {"0.25": 11.07, "0.5": 12.18, "0.75": 13.38}}}
+                         for d, n in (("benign", 357), ("malignant", 212))],
+              "suppressed": {"by_domain": {}, "merged": 0}}
+    table = render_result(result)
+    assert max(len(x) for x in table.splitlines()[:-1]) > 40
+    narrow = render_result(result, 40).splitlines()
+    assert max(len(x) for x in narrow[:-1]) <= 40
+    assert narrow[:7] == ["-[ diagnosis=benign ]-------------------", "count", "    357",
+                          "quantile(radius_mean, 0.25, 0.5, 0.75)", "    q0.25=11.07 q0.5=12.18 q0.75=13.38",
+                          "domains", "    2"]
+    assert narrow[7] == "-[ diagnosis=malignant ]----------------" and narrow[9] == "    212"
+    assert narrow[-1] == table.splitlines()[-1] == "2 groups; suppressed: 0 in domains, 0 after merging"
+    assert render_result(result, 200) == table  # it fits: the table

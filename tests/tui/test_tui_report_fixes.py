@@ -30,7 +30,7 @@ def test_a_job_failed_before_its_first_round_shows_the_planned_rounds() -> None:
                 ev.RunCompleted(run="r1", ok=False, seconds=5.0, reason="x")], state)
     # Assert
     assert state.jobs["malignancy"].rounds_total == epochs
-    assert f"0/{epochs} rounds" in "\n".join(summary(state))
+    assert f"0/{epochs} epochs" in "\n".join(summary(state))  # a split job's rounds are epochs
 
 
 def test_a_split_job_whose_domains_joined_is_not_waiting_for_quorum() -> None:

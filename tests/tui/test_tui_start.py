@@ -113,3 +113,34 @@ def test_before_its_jobs_wait_the_coordinator_line_counts_the_domains_joined() -
     started = [e for e in events if e.type in ("run_started", "domain_joined")]
     assert coordinator_status(reduce_all(started[:1])) == "waiting for domains 0/3"
     assert coordinator_status(reduce_all(started[:2])) == "waiting for domains 1/3"
+
+
+def test_keep_running_answered_before_the_run_started_still_starts_it() -> None:
+    """"Keep running" while `up` compiles means the same as after: the run starts, and `up` leaves
+    it going (before: the close cancelled the start, so no run was left at all)."""
+    from meshctl.tui.widgets import QuitDialog
+
+    gate = threading.Event()
+    launched = []
+
+    def start(say):
+        gate.wait(10)
+        say("preparing the run")  # raised StartCancelled before the fix
+        launched.append(True)
+        return "the run"
+
+    app, starter = _app(start)
+
+    async def run() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            await pilot.press("q")
+            await _until(pilot, lambda: isinstance(app.screen, QuitDialog), "the question")
+            await pilot.press("k")
+            await _until(pilot, lambda: app._exit, "the app closing")
+
+    asyncio.run(run())
+    assert app.quit_choice == "detach"
+    gate.set()
+    assert starter.wait() == "the run"
+    assert launched == [True]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from meshctl.compiler.plan import Plan, PlanJob
+from meshctl.compiler.plan import Plan, PlanJob, PlanSplit
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 
@@ -147,6 +147,50 @@ def newest_checkpoint(run_dir: Path, plan: Plan, job: PlanJob) -> tuple[int, wir
     return 0, None
 
 
+def split_point_path(run_dir: Path, job: str, epoch: int) -> Path:
+    """Where the coordinator records that every part of split job `job` kept its state after `epoch`
+    (a safetensors file without tensors: the job, epoch, plan hash and the epoch's metrics as metadata)."""
+    return run_dir / "checkpoints" / job / f"round-{epoch:04d}.safetensors"
+
+
+def write_split_point(run_dir: Path, plan: Plan, job: str, epoch: int, metrics: dict[str, float]) -> Path:
+    """Record split job `job`'s resume point after `epoch` (atomically, now: the domains kept their state
+    already). Raises OSError."""
+    from safetensors.torch import save_file
+
+    path = split_point_path(run_dir, job, epoch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    meta = {"job": job, "round": str(epoch), "plan_hash": plan.plan.hash, "split": "true",
+            "metrics": json.dumps(metrics)}
+    try:
+        save_file({}, str(tmp), metadata=meta)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors' own error for a full disk
+        raise OSError(str(err)) from None
+    tmp.replace(path)
+    return path
+
+
+def newest_split_point(run_dir: Path, plan: Plan, job: str) -> tuple[int, dict[str, float]]:
+    """(epoch, that epoch's holdout metrics) of split job `job`'s newest resume point of this plan, else (0, {})."""
+    from safetensors import safe_open
+
+    for path in sorted((run_dir / "checkpoints" / job).glob("round-*.safetensors"), reverse=True):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            metrics = json.loads(meta.get("metrics", "{}"))
+            epoch = int(meta.get("round", ""))
+        except Exception:  # noqa: BLE001, S112 - a damaged file: try the one before
+            continue
+        if meta.get("job") == job and meta.get("split") == "true" and meta.get("plan_hash") == plan.plan.hash \
+                and path == split_point_path(run_dir, job, epoch) and isinstance(metrics, dict):
+            return epoch, {str(k): float(v) for k, v in metrics.items()}
+    return 0, {}
+
+
 def state_path(run_dir: Path, job: str, rnd: int) -> Path:
     """Where the coordinator keeps what job `job` carries across rounds as it was after round `rnd`
     (strategy state, adaptive clip norm, policy counters): beside the round's weights, written before them."""
@@ -197,7 +241,7 @@ every job: a job's cell is empty when it does not declare the metric, or when it
 DOMAIN_COLUMNS = ("loss", "accuracy", *METRIC_COLUMNS)
 
 
-def trim_metrics(run_dir: Path, job: PlanJob, last: int) -> None:
+def trim_metrics(run_dir: Path, job: PlanJob | PlanSplit, last: int) -> None:
     """Drop metrics.csv and domain_metrics.csv rows of `job` after round `last` (they are trained again)."""
     for name in ("metrics.csv", "domain_metrics.csv"):
         path = run_dir / name

@@ -8,6 +8,7 @@ coordinator proper, which forks the local daemons and runs `Coordinator`.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 import time
@@ -18,7 +19,6 @@ from meshctl.compiler.plan import Plan
 from meshctl.runtime import events as ev
 from meshctl.runtime.coordinator.outputs import _drop_torn_line
 from meshctl.runtime.coordinator.service import INTERNAL_ERROR, Coordinator
-from meshctl.runtime.coordinator.split import unfinished_split
 from meshctl.runtime.keys import KeyPair
 from meshctl.runtime.run import (
     DETACHED_FILE,
@@ -109,9 +109,8 @@ def main(run_dir: str | Path, resume: bool = False) -> int:
             _child(run_dir, resumed, f"{label} (pid {starter}) is gone")
         code, orphaned = _wait_child(child, manifest.path, starter)
         started = (manifest.path / EVENTS_FILE).is_file()
-        split = unfinished_split(manifest.path) if started else None
         over = (code in (0, 1, INTERNAL_ERROR) or bool(stopping) or orphaned or bool(manifest.analysis)
-                or split is not None or not manifest.checkpoint or not started or _run_ended(manifest.path))
+                or not manifest.checkpoint or not started or _run_ended(manifest.path))
         now = None if over else _checkpoint_rounds(manifest.path)
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         if code > 0:
@@ -122,7 +121,6 @@ def main(run_dir: str | Path, resume: bool = False) -> int:
             if not _run_ended(manifest.path):
                 why = ("it never started" if not started else
                        "analysis runs are not resumed" if manifest.analysis else
-                       f"split job {split} keeps no checkpoints" if split is not None else
                        "checkpoints are off" if not manifest.checkpoint else
                        "stopped" if stopping or orphaned else
                        f"{resumes} resumes (at most {MAX_RESUMES})" if resumes >= MAX_RESUMES else
@@ -163,17 +161,41 @@ def _wait_child(child: int, run_dir: Path, starter: int) -> tuple[int, bool]:
     Returns (exit code, whether the run was stopped because its starter is gone).
     """
     orphaned = False
-    while True:
-        pid, status = os.waitpid(child, os.WNOHANG)
-        if pid:
-            return os.waitstatus_to_exitcode(status), orphaned
-        if not orphaned and os.getppid() != starter and not (run_dir / DETACHED_FILE).exists():
-            orphaned = True
-            try:
-                os.kill(child, signal.SIGHUP)  # the coordinator proper ends the run: "... is gone"
-            except ProcessLookupError:
-                pass
-        time.sleep(WATCH_S)
+    watched = _pidfds(child)
+    try:
+        while True:
+            pid, status = os.waitpid(child, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status), orphaned
+            if not orphaned and os.getppid() != starter and not (run_dir / DETACHED_FILE).exists():
+                orphaned = True
+                try:
+                    os.kill(child, signal.SIGHUP)  # the coordinator proper ends the run: "... is gone"
+                except ProcessLookupError:
+                    pass
+            # The child's end is seen at once (its pidfd); the starter's only by this poll, on purpose:
+            # a `kill -9` of the whole tree (the starter first) must not find a supervisor quick enough
+            # to end the run in order, which would leave nothing for `meshctl resume` (tests/multihost).
+            if watched:
+                select.select(watched, [], [], WATCH_S)
+            else:
+                time.sleep(WATCH_S)
+    finally:
+        for fd in watched:
+            os.close(fd)
+
+
+def _pidfds(*pids: int) -> list[int]:
+    """A pidfd (readable once the process has ended) per pid, or [] where the kernel has none."""
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            fds.append(os.pidfd_open(pid))
+    except (AttributeError, OSError):  # no pidfd_open (not Linux 5.3+), or a pid already gone
+        for fd in fds:
+            os.close(fd)
+        return []
+    return fds
 
 
 def _end_run(manifest: RunManifest, reason: str) -> None:

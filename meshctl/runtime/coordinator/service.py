@@ -162,7 +162,8 @@ class Coordinator:
             link.wait_for_observer(self.m.wait_for_observer_s, self._check_stop)
             if self.resumed:  # what RunStarted and the compile-time decisions said is in the log already
                 self.sink.emit(ev.RunResumed(run=self.m.run, reason=self.resumed, rounds={
-                    name: rnd for name, (rnd, _) in self.resume_points.items()}))
+                    **{name: rnd for name, (rnd, _) in self.resume_points.items()},
+                    **{name: epoch for name, (epoch, _) in self.split_resume_points.items()}}))
             else:
                 self.sink.emit(ev.RunStarted(run=self.m.run, mesh=self.plan.plan.mesh, plan_hash=self.plan.plan.hash,
                                              run_dir=str(self.run_dir), jobs=self._work_names(),
@@ -187,7 +188,7 @@ class Coordinator:
                 ok, reason = False, self.write_error
             self.outputs.report(self.sink)
             self.sink.emit(ev.RunCompleted(run=self.m.run, ok=ok, seconds=time.time() - started, reason=reason))
-            self._shutdown_daemons(reason or "run completed")
+            self._shutdown_daemons(reason or "run completed", completed=ok)
             self.sink.close()
             link.close()
             for secret in (self.run_dir / "keys").glob("*.key_secret"):  # also when `up` detached
@@ -208,10 +209,10 @@ class Coordinator:
         if self.stop_reason:
             raise Stopped(self.stop_reason)
 
-    def _shutdown_daemons(self, reason: str) -> None:
+    def _shutdown_daemons(self, reason: str, *, completed: bool = False) -> None:
         self.closing = self.members.closing = True
         for peer in [*self.peers.values(), *self.members.waiting.values()]:  # (waiting: back, not yet in)
-            self._send(peer, wire.Shutdown(reason=reason))
+            self._send(peer, wire.Shutdown(reason=reason, completed=completed))
         joined = set(self.peers)
         for pid, domain in list(self.children.items()):
             if domain not in joined:  # never in the conversation: nothing to finish
@@ -253,7 +254,9 @@ class Coordinator:
                 wait = (self.m.join_timeout_s if not remote else math.inf if self.m.remote_join_timeout_s is None
                         else max(self.m.join_timeout_s, self.m.remote_join_timeout_s))
                 self.split = SplitRoom(self.plan, split, self.members, self.sink, self.clock, self._pump,
-                                       self.run_dir, join_timeout_s=wait)
+                                       self.run_dir, join_timeout_s=wait, checkpoint=self.m.checkpoint,
+                                       resume=self.split_resume_points.get(split.name, (0, {})),
+                                       root=Path(self.m.base_dir))
                 self.split.run()
                 self.split = None
 
@@ -270,6 +273,14 @@ class Coordinator:
         if not self.resumed:
             return {}
         return {j.name: self._checkpoint(j) for j in self.plan.jobs if j.name not in self.completed}
+
+    @functools.cached_property
+    def split_resume_points(self) -> dict[str, tuple[int, dict[str, float]]]:
+        """Split job -> (epoch, its metrics) of its newest resume point, for those a resumed run still has to do."""
+        if not self.resumed:
+            return {}
+        return {s.name: outputs.newest_split_point(self.run_dir, self.plan, s.name)
+                for s in self.plan.split_models if s.name not in self.completed}
 
     def _checkpoint(self, job: PlanJob) -> tuple[int, wire.Tensors | None]:
         """(round, weights) of the job's newest valid checkpoint, else (0, None)."""
@@ -396,11 +407,18 @@ class Coordinator:
                 self.sink.emit(ev.PolicyDecided(
                     policy=msg.code.removeprefix("policy:"), scope="round", subject=f"round.{msg.job}.{msg.round}",
                     effect="deny", reason=msg.reason, stage="runtime", domain=domain))
-                self._rejected(domain, msg)
+                if self.split is not None and msg.job == self.split.split.name:  # a split batch: the job ends
+                    self.split.policy_refused(domain, msg.reason)
+                else:
+                    self._rejected(domain, msg)
             elif msg.code in REJECTION_CODES:
                 self._rejected(domain, msg)
             elif msg.code == "split-data" and self.split is not None:  # a part refused its data (coordinator/split)
                 self.split.data_refused(domain, msg.reason)
+            elif msg.code == "split-refused" and self.split is not None:  # its state to resume: refused, not lost
+                self.split.resume_refused(domain, msg.reason)
+            elif msg.code == "split-failed" and self.split is not None:  # a step diverged: the job fails, not lost
+                self.split.step_failed(domain, msg.reason)
             else:
                 self._fail(domain, msg.reason)
         elif isinstance(msg, (wire.TrainRes, wire.EvalRes)):

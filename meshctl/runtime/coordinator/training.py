@@ -254,14 +254,14 @@ class Training:
             metrics, domain_metrics = pooled_metrics(job, {d: m for d, (m, _) in evals.items()})
             domain_examples = {d: m.examples for d, (m, _) in evals.items()}
             held_out = evaluations.collect(r)
-            self.sink.emit(done := ev.RoundCompleted(
+            done = ev.RoundCompleted(
                 job=job.name, round=r, rounds=job.training.rounds, participants=contributors,
                 train_loss=train_loss, metrics=metrics, bytes_in=self.collector.bytes_in.pop((job.name, r), 0),
                 bytes_out=self.bytes_out.pop((job.name, r), 0), seconds=time.time() - round_start.pop(r),
                 update_bytes=self.collector.update_bytes.pop((job.name, r), 0),
                 aggregation=note, epsilon=max((v for (j, _), v in self.collector.job_epsilon.items() if j == job.name),
                                               default=None), domain_metrics=domain_metrics,
-                domain_examples=domain_examples))
+                domain_examples=domain_examples)
             try:
                 outputs.append_metrics(self.run_dir, job, r, len(contributors), train_loss, metrics,
                                        evaluated=len(evals), eval_examples=n, domain_metrics=domain_metrics,
@@ -271,6 +271,7 @@ class Training:
             except OSError as err:  # a full disk, say: the run fails with the reason
                 raise JobAborted(f"job {job.name} round {r}: cannot write {self.run_dir / 'metrics.csv'}: "
                                  f"{err.strerror or err}") from None
+            self.sink.emit(done)  # (after the row: whoever sees the event finds the round in metrics.csv)
             if r == job.training.rounds and job.personalization is not None:
                 self._personalized(job, evals)
             if self.checkpoint:

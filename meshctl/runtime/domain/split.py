@@ -17,30 +17,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from meshctl.compiler.entrypoint import check_code
-from meshctl.compiler.plan import Plan, PlanArchitecture, PlanSplit
+from meshctl.compiler.plan import Plan, PlanArchitecture, PlanSplit, PlanSplitPart
 from meshctl.runtime import psi, wire
 from meshctl.runtime.data import DataError, load_keyed
-from meshctl.runtime.features import FeatureError, _finite
+from meshctl.runtime.domain import split_state
+from meshctl.runtime.features import FeatureError, _finite, _text
+from meshctl.runtime.kernels.metrics import TASK_METRICS, eval_stats, finish
 from meshctl.runtime.kernels.split import (
     BottomWorker,
+    LossWorker,
     TopWorker,
     batch_order,
     build_bottom,
     build_top,
     holdout_split,
 )
+from meshctl.runtime.split_rounds import SplitRoundGate
 
 LEADER_STEPS = ("psi_answer", "psi_held", "top", "eval_top")
 """Steps only the label owner serves."""
 MEMBER_STEPS = ("psi_reply", "forward", "backward", "eval")
 """Steps only the other parts serve."""
+LOSS_STEPS = ("loss", "eval_loss")
+"""Steps only the label owner serves, when the coordinator runs the top model (`top_at`): it then
+serves no `top` or `eval_top`, and the bottom model's `forward`, `backward` and `eval` if it has features."""
 
 
 class SplitError(ValueError):
     """An instruction this domain cannot serve (one line, safe to send)."""
+
+
+class SplitDenied(SplitError):
+    """This domain's own round policy denied what it was about to send or apply (meshctl.runtime.split_rounds):
+    the daemon answers `policy:<name>` with this line, and the job fails."""
+
+    def __init__(self, policy: str, epoch: int, line: str):
+        super().__init__(line)
+        self.policy, self.epoch = policy, epoch
+
+
+class SplitResumeRefused(SplitError):
+    """A resumed job whose state after its resume point this domain cannot take up (missing, damaged, of another
+    plan or job, other rows or values): the daemon answers `split-refused` with this line; the domain is alive."""
+
+
+class SplitFailed(SplitError):
+    """A step this domain served but whose numbers diverged (a non-finite loss, activations or gradients):
+    the job fails in this line (`split-failed`); the domain is alive, not lost."""
+
+
+def _diverged(job: _Job, what: str, ins: wire.SplitIns) -> SplitFailed:
+    """`the loss at clinic diverged at epoch 3 batch 5 (lr 10.0 too high?)` (epochs and batches from 1)."""
+    at = f"epoch {ins.epoch + 1} batch {ins.batch + 1}" if ins.step in ("top", "forward", "backward", "loss") \
+        else f"epoch {ins.epoch + 1} (holdout)"
+    return SplitFailed(f"{what} diverged at {at} (lr {job.split.lr} too high?)")
 
 
 def to_points(points: list[bytes]) -> torch.Tensor:
@@ -64,6 +98,60 @@ def positions(t: torch.Tensor) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
+def _feature_matrix(split: PlanSplit, part: PlanSplitPart, values: dict[str, list], n: int) -> torch.Tensor:
+    """The part's features as float32 [n, part.input_width]: a numeric feature's value (NaN or infinite
+    refused, as federated jobs refuse them: features._finite), a categorical one's one-hot slots over its
+    declared values (an undeclared value refused, as the label's is). DataError names product and column."""
+    slots = {f.name: f for f in part.inputs or []}
+    blocks, problems = [], []
+    for name in part.features:
+        spec = slots.get(name)
+        if spec is not None and spec.kind == "categorical":
+            index = {v: i for i, v in enumerate(spec.vocabulary or [])}
+            words = [_text(v) for v in values[name]]
+            unknown = sorted(set(words) - set(index))
+            if unknown:
+                problems.append(f"feature column {name} holds {len(unknown)} value{'s' if len(unknown) > 1 else ''} "
+                                "not declared in its values")
+                continue
+            block = torch.zeros((n, len(index)), dtype=torch.float32)
+            block[torch.arange(n), torch.tensor([index[w] for w in words], dtype=torch.int64)] = 1.0
+            blocks.append(block)
+            continue
+        try:
+            col = np.asarray([float(v) for v in values[name]], dtype=np.float32)
+        except (TypeError, ValueError):
+            raise DataError(f"product {part.product}: feature {name} of split job {split.name} is not numeric") from None
+        try:
+            _finite(name, col)
+        except FeatureError as err:
+            problems.append(str(err))
+            continue
+        blocks.append(torch.from_numpy(col).reshape(n, 1))
+    if problems:
+        raise DataError(f"{part.product}: {'; '.join(problems)}",
+                        hint="remove or impute them (or declare the values); a model cannot train on them")
+    return torch.cat(blocks, dim=1) if blocks else torch.zeros((n, 0))  # none: the label owner's label-only part
+
+
+def _labels(split: PlanSplit, values: list) -> list[str] | list[float]:
+    """The label owner's labels: text (a classification's, checked against the declared values once
+    aligned), or finite floats (a regression's: NaN or infinite values are refused as features' are)."""
+    if split.task != "regression":
+        return [str(v) for v in values]
+    try:
+        y = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise DataError(f"product {split.label_product}: label column {split.label_column} is not numeric") from None
+    try:
+        with np.errstate(over="ignore"):  # beyond float32: infinite, refused
+            _finite(split.label_column, np.asarray(y, dtype=np.float32))
+    except FeatureError as err:
+        raise DataError(f"{split.label_product}: label column: {err}",
+                        hint="remove or impute them; a model cannot train on them") from None
+    return y
+
+
 def standardize(x: torch.Tensor, train: list[int]) -> tuple[torch.Tensor, list[float], list[float]]:
     """x scaled with the train rows' mean and (population) std; a constant column keeps std 1."""
     mean = x[train].mean(dim=0)
@@ -79,7 +167,7 @@ class _Job:
     """This domain's part index."""
     ids: list[str]
     x: torch.Tensor
-    labels: list[str] | None
+    labels: list[str] | list[float] | None
     party: psi.PsiLeader | psi.PsiMember
     held: dict[str, list[int]] = field(default_factory=dict)
     answered: set[str] = field(default_factory=set)
@@ -90,8 +178,12 @@ class _Job:
     y: torch.Tensor | None = None
     bottom: BottomWorker | None = None
     top: TopWorker | None = None
+    loss: LossWorker | None = None
+    """The label owner's loss when the coordinator runs the top model (`top_at`)."""
     norm: tuple[list[float], list[float]] | None = None
     batches: dict[int, list[list[int]]] = field(default_factory=dict)
+    keys_hash: str = ""
+    """sha256 of the aligned rows' keys (split_state.rows_hash): a resumed job's intersection must be the same."""
 
     @property
     def leader(self) -> bool:
@@ -113,6 +205,8 @@ class SplitDomain:
     def __init__(self, plan: Plan, domain: str, base_dir: Path, run: str):
         self.plan, self.domain, self.base_dir, self.run = plan, domain, Path(base_dir), run
         self.jobs: dict[str, _Job] = {}
+        self.gates: dict[str, SplitRoundGate] = {}
+        """Split job -> this domain's round policies over what it sends and receives (split_rounds)."""
 
     def handle(self, ins: wire.SplitIns, tensors: wire.Tensors) -> list[tuple[wire.SplitRes, wire.Tensors | None]]:
         """The replies to one instruction (none for a backward step). Raises SplitError or DataError."""
@@ -121,13 +215,24 @@ class SplitDomain:
         job = self.jobs.get(ins.job)
         if job is None:
             raise SplitError(f"split job {ins.job!r} has not started here")
-        if ins.step in (LEADER_STEPS if not job.leader else MEMBER_STEPS):
+        if not self._serves(job, ins.step):
             raise SplitError(f"step {ins.step} is not for the {'label owner' if job.leader else 'other parts'}")
         if ins.step == "psi_answer" and (ins.peer in job.answered or ins.peer not in job.split.participants
                                          or ins.peer == self.domain):
             raise SplitError(f"a second or unknown intersection request (from {ins.peer!r})")
         step = getattr(self, f"_{ins.step}")
         return step(job, ins, tensors)
+
+    @staticmethod
+    def _serves(job: _Job, step: str) -> bool:
+        """Whether this domain's role in the job serves `step` (a deviating relay gets an error, not an answer)."""
+        if not job.leader:
+            return step not in LEADER_STEPS and step not in LOSS_STEPS
+        if job.split.top_at != "coordinator":
+            return step not in MEMBER_STEPS and step not in LOSS_STEPS
+        if step in ("forward", "backward", "eval"):  # its own bottom model, as a member's
+            return bool(job.split.parts[job.index].features)
+        return step not in ("top", "eval_top", "psi_reply")
 
     # -- private set intersection ---------------------------------------------------------
     def _start(self, ins: wire.SplitIns) -> tuple[wire.SplitRes, wire.Tensors | None]:
@@ -137,33 +242,20 @@ class SplitDomain:
         index = split.participants.index(self.domain)
         part = split.parts[index]
         leader = self.domain == split.label_domain
-        for arch in (part.architecture, split.top_architecture if leader else None):
+        for arch in (part.architecture, split.top_architecture if leader and split.top_at is None else None):
             reason = check_code(arch, self.base_dir) if arch is not None else None
             if reason is not None:  # before any row is read: this host runs no code the plan did not pin
                 raise SplitError(f"refused: {reason}")
         columns = [*part.features, *([split.label_column] if leader else [])]
         ids, values = load_keyed(self.plan.product(part.product), self.base_dir, part.key, columns)
-        try:
-            x = torch.tensor([[float(v) for v in values[f]] for f in part.features],
-                             dtype=torch.float32).T.reshape(len(ids), -1)
-        except (TypeError, ValueError):
-            raise DataError(f"product {part.product}: a feature of split job {split.name} is not numeric") from None
-        problems = []
-        for j, name in enumerate(part.features):  # as federated jobs refuse them (data.py, features._finite)
-            try:
-                _finite(name, x[:, j].numpy())
-            except FeatureError as err:
-                problems.append(str(err))
-        if problems:
-            raise DataError(f"{part.product}: {'; '.join(problems)}",
-                            hint="remove or impute them; a model cannot train on them")
+        x = _feature_matrix(split, part, values, len(ids))
         seen: dict[str, int] = {}
         for row, key in enumerate(ids):  # a join key must be unique (1-based data rows, as a user counts them)
             if key in seen:
                 raise DataError(f"{part.product}: key column {part.key}: value at data row {row + 1} appears twice "
                                 f"(first at data row {seen[key] + 1})")
             seen[key] = row
-        labels = [str(v) for v in values[split.label_column]] if leader else None
+        labels = _labels(split, values[split.label_column]) if leader else None
         salt = bytes.fromhex(ins.salt)
         try:
             party = psi.PsiLeader(ids, salt) if leader else psi.PsiMember(ids, salt)
@@ -212,20 +304,53 @@ class SplitDomain:
         job.rows = sorted(rows, key=lambda r: job.ids[r])
         x = job.x[job.rows]
         job.train, job.test = holdout_split(len(job.rows), split.holdout, split.seed)
-        if split.standardize and job.train:
+        if split.standardize and job.train and x.shape[1]:  # (a label-only part has no feature to scale)
             x, mean, std = standardize(x, job.train)
             job.norm = (mean, std)
         job.x = x
         part = split.parts[job.index]
         optimizer = {"name": split.optimizer, "lr": split.lr}
+        if part.features:  # the label owner's label-only part (top at the coordinator) has no bottom model
+            job.bottom = self._bottom(job, optimizer)
+        if job.leader and split.task == "regression":  # a numeric label (checked finite in _labels): one output
+            assert job.labels is not None
+            job.y = torch.tensor([job.labels[r] for r in job.rows], dtype=torch.float32)
+        elif job.leader:
+            assert job.labels is not None
+            index = {c: i for i, c in enumerate(split.classes)}
+            unknown = sorted({job.labels[r] for r in job.rows} - set(index))
+            if unknown:
+                raise DataError(f"product {split.label_product}: label column {split.label_column} holds "
+                                f"{len(unknown)} value{'s' if len(unknown) > 1 else ''} not declared in its values")
+            job.y = torch.tensor([index[job.labels[r]] for r in job.rows], dtype=torch.int64)
+        if job.leader and split.top_at == "coordinator":  # the coordinator runs the top model; here only the loss
+            job.loss = LossWorker("regression", split.loss or "mse", split.huber_delta or 1.0) \
+                if split.task == "regression" else LossWorker("classification", "cross_entropy")
+        elif job.leader:
+            width = sum(p.out for p in split.parts)
+            top = self._build(split.top_architecture, lambda arch: build_top(
+                arch or {"kind": "mlp", "hidden": split.top_hidden}, width, len(split.classes) or 1,
+                split.seed + len(split.parts), root=self.base_dir.resolve()))
+            if split.task == "regression":
+                job.top = TopWorker(top, "regression", split.loss or "mse", optimizer,
+                                    huber_delta=split.huber_delta or 1.0)
+            else:
+                job.top = TopWorker(top, "classification", "cross_entropy", optimizer)
+        job.keys_hash = split_state.rows_hash([job.ids[r] for r in job.rows])
+        job.ids, job.labels = [], None  # keys and labels are not needed past this point
+
+    def _bottom(self, job: _Job, optimizer: dict) -> BottomWorker:
+        """This part's bottom model (its plan's width checked), with its activation clipping and noise."""
+        split = job.split
+        part = split.parts[job.index]
         model = self._build(part.architecture, lambda arch: build_bottom(
-            arch or {"kind": "mlp", "hidden": part.hidden, "out": part.out}, len(part.features),
+            arch or {"kind": "mlp", "hidden": part.hidden, "out": part.out}, part.input_width,
             split.seed + job.index, root=self.base_dir.resolve()))
         if part.architecture is not None:  # the plan's cut width (learned at compile time)
             with torch.no_grad():
                 model.eval()
                 try:
-                    shape = list(model(torch.zeros(2, len(part.features))).shape)
+                    shape = list(model(torch.zeros(2, part.input_width)).shape)
                 except Exception as err:  # noqa: BLE001 - user code
                     raise SplitError(f"model {part.architecture.entrypoint}: forward failed: {type(err).__name__}") from None
                 model.train()
@@ -234,21 +359,7 @@ class SplitDomain:
                                  f"the plan says {part.out}")
         # the noise comes from a secret seed (BottomWorker's default): one from the plan would let
         # the label owner regenerate it and subtract it from the activations
-        job.bottom = BottomWorker(model, optimizer, noise=split.noise or 0.0, clip=split.clip)
-        if job.leader:
-            assert job.labels is not None
-            index = {c: i for i, c in enumerate(split.classes)}
-            unknown = sorted({job.labels[r] for r in job.rows} - set(index))
-            if unknown:
-                raise DataError(f"product {split.label_product}: label column {split.label_column} holds "
-                                f"{len(unknown)} value{'s' if len(unknown) > 1 else ''} not declared in its values")
-            job.y = torch.tensor([index[job.labels[r]] for r in job.rows], dtype=torch.int64)
-            width = sum(p.out for p in split.parts)
-            top = self._build(split.top_architecture, lambda arch: build_top(
-                arch or {"kind": "mlp", "hidden": split.top_hidden}, width, len(split.classes),
-                split.seed + len(split.parts), root=self.base_dir.resolve()))
-            job.top = TopWorker(top, "classification", "cross_entropy", optimizer)
-        job.ids, job.labels = [], None  # keys and labels are not needed past this point
+        return BottomWorker(model, optimizer, noise=split.noise or 0.0, clip=split.clip)
 
     @staticmethod
     def _build(arch: PlanArchitecture | None, build: Any) -> torch.nn.Module:
@@ -266,6 +377,9 @@ class SplitDomain:
     def _forward(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
         assert job.bottom is not None
         acts = job.bottom.forward(job.x[job.batch(ins.epoch, ins.batch)])
+        if not bool(torch.isfinite(acts).all()):
+            raise _diverged(job, f"the activations of {self.domain}", ins)
+        self._judge(job, ins, {self.domain: acts}, {})  # (its own round policies, before they leave)
         return [(wire.SplitRes(job=job.split.name, step="acts", epoch=ins.epoch, batch=ins.batch), {"acts": acts})]
 
     def _acts(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors, n: int, own: torch.Tensor
@@ -280,6 +394,9 @@ class SplitDomain:
             if a is None or a.dtype != torch.float32 or list(a.shape) != [n, p.out]:
                 raise SplitError(f"activations of {p.domain} missing or not [{n}, {p.out}] float32")
             out.append(a)
+        for p, a in zip(job.split.parts, out):
+            if not bool(torch.isfinite(a).all()):
+                raise _diverged(job, f"the activations of {p.domain}", ins)
         return out
 
     def _top(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
@@ -287,13 +404,17 @@ class SplitDomain:
         idx = job.batch(ins.epoch, ins.batch)
         own = job.bottom.forward(job.x[idx])
         acts = self._acts(job, ins, tensors, len(idx), own)
+        received = {p.domain: a for p, a in zip(job.split.parts, acts) if p.domain != self.domain}
+        self._judge(job, ins, received, {})
         loss, grads = job.top.step(acts, job.y[idx])
         if not math.isfinite(loss):
-            raise SplitError(f"training diverged: the loss of epoch {ins.epoch + 1} batch {ins.batch + 1} is {loss}"
-                             " (lower training.lr)")
+            raise _diverged(job, f"the loss at {self.domain}", ins)
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            raise _diverged(job, f"the gradients at {self.domain}", ins)
         mine = job.index
         job.bottom.backward(grads[mine])
         out = {p.domain: g for i, (p, g) in enumerate(zip(job.split.parts, grads)) if i != mine}
+        self._judge(job, ins, received, out)
         return [(wire.SplitRes(job=job.split.name, step="grads", epoch=ins.epoch, batch=ins.batch, loss=loss,
                                examples=len(idx)), out)]
 
@@ -302,33 +423,145 @@ class SplitDomain:
         grad = tensors.get("grad")
         if grad is None or grad.dtype != torch.float32:
             raise SplitError("a backward step without a float32 `grad` tensor")
+        if not bool(torch.isfinite(grad).all()):
+            raise _diverged(job, f"the gradients for {self.domain}", ins)
+        self._judge(job, ins, {}, {self.domain: grad})  # (before it is applied)
         job.bottom.backward(grad)
         return []
 
     def _eval(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
         assert job.bottom is not None
         acts = job.bottom.forward(job.x[job.test], train=False)
+        self._judge(job, ins, {self.domain: acts}, {}, holdout=True)
         return [(wire.SplitRes(job=job.split.name, step="eval_acts", epoch=ins.epoch), {"acts": acts})]
 
     def _eval_top(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
         assert job.bottom is not None and job.top is not None and job.y is not None
         own = job.bottom.forward(job.x[job.test], train=False)
-        out = job.top.predict(self._acts(job, ins, tensors, len(job.test), own))
+        acts = self._acts(job, ins, tensors, len(job.test), own)
+        self._judge(job, ins, {p.domain: a for p, a in zip(job.split.parts, acts) if p.domain != self.domain}, {},
+                    holdout=True)
+        out = job.top.predict(acts)
+        return self._metrics(job, ins, out)
+
+    def _judge(self, job: _Job, ins: wire.SplitIns, acts: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+               *, holdout: bool = False) -> None:
+        """This domain's round policies (the global and its own local ones that judge split jobs) on what it is
+        about to send or apply: a warn goes to its log, a deny raises SplitDenied (the job fails)."""
+        gate = self.gates.get(job.split.name)
+        if gate is None:
+            gate = self.gates[job.split.name] = SplitRoundGate(self.plan, job.split, self.domain)
+        if not gate:
+            return
+        for d, line in gate.decide(ins.epoch + 1, 0 if holdout else ins.batch + 1, acts, grads):
+            if d.effect == "deny":
+                raise SplitDenied(d.policy, ins.epoch + 1, line)
+            print(f"warning: split job {job.split.name}: {line}", flush=True)
+
+    def _metrics(self, job: _Job, ins: wire.SplitIns, out: torch.Tensor) -> list:
+        """The holdout's metrics of the top model's output `out` (here, or the coordinator's logits)."""
+        assert job.y is not None
         y = job.y[job.test]
-        metrics = {"loss": float(torch.nn.functional.cross_entropy(out, y)),
-                   "accuracy": float((out.argmax(dim=1) == y).float().mean())} if len(y) else {}
+        if job.split.task == "regression":  # the federated models' metric code (exact sums, then finish)
+            stats = eval_stats("regression", out, y, classes=None, loss=job.split.loss or "mse",
+                               huber_delta=job.split.huber_delta or 1.0)
+            metrics = finish("regression", [m for m in job.split.metrics if m in TASK_METRICS["regression"]],
+                             [stats]) if len(y) else {}
+        else:
+            metrics = {"loss": float(torch.nn.functional.cross_entropy(out, y)),
+                       "accuracy": float((out.argmax(dim=1) == y).float().mean())} if len(y) else {}
         metrics = {m: v for m, v in metrics.items() if m in job.split.metrics and math.isfinite(v)}
         return [(wire.SplitRes(job=job.split.name, step="metrics", epoch=ins.epoch, examples=len(y),
                                metrics=metrics), None)]
 
+    def _loss(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
+        """The top model runs at the coordinator: the loss of its logits for this batch, and d loss / d logits."""
+        assert job.loss is not None and job.y is not None
+        idx = job.batch(ins.epoch, ins.batch)
+        logits = self._logits(job, tensors, len(idx))
+        loss, grad = job.loss.grad(logits, job.y[idx])
+        if not math.isfinite(loss) or not bool(torch.isfinite(grad).all()):
+            raise _diverged(job, f"the loss at {self.domain}", ins)
+        return [(wire.SplitRes(job=job.split.name, step="logit_grads", epoch=ins.epoch, batch=ins.batch, loss=loss,
+                               examples=len(idx)), {"grad": grad})]
+
+    def _eval_loss(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
+        return self._metrics(job, ins, self._logits(job, tensors, len(job.test)))
+
+    @staticmethod
+    def _logits(job: _Job, tensors: wire.Tensors, n: int) -> torch.Tensor:
+        width = len(job.split.classes) or 1
+        logits = tensors.get("logits")
+        if logits is None or logits.dtype != torch.float32 or list(logits.shape) != [n, width] \
+                or not bool(torch.isfinite(logits).all()):
+            raise SplitError(f"logits from the coordinator missing, non-finite or not [{n}, {width}] float32")
+        return logits
+
     def _finish(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
-        assert job.bottom is not None
-        self._save(job)
+        if job.bottom is not None:  # (a label-only part has none)
+            self._save(job)
         top = None
         if job.top is not None:
             top = {k: v.detach().contiguous() for k, v in job.top.model.state_dict().items()}
         del self.jobs[job.split.name]
         return [(wire.SplitRes(job=job.split.name, step="saved"), top)]
+
+    # -- resume (domain/split_state.py) ---------------------------------------------------------
+    def _keep(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
+        """Keep this domain's state after epoch `ins.epoch + 1` (its file is written before the reply, so the
+        coordinator records the epoch only once every part has kept it)."""
+        if not job.rows:
+            raise SplitError("keep before the intersection")
+        out: dict[str, torch.Tensor] = {"rng": torch.get_rng_state()}
+        meta = {"job": job.split.name, "plan_hash": self.plan.plan.hash, "domain": self.domain,
+                "rows": str(len(job.rows)), "keys": job.keys_hash, "standardize": split_state.dumps(job.norm)}
+        if job.bottom is not None:  # (a label-only part has none: it keeps its rows' hash)
+            state, rest = split_state.optimizer_state(job.bottom.opt)
+            out.update({f"bottom/{k}": v for k, v in job.bottom.model.state_dict().items()})
+            out.update({f"bottom_opt/{k}": v for k, v in state.items()})
+            meta["bottom_opt"] = split_state.dumps(rest)
+        if job.top is not None:
+            state, rest = split_state.optimizer_state(job.top.opt)
+            out.update({f"top/{k}": v for k, v in job.top.model.state_dict().items()})
+            out.update({f"top_opt/{k}": v for k, v in state.items()})
+            meta["top_opt"] = split_state.dumps(rest)
+        directory = split_state.job_dir(self.base_dir, self.run, self.domain, job.split.name)
+        try:
+            split_state.save(directory, ins.epoch + 1, out, meta)
+        except OSError as err:
+            raise SplitError(f"cannot keep the state of epoch {ins.epoch + 1}: {err.strerror or err}") from None
+        return [(wire.SplitRes(job=job.split.name, step="kept", epoch=ins.epoch), None)]
+
+    def _restore(self, job: _Job, ins: wire.SplitIns, tensors: wire.Tensors) -> list:
+        """A resumed job: take up this domain's state after epoch `ins.epoch + 1`, once the intersection is
+        computed again. A state missing, damaged, of another plan or job, or of other rows refuses (one line)."""
+        if not job.rows:
+            raise SplitError("restore before the intersection")
+        epoch = ins.epoch + 1
+        directory = split_state.job_dir(self.base_dir, self.run, self.domain, job.split.name)
+        try:
+            kept, meta = split_state.load(directory, epoch)
+            if meta.get("job") != job.split.name or meta.get("plan_hash") != self.plan.plan.hash:
+                raise ValueError(f"the state of epoch {epoch} is of another plan or job")
+            if meta.get("keys") != job.keys_hash or meta.get("rows") != str(len(job.rows)):
+                raise ValueError(f"the intersection is not the one of epoch {epoch} ({meta.get('rows')} rows then, "
+                                 f"{len(job.rows)} now)")
+            if meta.get("standardize") != split_state.dumps(job.norm):
+                raise ValueError(f"the data changed since epoch {epoch} (its standardization differs)")
+            if job.bottom is not None:  # (a label-only part has none)
+                job.bottom.model.load_state_dict(split_state.prefixed(kept, "bottom/"))
+                split_state.load_optimizer(job.bottom.opt, split_state.prefixed(kept, "bottom_opt/"),
+                                           json.loads(meta.get("bottom_opt", "{}")))
+            if job.top is not None:
+                job.top.model.load_state_dict(split_state.prefixed(kept, "top/"))
+                split_state.load_optimizer(job.top.opt, split_state.prefixed(kept, "top_opt/"),
+                                           json.loads(meta.get("top_opt", "{}")))
+            torch.set_rng_state(kept["rng"])
+        except (ValueError, KeyError, RuntimeError, TypeError) as err:
+            line = (str(err).splitlines() or [type(err).__name__])[0][:300]
+            print(f"split job {job.split.name}: cannot resume from {directory}: {line}", flush=True)  # its own log
+            raise SplitResumeRefused(f"cannot resume after epoch {epoch}: {line}") from None
+        return [(wire.SplitRes(job=job.split.name, step="restored", epoch=ins.epoch), None)]
 
     def _save(self, job: _Job) -> None:
         """The bottom model (and this part's standardization) into the domain's own directory, atomically."""

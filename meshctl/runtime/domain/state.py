@@ -19,6 +19,7 @@ from meshctl.compiler.plan import PlanJob
 
 CONTROL = "control/"
 RESIDUAL = "residual/"
+LOCAL = "local/"
 KEEP = 3
 """State files a domain keeps per job (its newest): a resume goes back to the coordinator's newest
 checkpoint, written a round or two behind at most; older files are deleted."""
@@ -26,9 +27,18 @@ checkpoint, written a round or two behind at most; older files are deleted."""
 
 def carried(job: PlanJob) -> bool:
     """Whether a domain keeps state of `job` across rounds: SCAFFOLD's c_i (not under secure aggregation,
-    MESH549) or top-k's residual."""
+    MESH549), top-k's residual, or personalisation's local layers."""
     scaffold = job.aggregation.strategy == "scaffold" and not job.privacy.secure_aggregation
-    return scaffold or (job.compression is not None and job.compression.kind == "topk")
+    local = job.personalization is not None and bool(job.personalization.local_tensors)
+    return scaffold or local or (job.compression is not None and job.compression.kind == "topk")
+
+
+def local_state(model: torch.nn.Module, job: PlanJob) -> dict[str, torch.Tensor]:
+    """The tensors of `model` that personalisation keeps in the domain (none without local layers)."""
+    if job.personalization is None or not job.personalization.local_tensors:
+        return {}
+    state = model.state_dict()
+    return {t.name: state[t.name] for t in job.personalization.local_tensors}
 
 
 def job_dir(base_dir: Path, run: str, domain: str, job: str) -> Path:
@@ -37,7 +47,8 @@ def job_dir(base_dir: Path, run: str, domain: str, job: str) -> Path:
     return base_dir / ".meshctl" / "state" / (run or "no-run") / domain / job
 
 
-def save(directory: Path, rnd: int, control: dict[str, torch.Tensor], residual: dict[str, torch.Tensor]) -> Path:
+def save(directory: Path, rnd: int, control: dict[str, torch.Tensor], residual: dict[str, torch.Tensor],
+         local: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the state after round `rnd` (atomically: a killed process leaves the old file or the new one);
     delete all but the KEEP newest, and any of a later round. Raises OSError."""
     from safetensors.torch import save_file
@@ -45,7 +56,8 @@ def save(directory: Path, rnd: int, control: dict[str, torch.Tensor], residual: 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"round-{rnd:04d}.safetensors"
     tmp = path.with_suffix(".tmp")
-    tensors = {**{CONTROL + k: v for k, v in control.items()}, **{RESIDUAL + k: v for k, v in residual.items()}}
+    tensors = {**{CONTROL + k: v for k, v in control.items()}, **{RESIDUAL + k: v for k, v in residual.items()},
+               **{LOCAL + k: v for k, v in (local or {}).items()}}
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"round": str(rnd)})
     except OSError:
@@ -65,8 +77,10 @@ def _rounds(directory: Path) -> list[tuple[int, Path]]:
                   if p.stem.removeprefix("round-").isdigit())
 
 
-def newest(directory: Path, last: int) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-    """(round, control, residual) of the newest state file of a round <= `last`; None when there is none.
+def newest(directory: Path, last: int) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                dict[str, torch.Tensor]] | None:
+    """(round, control, residual, local layers) of the newest state file of a round <= `last`; None when
+    there is none.
     Raises ValueError when that file does not read (an older one would be the wrong state)."""
     from safetensors import safe_open
 
@@ -81,4 +95,5 @@ def newest(directory: Path, last: int) -> tuple[int, dict[str, torch.Tensor], di
         raise ValueError(f"cannot read {path}: {err}") from None
     control = {k.removeprefix(CONTROL): v for k, v in tensors.items() if k.startswith(CONTROL)}
     residual = {k.removeprefix(RESIDUAL): v for k, v in tensors.items() if k.startswith(RESIDUAL)}
-    return rnd, control, residual
+    local = {k.removeprefix(LOCAL): v for k, v in tensors.items() if k.startswith(LOCAL)}
+    return rnd, control, residual, local

@@ -3,7 +3,10 @@
 Per batch, each domain runs its bottom model on its aligned rows and sends the
 activations (`BottomWorker.forward`); the top model concatenates them in party order,
 computes the loss and returns one gradient per part (`TopWorker.step`); each domain
-applies its gradient and steps its own optimizer (`BottomWorker.backward`). Only
+applies its gradient and steps its own optimizer (`BottomWorker.backward`). With the top
+model at the coordinator (`top.at: coordinator`) `TopWorker.step` is cut in two around the
+loss: `TopWorker.forward` (logits), `LossWorker.grad` at the label owner (d loss / d logits),
+`TopWorker.backward` (the parts' gradients); the result is the same. Only
 activations and gradients cross. Every party draws the same batches from the same seed
 (`batch_order`).
 
@@ -148,11 +151,14 @@ class BottomWorker:
 class TopWorker:
     """The top model at the label owner: the loss, its step, one gradient per part."""
 
-    def __init__(self, model: nn.Module, task: str | None, loss: str, optimizer: dict):
+    def __init__(self, model: nn.Module, task: str | None, loss: str, optimizer: dict, huber_delta: float = 1.0):
         self.model = model
         self.task = task or _task_of(loss)
-        self.loss_fn: Callable[..., Tensor] = loss_function(loss)
+        self.loss_fn: Callable[..., Tensor] = loss_function(loss, huber_delta=huber_delta)
         self.opt = _opt(model, optimizer)
+        self._leaves: list[Tensor] = []
+        self._logits: Tensor | None = None
+        """`forward`'s graph (the coordinator's top model), until `backward`."""
 
     def step(self, acts: list[Tensor], y: Tensor) -> tuple[float, list[Tensor]]:
         """(the batch's mean loss, the gradient for each part's activations, in `acts` order)."""
@@ -172,6 +178,52 @@ class TopWorker:
         """The top model's output on the concatenated activations (eval mode)."""
         self.model.eval()
         return self.model(torch.cat(acts, dim=1))
+
+    def forward(self, acts: list[Tensor]) -> Tensor:
+        """The top model at the coordinator (`top.at: coordinator`), first half of `step`: the logits of
+        the concatenated activations (detached, to send to the label owner); the graph waits for `backward`."""
+        for i, a in enumerate(acts):
+            if a.dim() != 2 or len(a) != len(acts[0]) or not bool(torch.isfinite(a).all()):
+                raise ValueError(f"activations of part {i}: shape {list(a.shape)}, or non-finite")
+        self._leaves = [a.detach().requires_grad_(True) for a in acts]
+        self.model.train()
+        self.opt.zero_grad()
+        self._logits = self.model(torch.cat(self._leaves, dim=1))
+        return self._logits.detach().clone()
+
+    def backward(self, grad: Tensor) -> list[Tensor]:
+        """The second half: the label owner's d loss / d logits through the top model; steps it and
+        returns the gradient of each part's activations (in `forward`'s order). As `step` on the same batch."""
+        logits = self._logits
+        if logits is None:
+            raise RuntimeError("backward without a forward")
+        if grad.shape != logits.shape or grad.dtype != logits.dtype or not bool(torch.isfinite(grad).all()):
+            raise ValueError(f"a logits gradient of shape {list(grad.shape)} {grad.dtype} for logits "
+                             f"{list(logits.shape)} {logits.dtype}, or non-finite")
+        logits.backward(grad)
+        self._logits = None
+        self.opt.step()
+        return [a.grad for a in self._leaves]  # type: ignore[misc]
+
+
+class LossWorker:
+    """The label owner's half when the coordinator runs the top model: the loss of the logits it is
+    sent and d loss / d logits, returned to the coordinator. That gradient reveals the labels to
+    whoever holds the logits (cross entropy's is (softmax - onehot) / batch: negative only at each
+    row's class), which the compiler warns about (MESH580)."""
+
+    def __init__(self, task: str | None, loss: str, huber_delta: float = 1.0):
+        self.task = task or _task_of(loss)
+        self.loss_fn: Callable[..., Tensor] = loss_function(loss, huber_delta=huber_delta)
+
+    def grad(self, logits: Tensor, y: Tensor) -> tuple[float, Tensor]:
+        """(the batch's mean loss, d loss / d logits)."""
+        if logits.dim() != 2 or len(logits) != len(y) or not bool(torch.isfinite(logits).all()):
+            raise ValueError(f"logits of shape {list(logits.shape)} for {len(y)} rows, or non-finite")
+        leaf = logits.detach().requires_grad_(True)
+        loss = self.loss_fn(prediction(self.task, leaf), y)
+        loss.backward()
+        return loss.item(), leaf.grad  # type: ignore[return-value]
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.table import Table
 from textual.widgets import Static
 
-from meshctl.tui.state import MeshState
+from meshctl.tui.state import MeshState, failed_where
 
 _AT = re.compile(r"[\w./-]+\.[A-Za-z]\w*:\d+(?::\d+)?")
 """A `file:line` or `file:line:col` in a reason (`mesh.yaml:12:5`, `model.py:40`)."""
@@ -31,8 +31,8 @@ def failure_lines(state: MeshState, run_dir: Path | None) -> list[tuple[str, str
     reasons = [state.reason]
     for job in state.jobs.values():
         if job.state == "failed":
-            last = job.rounds[-1].round if job.rounds else job.current_round
-            rows.append(("job", f"{job.name} (round {last}): {job.reason or 'failed'}"))
+            where = failed_where(job).removeprefix("in ")  # (the round that was running, as every view says)
+            rows.append(("job", f"{job.name} ({where}): {job.reason or 'failed'}"))
             reasons.append(job.reason)
     blamed = [d for d in state.domains.values() if d.state in ("refused", "lost")]
     for d in blamed:

@@ -36,11 +36,9 @@ class JobRow(Horizontal):
         if not self.query(".job-eta"):
             return
         total = job.rounds_total or None
-        done = job.rounds[-1].round if job.rounds else 0
-        if job.state == "completed":
-            done = job.rounds_total or done
+        done = job.done  # rounds completed (state.progress)
         total_text = job.rounds_total or "?"
-        label = (f"{job.name} round {job.current_round}/{total_text} training"
+        label = (f"{job.name} {job.unit} {job.current_round}/{total_text} training"
                  if job.state == "training" else f"{job.name} {done}/{total_text} {job.state}")
         live = job.state in ("waiting", "training")
         if lost and live:

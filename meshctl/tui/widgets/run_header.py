@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Static
 
-from meshctl.tui.state import MeshState
+from meshctl.tui.state import MeshState, progress
 from meshctl.tui.widgets._format import fmt_seconds
 
 _STATES = ("starting", "running", "completed", "failed", "lost", "replay")
@@ -54,7 +54,7 @@ class RunHeader(Horizontal):
     @staticmethod
     def _jobs_line(state: MeshState) -> str:
         lost = state.state == "lost"  # a job of a lost coordinator is stalled, not training
-        parts = [f"{job.name} {job.current_round}/{job.rounds_total or '?'} "
+        parts = [f"{job.name} {progress(job)}/{job.rounds_total or '?'} "
                  + ("stalled" if lost and job.state in ("waiting", "training") else job.state)
                  for job in state.jobs.values()]
         parts += [f"analysis {a.name} {a.state}" for a in state.analyses.values()]

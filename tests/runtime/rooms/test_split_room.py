@@ -24,9 +24,11 @@ from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "vertical"
 
 
-def _room(tmp_path: Path, *edits: tuple[str, str], narrow: str = "", lab: str = "") -> tuple[Coordinator, ListSink]:
+def _room(tmp_path: Path, *edits: tuple[str, str], narrow: str = "", lab: str = "", silent: str = ""
+          ) -> tuple[Coordinator, ListSink]:
     """A service running examples/vertical (1 epoch, sgd: Adam's first step imports torch._dynamo); `narrow` sends
-    activations one column short; `lab`, a DuckDB SELECT over `src`, rewrites data/lab.parquet."""
+    activations one column short; `lab`, a DuckDB SELECT over `src`, rewrites data/lab.parquet; `silent` never
+    answers a step (it beats)."""
     text = (EXAMPLE / "mesh.yaml").read_text()
     for old, new in (("epochs: 30", "epochs: 1"), ("optimizer: adam, lr: 0.01", "optimizer: sgd, lr: 0.1"), *edits):
         text = text.replace(old, new)
@@ -54,7 +56,7 @@ def _room(tmp_path: Path, *edits: tuple[str, str], narrow: str = "", lab: str = 
 
         def reply(conn: Connection, msg: Any, tensors: wire.Tensors, side: SplitDomain = side,
                   name: str = d.name) -> None:
-            if not isinstance(msg, wire.SplitIns):
+            if not isinstance(msg, wire.SplitIns) or name == silent:
                 return
             try:
                 for res, out in side.handle(msg, tensors):
@@ -152,6 +154,7 @@ def test_activation_noise_comes_from_a_secret_seed_not_the_plan(tmp_path):
      "lab.nuclei: key column patient_id: value at data row 434 appears twice (first at data row 10)"),
     ("SELECT * REPLACE (CASE WHEN rowid = 4 THEN NULL ELSE patient_id END AS patient_id) FROM src",
      "product lab.nuclei: column patient_id has 1 missing value; a split model needs every key and value"),
+    ("SELECT * EXCLUDE (radius_mean) FROM src", "lab.nuclei: column radius_mean is not in data/lab.parquet"),
 ])
 def test_a_part_that_cannot_train_on_its_data_refuses_it_as_a_federated_domain_does(tmp_path, lab, reason):
     """The domain stays joined (not lost): a `data` denial (the dashboard shows it refused, data), and
@@ -163,3 +166,40 @@ def test_a_part_that_cannot_train_on_its_data_refuses_it_as_a_federated_domain_d
     denial = [e for e in sink.events if isinstance(e, ev.PolicyDecided) and e.effect == "deny"]
     assert [(e.policy, e.domain, e.reason) for e in denial] == [("data", "lab", reason)]
     assert not [e for e in sink.events if isinstance(e, ev.DomainLost)]
+
+
+def test_a_daemon_whose_feature_column_is_missing_starts_and_refuses_the_split_job_when_it_starts(tmp_path):
+    """A declared feature missing from the file is a data refusal when the job reads it, as a missing key is:
+    the daemon starts (its Hello, then `refused (data)`), instead of failing to start (`lost`)."""
+    from meshctl.runtime.daemon import Daemon, DaemonConfig
+    from meshctl.runtime.keys import KeyPair
+
+    c, _ = _room(tmp_path, lab="SELECT * EXCLUDE (radius_mean) FROM src")
+    cfg = DaemonConfig(domain="lab", plan=c.plan, base_dir=tmp_path, coordinator="tcp://127.0.0.1:1",
+                       server_key=b"", keys=KeyPair.generate())
+    Daemon(cfg).load()  # (no DataError: nothing else of this domain reads lab.nuclei)
+
+
+def test_a_part_that_does_not_answer_fails_the_job_naming_the_step_and_the_deadline(tmp_path):
+    c, _ = _room(tmp_path, ("min_intersection: 100", "min_intersection: 100\n    round_timeout_s: 0.01"), silent="clinic")
+    with pytest.raises(JobAborted) as err:
+        c._work()
+    assert str(err.value) == ("split job malignancy: no reply from clinic to step ready within 0.01 s "
+                              "(round_timeout_s)")
+
+
+def test_a_domain_inside_a_split_job_is_busy_between_its_steps_until_the_job_ends(tmp_path):
+    """Its heartbeats say `training` from the intersection's first step to `finish` (or the step that failed),
+    not only while one step is served."""
+    from meshctl.runtime.daemon import Daemon, DaemonConfig
+    from meshctl.runtime.keys import KeyPair
+
+    c, _ = _room(tmp_path)
+    cfg = DaemonConfig(domain="clinic", plan=c.plan, base_dir=tmp_path, coordinator="tcp://127.0.0.1:1",
+                       server_key=b"", keys=KeyPair.generate(), run="r1")
+    daemon, sent = Daemon(cfg), []
+    daemon._send = lambda sock, msg, tensors=None: sent.append(msg)
+    daemon._dispatch(None, wire.SplitIns(job="malignancy", step="psi_start", salt="ab" * 16), {})
+    assert [m.step for m in sent] == ["ready"] and daemon.state == "training"
+    daemon._dispatch(None, wire.SplitIns(job="malignancy", step="backward", epoch=0, batch=0), {})  # not its step
+    assert sent[-1].type == "error" and daemon.state == "idle"
