@@ -588,14 +588,7 @@ class Daemon:
 
     def _split(self, sock: zmq.Socket, msg: wire.SplitIns, tensors: wire.Tensors) -> None:
         """Serve one split-learning step (meshctl.runtime.domain.split); a failure is one ErrorReply line."""
-        from meshctl.runtime.domain.split import (
-            SplitDenied,
-            SplitDomain,
-            SplitError,
-            SplitFailed,
-            SplitResumeRefused,
-        )
-        from meshctl.runtime.psi import PsiError
+        from meshctl.runtime.domain.split import SplitDomain
 
         if msg.job in self.refused:  # decided before Hello (governance.evaluate_split): no data is read
             self._send(sock, wire.ErrorReply(code="refused", reason=f"split job {msg.job}: {self.refused[msg.job]}",
@@ -603,32 +596,11 @@ class Daemon:
             return
         if getattr(self, "splits", None) is None:
             self.splits = SplitDomain(self.cfg.plan, self.cfg.domain, self.cfg.base_dir, self.cfg.run)
-        try:
-            try:
-                replies = self.splits.handle(msg, tensors)
-            except Exception:  # the job fails with this step: this domain is in it no longer (idle)
-                self.splits.jobs.pop(msg.job, None)
-                raise
-        except DataError as err:  # a `data` denial, as a federated job's at join (coordinator/split.data_refused)
-            print(f"split job {msg.job}: {err.local()}", flush=True)  # the detail stays in the domain's log
-            self._send(sock, wire.ErrorReply(code="split-data", reason=err.message[:4096], job=msg.job))
-            return
-        except SplitDenied as err:  # its own round policy (runtime.split_rounds): the job fails, as a federated round's
-            print(f"refused: split job {msg.job}: {err}", file=sys.stderr, flush=True)
-            self._send(sock, wire.ErrorReply(code=f"policy:{err.policy}"[:64], reason=str(err)[:4096], job=msg.job,
-                                             round=err.epoch))
-            return
-        except SplitResumeRefused as err:  # its state cannot be taken up: a refusal (coordinator/split), not lost
-            self._send(sock, wire.ErrorReply(code="split-refused", reason=str(err)[:4096], job=msg.job))
-            return
-        except SplitFailed as err:  # its numbers diverged: the job fails (coordinator/split.step_failed), not lost
-            self._send(sock, wire.ErrorReply(code="split-failed", reason=f"split job {msg.job}: {err}", job=msg.job))
-            return
-        except (SplitError, PsiError, ValueError, RuntimeError, KeyError) as err:  # a malformed or out-of-order step
-            self._send(sock, wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))
-            return
+        replies = self.splits.answer(msg, tensors, log=lambda line: print(line, file=sys.stderr, flush=True))
         for reply, out in replies:
             self._send(sock, reply, out)
+        if isinstance(replies[0][0] if replies else None, wire.ErrorReply):
+            return
         if msg.step in ("psi_order", "finish"):
             say(f"split job {msg.job}: {msg.step.replace('_', ' ')} done")
 

@@ -65,6 +65,18 @@ def _program(source: str) -> Any:
         raise PolicyError(f"CEL syntax error: {first[0] if first else type(err).__name__}") from None
 
 
+def precompile(policies: list[PlanPolicy]) -> None:
+    """Compile the policies' expressions into the cache now; one that does not compile is denied with its
+    reason when decided (decide_policy)."""
+    for p in policies:
+        for source in (p.when, p.require):
+            if source:
+                try:
+                    _program(source)
+                except PolicyError:
+                    pass
+
+
 def _evaluate(source: str, variables: dict[str, Any]) -> bool:
     """Evaluate a boolean CEL expression; raises PolicyError on any failure."""
     from celpy import celtypes
@@ -374,13 +386,7 @@ class RoundGate:
         self.counts: dict[tuple[str, str], int] = {}
         """(policy label, domain) -> how many of the domain's updates the policy excluded in this job."""
         self.coordinator = _coordinator(plan) if self.policies or self.excluders else None
-        for p in [*self.policies, *self.excluders]:  # compile now (cached), not in the first round
-            for source in (p.when, p.require):
-                if source:
-                    try:
-                        _program(source)
-                    except PolicyError:
-                        pass  # decide_policy denies with the reason
+        precompile([*self.policies, *self.excluders])  # now, not in the first round
 
     def __bool__(self) -> bool:
         return bool(self.policies or self.excluders)

@@ -26,11 +26,10 @@ import torch
 
 from meshctl.compiler.plan import Plan, PlanPolicy, PlanSplit
 from meshctl.runtime.governance import (
-    PolicyError,
     _coordinator,
-    _program,
     decide_policy,
     policy_label,
+    precompile,
 )
 from meshctl.runtime.wire import Decision
 
@@ -64,13 +63,7 @@ class SplitRoundGate:
         self.coordinator = _coordinator(plan) if self.policies else None
         self.warned: set[tuple[str, int]] = set()
         """(policy, epoch) already warned about: a warn is one event per policy and epoch, not per batch."""
-        for p in self.policies:  # compile now (cached), not in the first batch
-            for source in (p.when, p.require):
-                if source:
-                    try:
-                        _program(source)
-                    except PolicyError:
-                        pass  # decide_policy denies with the reason
+        precompile(self.policies)  # now, not in the first batch
 
     def __bool__(self) -> bool:
         return bool(self.policies)

@@ -208,6 +208,33 @@ class SplitDomain:
         self.gates: dict[str, SplitRoundGate] = {}
         """Split job -> this domain's round policies over what it sends and receives (split_rounds)."""
 
+    def answer(self, ins: wire.SplitIns, tensors: wire.Tensors, log: Any = print
+               ) -> list[tuple[wire.SplitRes | wire.ErrorReply, wire.Tensors | None]]:
+        """What the daemon sends for one instruction (daemon._split): `handle`'s replies, or one ErrorReply
+        whose code says what failed (the coordinator's split room reads it: split-data a data refusal,
+        policy:<name> a round policy's deny, split-refused a state it cannot take up, split-failed diverged
+        numbers, split anything else); a job that fails leaves this domain. `log` gets the detail that stays
+        in the domain's own log."""
+        try:
+            try:
+                return self.handle(ins, tensors)
+            except Exception:  # the job fails with this step: this domain is in it no longer (idle)
+                self.jobs.pop(ins.job, None)
+                raise
+        except DataError as err:  # a `data` denial, as a federated job's at join (coordinator/split.data_refused)
+            log(f"split job {ins.job}: {err.local()}")
+            return [(wire.ErrorReply(code="split-data", reason=err.message[:4096], job=ins.job), None)]
+        except SplitDenied as err:  # its own round policy (runtime.split_rounds): the job fails, as a federated round's
+            log(f"refused: split job {ins.job}: {err}")
+            return [(wire.ErrorReply(code=f"policy:{err.policy}"[:64], reason=str(err)[:4096], job=ins.job,
+                                     round=err.epoch), None)]
+        except SplitResumeRefused as err:  # its state cannot be taken up: a refusal (coordinator/split), not lost
+            return [(wire.ErrorReply(code="split-refused", reason=str(err)[:4096], job=ins.job), None)]
+        except SplitFailed as err:  # its numbers diverged: the job fails (coordinator/split.step_failed), not lost
+            return [(wire.ErrorReply(code="split-failed", reason=f"split job {ins.job}: {err}", job=ins.job), None)]
+        except (SplitError, psi.PsiError, ValueError, RuntimeError, KeyError) as err:  # malformed or out of order
+            return [(wire.ErrorReply(code="split", reason=f"split job {ins.job}: {err}", job=ins.job), None)]
+
     def handle(self, ins: wire.SplitIns, tensors: wire.Tensors) -> list[tuple[wire.SplitRes, wire.Tensors | None]]:
         """The replies to one instruction (none for a backward step). Raises SplitError or DataError."""
         if ins.step == "psi_start":

@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from sinks import ListSink
+from split_hub import split_service
 
 from meshctl.compiler.compile import compile_mesh
 from meshctl.runtime import events as ev
-from meshctl.runtime import wire
 from meshctl.runtime.coordinator import Coordinator, JobAborted
 from meshctl.runtime.coordinator.split import top_path
-from meshctl.runtime.domain.split import SplitDomain, SplitError, bottom_path
+from meshctl.runtime.domain.split import bottom_path
 from meshctl.runtime.kernels.split import (
     BottomWorker,
     TopWorker,
@@ -29,8 +28,6 @@ from meshctl.runtime.kernels.split import (
     train_centralised,
     train_split_in_process,
 )
-from meshctl.runtime.run import RunManifest
-from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "vertical"
 NETS = '''\
@@ -77,31 +74,7 @@ def _room(tmp_path: Path, warm: Path) -> tuple[Coordinator, ListSink]:
     shutil.copytree(warm, tmp_path / ".meshctl" / "cache" / "models")
     plan = compile_mesh(_write(tmp_path)).plan
     assert plan is not None
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    manifest = RunManifest(run="r1", run_dir=str(run_dir), base_dir=str(tmp_path), router="tcp://10.0.0.5:7700",
-                           events="inproc://y", coordinator_key="", coordinator_public="",
-                           domain_keys={d.name: f"key-{d.name}" for d in plan.domains}, checkpoint=False)
-    clock = FakeClock()
-    hub = MemoryHub(clock)
-    c = Coordinator(manifest, plan, link=hub, clock=clock)
-    c.sink = sink = ListSink()
-    for d in plan.domains:
-        side = SplitDomain(plan, d.name, tmp_path, "r1")
-
-        def reply(conn: Connection, msg: Any, tensors: wire.Tensors, side: SplitDomain = side) -> None:
-            if not isinstance(msg, wire.SplitIns):
-                return
-            try:
-                for res, out in side.handle(msg, tensors):
-                    conn.send(res, out)
-            except (SplitError, ValueError) as err:
-                conn.send(wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))
-
-        conn = hub.connect(d.name, reply)
-        conn.send(wire.Hello(plan_hash=plan.plan.hash, pid=1, rows={}))
-        hub.every(2.0, lambda conn=conn: conn.send(wire.Heartbeat(state="idle")) or True)
-    return c, sink
+    return split_service(tmp_path, plan)
 
 
 def test_a_custom_bottom_and_top_train_and_stay_where_they_belong(tmp_path, warm):

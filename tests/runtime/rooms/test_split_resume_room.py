@@ -13,18 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sinks import ListSink
+from split_hub import split_service
 
 from meshctl.compiler.compile import compile_mesh
 from meshctl.compiler.plan import Plan
 from meshctl.runtime import events as ev
-from meshctl.runtime import wire
 from meshctl.runtime.coordinator import Coordinator, JobAborted
 from meshctl.runtime.coordinator.split import top_path
-from meshctl.runtime.data import DataError
 from meshctl.runtime.domain import split_state
-from meshctl.runtime.domain.split import SplitDenied, SplitDomain, SplitError, SplitResumeRefused
-from meshctl.runtime.run import RunManifest
-from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "vertical"
 EPOCHS = 3
@@ -65,38 +61,9 @@ def _mesh(tmp_path: Path, *edits: tuple[str, str]) -> Plan:
 def _coordinator(tmp_path: Path, plan: Plan, sink: ListSink, resumed: str = "",
                  checkpoint: bool = True) -> Coordinator:
     """A coordinator of run r1 whose domains are fresh SplitDomains (a new daemon each) on a new hub."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(exist_ok=True)
-    (run_dir / "events.jsonl").touch()
-    manifest = RunManifest(run="r1", run_dir=str(run_dir), base_dir=str(tmp_path), router="tcp://10.0.0.5:7700",
-                           events="inproc://y", coordinator_key="", coordinator_public="",
-                           domain_keys={d.name: f"key-{d.name}" for d in plan.domains}, checkpoint=checkpoint)
-    clock = FakeClock()
-    hub = MemoryHub(clock)
-    c = Coordinator(manifest, plan, link=hub, clock=clock, resumed=resumed)
-    c.sink = sink
-    for d in plan.domains:
-        side = SplitDomain(plan, d.name, tmp_path, "r1")
-
-        def reply(conn: Connection, msg: Any, tensors: wire.Tensors, side: SplitDomain = side) -> None:
-            if not isinstance(msg, wire.SplitIns):
-                return
-            try:
-                for res, out in side.handle(msg, tensors):
-                    conn.send(res, out)
-            except DataError as err:  # what the daemon sends (daemon._split)
-                conn.send(wire.ErrorReply(code="split-data", reason=err.message, job=msg.job))
-            except SplitResumeRefused as err:
-                conn.send(wire.ErrorReply(code="split-refused", reason=str(err), job=msg.job))
-            except SplitDenied as err:
-                conn.send(wire.ErrorReply(code=f"policy:{err.policy}", reason=str(err), job=msg.job, round=err.epoch))
-            except (SplitError, ValueError) as err:
-                conn.send(wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))
-
-        conn = hub.connect(d.name, reply)
-        conn.send(wire.Hello(plan_hash=plan.plan.hash, pid=1, rows={}))
-        hub.every(2.0, lambda conn=conn: conn.send(wire.Heartbeat(state="idle")) or True)
-    return c
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "events.jsonl").touch()
+    return split_service(tmp_path, plan, checkpoint=checkpoint, resumed=resumed, sink=sink)[0]
 
 
 def _killed_after(tmp_path: Path, plan: Plan, epoch: int) -> None:

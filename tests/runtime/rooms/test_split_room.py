@@ -10,16 +10,15 @@ from typing import Any
 import duckdb
 import pytest
 from sinks import ListSink
+from split_hub import split_service
 
 from meshctl.compiler.compile import compile_mesh
 from meshctl.runtime import events as ev
 from meshctl.runtime import wire
 from meshctl.runtime.coordinator import Coordinator, JobAborted
 from meshctl.runtime.coordinator.split import top_path
-from meshctl.runtime.data import DataError
 from meshctl.runtime.domain.split import SplitDomain, SplitError
-from meshctl.runtime.run import RunManifest
-from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
+from meshctl.runtime.transport.memory import Connection
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "vertical"
 
@@ -41,37 +40,18 @@ def _room(tmp_path: Path, *edits: tuple[str, str], narrow: str = "", lab: str = 
     (tmp_path / "mesh.yaml").write_text(text)
     plan = compile_mesh(tmp_path / "mesh.yaml").plan
     assert plan is not None
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    manifest = RunManifest(run="r1", run_dir=str(run_dir), base_dir=str(tmp_path), router="tcp://10.0.0.5:7700",
-                           events="inproc://y", coordinator_key="", coordinator_public="",
-                           domain_keys={d.name: f"key-{d.name}" for d in plan.domains}, checkpoint=False)
-    clock = FakeClock()
-    hub = MemoryHub(clock)
-    c = Coordinator(manifest, plan, link=hub, clock=clock)
-    sink = ListSink()
-    c.sink = sink
-    for d in plan.domains:
-        side = SplitDomain(plan, d.name, tmp_path, "r1")
 
-        def reply(conn: Connection, msg: Any, tensors: wire.Tensors, side: SplitDomain = side,
-                  name: str = d.name) -> None:
+    def serve(side: SplitDomain, name: str) -> Any:
+        def reply(conn: Connection, msg: Any, tensors: wire.Tensors) -> None:
             if not isinstance(msg, wire.SplitIns) or name == silent:
                 return
-            try:
-                for res, out in side.handle(msg, tensors):
-                    if name == narrow and res.step == "acts":
-                        out = {"acts": out["acts"][:, :-1].contiguous()}
-                    conn.send(res, out)
-            except DataError as err:  # what the daemon sends (daemon._split)
-                conn.send(wire.ErrorReply(code="split-data", reason=err.message, job=msg.job))
-            except (SplitError, ValueError) as err:
-                conn.send(wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))
+            for res, out in side.answer(msg, tensors):
+                if name == narrow and getattr(res, "step", "") == "acts":
+                    out = {"acts": out["acts"][:, :-1].contiguous()}
+                conn.send(res, out)
+        return reply
 
-        conn = hub.connect(d.name, reply)
-        conn.send(wire.Hello(plan_hash=plan.plan.hash, pid=1, rows={}))
-        hub.every(2.0, lambda conn=conn: conn.send(wire.Heartbeat(state="idle")) or True)
-    return c, sink
+    return split_service(tmp_path, plan, serve=serve)
 
 
 def test_the_service_runs_the_split_job_after_its_intersection(tmp_path):

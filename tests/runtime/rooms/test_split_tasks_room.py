@@ -6,39 +6,19 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pytest
 from sinks import ListSink
+from split_hub import split_service
 
 from meshctl.compiler.compile import compile_mesh
 from meshctl.runtime import events as ev
-from meshctl.runtime import wire
 from meshctl.runtime.coordinator import Coordinator, JobAborted
-from meshctl.runtime.data import DataError
-from meshctl.runtime.domain.split import SplitDomain, SplitError, SplitFailed
-from meshctl.runtime.run import RunManifest
-from meshctl.runtime.transport.memory import Connection, FakeClock, MemoryHub
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 PROGRESSION = (("epochs: 60", "epochs: 1"), ("optimizer: adam, lr: 0.05", "optimizer: sgd, lr: 0.0005"))
 MALIGNANCY = (("epochs: 30", "epochs: 1"), ("optimizer: adam, lr: 0.01", "optimizer: sgd, lr: 0.1"))
-
-
-def daemon_reply(side: SplitDomain, conn: Connection, msg: Any, tensors: wire.Tensors) -> None:
-    """What the daemon sends for one SplitIns (daemon._split): replies, or one ErrorReply line."""
-    if not isinstance(msg, wire.SplitIns):
-        return
-    try:
-        for res, out in side.handle(msg, tensors):
-            conn.send(res, out)
-    except DataError as err:
-        conn.send(wire.ErrorReply(code="split-data", reason=err.message, job=msg.job))
-    except SplitFailed as err:
-        conn.send(wire.ErrorReply(code="split-failed", reason=f"split job {msg.job}: {err}", job=msg.job))
-    except (SplitError, ValueError) as err:
-        conn.send(wire.ErrorReply(code="split", reason=f"split job {msg.job}: {err}", job=msg.job))
 
 
 def _room(tmp_path: Path, mesh: str, *edits: tuple[str, str], data: dict[str, str] | None = None
@@ -60,22 +40,7 @@ def _room(tmp_path: Path, mesh: str, *edits: tuple[str, str], data: dict[str, st
     (tmp_path / "mesh.yaml").write_text(text)
     plan = compile_mesh(tmp_path / "mesh.yaml").plan
     assert plan is not None
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    manifest = RunManifest(run="r1", run_dir=str(run_dir), base_dir=str(tmp_path), router="tcp://10.0.0.5:7700",
-                           events="inproc://y", coordinator_key="", coordinator_public="",
-                           domain_keys={d.name: f"key-{d.name}" for d in plan.domains}, checkpoint=False)
-    clock = FakeClock()
-    hub = MemoryHub(clock)
-    c = Coordinator(manifest, plan, link=hub, clock=clock)
-    sink = ListSink()
-    c.sink = sink
-    for d in plan.domains:
-        side = SplitDomain(plan, d.name, tmp_path, "r1")
-        conn = hub.connect(d.name, lambda conn, msg, tensors, side=side: daemon_reply(side, conn, msg, tensors))
-        conn.send(wire.Hello(plan_hash=plan.plan.hash, pid=1, rows={}))
-        hub.every(2.0, lambda conn=conn: conn.send(wire.Heartbeat(state="idle")) or True)
-    return c, sink
+    return split_service(tmp_path, plan)
 
 
 def test_a_regression_with_a_categorical_feature_trains_and_reports_its_metrics(tmp_path):
