@@ -60,7 +60,8 @@ def test_up_shows_the_rounds_advance_in_a_real_terminal(tmp_path: Path) -> None:
 
         def progressed(screen: str) -> bool:
             seen.update(f"{r}/15" for r in range(1, 16) if f" {r}/15 " in screen)
-            return "15/15" in screen and "COMPLETED" in screen
+            # (the header says `malignancy 15/15` on every tab: wait for the Rounds tab's own row too)
+            return "malignancy  15/15" in screen and "COMPLETED" in screen
 
         final = _wait(sock, progressed, 120)
         assert len(seen) >= 2, f"saw only {seen}"  # more than one frame of progress
