@@ -96,7 +96,9 @@ def test_adaptive_client_dp_and_topk_resume_with_their_state(mesh_file, make_pla
 def test_a_domain_whose_control_variate_is_gone_fails_the_resumed_job(mesh_file, make_plan):
     """`meshctl resume` after kill -9 of the whole tree, with one domain's SCAFFOLD state deleted: that
     domain says so in one line and the job fails, rather than going on with c_i = 0."""
-    from meshctl.runtime.launcher import release_run, resume_run
+    from power import power_cut
+
+    from meshctl.runtime.launcher import resume_run
 
     plan = _plan(make_plan, {"scaffold": {"aggregation": PlanAggregation(strategy="scaffold")}})
     run = start_run(mesh_file, plan)
@@ -105,15 +107,7 @@ def test_a_domain_whose_control_variate_is_gone_fails_the_resumed_job(mesh_file,
             break
     checkpoint = run.m.path / "checkpoints" / "scaffold" / f"round-{KILL_AT - 1:04d}.safetensors"
     assert _await(checkpoint.exists)
-    procs = [psutil.Process(run.proc.pid), *psutil.Process(run.proc.pid).children(recursive=True)]
-    for p in procs:  # as a power cut would: no one gets to clean up
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-    run.proc.wait(timeout=10)
-    release_run(run.m.run_dir)  # (this process held the run's lock: it started it)
+    power_cut(run)  # no one gets to clean up
     kept = mesh_file.parent / ".meshctl" / "state" / run.m.run / "client-1" / "scaffold"
     assert list(kept.glob("round-*.safetensors"))
     for path in kept.iterdir():

@@ -9,12 +9,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import psutil
+from power import power_cut
 
 from meshctl.compiler.compile import compile_mesh
 from meshctl.runtime import events as ev
 from meshctl.runtime.audit import verify_run
-from meshctl.runtime.launcher import release_run, resume_run, start_run
+from meshctl.runtime.launcher import resume_run, start_run
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vertical"
 EPOCHS = 6
@@ -34,15 +34,7 @@ def test_meshctl_resume_takes_a_killed_split_job_up_after_its_newest_epoch(tmp_p
     for e in run.follow():
         if isinstance(e, ev.CheckpointWritten) and e.job == "malignancy":
             break
-    procs = [psutil.Process(run.proc.pid), *psutil.Process(run.proc.pid).children(recursive=True)]
-    for p in procs:  # as a power cut would: no one gets to clean up
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-    run.proc.wait(timeout=10)
-    release_run(run.m.run_dir)  # (this process held the run's lock: it started it)
+    power_cut(run)  # no one gets to clean up
     # Execute
     resumed = resume_run(run.m.run, mesh)
     list(resumed.follow())
