@@ -18,6 +18,11 @@ builds celpy programs itself).
     python benchmarks/compile_scale.py                 # the issue's sizes
     python benchmarks/compile_scale.py --domains 100   # a tenth (products etc. scale along)
     python benchmarks/compile_scale.py --split --server  # + `meshctl` commands through a compile server
+    python benchmarks/compile_scale.py --split --block   # every file in block style, one key per line
+
+The generated files hold one product per line (flow style), which the loader reads by a fast
+path; `--block` rewrites every file in block style, as people write YAML by hand, to time the
+general path on the same mesh.
 """
 
 from __future__ import annotations
@@ -259,10 +264,23 @@ def served_rows(path: Path, edit, repeat: int) -> list[tuple[str, float, float, 
         command("plan", "-o", "served.plan.toml")  # a previous plan to diff against
         rows = [("start>", t_start, c_start, 3.0),
                 ("validate>~", *served("validate"), 0.5), ("plan>~", *served("plan", "-o", "served.plan.toml"), 1.0)]
+        texts = (server.request(root, "status") or {}).get("plan_texts") or {}
     finally:
         server.request(root, "stop")
-    print(f"(compile server pid {started['pid']})")
+    print(f"(compile server pid {started['pid']}; plan texts: {texts.get('kept', 0):,} kept, "
+          f"{texts.get('made', 0):,} made by the last `plan`, {texts.get('diffs', 0)} diffs from kept blocks)")
     return rows
+
+
+def to_block_style(files: list[Path]) -> None:
+    """Rewrite each file in block style: the data as meshctl loads it (yes/no stay strings, and
+    PyYAML's dumper quotes them), one key per line, key order kept."""
+    from meshctl.compiler.loader import load_bytes
+
+    for file in files:
+        source, problems = load_bytes(file.read_bytes(), str(file))
+        assert source is not None and not problems, problems
+        file.write_text(yaml.safe_dump(source.data, default_flow_style=False, sort_keys=False))
 
 
 def main() -> None:
@@ -274,6 +292,8 @@ def main() -> None:
     ap.add_argument("--server", action="store_true",
                     help="also time `meshctl validate` and `meshctl plan` as commands through a compile "
                          "server (meshctl compile-server), one domain file edited before each")
+    ap.add_argument("--block", action="store_true",
+                    help="rewrite every file in block style (one key per line) before timing")
     ap.add_argument("--cel", choices=["fast", "celpy"], default="fast",
                     help="how policies are evaluated (fast: meshctl.compiler.cel)")
     args = ap.parse_args()
@@ -285,6 +305,8 @@ def main() -> None:
                  "models": max(1, round(500 * scale))}
     with tempfile.TemporaryDirectory(prefix="meshctl-scale-") as tmp:
         path = write_mesh(Path(tmp), **sizes, split=args.split)
+        if args.block:
+            to_block_style([path, *sorted((path.parent / "domains").glob("*.yaml"))])
         texts = [p.read_text() for p in [path, *sorted((path.parent / "domains").glob("*"))]]
         text = "".join(texts)
         floor, _, floor_cpu = timed(lambda: [yaml.load(t, Loader=yaml.CSafeLoader) for t in texts],

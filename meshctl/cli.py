@@ -285,8 +285,9 @@ def plan_command(file: Path, output: Path | None, detailed_exitcode: bool,
 
     plan = _compile_or_exit(file, cached=True).plan
     out = output or file.with_name("mesh.plan.toml")
+    previous = None  # the plan file's text, read once (the write compares it too)
     if against is None:
-        changes = _changes_since(out, plan)
+        changes, previous = _changes_since(out, plan)
     else:
         changes = diff_plans(_plan_at(against, file), plan)
     click.echo(render_plan_summary(plan, decisions))
@@ -294,7 +295,7 @@ def plan_command(file: Path, output: Path | None, detailed_exitcode: bool,
     if changes is not None:
         click.echo(render_changes(changes))
         changed = bool(changes)
-    plan.write(out)
+    plan.write(out, previous)
     click.echo(f"wrote {out}")
     if detailed_exitcode and changed:
         sys.exit(2)
@@ -313,20 +314,22 @@ def _plan_at(rev: str, file: Path) -> Any:
     return result.plan
 
 
-def _changes_since(path: Path, plan: Any) -> Any:
-    """What `plan` changes against the plan at `path` (parsing only the resources whose TOML
-    differs), or None when there is none or it cannot be read (with a note)."""
+def _changes_since(path: Path, plan: Any) -> tuple[Any, str | None]:
+    """(what `plan` changes against the plan at `path` (parsing only the resources whose TOML
+    differs), or None when there is none or it cannot be read (with a note); the text read)."""
     from meshctl.compiler.plandiff import diff_plan_texts
 
     if not path.is_file():
-        return None
+        return None, None
+    text = None
     try:
-        return diff_plan_texts(path.read_text(encoding="utf-8"), plan.to_toml())
+        text = path.read_text(encoding="utf-8")
+        return diff_plan_texts(text, plan.to_toml()), text
     except (OSError, ValueError) as err:  # TOML, UTF-8 and pydantic errors are ValueErrors
         reason = type(err).__name__
         click.echo(f"{path}: note: not a readable plan ({reason}); not diffing against it",
                    err=True)
-        return None
+        return None, text
 
 
 @main.group("compile-server")
@@ -777,7 +780,6 @@ def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str | None, 
            base_dir: Path | None, threads: int) -> None:
     """Run one domain's daemon on this host and connect it to a coordinator."""
     from meshctl.compiler.plan import Plan
-    from meshctl.runtime.daemon import Daemon, DaemonConfig
     from meshctl.runtime.keys import KeyPair, coordinator_server_key
 
     try:
@@ -785,9 +787,12 @@ def daemon(plan_file: Path, domain: str, endpoint: str, server_key: str | None, 
     except (ValueError, OSError) as err:  # tomllib and pydantic errors are ValueErrors
         raise UserError(f"not a meshctl plan: {str(err).splitlines()[0]}", where=str(plan_file)) from None
     server = coordinator_server_key(plan.coordinator.public_key, server_key)
+    keys = KeyPair.load(key_file)
+    # (imports torch, ~2 s of CPU: once the inputs are known to be good)
+    from meshctl.runtime.daemon import Daemon, DaemonConfig
+
     cfg = DaemonConfig(domain=domain, plan=plan, base_dir=base_dir or plan_file.parent,
-                       coordinator=endpoint, server_key=server,
-                       keys=KeyPair.load(key_file), threads=threads)
+                       coordinator=endpoint, server_key=server, keys=keys, threads=threads)
     _exit_now(Daemon(cfg).run())
 
 

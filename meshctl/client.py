@@ -24,8 +24,11 @@ SOCKET = "compile.sock"
 """The server's socket, in the `.meshctl/` directory beside mesh.yaml."""
 SERVED = ("validate", "plan")
 """The commands a compile server answers."""
-_VALUED = {"validate": ("--format",), "plan": ("-o", "--output", "--against")}
+_VALUED = {"validate": ("--format",), "plan": ("-o", "--output", "--against", "--decisions")}
 """Options of each served command that take a value (the mesh file is the one other argument)."""
+_FLAGS = ("--strict", "--detailed-exitcode")
+"""Options of the served commands that take none (tests/compiler/test_compile_server.py checks both
+lists against the commands' click options: an option missing here is not served)."""
 
 
 def served(argv: list[str]) -> int | None:
@@ -64,7 +67,7 @@ def mesh_file(argv: list[str]) -> str | None:
             i += 2
             continue
         if arg.startswith("-"):
-            if arg in ("--strict", "--detailed-exitcode") or any(arg.startswith(v + "=") for v in valued
+            if arg in _FLAGS or any(arg.startswith(v + "=") for v in valued
                                                                   if v.startswith("--")):
                 i += 1
                 continue
@@ -158,13 +161,19 @@ def _served(argv: list[str]) -> int | None:
         _note(f"the compile server at {path} could not run it ({answer.get('error', 'no reason')}); "
               "compiling in process")
         return None
-    try:
-        sys.stdout.write(answer.get("out", ""))
-        sys.stdout.flush()
-    except BrokenPipeError:  # `meshctl plan | head`: end quietly, as the CLI does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    sys.stderr.write(answer.get("err", ""))
+    chunks = answer.get("chunks")  # (stdout and stderr in the order the command wrote them)
+    if not isinstance(chunks, list):
+        chunks = [[1, answer.get("out", "")], [2, answer.get("err", "")]]
+    for number, text in chunks:
+        stream = sys.stdout if number == 1 else sys.stderr
+        try:
+            stream.write(text)
+            stream.flush()
+        except BrokenPipeError:  # `meshctl plan | head`: end quietly, as the CLI does
+            if stream is sys.stderr:
+                continue
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
     return int(answer["exit"])
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = '''
@@ -59,3 +61,24 @@ def test_a_run_that_collects_no_test_fails_with_exit_5(tmp_path: Path) -> None:
     (tmp_path / "probe" / "test_nothing.py").write_text('"""No tests here."""\n')
     out = _pytest(tmp_path)
     assert out.returncode == 5, out.stdout + out.stderr
+
+
+def test_a_test_process_and_the_processes_it_starts_run_torch_on_one_thread() -> None:
+    # (tests/conftest.py: three workers on two cores, and a second OpenMP thread per worker only spins)
+    import torch
+
+    assert torch.get_num_threads() == 1
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"  # what a started process reads
+
+
+def test_the_processes_a_test_starts_find_meshctls_bytecode(request: pytest.FixtureRequest) -> None:
+    # (tests/conftest.py: also where PYTHONDONTWRITEBYTECODE is set, xdist's controller compiles meshctl once)
+    import importlib.util
+
+    import meshctl.cli
+    import meshctl.runtime.launcher
+
+    if sys.dont_write_bytecode and not hasattr(request.config, "workerinput"):
+        pytest.skip("pytest -n 0 leaves meshctl's sources alone where PYTHONDONTWRITEBYTECODE is set")
+    for module in (meshctl.cli, meshctl.runtime.launcher):
+        assert Path(importlib.util.cache_from_source(module.__file__)).is_file(), module.__name__

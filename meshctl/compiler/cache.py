@@ -24,9 +24,10 @@ from meshctl import __version__
 from meshctl.compiler.diagnostics import Diagnostic
 from meshctl.compiler.loader import Source, SourceMap, load_bytes
 
-FORMAT = 2
+FORMAT = 3
 """Version of the entry layout; part of every key. (2: positions kept as JSON text, decoded
-on the first lookup.)"""
+on the first lookup; 3: no positions (`tree: null`) for a file the loader read by its fast
+path, whose positions it makes when looked up.)"""
 
 
 class LoadCache:
@@ -55,7 +56,7 @@ class LoadCache:
         try:
             entry = json.loads(path.read_bytes())
             tree = entry["tree"]
-            if type(tree) is not str:
+            if type(tree) is not str and tree is not None:
                 raise ValueError("not an entry")
             source = Source(file, raw.decode("utf-8-sig"), entry["data"], _LazyMap(tree, raw, file))
             self.hits += 1
@@ -65,6 +66,9 @@ class LoadCache:
         self.misses += 1
         source, diagnostics = load_bytes(raw, file)
         if source is not None and not diagnostics and _plain(source.data):
+            if source.map.partial:  # (positions made when looked up: from the file, then)
+                self._write(path, {"data": source.data, "tree": None})
+                return source, diagnostics
             tree = _tree(source.map.root)
             if tree is not None:
                 self._write(path, {"data": source.data,
@@ -84,23 +88,27 @@ class LoadCache:
 
 class _LazyMap(SourceMap):
     """A cached file's positions, kept as JSON text until the first lookup: a clean compile
-    looks up few positions in a domain's file, often none (0.3 s of 1,000 files' trees)."""
+    looks up few positions in a domain's file, often none (0.3 s of 1,000 files' trees).
+    Without a text (`tree: null`), the positions come from loading the file on first lookup."""
 
-    def __init__(self, tree: str, raw: bytes, file: str) -> None:  # (root is decoded when read)
+    def __init__(self, tree: str | None, raw: bytes, file: str) -> None:  # (root is made when read)
         self._tree: str | None = tree
+        self._pending = True
         self._raw, self._file = raw, file
         self._root: Any = None
 
     @property
     def root(self) -> Any:
-        """The position tree (SourceMap's), decoded now if it was not yet."""
-        if self._tree is not None:
-            text, self._tree = self._tree, None
+        """The position tree (SourceMap's), decoded (or loaded) now if it was not yet."""
+        if self._pending:
+            text, self._tree, self._pending = self._tree, None, False
             try:
+                if text is None:
+                    raise ValueError("no positions kept")
                 root = json.loads(text)
                 if type(root) is not list or len(root) != 3:
                     raise ValueError("not a position tree")
-            except ValueError:  # a broken entry: the positions come from the file itself
+            except ValueError:  # none kept, or a broken entry: the positions come from the file
                 source, _ = load_bytes(self._raw, self._file)
                 root = source.map.root if source is not None else None
             self._root = root
@@ -108,7 +116,7 @@ class _LazyMap(SourceMap):
 
     @root.setter
     def root(self, value: Any) -> None:
-        self._tree, self._root = None, value
+        self._tree, self._root, self._pending = None, value, False
 
 
 class DecisionMemo:

@@ -36,6 +36,8 @@ import re2
 from celpy import celtypes
 from lark import Token, Tree
 
+from meshctl.compiler import cel_tables
+
 CelError = celpy.CELEvalError
 """What evaluation raises: celpy's own error, with celpy's message."""
 
@@ -120,8 +122,15 @@ class Program:
         try:
             self.source: str | None = _Translator().function(ast)
             self._fast: Callable[[dict], Any] | None = _build(self.source)
-        except Unsupported:
+        except (Unsupported, SyntaxError, RecursionError):  # (Python's limits on nesting: celpy runs it)
             self.source, self._fast = None, None
+
+    @property
+    def function(self) -> Callable[[dict], Any] | None:
+        """The compiled function of plain variables (Activation.plain), or None outside the subset.
+        Its value is the answer when it is True or False; it raises on an error or a doubt, and any
+        other value or exception is for `evaluate` to answer."""
+        return self._fast
 
     @property
     def compiled(self) -> bool:
@@ -154,6 +163,19 @@ class Program:
         except Exception:  # noqa: BLE001 - any doubt goes to celpy, which decides
             return _FALLBACK
 
+    def truth(self, activation: Activation) -> bool | None:
+        """True or False where the fast path is certain the value is that bool, else None
+        (an error, another value or a doubt: `evaluate` gives the answer). The value `evaluate`
+        gives then is BoolType of the same bool; this skips its wrapping and conversions."""
+        fast, plain = self._fast, activation.plain
+        if fast is None or plain is None:
+            return None
+        try:
+            value = fast(plain)
+        except Exception:  # noqa: BLE001 - an error or a doubt: evaluate() decides
+            return None
+        return value if value is True or value is False else None
+
     def _celpy(self, act: Activation) -> Any:
         if self._runner is None:
             self._runner = self._env.program(self.ast)
@@ -171,7 +193,16 @@ class Environment:
     """A drop-in for celpy.Environment: `compile` parses, `program` compiles to Python."""
 
     def __init__(self) -> None:
-        self._env = celpy.Environment()
+        self._made: celpy.Environment | None = None
+
+    @property
+    def _env(self) -> celpy.Environment:
+        """celpy's environment, made on the first use (a mesh without policies never makes it), with
+        its parser from shipped tables instead of its grammar (meshctl.compiler.cel_tables)."""
+        if self._made is None:
+            cel_tables.install()
+            self._made = celpy.Environment()
+        return self._made
 
     def compile(self, text: str) -> Tree:
         """celpy's parse tree of `text`; raises celpy's CELParseError with its position."""
@@ -201,6 +232,12 @@ _FUNCTIONS = {"size": "_size", "int": "_int", "double": "_double", "string": "_s
 _METHODS = {"size": ("_size", 0), "contains": ("_contains", 1), "startsWith": ("_starts", 1),
             "endsWith": ("_ends", 1), "matches": ("_matches", 1)}
 _MACROS = {"all", "exists", "exists_one", "map", "filter"}
+_OVER_VALUES = {"all": "_all_of", "exists": "_any_of", "exists_one": "_one_of"}
+"""The macros over the list of their body's values, for a body that cannot raise an error: every
+element is evaluated either way, so only the first doubt (or exception) would differ, and any of
+them hands the evaluation to celpy."""
+_NAME = re.compile(r"v_[A-Za-z_][A-Za-z0-9_]*|_act\['[A-Za-z_][A-Za-z0-9_]*'\]")
+"""Generated code that names a value (a macro variable, a variable of the activation)."""
 _PLAIN_STRING = re.compile(r"""[rR]?("[^"\\\n]*"|'[^'\\\n]*')""")
 
 
@@ -209,6 +246,21 @@ class _Translator:
 
     def __init__(self) -> None:
         self.scope: list[str] = []
+        self.bools: set[str] = set()
+        """Generated code whose value is True or False whenever it has one."""
+        self.texts: set[str] = set()
+        """Generated code that is a str literal."""
+        self.text_lists: dict[str, str] = {}
+        """Generated list literals of str literals only (one at least), as a tuple literal."""
+
+    def _test(self, source: str) -> str:
+        """`source` where Python tests it: _bool() makes sure it is a bool, unless it is one."""
+        return source if source in self.bools else f"_bool({source})"
+
+    def _bool(self, source: str) -> str:
+        """`source`, noted as code whose value is a bool."""
+        self.bools.add(source)
+        return source
 
     def function(self, tree: Tree) -> str:
         """The whole module source: one function of the activation."""
@@ -226,23 +278,23 @@ class _Translator:
         if len(kids) == 1:
             return self.node(kids[0])
         cond, then, other = (self.node(k) for k in kids)
-        return f"({then} if _bool({cond}) else {other})"
+        return f"({then} if {self._test(cond)} else {other})"
 
     def t_conditionalor(self, kids: list) -> str:
         if len(kids) == 1:
             return self.node(kids[0])
         left, right = self.node(kids[0]), self.node(kids[1])
         if _may_fail(left):  # an error on the left is absorbed if the right is true
-            return f"_or(lambda: {left}, lambda: {right})"
-        return f"(True if _bool({left}) else _bool({right}))"
+            return self._bool(f"_or(lambda: {left}, lambda: {right})")
+        return self._bool(f"(True if {self._test(left)} else {self._test(right)})")
 
     def t_conditionaland(self, kids: list) -> str:
         if len(kids) == 1:
             return self.node(kids[0])
         left, right = self.node(kids[0]), self.node(kids[1])
         if _may_fail(left):  # an error on the left is absorbed if the right is false
-            return f"_and(lambda: {left}, lambda: {right})"
-        return f"(_bool({right}) if _bool({left}) else False)"
+            return self._bool(f"_and(lambda: {left}, lambda: {right})")
+        return self._bool(f"({self._test(right)} if {self._test(left)} else False)")
 
     def _binary(self, kids: list) -> str:
         if len(kids) == 1:
@@ -251,7 +303,14 @@ class _Translator:
         helper = _BINARY.get(op.data) if isinstance(op, Tree) else None
         if helper is None or len(op.children) != 1:
             raise Unsupported(str(op))
-        return f"{helper}({self.node(op.children[0])}, {self.node(right)})"
+        left, right = self.node(op.children[0]), self.node(right)
+        if helper in ("_eq", "_ne") and (left in self.texts or right in self.texts):
+            value, text = (right, left) if left in self.texts else (left, right)
+            return self._bool(f"{helper}_str({value}, {text})")  # (the literal has no effect: any order)
+        if helper == "_in" and right in self.text_lists:
+            return self._bool(f"_in_strs({left}, {self.text_lists[right]})")
+        source = f"{helper}({left}, {right})"
+        return self._bool(source) if op.data.startswith("relation_") else source
 
     t_relation = t_addition = t_multiplication = _binary
 
@@ -260,7 +319,7 @@ class _Translator:
             return self.node(kids[0])
         op, operand = kids
         if op.data == "unary_not":
-            return f"(not _bool({self.node(operand)}))"
+            return self._bool(f"(not {self._test(self.node(operand))})")
         if op.data == "unary_neg":
             return f"_neg({self.node(operand)})"
         raise Unsupported(str(op.data))
@@ -275,12 +334,17 @@ class _Translator:
         return self.node(kids[0])
 
     def t_member_dot(self, kids: list) -> str:
-        target, name = kids
-        return f"_field({self.node(target)}, {str(name)!r})"
+        target, name = self.node(kids[0]), repr(str(kids[1]))
+        if _NAME.fullmatch(target):  # a name: read twice, no call (what _field does)
+            return f"({target}[{name}] if type({target}) is dict else _doubt())"
+        return f"_field({target}, {name})"
 
     def t_member_index(self, kids: list) -> str:
         target, index = kids
-        return f"_index({self.node(target)}, {self.node(index)})"
+        key = self.node(index)
+        if key.isdigit():  # a literal index that is not negative: never an error (_index's)
+            return f"_at({self.node(target)}, {key})"
+        return f"_index({self.node(target)}, {key})"
 
     def t_ident(self, kids: list) -> str:
         name = str(kids[0])
@@ -298,9 +362,11 @@ class _Translator:
         elif token.type == "FLOAT_LIT":
             value = float(text)
         elif token.type == "STRING_LIT" and _PLAIN_STRING.fullmatch(text):
-            value = text[2:-1] if text[0] in "rR" else text[1:-1]
+            source = repr(text[2:-1] if text[0] in "rR" else text[1:-1])
+            self.texts.add(source)
+            return source
         elif token.type == "BOOL_LIT":
-            value = text == "true"
+            return self._bool(repr(text == "true"))
         elif token.type == "NULL_LIT":
             value = None
         else:
@@ -316,8 +382,11 @@ class _Translator:
         return list(rest[0].children)
 
     def t_list_lit(self, kids: list) -> str:
-        items = self._args(kids, 0)
-        return "[" + "".join(f"{self.node(i)}, " for i in items) + "]"
+        items = [self.node(i) for i in self._args(kids, 0)]
+        source = "[" + "".join(f"{i}, " for i in items) + "]"
+        if items and all(i in self.texts for i in items):
+            self.text_lists[source] = "(" + "".join(f"{i}, " for i in items) + ")"
+        return source
 
     def t_map_lit(self, kids: list) -> str:
         if not kids:
@@ -340,7 +409,7 @@ class _Translator:
         if node.data != "member_dot":
             raise Unsupported("has")
         target, name = node.children
-        return f"_has({self.node(target)}, {str(name)!r})"
+        return self._bool(f"_has({self.node(target)}, {str(name)!r})")
 
     def t_member_dot_arg(self, kids: list) -> str:
         target, name, args = kids[0], str(kids[1]), self._args(kids, 2)
@@ -348,7 +417,8 @@ class _Translator:
             return self._macro(name, self.node(target), args)
         if name in _METHODS and _METHODS[name][1] == len(args):
             helper = _METHODS[name][0]
-            return f"{helper}({', '.join([self.node(target), *map(self.node, args)])})"
+            source = f"{helper}({', '.join([self.node(target), *map(self.node, args)])})"
+            return source if name == "size" else self._bool(source)
         raise Unsupported(name)
 
     def _macro(self, name: str, target: str, args: list[Tree]) -> str:
@@ -358,8 +428,17 @@ class _Translator:
             body = self.node(args[1])
         finally:
             self.scope.pop()
-        helper = "_map_macro" if name == "map" else f"_{name}"
-        return f"{helper}({target}, lambda v_{var}: {body})"
+        if not _may_fail(body):  # a comprehension: no call per element (any exception is a doubt)
+            loop = f"for v_{var} in"
+            if name == "filter":
+                return f"[v_{var} {loop} _list({target}) if {self._test(body)}]"
+            if name == "map":
+                return f"[{body} {loop} _list({target})]"
+            source = f"{_OVER_VALUES[name]}([{body} {loop} _items({target})])"
+        else:
+            helper = "_map_macro" if name == "map" else f"_{name}"
+            source = f"{helper}({target}, lambda v_{var}: {body})"
+        return source if name in ("map", "filter") else self._bool(source)
 
     def _macro_var(self, arg: Tree) -> str:
         node = _unwrap(arg)
@@ -406,6 +485,7 @@ _CEL_TYPES = (celtypes.BoolType, celtypes.IntType, celtypes.UintType, celtypes.D
 _SCALARS = (bool, int, float, str, type(None))
 _NUMBERS = (int, float)
 _PLAIN_TYPES = (*_SCALARS, list, dict)
+_SCALAR_SET, _PLAIN_SET = frozenset(_SCALARS), frozenset(_PLAIN_TYPES)
 
 
 def _bool(value: Any) -> bool:
@@ -450,6 +530,8 @@ def _and(left: Callable[[], Any], right: Callable[[], Any]) -> bool:
 def _eq(a: Any, b: Any) -> bool:
     """CEL equality: numbers across int and double; other different types are unequal."""
     kind, other = type(a), type(b)
+    if kind is other and kind in _SCALAR_SET:  # (the common case first: two strs)
+        return a == b
     if kind in _NUMBERS and other in _NUMBERS:
         return a == b  # exact across int and double; NaN is unequal to everything
     if kind is not other:
@@ -473,6 +555,31 @@ def _eq(a: Any, b: Any) -> bool:
 
 def _ne(a: Any, b: Any) -> bool:
     return not _eq(a, b)
+
+
+def _eq_str(value: Any, text: str) -> bool:
+    """_eq(value, text) for a str literal `text`."""
+    kind = type(value)
+    if kind is str:
+        return value == text
+    if kind in _PLAIN_SET:
+        return False
+    raise _Doubt
+
+
+def _ne_str(value: Any, text: str) -> bool:
+    """_ne(value, text) for a str literal `text`."""
+    return not _eq_str(value, text)
+
+
+def _in_strs(item: Any, texts: tuple[str, ...]) -> bool:
+    """_in(item, [texts...]) for a list literal of str literals (one at least)."""
+    kind = type(item)
+    if kind is str:
+        return item in texts
+    if kind in _PLAIN_SET:
+        return False
+    raise _Doubt
 
 
 def _ordered(a: Any, b: Any) -> None:
@@ -507,6 +614,8 @@ def _ge(a: Any, b: Any) -> bool:
 def _in(item: Any, container: Any) -> bool:
     kind = type(container)
     if kind is list:
+        if type(item) is str and _PLAIN_SET.issuperset(map(type, container)):
+            return item in container  # (a str is equal to an equal str only, as _eq says)
         results = [_eq(item, x) for x in container]  # a mismatch anywhere is celpy's call
         return any(results)
     if kind is dict and type(item) is str and all(type(k) is str for k in container):
@@ -590,6 +699,17 @@ def _index(target: Any, key: Any) -> Any:
     raise _Doubt
 
 
+def _at(target: Any, key: int) -> Any:
+    """`_index` with a literal index that is not negative."""
+    if type(target) is list:
+        return target[key]
+    raise _Doubt
+
+
+def _doubt() -> Any:
+    raise _Doubt
+
+
 def _has(target: Any, name: str) -> bool:
     if type(target) is dict:
         return name in target
@@ -617,18 +737,21 @@ def _strings(*values: Any) -> None:
 
 
 def _contains(text: Any, part: Any) -> bool:
-    _strings(text, part)
-    return part in text
+    if type(text) is str and type(part) is str:
+        return part in text
+    raise _Doubt
 
 
 def _starts(text: Any, part: Any) -> bool:
-    _strings(text, part)
-    return text.startswith(part)
+    if type(text) is str and type(part) is str:
+        return text.startswith(part)
+    raise _Doubt
 
 
 def _ends(text: Any, part: Any) -> bool:
-    _strings(text, part)
-    return text.endswith(part)
+    if type(text) is str and type(part) is str:
+        return text.endswith(part)
+    raise _Doubt
 
 
 _RE2_OPTIONS = re2.Options()
@@ -732,6 +855,36 @@ def _exists(target: Any, predicate: Callable[[Any], Any]) -> bool:
 
 def _exists_one(target: Any, predicate: Callable[[Any], Any]) -> bool:
     return [_bool(predicate(x)) for x in _items(target)].count(True) == 1
+
+
+def _all_of(values: list) -> bool:
+    """`all` over its body's values (each must be a bool)."""
+    if not _BOOL.issuperset(map(type, values)):
+        raise _Doubt
+    return False not in values
+
+
+def _any_of(values: list) -> bool:
+    """`exists` over its body's values (each must be a bool)."""
+    if not _BOOL.issuperset(map(type, values)):
+        raise _Doubt
+    return True in values
+
+
+def _one_of(values: list) -> bool:
+    """`exists_one` over its body's values (each must be a bool)."""
+    if not _BOOL.issuperset(map(type, values)):
+        raise _Doubt
+    return values.count(True) == 1
+
+
+_BOOL = frozenset({bool})
+
+
+def _list(target: Any) -> list:
+    if type(target) is not list:
+        raise _Doubt
+    return target
 
 
 def _map_macro(target: Any, function: Callable[[Any], Any]) -> list:

@@ -146,7 +146,7 @@ def _compile(raw: bytes, path: str | Path, hashed: bool, files: Files, load: Loa
     if parsed is None:
         return CompileResult(None, report.diagnostics, source.text, loaded=source)
     spec = parsed.spec
-    resolution = resolve(parsed, report)
+    resolution = resolve(parsed, report, items)
     check_contracts(spec, resolution, report, items)
     check_identity(spec, report)
     check_sources(spec.products, Path(path).parent, report, remote=remote_domains(spec))
@@ -203,9 +203,10 @@ def _check_jobs(resolution: Resolution, report: Reporter, spec: MeshSpec) -> Non
     _check_exclude_policies(spec, report)
     check_round_policies(spec, report)  # (round policies and split models, MESH572-575)
     governed = [d for d in spec.domains if d.policies]  # (once, not per model: 1,000 domains x 500 models)
+    excluding = [(p.name, p) for p in spec.policies if _excludes(p)]  # (once, not per model: 200 x 500)
     for resolved in resolution.models:
         model = resolved.model
-        _check_exclusion(resolved, spec, report, governed)
+        _check_exclusion(resolved, spec, report, governed, excluding)
         _check_aggregation(resolved, report)
         _check_scaffold(resolved, report)
         _check_sampling(resolved, report)
@@ -253,14 +254,19 @@ def _reads_update(policy: Policy) -> bool:
     return bool(_UPDATE_VAR.search(text)) and not _UPDATE_BOUND.search(text)
 
 
-def _check_exclusion(resolved: ResolvedModel, spec: MeshSpec, report: Reporter, governed: list[Domain]) -> None:
+def _excludes(policy: Policy) -> bool:
+    return policy.scope == "round" and policy.effect == "exclude"
+
+
+def _check_exclusion(resolved: ResolvedModel, spec: MeshSpec, report: Reporter, governed: list[Domain],
+                     excluding: list[tuple[str, Policy]]) -> None:
     """The round policies that may exclude a model's updates: they need single updates (not secure
-    aggregation's sum, MESH544) and a quorum below the participants (else any exclusion fails, MESH545)."""
+    aggregation's sum, MESH544) and a quorum below the participants (else any exclusion fails, MESH545).
+    `excluding`: the global ones, by name."""
     model = resolved.model
     taking = set(resolved.participants)  # (a set: 1,000 domains x 500 models)
-    local = [(f"{d.name}.{p.name}", p) for d in governed if d.name in taking for p in d.policies]
-    policies = [(label, p) for label, p in [(p.name, p) for p in spec.policies] + local
-                if p.scope == "round" and p.effect == "exclude"]
+    local = [(f"{d.name}.{p.name}", p) for d in governed if d.name in taking for p in d.policies if _excludes(p)]
+    policies = [*excluding, *local]
     if not policies:
         return
     label = policies[0][0]

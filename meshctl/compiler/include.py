@@ -11,6 +11,7 @@ merged data is the data of the same mesh written as one file.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -22,6 +23,11 @@ from typing import Any, Protocol
 from meshctl.compiler.diagnostics import Diagnostic, Reporter, YamlPath, did_you_mean
 from meshctl.compiler.loader import Source, SourceMap, load_bytes
 from meshctl.compiler.spec import SECTIONS
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", None)
+"""Where open() can refuse a link (not on Windows: DirFiles.read then checks each file)."""
+_MAGIC = re.compile(r"[*?[]")
+"""What makes a path segment a wildcard for pathlib."""
 
 INCLUDABLE = ("domains", "products", "contracts")
 """The sections an included file may hold."""
@@ -50,9 +56,19 @@ class DirFiles:
         self.root = root
         self._top = root.resolve()
         self._inside: dict[str, bool] = {}  # per directory, for this compile: resolves inside _top
+        self._prefix = os.path.join(root, "")
 
     def read(self, name: str) -> bytes:
         """The file's bytes; Outside when a link leads out of the directory."""
+        parent = os.path.dirname(name)
+        if self._inside.get(parent) and _NOFOLLOW is not None and not name.startswith("/"):
+            try:  # (a directory known inside: one open that refuses a link)
+                fd = os.open(self._prefix + name, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                pass  # a link (or an error): as below
+            else:
+                with open(fd, "rb") as file:
+                    return file.read()
         path = self.root / name
         if os.path.islink(path):
             inside = path.resolve().is_relative_to(self._top)
@@ -67,8 +83,28 @@ class DirFiles:
 
     def glob(self, pattern: str) -> list[str]:
         """Matching files (not directories), sorted by name."""
+        parts = [p for p in pattern.split("/") if p not in ("", ".")]
+        if parts and not pattern.endswith("/") and not pattern.startswith("/") and "**" not in pattern \
+                and ".." not in parts and not any(_MAGIC.search(p) for p in parts[:-1]) and _MAGIC.search(parts[-1]):
+            return self._listed("/".join(parts[:-1]), parts[-1])
         return sorted(p.relative_to(self.root).as_posix() for p in self.root.glob(pattern)
                       if p.is_file())
+
+    def _listed(self, head: str, pattern: str) -> list[str]:
+        """`dir/*.yaml` as pathlib globs it (its wildcard selector: the names of one listing that
+        fnmatch's pattern matches, case-sensitively, dot files too), with one scandir instead of
+        a Path and a stat per match (1,000 domain files)."""
+        directory = os.path.join(self.root, head) if head else self.root
+        if not os.path.isdir(directory):
+            return []
+        matches = re.compile(fnmatch.translate(pattern)).fullmatch
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except PermissionError:
+            return []
+        prefix = f"{head}/" if head else ""
+        return sorted(prefix + e.name for e in entries if matches(e.name) and e.is_file())  # (a link: its target)
 
 
 def match(pattern: str, names: list[str]) -> list[str]:
@@ -146,6 +182,7 @@ def merge_includes(source: Source, files: Files, report: Reporter,
     if not isinstance(wanted, list) or not wanted:
         return []  # a malformed `include` is a schema error (MESH204), reported by parse
     base = PurePosixPath(Path(report.file).parent.as_posix())
+    there = str(base)
     own = PurePosixPath(Path(report.file).name).as_posix()
     parts: list[Included] = []
     seen: set[str] = set()
@@ -156,7 +193,7 @@ def merge_includes(source: Source, files: Files, report: Reporter,
             if name in seen:
                 continue
             seen.add(name)
-            label = (base / name).as_posix() if str(base) != "." else name
+            label = _label(there, name) if there != "." else name
             try:
                 raw = files.read(name)
             except OSError as err:
@@ -184,6 +221,14 @@ def merge_includes(source: Source, files: Files, report: Reporter,
         report.files = _placer(source.map, report.file, own)
         report.texts = {report.file: source.text, **{p.label: p.source.text for p in parts}}
     return parts
+
+
+def _label(base: str, name: str) -> str:
+    """`(PurePosixPath(base) / name).as_posix()`, without a path object for a plain name (1,000 files)."""
+    if name.startswith("/") or name.endswith("/") or "//" in name or base.endswith("/") \
+            or any(p in (".", "..") for p in name.split("/")):
+        return (PurePosixPath(base) / name).as_posix()
+    return f"{base}/{name}"
 
 
 def _names(pattern: str, files: Files, own: str, at: YamlPath, report: Reporter) -> list[str]:

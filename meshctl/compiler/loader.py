@@ -10,6 +10,8 @@ always was. PyYAML's own resolver and constructor decide what a scalar is.
 from __future__ import annotations
 
 import gc
+import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,8 +43,12 @@ MAX_DEPTH = 100
 MERGE_TAG = "tag:yaml.org,2002:merge"
 BOOL_TAG = "tag:yaml.org,2002:bool"
 STR_TAG = "tag:yaml.org,2002:str"
+INT_TAG = "tag:yaml.org,2002:int"
+FLOAT_TAG = "tag:yaml.org,2002:float"
 
 _FAST_LOADER = getattr(yaml, "CSafeLoader", None) if yaml.__with_libyaml__ else None
+FLOW_FAST = True
+"""Read sections of one-line flow items by their JSON rewrite (`_fast`); False: by events only."""
 _RESOLVER = Resolver()
 _PLAIN_STARTS = frozenset(k for k in _RESOLVER.yaml_implicit_resolvers if k)
 """First characters of a plain scalar that may resolve to something other than a str."""
@@ -59,6 +65,9 @@ class SourceMap:
     Positions are kept as a tree shaped like the data, so recording one costs a
     tuple, and a path is looked up by walking down from the root.
     """
+
+    partial = False
+    """True when some positions are made on first lookup (the fast path's items)."""
 
     def __init__(self, root: Entry | None = None) -> None:
         self.root = root
@@ -142,6 +151,7 @@ class _Builder:
         self.scalars = SafeConstructor()
         self.anchors: dict[str, _Anchor] = {}
         self.cache: dict[str, Any] = {}
+        """Plain, untagged scalars' text -> value: what such a scalar is depends on its text only."""
         self.size = 0
         self.expanded = 0
         self.stopped = False
@@ -167,6 +177,7 @@ class _Builder:
         """(data, mark, subtree) of the node that starts with `event`."""
         kind = type(event)
         if kind is ScalarEvent:
+            self.size += 1
             return self.scalar(event, event.start_mark), event.start_mark, None
         if kind is AliasEvent:
             return self.alias(event)
@@ -181,23 +192,28 @@ class _Builder:
         raise ComposerError(None, None, f"unexpected {kind.__name__}", event.start_mark)
 
     def scalar(self, event: ScalarEvent, where: Any) -> Any:
-        """A scalar's value; `where` is the mark a construction error is reported at."""
-        self.size += 1
+        """A scalar's value; `where` is the mark a construction error is reported at.
+
+        The caller counts the node (`size`). A plain scalar without a tag is looked up in
+        `cache` first; the loops of `mapping` and `sequence` do that lookup themselves."""
         value = event.value
-        if event.tag is None and event.anchor is None:
-            if not event.implicit[0]:
+        plain = event.tag is None and event.implicit[0]
+        if event.anchor is None:
+            if plain:
+                cached = self.cache.get(value, _MISSING)
+                if cached is not _MISSING:
+                    return cached
+                if value and value[0] not in _PLAIN_STARTS:
+                    self.cache[value] = value
+                    return value
+            elif event.tag is None:
                 return value  # quoted: always a str
-            if value and value[0] not in _PLAIN_STARTS:
-                return value
-            cached = self.cache.get(value, _MISSING)
-            if cached is not _MISSING:
-                return cached
         tag = event.tag
         if tag is None or tag == "!":
             tag = _RESOLVER.resolve(ScalarNode, value, event.implicit)
         node = ScalarNode(tag, value, event.start_mark, event.end_mark, event.style)
         out, ok = self.construct(node, where)
-        if ok and event.tag is None:
+        if ok and plain:  # (not a quoted one: '123' is a str, 123 an int)
             self.cache[value] = out
         if event.anchor is not None:
             self.define(event, _Anchor(out, event.start_mark, None, 1, tag, True, True))
@@ -252,21 +268,30 @@ class _Builder:
         out: list[Any] = []
         tree: list[Entry] = []
         anchor = self.open(start, out, tree)
-        size = self.size
-        self.size += 1
-        nxt, append, place = self.next, out.append, tree.append
+        size, count = self.size, 1  # (nodes are counted here, added to `size` at the end)
+        nxt, append, place, cache = self.next, out.append, tree.append, self.cache
         while True:
             event = nxt()
             kind = type(event)
+            if kind is ScalarEvent:
+                count += 1
+                at = event.start_mark
+                if event.tag is None and event.anchor is None:
+                    if not event.implicit[0]:
+                        append(event.value)
+                    else:
+                        value = cache.get(event.value, _MISSING)
+                        append(value if value is not _MISSING else self.scalar(event, at))
+                else:
+                    append(self.scalar(event, at))
+                place((None, at, None))
+                continue
             if kind is SequenceEndEvent:
                 break
-            if kind is ScalarEvent:
-                append(self.scalar(event, event.start_mark))
-                place((None, event.start_mark, None))
-                continue
             data, mark, sub = self.node(event)
             append(data)
             place((None, mark, sub))
+        self.size += count
         self.close(anchor, size)
         return out, start.start_mark, tree
 
@@ -289,22 +314,26 @@ class _Builder:
         out: dict[Any, Any] = {}
         tree: dict[Any, Entry] = {}
         anchor = self.open(start, out, tree)
-        size = self.size
-        self.size += 1
+        size, count = self.size, 1  # (nodes are counted here, added to `size` at the end)
         mark = start.start_mark
         merged: dict[Any, Any] = {}
-        nxt = self.next
+        nxt, cache = self.next, self.cache
         while True:
             event = nxt()
             kind = type(event)
-            if kind is MappingEndEvent:
-                break
             if kind is ScalarEvent and event.anchor is None and event.tag is None:
-                if event.implicit[0] and event.value == "<<":
-                    mark = self.merge(nxt(), mark, tree, merged)
-                    continue
-                key = self.scalar(event, mark)
+                key = event.value
+                if event.implicit[0]:
+                    if key == "<<":
+                        mark = self.merge(nxt(), mark, tree, merged)
+                        continue
+                    key = cache.get(key, _MISSING)
+                    if key is _MISSING:
+                        key = self.scalar(event, mark)
+                count += 1
                 key_mark = event.start_mark
+            elif kind is MappingEndEvent:
+                break
             else:
                 key, key_mark, is_key = self.key(event, mark)
                 if is_key == "merge":
@@ -321,14 +350,24 @@ class _Builder:
                 continue
             event = nxt()
             if type(event) is ScalarEvent:
-                out[key] = self.scalar(event, event.start_mark)
-                tree[key] = (key_mark, event.start_mark, None)
+                count += 1
+                at = event.start_mark
+                if event.tag is None and event.anchor is None:
+                    if not event.implicit[0]:
+                        out[key] = event.value
+                    else:
+                        value = cache.get(event.value, _MISSING)
+                        out[key] = value if value is not _MISSING else self.scalar(event, at)
+                else:
+                    out[key] = self.scalar(event, at)
+                tree[key] = (key_mark, at, None)
                 continue
             data, value_mark, sub = self.node(event)
             out[key] = data
             tree[key] = (key_mark, value_mark, sub)
         for key, value in merged.items():
             out.setdefault(key, value)
+        self.size += count
         self.close(anchor, size)
         return out, mark, tree
 
@@ -339,6 +378,7 @@ class _Builder:
             tag = event.tag
             if tag is None or tag == "!":
                 tag = _RESOLVER.resolve(ScalarNode, event.value, event.implicit)
+            self.size += 1
             key = self.scalar(event, where)
             return key, mark, "merge" if tag == MERGE_TAG else True
         if isinstance(event, AliasEvent):
@@ -387,10 +427,63 @@ class _Builder:
 
 def load_text(text: str, file: str) -> tuple[Source | None, list[Diagnostic]]:
     """Parse YAML text; returns the Source (None when unusable) and diagnostics."""
-    report = Reporter(file, lambda path, key=False: (1, 1))
     if not text.strip() or _only_comments(text):
+        report = Reporter(file, lambda path, key=False: (1, 1))
         report.error("MESH105", "the file is empty", hint="start with `apiVersion: meshctl/v1`")
         return None, report.diagnostics
+    if FLOW_FAST:
+        with no_gc():
+            fast = _fast(text, file)
+        if fast is not None:
+            return _no_surrogates(*fast, text)
+    return _no_surrogates(*_load_events(text, file), text)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\(?:u|U0000)[dD][89a-fA-F][0-9a-fA-F]{2}")
+"""An escape that may name half of a UTF-16 surrogate pair (`"\\ud83d"`): not a character."""
+
+
+def _no_surrogates(source: Source | None, diagnostics: list[Diagnostic],
+                   text: str) -> tuple[Source | None, list[Diagnostic]]:
+    """A loaded file whose strings hold a surrogate (from an escape like `"\\ud83d"`: YAML's
+    characters exclude them, and no UTF-8 text or plan can hold one) is a MESH101 at that string."""
+    if source is None or not _SURROGATE_ESCAPE.search(text):
+        return source, diagnostics
+    found = _surrogate_at(source.data, ())
+    if found is None:  # (the escape was in a comment or a single-quoted string: text, no surrogate)
+        return source, diagnostics
+    path, key = found
+    line = source.map.locate(path, key)[0]
+    escape = _SURROGATE_ESCAPE.search(text.split("\n")[line - 1]) if 0 < line <= text.count("\n") + 1 else None
+    report = Reporter(source.file, source.map.locate)
+    report.error("MESH101", f"a string holds half of a UTF-16 surrogate pair ({escape.group() if escape else 'an escape'}), "
+                 "not a character", path=path, key=key,
+                 hint="write the character itself, or one 8-digit escape such as \\U0001F600")
+    return None, [*diagnostics, *report.diagnostics]
+
+
+def _surrogate_at(value: Any, path: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool] | None:
+    """(the path of the first string in `value` that holds a surrogate, whether it is a key), or None."""
+    if type(value) is str:
+        return (path, False) if any("\ud800" <= c <= "\udfff" for c in value) else None
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is str and _surrogate_at(key, ()) is not None:
+                return (*path, key), True
+            found = _surrogate_at(item, (*path, key))
+            if found is not None:
+                return found
+    elif type(value) is list:
+        for i, item in enumerate(value):
+            found = _surrogate_at(item, (*path, i))
+            if found is not None:
+                return found
+    return None
+
+
+def _load_events(text: str, file: str) -> tuple[Source | None, list[Diagnostic]]:
+    """load_text by the parser's events alone."""
+    report = Reporter(file, lambda path, key=False: (1, 1))
     loaders = [yaml.SafeLoader] if _FAST_LOADER is None else [_FAST_LOADER, yaml.SafeLoader]
     for loader in loaders:
         report.diagnostics = []
@@ -494,3 +587,177 @@ def _copy(value: Any) -> Any:
     if type(value) is list:
         return [_copy(v) for v in value]
     return value
+
+
+# --- Fast path: block sequences of one-line flow collections -------------------------------
+#
+# A top-level section written as `key:` and then one flow collection per line
+# (`  - {name: p0, domain: d0000, columns: [...]}`), the layout of a large generated mesh,
+# is read by rewriting those lines into JSON (str.replace: a quote on each side of every
+# `{ } [ ] , :`, empty pairs dropped) and json.loads; the rest of the file (the same text
+# with those lines blanked) is loaded by events, as above. Each item's positions are made
+# when first looked up, by loading that one line. A section is rewritten only where the
+# rewrite reads what YAML reads: plain scalars of word characters and `./@+-` (no quotes,
+# comments, anchors, tags), one space after `,` and `:` and nowhere else, numbers JSON
+# writes alike, no duplicate key; anything else loads that section by events.
+
+_OTHER = re.compile(r"[^\w./@+\- ,:\[\]{}\n]")
+"""A character the rewrite does not take (quotes, `#`, `&`, `*`, `!`, tabs...)."""
+_ODD = (re.compile(r"[:,][^ ]"), re.compile(r" [^\w./+\-\[{]"), re.compile(r"[\[{][^\w./+\-\[{\]}]"),
+        re.compile(r"-(?<=[\[{ ]-)[^0-9]"))
+"""What the rewrite would read otherwise than YAML: `,` or `:` without one space after it (`a:b`
+is one scalar), a space or `[`, `{` before anything but a scalar or a collection (`{ a}`,
+`[a ,b]`, `{, a}`, `@x`), a scalar starting with `-` (`- x`)."""
+_DOUBTFUL = re.compile(r"[\[{ ]([0-9+.\-][^,:\]}\n]*|(?:[Tt]rue|TRUE|[Ff]alse|FALSE|[Nn]ull|NULL)"
+                       r"(?=[,:\]}\n]))")
+"""A plain scalar that may not be a string (a number, a date, a literal), or the end of one."""
+_DELIMITERS = re.compile(r"[,:\[\]{}]")
+_LONGEST = 1000
+"""Longest scalar the rewrite takes (a key of over 1,024 characters is no simple key to YAML)."""
+_LITERAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
+"""Numbers JSON and YAML both read, to the same value."""
+_QUOTES = (("{", '"{"'), ("}", '"}"'), ("[", '"["'), ("]", '"]"'), (", ", '","'), (": ", '":"'),
+           ("\n", '"\n"'))
+_SECTION = re.compile(r"^([A-Za-z_][\w-]*):[ ]*\n((?:[ ]*(?:#[^\n]*)?\n|[ ]+- [\[{][^\n]*\n)+)"
+                      r"(?=[^\s#-]|\Z)", re.MULTILINE)
+_ITEM = re.compile(r"([ ]+)- (.*)")
+_MAX_BRACKETS = MAX_DEPTH - 10
+_MAX_LITERALS = 32
+
+
+def _fast(text: str, file: str) -> tuple[Source | None, list[Diagnostic]] | None:
+    """The load of `text` when some section is a block sequence of one-line flow items, else None."""
+    scan = text if text.endswith("\n") else text + "\n"
+    sections, line, at = [], 0, 0
+    for match in _SECTION.finditer(scan):
+        line, at = line + scan.count("\n", at, match.start()), match.start()
+        got = _section(match, line)
+        if got is not None:
+            sections.append(got)
+    if not sections:
+        return None
+    lines = scan.split("\n")
+    for _, first, count, _ in sections:
+        lines[first + 1:first + 1 + count] = [""] * count
+    rest = "\n".join(lines)
+    if not _block_mapping(rest):
+        return None  # (in a flow mapping `- {...}` is an error, not a list: `{a: 1,\nproducts:\n  - {}}`)
+    source, diagnostics = _load_events(rest, file)
+    if source is None or diagnostics or type(source.data) is not dict:
+        return None
+    data, tree = source.data, source.map.root[2]
+    for key, first, _, (values, places) in sections:
+        entry = tree.get(key)
+        if data.get(key, _MISSING) is not None or entry is None or _at(entry[0]) != (first + 1, 1):
+            return None  # (the header was not a top-level key: say, inside a quoted string)
+        data[key] = values
+        tree[key] = (entry[0], [places[0][0], places[0][1]], _Items(places))
+    source.text = text
+    source.map.partial = True
+    return source, []
+
+
+def _block_mapping(text: str) -> bool:
+    """Whether the document is a block mapping (its first three events say)."""
+    parser = (_FAST_LOADER or yaml.SafeLoader)(text)
+    try:
+        parser.get_event()
+        parser.get_event()
+        root = parser.get_event()
+    except yaml.YAMLError:
+        return False
+    return isinstance(root, MappingStartEvent) and root.flow_style is False
+
+
+def _section(match: re.Match[str], first: int) -> tuple[str, int, int, Any] | None:
+    """(key, header line, lines, (values, places)) of a section (its header on 0-based line
+    `first`) the rewrite can read, else None."""
+    body = match.group(2).split("\n")[:-1]
+    places, texts, indent = [], [], None
+    for n, line in enumerate(body):
+        item = _ITEM.fullmatch(line)
+        if item is None:
+            continue  # (a blank or comment line)
+        if indent is None:
+            indent = len(item.group(1))
+        text = item.group(2).rstrip(" ")
+        if len(item.group(1)) != indent or text.count("{") + text.count("[") > _MAX_BRACKETS \
+                or (len(text) >= _LONGEST and max(map(len, _DELIMITERS.split(text))) >= _LONGEST):
+            return None
+        places.append((first + 1 + n, indent, text))
+        texts.append(text)
+    joined = "\n".join(texts)
+    if _OTHER.search(joined) or any(odd.search(joined) for odd in _ODD):
+        return None
+    literals = []
+    for value in set(_DOUBTFUL.findall(joined)):
+        reads = _plain_reads(value)
+        if reads is None:
+            return None
+        if reads:
+            literals.append(value)
+    if len(literals) > _MAX_LITERALS:
+        return None
+    for old, new in _QUOTES:
+        joined = joined.replace(old, new)
+    joined = joined.replace('""', "")[1:-1]
+    for value in literals:
+        joined = joined.replace(f'"{value}"', value)
+    try:
+        values = [_DECODER.decode(line) for line in joined.split("\n")]
+    except ValueError:
+        return None
+    return match.group(1), first, len(body), (values, places)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a duplicate key")  # (MESH102 comes from the parser)
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _plain_reads(value: str) -> bool | None:
+    """How the rewrite must write a plain scalar it checks: True: as it is (a JSON number or
+    literal that YAML reads alike), False: as a string, None: it cannot (YAML reads another type)."""
+    tag = _RESOLVER.resolve(ScalarNode, value, (True, False))
+    if value in ("true", "false", "null"):
+        return True
+    if _LITERAL.fullmatch(value):
+        return True if tag in (INT_TAG, FLOAT_TAG) else None
+    return False if tag == STR_TAG or (tag == BOOL_TAG and value.lower() not in ("true", "false")) \
+        else None
+
+
+class _Items(list):
+    """The position entries of a fast section's items, each made when first looked up."""
+
+    def __init__(self, places: list[tuple[int, int, str]]) -> None:
+        super().__init__([None] * len(places))
+        self.places = places
+
+    def __getitem__(self, index: Any) -> Any:
+        entry = super().__getitem__(index)
+        if entry is None and isinstance(index, int):
+            line, col, text = self.places[index]
+            try:
+                loader = _FAST_LOADER or yaml.SafeLoader
+                built = _Builder(loader(" " * (col + 2) + text), _Muted()).document()
+            except yaml.YAMLError:  # (never: the line read as JSON)
+                built = None
+            entry = _shifted(built[1], line) if built is not None else (None, [line, col + 2], None)
+            super().__setitem__(index, entry)
+        return entry
+
+
+def _shifted(entry: Entry, lines: int) -> Entry:
+    """An entry with its marks as 0-based [line, col] lists, `lines` further down."""
+    key, mark, sub = entry
+    if type(sub) is dict:
+        sub = {k: _shifted(v, lines) for k, v in sub.items()}
+    elif type(sub) is list:
+        sub = [_shifted(v, lines) for v in sub]
+    return (None if key is None else [key.line + lines, key.column], [mark.line + lines, mark.column], sub)

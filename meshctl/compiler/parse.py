@@ -55,6 +55,7 @@ def parse_spec(data: Any, report: Reporter, items: ItemMemo | None = None) -> Pa
                          (section,), hint=f"write each {section[:-1]} as `- name: ...`")
             continue
         valid = []
+        nested = "policies" in item_type.model_fields  # (a domain's; getattr on the others raises inside pydantic)
         for i, raw in enumerate(raws):
             item = memo.get(raw) if memo is not None else None
             if item is None:
@@ -67,8 +68,9 @@ def parse_spec(data: Any, report: Reporter, items: ItemMemo | None = None) -> Pa
                     parsed.broken.setdefault(section, set()).add(raw["name"])
                 continue
             item.__pydantic_private__["_path"] = (section, i)  # = item._path, without pydantic's __setattr__
-            for j, policy in enumerate(getattr(item, "policies", [])):
-                policy.__pydantic_private__["_path"] = (section, i, "policies", j)
+            if nested:
+                for j, policy in enumerate(item.policies):
+                    policy.__pydantic_private__["_path"] = (section, i, "policies", j)
             valid.append(item)
         setattr(parsed.spec, section, valid)
     return parsed
@@ -103,16 +105,39 @@ class ItemMemo:
 
     def kept(self, kind: str, *made_of: Any) -> Any:
         """What a previous compile kept (`keep`) as `kind` from these very objects, or None."""
-        key = (kind, *map(id, made_of))
+        key = (kind, *map(id, made_of))  # (as many ids as objects: the zip below is strict)
         entry = self._old.get(key) or self._new.get(key)
-        if entry is None or any(a is not b for a, b in zip(entry[0], made_of, strict=True)):
+        if entry is None:
             return None
+        for a, b in zip(entry[0], made_of):  # (a loop, not any(): 22,000 calls)
+            if a is not b:
+                return None
         self._new[key] = entry
         return entry[1]
 
     def keep(self, kind: str, made_of: tuple[Any, ...], value: Any) -> None:
         """Keep `value`, made from exactly `made_of` (a check's "nothing to report", a plan object)."""
         self._new[(kind, *map(id, made_of))] = (made_of, value)
+
+    def table(self, kind: str) -> tuple[dict[int, Any], dict[int, Any]]:
+        """The entries of `kind` the previous compile kept, and the dict this compile keeps its own
+        in (what it does not put there is dropped at `end()`): for a caller that looks up many
+        items by the id of one object the entry holds (and checks it is that object)."""
+        key = ("table", kind)
+        new = self._new.get(key)
+        if new is None:
+            new = self._new[key] = ((), {})
+        return self._old.get(key, ((), {}))[1], new[1]
+
+    def same(self, kind: str, value: Any) -> Any:
+        """The object a previous compile gave for a value equal to `value`, else `value` (kept now):
+        one object for equal values, for `kept` keys that need a value, not an object."""
+        key = (kind,)
+        entry = self._new.get(key) or self._old.get(key)
+        if entry is None or type(entry[1]) is not type(value) or entry[1] != value:
+            entry = ((), value)
+        self._new[key] = entry
+        return entry[1]
 
     def end(self) -> None:
         """A compile ended: keep only what it used."""

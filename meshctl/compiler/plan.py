@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from meshctl.compiler import tomlwrite
+from meshctl.compiler import plantext, tomlwrite
 
 PLAN_FORMAT = 2
 """Version of the plan file layout: 2 writes positions in the unhashed `[positions]` table;
@@ -652,6 +652,14 @@ class Plan(_Frozen):
 
     def _texts(self) -> tuple[str, str]:
         """(the hashed TOML, the `[positions]` table or "")."""
+        if self.plan.format >= 2:  # made per resource (plantext): the same bytes, cheaper
+            made = plantext.assemble(self)
+            return made.head + made.rest(), made.positions
+        return self._dumped_texts()
+
+    def _dumped_texts(self) -> tuple[str, str]:
+        """`_texts()` from the whole plan's data, `tomlwrite.dumps`'d at once (format 1; the
+        reference plantext's texts are tested against)."""
         from meshctl.compiler.loader import no_gc
 
         with no_gc():  # a million acyclic containers: collections would scan them all, often
@@ -677,15 +685,22 @@ class Plan(_Frozen):
     def with_hash(self) -> Plan:
         """This plan with `plan.hash` set to the sha256 of its TOML (hash empty)."""
         unhashed = self.model_copy(update={"plan": self.plan.model_copy(update={"hash": ""})})
-        text, positions = unhashed._texts()
-        digest = f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+        made = None
+        if self.plan.format >= 2:  # made per resource (in a compile server: from the texts it keeps)
+            digest, made = plantext.hashed(unhashed)
+            whole = made.text if made is not None else None
+        else:
+            text, positions = unhashed._texts()
+            digest = f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+            whole = plantext.fill_hash(text, digest)
+            if whole is not None:
+                whole += positions
         hashed = self.model_copy(update={"plan": self.plan.model_copy(update={"hash": digest})})
-        # [plan] is the first table and `hash` is its only empty-string field named so:
-        # the hashed TOML is the unhashed one with that line filled in.
-        head, sep, tail = text.partition('\nhash = ""\n')
-        if sep and head.startswith("[plan]") and "\n[" not in head:
-            _TOML[id(hashed)] = f'{head}\nhash = "{digest}"\n{tail}{positions}'
+        if whole is not None:
+            _TOML[id(hashed)] = whole
             weakref.finalize(hashed, _TOML.pop, id(hashed), None)
+        if made is not None:  # its blocks, for `meshctl plan`'s diff (plandiff)
+            plantext.own(hashed, made)
         return hashed
 
     @classmethod
@@ -701,14 +716,15 @@ class Plan(_Frozen):
     def read(cls, path: str | Path) -> Plan:
         return cls.from_toml(Path(path).read_text(encoding="utf-8"))
 
-    def write(self, path: str | Path) -> None:
+    def write(self, path: str | Path, previous: str | None = None) -> None:
         """Write the plan atomically: a failed write (full disk, a missing folder) leaves the
         previous plan at `path` as it was. A file that already holds these bytes is left
-        untouched (its modification time too)."""
+        untouched (its modification time too). `previous`: the text of `path` as the caller
+        has just read it (not read again); None: read it here."""
         path = Path(path)
         text = self.to_toml()
         try:
-            if path.read_text(encoding="utf-8") == text:
+            if (path.read_text(encoding="utf-8") if previous is None else previous) == text:
                 return
         except (OSError, ValueError):  # none there, or not text: write it
             pass

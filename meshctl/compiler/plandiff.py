@@ -10,6 +10,7 @@ line) has no changes. Pure: no I/O.
 
 from __future__ import annotations
 
+import itertools
 import re
 import tomllib
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel
 
+from meshctl.compiler import plantext
 from meshctl.compiler.entrypoint import label
 from meshctl.compiler.plan import (
     Plan,
@@ -122,15 +124,34 @@ def diff_plan_texts(old: str, new: str) -> list[Change]:
     """
     if old == new:
         return []
-    old_cut, new_cut = _blocks(old), _blocks(new)
+    old_cut, new_cut = _kept_cuts(old, new) or (_blocks(old), _blocks(new))
     if old_cut is None or new_cut is None:
         return diff_plans(Plan.from_toml(old), Plan.from_toml(new))
-    same = {block for _, block in old_cut[1]} & {block for _, block in new_cut[1]}
-    return diff_plans(_partial(*old_cut, same), _partial(*new_cut, same))
+    old_head, old_blocks = old_cut
+    new_head, new_blocks = new_cut
+    return diff_plans(_partial(old_head, old_blocks, set(new_blocks)),
+                      _partial(new_head, new_blocks, set(old_blocks)))
 
 
-def _blocks(text: str) -> tuple[str, list[tuple[str, str]]] | None:
-    """(head, [(section, block text)]) of a plan's TOML, its `[positions]` left out (positions are
+Cut = tuple[str, list[str]] | None
+"""A plan text's head and the text of each resource block, or None (not laid out as meshctl writes it)."""
+
+
+def _kept_cuts(old: str, new: str) -> tuple[Cut, Cut] | None:
+    """The cuts of two plan texts where they were made here from blocks (`plantext.assembly_of`:
+    this process's plan, or a compile server's last texts), without cutting them; the other text
+    is cut. None when neither was."""
+    old_made, new_made = plantext.assembly_of(old), plantext.assembly_of(new)
+    if old_made is None and new_made is None:
+        return None
+    if old_made is not None and new_made is not None and plantext.RESIDENT is not None:
+        plantext.RESIDENT.diffs += 1
+    return (old_made.cut() if old_made is not None else _blocks(old),
+            new_made.cut() if new_made is not None else _blocks(new))
+
+
+def _blocks(text: str) -> Cut:
+    """(head, [block text]) of a plan's TOML, its `[positions]` left out (positions are
     no change); None when it is not laid out as meshctl writes it (a table outside its
     resource's block, a key not where meshctl writes it, a resource named twice)."""
     text = hashed_text(text)
@@ -154,7 +175,9 @@ def _blocks(text: str) -> tuple[str, list[tuple[str, str]]] | None:
         if (section, key) in seen:
             return None
         seen.add((section, key))
-        blocks.append((section, text[start:end]))
+        if text.startswith("\n\n", end - 2):  # the blank line before the next block: not the block's
+            end -= 1
+        blocks.append(text[start:end])
     return text[:starts[0][0]], blocks
 
 
@@ -165,10 +188,10 @@ def _unquote(raw: str) -> str:
     return tomllib.loads(f"v = {raw}")["v"]
 
 
-def _partial(head: str, blocks: list[tuple[str, str]], same: set[str]) -> Plan:
-    """The plan of `head` and the blocks not in `same`."""
+def _partial(head: str, blocks: list[str], other: set[str]) -> Plan:
+    """The plan of `head` and the blocks not in `other` (the other side's: unchanged resources)."""
     data = tomllib.loads(head)
-    kept = tomllib.loads("".join(block for _, block in blocks if block not in same))
+    kept = tomllib.loads("".join(itertools.filterfalse(other.__contains__, blocks)))
     for section, items in kept.items():
         if section in data:  # a section both in the head and in blocks: not a plan we wrote
             raise ValueError(f"{section} is written twice")

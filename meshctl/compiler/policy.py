@@ -13,13 +13,16 @@ diagnostic, never an exception.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 from celpy import celtypes
 
 from meshctl.compiler import cel
+from meshctl.compiler.build import network_key
 from meshctl.compiler.diagnostics import Reporter, YamlPath
 from meshctl.compiler.entrypoint import architecture_facts
 from meshctl.compiler.plan import (
@@ -55,6 +58,21 @@ class CompiledPolicy:
     require: Any
     at: str | None = None
     """`FILE:LINE:COL` of the policy, found on its first decision."""
+
+    @cached_property
+    def fast(self) -> tuple[Any, Any] | None:
+        """The compiled functions of `when` (None when absent) and `require` over plain variables
+        (meshctl.compiler.cel.Program.function), or None where one has none."""
+        when = self.when.function if self.when is not None else None
+        require = self.require.function
+        if require is None or (self.when is not None and when is None):
+            return None
+        return when, require
+
+    @cached_property
+    def reason(self) -> str:
+        """What its decisions say when `require` decides: the message, or the expression."""
+        return self.policy.message or f"requires {self.policy.require}"
 
     @property
     def ok(self) -> bool:
@@ -167,6 +185,27 @@ def activation(resolved: ResolvedModel, spec: MeshSpec,
     }
 
 
+def _kept_activation(resolved: ResolvedModel, spec: MeshSpec, domains: dict[str, Domain], kept: Any) -> dict[str, Any]:
+    """activation(), or the very dict a compile server's previous compile made (`kept`, a parse.ItemMemo)
+    from the same model, contract, target, products, their domains and the participants' domains,
+    evaluation product, and equal participants, features, network (build.network_key), input width and
+    task: all it reads.
+    The same dict again is what lets the server's memo reuse its `repr` (server.ResidentMemo)."""
+    evaluation, model = resolved.evaluation, resolved.model
+    made_of = (model, resolved.contract, resolved.target, evaluation, resolved.evaluation_contract,
+               domains.get(evaluation.domain) if evaluation is not None else None,
+               *resolved.products, *[domains.get(p.domain) for p in resolved.products],
+               *[domains.get(n) for n in resolved.participants])
+    values = (resolved.participants, resolved.features, network_key(resolved), resolved.input_width, resolved.task)
+    old, new = kept.table("model variables")  # (by the model's id: a key of 30 ids costs more than the check)
+    entry = new.get(id(model)) or old.get(id(model))
+    if entry is None or len(entry[0]) != len(made_of) or not all(map(operator.is_, entry[0], made_of)) \
+            or entry[1] != values:
+        entry = (made_of, values, activation(resolved, spec, domains))
+    new[id(model)] = entry
+    return entry[2]
+
+
 def _held_out(resolved: ResolvedModel, domains: dict[str, Domain]) -> list[dict[str, Any]]:
     """The model's evaluation product as a read (it is one; its domain reads it), or nothing."""
     product = resolved.evaluation
@@ -238,7 +277,8 @@ def subjects(resolution: Resolution, spec: MeshSpec,
     for r in resolution.models if "model" in scopes else ():
         yield Subject("model", "model", r.model.name, r.model.path,
                       frozenset(r.participants) | ({r.evaluation.domain} if r.evaluation else set()),
-                      activation(r, spec, domains))
+                      activation(r, spec, domains) if resolution.kept is None else
+                      _kept_activation(r, spec, domains, resolution.kept))
     paths = {m.name: m.path for m in spec.split_models}
     for split in splits if "model" in scopes else ():
         yield Subject("model", "model", split.name, paths[split.name], frozenset(split.participants),
@@ -287,8 +327,30 @@ def decide(policies: list[CompiledPolicy], resolution: Resolution, spec: MeshSpe
                 decisions += kept
                 continue
         made_here, reported = [], len(report.diagnostics)
+        plain, values, sid = variables.cel().plain, variables.memo, variables.id
         for compiled in applicable:
-            decision = _decide(compiled, subject, variables, report, file)
+            fast = compiled.fast if plain is not None else None
+            if fast is not None:  # the common case inline: an allow, from values the compiled CEL is sure of
+                when, require = fast
+                try:
+                    if values is not None:  # (values remembered first, as _truth takes them)
+                        applies = True if when is None else _known(when, plain, values, compiled.policy.when)
+                        holds = _known(require, plain, values, compiled.policy.require) if applies else None
+                    else:
+                        applies = True if when is None else when(plain)
+                        holds = require(plain) if applies is True else None
+                    if applies is True and holds is True:
+                        made_here.append(_decision(compiled.label, compiled.policy.scope, sid, "allow",
+                                                   compiled.reason, compiled.at or _at(compiled, report)))
+                        continue
+                    if applies is False:
+                        made_here.append(_decision(compiled.label, compiled.policy.scope, sid, "allow",
+                                                   f"does not apply: {compiled.policy.when}",
+                                                   compiled.at or _at(compiled, report)))
+                        continue
+                except Exception:  # noqa: BLE001, S110 - an error or a doubt: _decide says what it is
+                    pass
+            decision = _decide(compiled, subject, variables, report, file)  # (evaluates again: the same)
             if decision is not None:
                 made_here.append(decision)
         if key is not None and len(report.diagnostics) == reported:  # (diagnostics are never replayed)
@@ -335,38 +397,73 @@ def _decide(compiled: CompiledPolicy, subject: Subject, variables: _Variables,
     if compiled.at is None:
         compiled.at = report.at(policy.path)
     at = compiled.at
-    what = variables.what
-    reason = policy.message or f"requires {policy.require}"
-
-    def made(effect: str, why: str) -> PlanDecision:
-        # every field is a plain str built here: no validation needed
-        return decision({"policy": compiled.label, "scope": policy.scope, "subject": variables.id,
-                         "effect": effect, "reason": why, "at": at})
-
     if compiled.when is not None:
-        applies = _evaluate(compiled, "when", compiled.when, variables, what, report)
+        applies = _truth(compiled, "when", compiled.when, variables, report)
         if applies is None:
             return None
         if not applies:
-            return made("allow", f"does not apply: {policy.when}")
-    holds = _evaluate(compiled, "require", compiled.require, variables, what, report)
+            return _made(compiled, variables, "allow", f"does not apply: {policy.when}")
+    holds = _truth(compiled, "require", compiled.require, variables, report)
     if holds is None:
         return None
+    reason = compiled.reason
     if holds:
-        return made("allow", reason)
+        return _made(compiled, variables, "allow", reason)
     hint = f"policy '{compiled.label}' is declared at {at}"
-    text = f"policy '{compiled.label}' {{}} {what}: {reason}"
+    text = f"policy '{compiled.label}' {{}} {variables.what}: {reason}"
     if policy.effect == "warn":
         report.warning("MESH411", text.format("warns about"), subject.path, hint=hint)
-        return made("warn", reason)
+        return _made(compiled, variables, "warn", reason)
     report.error("MESH410", text.format("denies"), subject.path, hint=hint)
-    return made("deny", reason)
+    return _made(compiled, variables, "deny", reason)
+
+
+def _known(function: Any, plain: dict[str, Any], values: dict[Any, Any], text: str) -> bool | None:
+    """What _truth gives with a memo where it is a bool: the value remembered for `text`, else the
+    compiled function's when it is sure (then remembered); None for anything else (_truth decides)."""
+    value = values.get(text)
+    if value is not None:
+        return value if type(value) is bool else None
+    try:
+        value = function(plain)
+    except Exception:  # noqa: BLE001 - an error or a doubt: _truth decides
+        return None
+    if value is True or value is False:
+        values[text] = value
+        return value
+    return None
+
+
+def _at(compiled: CompiledPolicy, report: Reporter) -> str:
+    """`FILE:LINE:COL` of the policy, looked up on its first decision."""
+    compiled.at = report.at(compiled.policy.path)
+    return compiled.at
+
+
+def _made(compiled: CompiledPolicy, variables: _Variables, effect: str, why: str) -> PlanDecision:
+    return _decision(compiled.label, compiled.policy.scope, variables.id, effect, why, compiled.at)
 
 
 def decision(fields: dict[str, str]) -> PlanDecision:
     """PlanDecision.model_construct(**fields) with every field given, without validating again
     (100,000 decisions at full size): plan.made."""
     return made(PlanDecision, **fields)
+
+
+_FIELDS_SET = set(PlanDecision.model_fields)
+_new, _set = object.__new__, object.__setattr__
+
+
+def _decision(policy: str, scope: str, subject: str, effect: str, reason: str, at: str) -> PlanDecision:
+    """decision() of these fields, every one a plain str built here, with less work: the same
+    instance (`__dict__` in field order, every field set), made as plan.made makes it."""
+    instance = _new(PlanDecision)
+    _set(instance, "__dict__", {"policy": policy, "scope": scope, "subject": subject, "effect": effect,
+                                "reason": reason, "at": at})
+    _set(instance, "__pydantic_fields_set__", _FIELDS_SET.copy())
+    _set(instance, "__pydantic_extra__", None)
+    _set(instance, "__pydantic_private__", None)
+    return instance
 
 
 class Memo(Protocol):
@@ -400,6 +497,21 @@ def _kept(value: Any) -> bool:
     """Whether a remembered value other than a bool is one `outcome` gives."""
     return (type(value) is list and all(type(v) is str for v in value)
             and len(value) == {"error": 2, "value": 3}.get(value[0] if value else "", 0))
+
+
+def _truth(compiled: CompiledPolicy, key: str, program: Any, variables: _Variables,
+           report: Reporter) -> bool | None:
+    """What _evaluate gives, without its steps where the compiled CEL is certain of a bool (most
+    evaluations): the value is then the one `outcome` would give."""
+    memo = variables.memo
+    text = getattr(compiled.policy, key)
+    if memo is None or text not in memo:
+        value = program.truth(variables.cel())
+        if value is not None:
+            if memo is not None:
+                memo[text] = value
+            return value
+    return _evaluate(compiled, key, program, variables, variables.what, report)
 
 
 def _evaluate(compiled: CompiledPolicy, key: str, program: Any, variables: _Variables,

@@ -18,7 +18,7 @@ from meshctl.compiler import evalproduct
 from meshctl.compiler.analyses import resolve_analysis
 from meshctl.compiler.diagnostics import Reporter, YamlPath, did_you_mean, quoted
 from meshctl.compiler.grants import resolve_grants
-from meshctl.compiler.parse import Parsed
+from meshctl.compiler.parse import ItemMemo, Parsed
 from meshctl.compiler.plan import PlanFeature
 from meshctl.compiler.resolved import Resolution, ResolvedAnalysis, ResolvedModel
 from meshctl.compiler.spec import Analysis, Column, Contract, Model, Product
@@ -36,20 +36,30 @@ MAX_CATEGORIES = 10_000
 class Resolver:
     """Checks the references of a parsed spec, reporting into `report` (a resolved.References)."""
 
-    def __init__(self, parsed: Parsed, report: Reporter) -> None:
+    def __init__(self, parsed: Parsed, report: Reporter, kept: ItemMemo | None = None) -> None:
         self.spec = parsed.spec
+        self.kept = kept
+        """A compile server's memo: a model resolved from the very objects of a previous compile is
+        that compile's resolution again (see `_model`)."""
         self.broken = parsed.broken
         self.invalid = parsed.invalid
         self.report = report
         self.domains = [d.name for d in self.spec.domains]
         self.domain_set = set(self.domains)
-        self.result = Resolution()
+        self._order: dict[str, list[int]] = {}
+        """Where each domain name is declared (a list: a duplicate, MESH301, is listed twice)."""
+        for i, name in enumerate(self.domains):
+            self._order.setdefault(name, []).append(i)
+        self.result = Resolution(kept=kept)
         self.incomplete = bool(parsed.broken.get("products") or parsed.broken.get("domains"))
         """Some products or domains are invalid: do not report them as absent."""
         self._versions: dict[str, list[Contract]] = {}
         for c in sorted(self.spec.contracts, key=lambda c: _semver(c.version)):
             self._versions.setdefault(c.name, []).append(c)
         self._by_major: dict[tuple[str, int], dict[str, list[Product]]] | None = None
+        self._found: dict[str, Contract] = {}
+        """Contracts by a reference that resolved without a diagnostic (10,000 products, few references)."""
+        self._token: tuple | None = None
         self._columns: dict[int, dict[str, Column]] = {}
         self._pii: dict[int, dict[str, str]] = {}
         self._product_columns: dict[int, set[str]] = {}
@@ -78,7 +88,9 @@ class Resolver:
     def _unique(self) -> None:
         spec = self.spec
         self._no_duplicates("domain", [(d.name, d.path) for d in spec.domains])
-        self._no_duplicates("product", [(f"{p.domain}.{p.name}", p.path) for p in spec.products])
+        names = [f"{p.domain}.{p.name}" for p in spec.products]
+        if len(set(names)) < len(names):  # (the paths only when some name repeats: 10,000 products)
+            self._no_duplicates("product", [(name, p.path) for name, p in zip(names, spec.products, strict=True)])
         self._no_duplicates("contract", [(f"{c.name}@{c.version}", c.path)
                                          for c in spec.contracts])
         self._no_duplicates("policy", [(p.name, p.path) for p in spec.policies])
@@ -112,6 +124,9 @@ class Resolver:
 
     def contract(self, ref: str, path: YamlPath, what: str) -> Contract | None:
         """The contract `name`, `name@major` or `name@x.y.z` refers to (highest match)."""
+        found = self._found.get(ref)
+        if found is not None:
+            return found
         name, _, version = ref.partition("@")
         versions = self._versions.get(name, [])
         if not versions:
@@ -127,14 +142,16 @@ class Resolver:
                               f"declared only as version {have}", path,
                               hint=f"write '{name}@{versions[-1].major}'")
             return None
+        self._found[ref] = matching[-1]
         return matching[-1]
 
     # -- products ----------------------------------------------------------------
     def _product(self, product: Product) -> None:
-        what = f"product '{product.name}'"
-        self._domain(product.domain, (*product.path, "domain"), what)
+        if product.domain not in self.domain_set:
+            self._domain(product.domain, (*product.path, "domain"), f"product '{product.name}'")
         if product.contract is not None:
-            contract = self.contract(product.contract, (*product.path, "contract"), what)
+            contract = self._found.get(product.contract) or \
+                self.contract(product.contract, (*product.path, "contract"), f"product '{product.name}'")
             if contract is not None:
                 self.result.contracts[id(product)] = contract
 
@@ -142,11 +159,39 @@ class Resolver:
     def _model(self, model: Model) -> ResolvedModel | None:
         path = model.path
         inputs = (*path, "inputs")
+        reported = len(self.report.diagnostics)
         contract = self.contract(model.inputs.contract, (*inputs, "contract"),
                                  f"model '{model.name}'")
         if contract is None:
             return None
         publishers = evalproduct.without(self, model, self.publishers(contract))
+        made_of = None
+        if self.kept is not None and model.evaluation.product is None and reported == len(self.report.diagnostics):
+            # what a model resolves to is made of itself, its contract, the products published under
+            # it (in their order) and the domains (names, order, broken ones): the same objects, the
+            # same resolution (kept only when it reported nothing)
+            made_of = (model, contract, self._domain_token(), *[p for found in publishers.values() for p in found])
+            found = self.kept.kept("resolved model", *made_of)
+            if found is not None:
+                return ResolvedModel(model, contract, list(found.participants), list(found.products),
+                                     list(found.features), found.target, task=found.task,
+                                     inputs=None if found.inputs is None else list(found.inputs),
+                                     input_shape=None if found.input_shape is None else list(found.input_shape))
+        resolved = self._resolve_model(model, contract, publishers)
+        if made_of is not None and resolved is not None and reported == len(self.report.diagnostics):
+            self.kept.keep("resolved model", made_of, resolved)
+        return resolved
+
+    def _domain_token(self) -> tuple:
+        """The domains' names in order, the broken ones and whether some are: one object for equal
+        values across the compiles of a server (so a kept resolution can name it)."""
+        if self._token is None:
+            value = (tuple(self.domains), frozenset(self.broken.get("domains", ())), self.incomplete)
+            self._token = self.kept.same("domains", value) if self.kept is not None else value
+        return self._token
+
+    def _resolve_model(self, model: Model, contract: Contract,
+                       publishers: dict[str, list[Product]]) -> ResolvedModel | None:
         participants = self.participants(model, "model", model.inputs.contract, publishers)
         products = [publishers[d][0] for d in participants if len(publishers.get(d, [])) == 1]
         pool = [p for found in publishers.values() for p in found]
@@ -225,10 +270,14 @@ class Resolver:
         """Products under (the major version of) `contract`, by domain."""
         if self._by_major is None:
             self._by_major = {}
+            keys: dict[int, tuple[str, int]] = {}  # (a contract's major, once per contract)
             for product in self.spec.products:
                 c = self.result.contracts.get(id(product))
                 if c is not None:
-                    by_domain = self._by_major.setdefault((c.name, c.major), {})
+                    key = keys.get(id(c))
+                    if key is None:
+                        key = keys[id(c)] = (c.name, c.major)
+                    by_domain = self._by_major.setdefault(key, {})
                     by_domain.setdefault(product.domain, []).append(product)
         return self._by_major.get((contract.name, contract.major), {})
 
@@ -286,7 +335,7 @@ class Resolver:
         """The domains a model or analysis runs in, in declared domain order."""
         path = (*item.path, "participants")
         if item.participants == "all":
-            names = [d for d in self.domains if d in publishers]
+            names = self._in_order(publishers)
             if not names and not self.incomplete:
                 self.report.error("MESH506", f"no domain publishes a product under contract "
                                   f"'{ref}', so {kind} '{item.name}' has no participants", path)
@@ -309,7 +358,12 @@ class Resolver:
         if not item.participants:
             self.report.error("MESH506", f"{kind} '{item.name}' has no participants", path,
                               hint="write `participants: all` or list domains")
-        return [d for d in self.domains if d in seen_set]
+        return self._in_order(seen_set)
+
+    def _in_order(self, names: dict[str, list[Product]] | set[str]) -> list[str]:
+        """`[d for d in self.domains if d in names]`, without a pass over every domain per model."""
+        order = self._order
+        return [self.domains[i] for i in sorted(i for name in names for i in order.get(name, ()))]
 
     def _one_product(self, domain: str, publishers: dict[str, list[Product]],
                      at: YamlPath, ref: str, kind: str) -> bool:
@@ -427,9 +481,12 @@ class Resolver:
                           hint=did_you_mean(name, names) or declared("columns", names))
 
 
-def resolve(parsed: Parsed, report: Reporter) -> Resolution:
-    """Check every reference of `parsed`; returns the resolved products and models."""
-    return Resolver(parsed, report).run()
+def resolve(parsed: Parsed, report: Reporter, kept: ItemMemo | None = None) -> Resolution:
+    """Check every reference of `parsed`; returns the resolved products and models.
+
+    With `kept` (a compile server's ItemMemo), a model made of the very objects a previous compile
+    resolved without a diagnostic is not resolved again."""
+    return Resolver(parsed, report, kept).run()
 
 
 def _version_matches(version: str, wanted: str) -> bool:

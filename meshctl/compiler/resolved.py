@@ -79,6 +79,9 @@ class Resolution:
     """Grants by (product id, subject), subject being `model:NAME` or `analysis:NAME`."""
     used_grants: dict[str, list[str]] = field(default_factory=dict)
     """Ids of the grants each subject (`model:NAME`, `analysis:NAME`) reads under."""
+    kept: Any = field(default=None, compare=False, repr=False)
+    """A compile server's parse.ItemMemo, for what later stages make from the same objects again
+    (the policies' model variables); None in process."""
 
 
 class References(Protocol):

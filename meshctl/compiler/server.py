@@ -31,10 +31,12 @@ from typing import Any
 
 import meshctl
 from meshctl.client import SOCKET, ask, build, connect
+from meshctl.compiler import plantext
 from meshctl.compiler.cache import DecisionMemo
 from meshctl.compiler.diagnostics import Diagnostic
 from meshctl.compiler.loader import Source, load_bytes
 from meshctl.compiler.parse import ItemMemo
+from meshctl.compiler.plantext import PlanTexts
 
 IDLE_MINUTES = 30
 """A server with no request for this long stops."""
@@ -58,17 +60,35 @@ class ResidentMemo(DecisionMemo):
         self.hits = self.misses = 0
         self._old: dict[str, dict[Any, Any]] = {}
         self._used: dict[str, dict[Any, Any]] = {}
+        self._texts: dict[int, tuple[Any, str]] = {}
+        self._texts_used: dict[int, tuple[Any, str]] = {}
 
     def values(self, variables: dict[str, Any]) -> dict[Any, Any]:
         """The remembered values for exactly `variables`, keyed by their `repr`: exact for the
         plain data, dates and tuples variables are made of (types and key order show), and an
         object without such a repr only misses (its id is in it). Faster than the disk memo's JSON
-        and its check that JSON holds the data exactly (0.1 s of 500 models' variables)."""
-        return self._entry(repr(variables))
+        and its check that JSON holds the data exactly (0.1 s of 500 models' variables).
+
+        The repr of a variable that is the very object of the previous compile (policy.py hands a
+        model's variables again when they are made of the same objects: `_kept_activation`) is
+        that compile's; these dicts are never changed once made."""
+        return self._entry("{" + ", ".join(f"{k!r}: {self._text(v)}" for k, v in variables.items()) + "}")
+
+    def _text(self, value: Any) -> str:
+        """repr(value), kept by the identity of a dict (held, so the id is not reused)."""
+        if type(value) is not dict:
+            return repr(value)
+        key = id(value)
+        kept = self._texts_used.get(key) or self._texts.get(key)
+        if kept is None or kept[0] is not value:
+            kept = (value, repr(value))
+        self._texts_used[key] = kept
+        return kept[1]
 
     def save(self) -> None:
         """Keep what this compile used (the next one starts from it)."""
         self._old, self._used = self._used, {}
+        self._texts, self._texts_used = self._texts_used, {}
 
 
 class ResidentCache:
@@ -118,14 +138,31 @@ class ResidentCache:
 
 
 class _Out(io.BytesIO):
-    """A captured stream that is a terminal when the client's is (colours as there)."""
+    """A captured stream that is a terminal when the client's is (colours as there); each write is
+    also put, in order, in `order` beside the other stream's as (stream number, bytes), so that the
+    client interleaves stdout and stderr as the command wrote them (`2>&1`, a terminal, a CI log)."""
 
-    def __init__(self, tty: bool) -> None:
+    def __init__(self, tty: bool, number: int = 1, order: list[tuple[int, bytes]] | None = None) -> None:
         super().__init__()
         self.tty = tty
+        self.number = number
+        self.order = order if order is not None else []
 
     def isatty(self) -> bool:
         return self.tty
+
+    def write(self, data: Any) -> int:
+        order = self.order
+        if order and order[-1][0] == self.number:
+            order[-1] = (self.number, order[-1][1] + bytes(data))
+        else:
+            order.append((self.number, bytes(data)))
+        return super().write(data)
+
+
+def chunks(order: list[tuple[int, bytes]]) -> list[list[Any]]:
+    """`order` as the answer's `chunks`: [stream number, text] in the order written."""
+    return [[number, data.decode("utf-8", errors="replace")] for number, data in order if data]
 
 
 class Server:
@@ -142,6 +179,8 @@ class Server:
         self.path = self.root / ".meshctl" / SOCKET
         self.idle_s = idle_s
         self.cache = ResidentCache(self.root / ".meshctl" / "cache")
+        self.texts = PlanTexts()
+        """The plan texts it made, per resource (meshctl.compiler.plantext)."""
         self.started = time.time()
         self.last = time.monotonic()
         self.requests = 0
@@ -156,7 +195,12 @@ class Server:
 
         mesh = self.root / "mesh.yaml"
         if mesh.is_file():
-            compile_mesh(mesh, hashed=False, cache=self.cache)  # type: ignore[arg-type]
+            here = os.getcwd()
+            os.chdir(self.root)  # as `meshctl validate` in the mesh directory names its files (the keys)
+            try:
+                compile_mesh(Path("mesh.yaml"), hashed=False, cache=self.cache)  # type: ignore[arg-type]
+            finally:
+                os.chdir(here)
             self.cache.end()
 
     def listen(self) -> socket.socket:
@@ -231,7 +275,7 @@ class Server:
             return True
         version = self.build
         if request.get("meshctl") != version:  # a client of another meshctl: this one is stale
-            self._send(conn, {"meshctl": version})
+            self._send(conn, {"meshctl": version, "pid": os.getpid()})
             print(f"stopping: a client of meshctl {request.get('meshctl')} asked (this is {version})", flush=True)
             return False
         op = request.get("op")
@@ -266,6 +310,7 @@ class Server:
         """What `meshctl compile-server status` shows."""
         return {"pid": os.getpid(), "root": str(self.root), "socket": str(self.path),
                 "started": self.started, "requests": self.requests, "files": self.cache.files,
+                "plan_texts": self.texts.status(),
                 "last_seconds": round(self.seconds, 3), "cpu_s": time.process_time(),
                 "idle_stop_s": round(self.idle_s - (time.monotonic() - self.last))}
 
@@ -278,7 +323,8 @@ class Server:
                 or not isinstance(cwd, str):
             return {"error": "not a served command"}
         tty = request.get("tty") or [False, False]
-        out, err = _Out(bool(tty[0])), _Out(bool(tty[1]))
+        order: list[tuple[int, bytes]] = []
+        out, err = _Out(bool(tty[0]), 1, order), _Out(bool(tty[1]), 2, order)
         saved_env = {k: os.environ.get(k) for k in ENV}
         saved = sys.stdout, sys.stderr
         code: Any = 0
@@ -290,6 +336,7 @@ class Server:
             sys.stdout, sys.stderr = (io.TextIOWrapper(out, encoding="utf-8", errors="replace", write_through=True),
                                       io.TextIOWrapper(err, encoding="utf-8", errors="replace", write_through=True))
             self.resident(self.cache)
+            plantext.RESIDENT = self.texts
             try:
                 self.command.main(args=[str(a) for a in argv], prog_name="meshctl", standalone_mode=True)
             except SystemExit as stop:
@@ -303,6 +350,7 @@ class Server:
             return {"error": f"{cwd}: {error.strerror or error}"}
         finally:
             self.resident(None)
+            plantext.RESIDENT = None
             self.cache.end()
             for stream in (sys.stdout, sys.stderr):
                 if stream not in saved:
@@ -320,7 +368,8 @@ class Server:
         elif not isinstance(code, int):
             err.write(f"{code}\n".encode())
             code = 1
-        return {"exit": code, "out": out.getvalue().decode("utf-8"), "err": err.getvalue().decode("utf-8")}
+        return {"exit": code, "out": out.getvalue().decode("utf-8"), "err": err.getvalue().decode("utf-8"),
+                "chunks": chunks(order)}
 
 
 # --- the commands' side: start, stop, status -------------------------------------------------

@@ -87,19 +87,52 @@ def check_sources(products: list[Product], base: Path, report: Reporter,
                     read_by.setdefault((base / kind.path).resolve(), product.domain)
         return {path for path, owner in read_by.items() if owner != domain}
 
+    listed = _Listed(base)
     for product in products:
-        at = (*product.path, "source")
-        label = f"{product.domain}.{product.name}"
         kind = source_kind(product.source)
         if kind is None:
-            report.error("MESH501", f"source '{product.source}' of product '{label}' is not a "
-                         "supported file or URI", at,
+            report.error("MESH501", f"source '{product.source}' of product '{product.domain}.{product.name}' is "
+                         "not a supported file or URI", (*product.path, "source"),
                          hint="use a .csv or .parquet file, sqlite:PATH, duckdb:PATH or "
                               "postgresql://...")
             continue
-        _check_table(product, kind, label, report)
-        if kind.path is not None and product.domain not in remote:
-            _check_file(kind.path, label, base, at, report, product.domain, others_of)
+        if (product.table is not None) if kind.is_file else not product.table:
+            _check_table(product, kind, f"{product.domain}.{product.name}", report)
+        if kind.path is not None and product.domain not in remote and not listed.isfile(kind.path):
+            _check_file(kind.path, f"{product.domain}.{product.name}", base, (*product.path, "source"), report,
+                        product.domain, others_of)
+
+
+class _Listed:
+    """`os.path.isfile(base/src)` from one listing per directory: 10,000 sources in one directory
+    are one scandir, not 10,000 stats. Only a plain relative path (no `.`, `..` or empty part) is
+    answered from a listing, only "it is a file" (what is not listed is asked again by a stat: a
+    case-insensitive file system), and only in a directory this process may list and search."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.dirs: dict[str, set[str] | None] = {}
+
+    def isfile(self, src: str) -> bool:
+        head, _, name = src.rpartition("/")
+        names = self.dirs.get(head, False)
+        if names is False:
+            names = self.dirs[head] = self._list(head)
+        if names is not None and name in names and not src.startswith("/"):
+            return True
+        return os.path.isfile(os.path.join(self.base, src))
+
+    def _list(self, head: str) -> set[str] | None:
+        if head and any(p in ("", ".", "..") for p in head.split("/")):  # (and absolute: a first part "")
+            return None
+        directory = os.path.join(self.base, head) if head else self.base
+        try:
+            if not os.access(directory, os.R_OK | os.X_OK):
+                return None
+            with os.scandir(directory) as entries:
+                return {e.name for e in entries if e.is_file()}
+        except (OSError, ValueError):
+            return None
 
 
 def _check_table(product: Product, kind: SourceKind, label: str, report: Reporter) -> None:

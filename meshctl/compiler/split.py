@@ -46,7 +46,7 @@ def check_split_models(spec: MeshSpec, resolution: Resolution, report: Reporter,
     """The plan section of every split model that checks, after reporting what is wrong with the others.
     `root` (the mesh.yaml's directory) and `cache` serve `entrypoint:` bottom and top models
     (compiler.entrypoint: the code is pinned, the module introspected in a subprocess)."""
-    products = {f"{p.domain}.{p.name}": p for p in spec.products}
+    products = {f"{p.domain}.{p.name}": p for p in spec.products} if spec.split_models else {}  # (10,000 names)
     taken = {m.name: m.path for m in spec.models}
     out: list[PlanSplit] = []
     for model in spec.split_models:

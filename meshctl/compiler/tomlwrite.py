@@ -49,6 +49,10 @@ class _Writer:
         self.prefixes: dict[str, str] = {}
         self.tables: dict[tuple[int, str], list[str]] = {}
         """Lines of nested array tables by (id of the dict, name); `data` keeps the dicts alive."""
+        self.arrays: dict[tuple[int, ...], bool] = {}
+        """Whether a list of these very dicts (by their ids) is written as an array of tables."""
+        self.chunks: dict[tuple[tuple[int, ...], str], list[str]] = {}
+        """Lines of a nested array of tables (each table after a blank line) by its dicts' ids and name."""
 
     def string(self, s: str) -> str:
         out = self.strings.get(s)
@@ -133,9 +137,8 @@ class _Writer:
                 literals.append((prefixes.get(k) or self.prefix(k)) + text + "\n")
             elif kind is dict:
                 tables.append((k, v, False))
-            elif ((kind is list or kind is tuple) and v and all(type(t) is dict for t in v)
-                  and not all(self.inline_fits(t) for t in v)):
-                tables.extend((k, t, True) for t in v)
+            elif (kind is list or kind is tuple) and v and type(v[0]) is dict and self.array(v):
+                tables.append((k, v, True))
             else:
                 literals.append((prefixes.get(k) or self.prefix(k)) + self.literal(v) + "\n")
         written = False
@@ -146,11 +149,40 @@ class _Writer:
             written = True
             out += literals
         for k, v, array in tables:
-            if written:
-                out.append("\n")
-            written = True
             part = self.key(k)
-            self.table(v, f"{name}.{part}" if name else part, array, out)
+            full = f"{name}.{part}" if name else part
+            if not array:
+                if written:
+                    out.append("\n")
+                written = True
+                self.table(v, full, False, out)
+            elif written and name:  # a nested array: the same dicts again are the same lines
+                ids = tuple(map(id, v))
+                done = self.chunks.get((ids, full))
+                if done is None:
+                    start = len(out)
+                    for t in v:
+                        out.append("\n")
+                        self.table(t, full, True, out)
+                    self.chunks[ids, full] = out[start:]
+                else:
+                    out += done
+            else:
+                for t in v:
+                    if written:
+                        out.append("\n")
+                    written = True
+                    self.table(t, full, True, out)
+
+    def array(self, v: list[Any] | tuple[Any, ...]) -> bool:
+        """Whether a non-empty list that starts with a dict is an array of tables: every item a
+        dict, not all of them fitting an inline table (tomli-w's rule); kept by the dicts' ids."""
+        ids = tuple(map(id, v))
+        found = self.arrays.get(ids)
+        if found is None:
+            found = self.arrays[ids] = (all(type(t) is dict for t in v)
+                                        and not all(self.inline_fits(t) for t in v))
+        return found
 
 
 def dumps(data: dict[str, Any]) -> str:

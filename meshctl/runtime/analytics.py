@@ -16,21 +16,17 @@ import difflib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from meshctl.compiler.plan import Plan, PlanAnalysis
 from meshctl.errors import UserError
-from meshctl.runtime import wire
-from meshctl.runtime.analytics_domain import (
-    Statistic,
-    declared_groups,
-    metric_statistics,
-    statistics,
-)
-from meshctl.runtime.kernels import aggregates as agg
 from meshctl.tables import cell, format_table
+
+if TYPE_CHECKING:  # (merge imports them: `meshctl analyze` itself never needs torch, which they import)
+    from meshctl.runtime import wire
+    from meshctl.runtime.analytics_domain import Statistic
 
 REPLY_TIMEOUT_S = 600.0
 """How long the coordinator waits for every participant's aggregates."""
@@ -73,6 +69,9 @@ def result_path(run_dir: Path, name: str) -> Path:
 
 def merge(plan: Plan, analysis: PlanAnalysis, replies: dict[str, wire.AnalyzeRes]) -> dict[str, Any]:
     """The mesh-wide result of `analysis` from each domain's (gated) reply, as a JSON-able dict."""
+    from meshctl.runtime.analytics_domain import declared_groups, metric_statistics, statistics
+    from meshctl.runtime.kernels import aggregates as agg
+
     stats = statistics(plan, analysis)
     by_metric = metric_statistics(plan, analysis)
     by_domain = {d: {tuple(g.key): g.values for g in replies[d].groups}
@@ -108,6 +107,8 @@ def _count(count: float, analysis: PlanAnalysis) -> float | int:
 
 def _metric_values(analysis: PlanAnalysis, by_metric: dict[str, list[Statistic]], parts: list[dict],
                    exact: bool) -> dict[str, Any]:
+    from meshctl.runtime.kernels import aggregates as agg
+
     out: dict[str, Any] = {}
     for m in analysis.metrics:
         stats = {s.kind: s for s in by_metric[m.label]}

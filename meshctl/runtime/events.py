@@ -355,8 +355,9 @@ class JobFailed(Event):
     round: int
     reason: str
 
-    def message(self) -> str:
-        return f"job {self.job} failed in round {self.round}: {self.reason}"
+    def message(self) -> str:  # round 0: the join, the data checks or the resume, before any round ran
+        where = f"in round {self.round}" if self.round else "before round 1"
+        return f"job {self.job} failed {where}: {self.reason}"
 
 
 class RunCompleted(Event):
@@ -668,7 +669,8 @@ def in_epochs(event: Event, line: str, epochs: Collection[str]) -> str:
     if isinstance(event, RoundCompleted):  # a headless line (`m  round`) or the message (`job m round`)
         return line.replace(f"{job}  round ", f"{job}  epoch ", 1).replace(f"job {job} round ", f"job {job} epoch ", 1)
     if isinstance(event, JobFailed):  # the epoch that was running; 0: the join, the intersection or the resume
-        where = f"in epoch {event.round}" if event.round else "before epoch 1"
-        return line.replace(f" failed in round {event.round}:", f" failed {where}:", 1)
+        was, where = ((f"in round {event.round}", f"in epoch {event.round}") if event.round
+                      else ("before round 1", "before epoch 1"))
+        return line.replace(f" failed {was}:", f" failed {where}:", 1)
     number = getattr(event, "round", None)
     return line.replace(f"job {job} round {number}", f"job {job} epoch {number}", 1) if number else line

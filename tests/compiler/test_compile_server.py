@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from test_include import write_split
@@ -141,6 +142,38 @@ def test_served_commands_print_what_the_in_process_ones_print(mesh: Path) -> Non
     assert gone.returncode == 3 and gone.stdout.startswith("no compile server running")
 
 
+def test_the_thin_client_knows_every_option_of_the_served_commands() -> None:
+    """An option the client does not know sends the command in process, unserved, without a word (how
+    `plan --decisions` went unserved): every option of `validate` and `plan` is in its lists."""
+    from meshctl import client
+
+    for name in client.SERVED:
+        for param in main.commands[name].params:
+            if isinstance(param, click.Option) and param.name != "help":
+                known = client._FLAGS if param.is_flag else client._VALUED[name]
+                assert set(param.opts) <= set(known), (name, param.opts)
+    assert client.mesh_file(["plan", "--decisions", "all"]) == "mesh.yaml"
+
+
+def _merged(*args: str, cwd: Path, served: bool) -> str:
+    """What `meshctl ARGS 2>&1` shows: stdout and stderr in one stream, in the order written."""
+    env = ENV if served else {**ENV, "MESHCTL_NO_SERVER": "1"}
+    return subprocess.run([sys.executable, "-m", "meshctl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120, check=False).stdout
+
+
+def test_served_output_interleaves_stdout_and_stderr_as_in_process(mesh: Path) -> None:
+    """`meshctl plan 2>&1` through the server shows the warnings where the command wrote them (before
+    the plan's summary), not all of stdout first (what a reviewer found)."""
+    root = mesh.parent
+    here = _merged("plan", "--decisions", "all", cwd=root, served=False)
+    (root / "mesh.plan.toml").unlink()
+    _started(mesh)
+    there = _merged("plan", "--decisions", "all", cwd=root, served=True)
+    assert here.index("warning[MESH411]") < here.index("wrote mesh.plan.toml")  # stderr, then stdout
+    assert there == here
+
+
 def test_a_killed_server_is_said_in_one_line_and_a_start_replaces_it(mesh: Path) -> None:
     root = mesh.parent
     pid = _started(mesh)
@@ -156,10 +189,10 @@ def test_a_killed_server_is_said_in_one_line_and_a_start_replaces_it(mesh: Path)
     assert again != pid and meshctl("validate", cwd=root).stderr == here.stderr
 
 
-def test_a_server_of_another_version_stops_and_the_client_compiles_itself(mesh: Path) -> None:
-    root = mesh.parent
+def _old_server(root: Path) -> subprocess.Popen[bytes]:
+    """The server an earlier meshctl (0.0.1) started for `root` (before an upgrade), answering."""
     read, write = os.pipe()
-    old = subprocess.Popen(  # the server an earlier meshctl started (before an upgrade)
+    old = subprocess.Popen(
         [sys.executable, "-c", ("import sys, meshctl; meshctl.__version__ = '0.0.1'; "
                                 "from meshctl.cli import main; main(['compile-server', 'serve', *sys.argv[1:]])"),
          str(root), "--ready-fd", str(write)], pass_fds=(write,), env=ENV,
@@ -167,6 +200,19 @@ def test_a_server_of_another_version_stops_and_the_client_compiles_itself(mesh: 
     os.close(write)
     with os.fdopen(read, "rb") as ready:
         assert ready.read() == f"ready {old.pid}\n".encode()
+    return old
+
+
+def test_stop_names_the_pid_of_a_server_of_another_version(mesh: Path) -> None:
+    old = _old_server(mesh.parent)
+    out = meshctl("compile-server", "stop", cwd=mesh.parent)
+    assert out.stdout == f"stopped the compile server of {mesh.parent.resolve()} (pid {old.pid})\n"  # not `pid ?`
+    assert old.wait(timeout=60) == 0
+
+
+def test_a_server_of_another_version_stops_and_the_client_compiles_itself(mesh: Path) -> None:
+    root = mesh.parent
+    old = _old_server(root)
     here = meshctl("validate", cwd=root, served=False)
     there = meshctl("validate", cwd=root)
     note, _, rest = there.stderr.partition("\n")
@@ -220,3 +266,38 @@ def test_a_file_edited_while_compiling_is_compiled_as_read_then_as_edited(mesh: 
     resident.end()
     _same(compile_mesh(mesh), served)
     assert served.plan is None and "MESH410" in {d.code for d in served.diagnostics}  # the edit: denied
+
+
+def test_served_plan_diffs_from_its_kept_blocks_and_any_other_file_as_before(mesh: Path) -> None:
+    """`meshctl plan` through a server, against: no plan file, its own last plan (an edit, then
+    none), a plan file edited by hand, a deleted one: the in-process command's output, exit code and
+    file; the diff took its blocks from the server's kept texts only where the file was its text."""
+    root = mesh.parent
+    _started(mesh)
+    domain, plan = root / "domains" / "charite.yaml", root / "mesh.plan.toml"
+
+    def hand_edit() -> None:
+        _edit(plan, 'classification = "restricted"', 'classification = "public"')
+
+    steps = [("no plan file", None), ("its own plan, a domain edited", (domain, "description: ", "description: Edited. ")),
+             ("its own plan, unchanged", None), ("a plan edited by hand", hand_edit),
+             ("its own plan, a domain edited", (domain, "description: Edited. ", "description: ")),
+             ("a deleted plan file", plan.unlink)]
+    for name, edit in steps:
+        if callable(edit):
+            edit()
+        elif edit is not None:
+            _edit(*edit)
+        before = plan.read_bytes() if plan.exists() else None
+        here = meshctl("plan", "--detailed-exitcode", cwd=root, served=False)
+        written = plan.read_bytes()
+        if before is None:
+            plan.unlink()
+        else:
+            plan.write_bytes(before)
+        there = meshctl("plan", "--detailed-exitcode", cwd=root)
+        assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr), name
+        assert plan.read_bytes() == written, name
+    status = request(root.resolve(), "status")
+    assert status is not None and status["plan_texts"]["diffs"] == 2  # the two edits of its own plan
+    assert status["plan_texts"]["kept"] > status["plan_texts"]["made"]
