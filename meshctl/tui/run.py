@@ -131,6 +131,9 @@ def _set_phase(app: MeshApp, text: str) -> None:
 
 def _call(app: MeshApp, fn: Callable[..., object], *args: object) -> None:
     """`fn(*args)` on the app's thread; nothing once the app has closed."""
+    loop = getattr(app, "_loop", None)
+    if loop is not None and loop.is_closed():  # (Textual would make the call's coroutine, then fail to post
+        return                                  # it: a RuntimeError and a never-awaited coroutine warning)
     try:
         app.call_from_thread(fn, *args)
     except RuntimeError:  # the app is not running (any more)

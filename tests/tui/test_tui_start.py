@@ -115,6 +115,8 @@ def test_before_its_jobs_wait_the_coordinator_line_counts_the_domains_joined() -
     assert coordinator_status(reduce_all(started[:2])) == "waiting for domains 1/3"
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning", "error::pytest.PytestUnraisableExceptionWarning")
+# (no call posted to the closed app: Textual made its coroutine and never ran it)
 def test_keep_running_answered_before_the_run_started_still_starts_it() -> None:
     """"Keep running" while `up` compiles means the same as after: the run starts, and `up` leaves
     it going (before: the close cancelled the start, so no run was left at all)."""
