@@ -12,6 +12,7 @@ and asks at each boundary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,6 +79,9 @@ class Members:
         coordinator, exited): a round does not wait for them."""
         self.closing = False
         self.next_liveness = 0.0
+        self.exited: Callable[[str], bool] = lambda domain: False
+        """Asked when a domain's connection is found closed: True when its daemon (a child of this
+        coordinator) has exited and was lost by the caller with its exit code, the more exact reason."""
 
     # -- messages in ---------------------------------------------------------------
     def seen(self, identity: bytes, domain: str, msg: Any) -> bool:
@@ -227,7 +231,8 @@ class Members:
         try:
             return self.link.send(peer.identity, self._stamp(msg), tensors)
         except Unreachable as err:
-            self.lose(peer.domain, f"unreachable: {err}", cause="connection closed")
+            if not self.exited(peer.domain):
+                self.lose(peer.domain, f"unreachable: {err}", cause="connection closed")
             return 0
 
     def _stamp(self, msg: Any) -> Any:

@@ -94,6 +94,7 @@ class Coordinator:
         self.clock = clock or SystemClock()
         self.members = Members(plan, manifest.run, self.clock, heartbeat_timeout(), logs={
             d: self.run_dir / "logs" / f"{d}.log" for d in manifest.local_domains})
+        self.members.exited = self._exited_child
         self.collector = Collector(self.members, self.clock, self._pump)
         self.outputs = outputs.Checkpoints(self.run_dir)
         self._link: Link | None = None
@@ -481,6 +482,26 @@ class Coordinator:
             domain = self.children.pop(pid, None)
             if domain is not None:
                 self._reap_exited(domain, os.waitstatus_to_exitcode(status))
+
+    def _exited_child(self, domain: str, wait_s: float = 0.2) -> bool:
+        """`domain`'s connection closed: when its daemon is a child of this process that exited (or exits
+        within `wait_s`: a killed process closes its sockets just before it can be reaped), reap it and
+        lose the domain with its exit code (`killed`, `exited with code -9`) rather than `unreachable`."""
+        pid = next((p for p, d in self.children.items() if d == domain), None)
+        deadline = time.monotonic() + wait_s
+        while pid is not None:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if got:
+                del self.children[pid]
+                self._reap_exited(domain, os.waitstatus_to_exitcode(status))
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return False
 
     def _reap_exited(self, domain: str, code: int) -> None:
         """A forked daemon exited with `code`: lost for good (nothing restarts it; no round waits for it)."""

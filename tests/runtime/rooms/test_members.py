@@ -8,6 +8,8 @@ timeout or a 60 s round deadline costs microseconds.
 from __future__ import annotations
 
 import base64
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -213,3 +215,39 @@ def test_a_hello_on_another_plan_does_not_unseat_the_joined_connection(room):
     assert r.sink.of(ev.DomainRefused) == [] and r.sink.of(ev.DomainLost) == []
     assert any(e.reason.startswith("Hello from client-1 on a new connection refused: plan hash differs")
                for e in r.sink.of(ev.MessageRejected))
+
+
+def _zombie() -> Any:
+    """A child of this process that was killed (SIGKILL) and is not reaped yet: a forked daemon the kernel
+    has closed the sockets of, as the coordinator finds one (keep the Popen: collected, it reaps the pid)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    child.send_signal(signal.SIGKILL)
+    while Path(f"/proc/{child.pid}/stat").read_text().split(")")[-1].split()[0] != "Z":
+        time.sleep(0.001)  # (the kernel's, not the coordinator's: it is dead within microseconds)
+    return child
+
+
+def test_a_killed_child_daemon_found_unreachable_is_lost_with_its_exit_code(room):
+    """Its connection closes before it can be reaped: a send finding it unreachable must not win the race
+    with the reaper and name `unreachable: Host unreachable` where the daemon was killed (a CI flake of
+    tests/runtime/test_run.py's daemon-that-dies test)."""
+    r = room(n=2, quorum=2, rounds=3)
+    daemon = _zombie()
+    r.coordinator.children[daemon.pid] = "client-1"
+    d = r.domains["client-1"]
+    on = d._on_message
+
+    def killed_after_round_1(conn, msg, tensors):
+        on(conn, msg, tensors)
+        if isinstance(msg, wire.TrainIns) and msg.round == 1 and conn is d.conn:
+            conn.close()
+    d.conn.on_message = killed_after_round_1
+    reason = r.run()
+    assert "domain client-1 lost: daemon exited with code -9" in reason, reason
+    assert "unreachable" not in reason
+    assert daemon.pid not in r.coordinator.children  # reaped
