@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import struct
 from pathlib import Path
@@ -15,6 +14,7 @@ import duckdb
 import psutil
 import pytest
 import torch
+from example_copy import example_mesh
 
 from meshctl.compiler.compile import compile_mesh
 from meshctl.runtime import events as ev
@@ -34,15 +34,9 @@ EPOCHS = 2
 
 
 def _mesh(tmp_path: Path, *edits: tuple[str, str]) -> Path:
-    text = (EXAMPLE / "mesh.yaml").read_text()
     # sgd: Adam's first step imports torch._dynamo (seconds) in each domain; the equality holds either way
-    for old, new in (("epochs: 30", f"epochs: {EPOCHS}"), ("optimizer: adam, lr: 0.01", "optimizer: sgd, lr: 0.1"),
-                     *edits):
-        assert old in text, old
-        text = text.replace(old, new)
-    shutil.copytree(EXAMPLE / "data", tmp_path / "data")
-    (tmp_path / "mesh.yaml").write_text(text)
-    return tmp_path / "mesh.yaml"
+    return example_mesh(EXAMPLE, tmp_path, ("epochs: 30", f"epochs: {EPOCHS}"),
+                        ("optimizer: adam, lr: 0.01", "optimizer: sgd, lr: 0.1"), *edits)
 
 
 def _run(mesh: Path):

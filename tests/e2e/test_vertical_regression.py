@@ -7,12 +7,12 @@ the same network trained centrally on the joined rows, with the same seeds."""
 from __future__ import annotations
 
 import math
-import shutil
 import struct
 from pathlib import Path
 
 import duckdb
 import torch
+from example_copy import example_mesh
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from meshctl.compiler.compile import compile_mesh
@@ -30,17 +30,9 @@ EPOCHS = 3
 
 
 def _mesh(tmp_path: Path, *edits: tuple[str, str]) -> Path:
-    text = (EXAMPLE / "mesh.yaml").read_text()
     # sgd: Adam's first step imports torch._dynamo (seconds) in each domain; the equality holds either way
-    for old, new in (("epochs: 60", f"epochs: {EPOCHS}"), ("optimizer: adam, lr: 0.05", "optimizer: sgd, lr: 0.0005"),
-                     *edits):
-        assert old in text, old
-        text = text.replace(old, new)
-    (tmp_path / "data").mkdir()
-    for f in FILES.values():
-        shutil.copy(EXAMPLE / "data" / f, tmp_path / "data" / f)
-    (tmp_path / "mesh.yaml").write_text(text)
-    return tmp_path / "mesh.yaml"
+    return example_mesh(EXAMPLE, tmp_path, ("epochs: 60", f"epochs: {EPOCHS}"),
+                        ("optimizer: adam, lr: 0.05", "optimizer: sgd, lr: 0.0005"), *edits)
 
 
 def _table(domain: str) -> dict[str, list]:
