@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,12 +36,16 @@ ENV = {**os.environ, "MESHCTL_HEARTBEAT_TIMEOUT_S": "4", "MESHCTL_RECONNECT_MAX_
 
 
 def _free_port() -> int:
-    """A port that is free, and the next one too (`up` binds its events socket on port + 1)."""
-    for _ in range(100):
+    """A port that is free, and the next one too (`up` binds its events socket on port + 1), from below
+    the kernel's ephemeral range: a port from that range (a bind to port 0) can be taken as the local
+    port of any outgoing connection on the machine before the coordinator binds it seconds later (a CI
+    run failed so: `Address already in use`)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(10_000, low - 1)
         with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
             try:
+                a.bind(("127.0.0.1", port))
                 b.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
